@@ -1,0 +1,34 @@
+# Quick start:  make demo   (set-up + the default experiment, offline)
+#               make test   (set-up + the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip -q
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# Fashion-MNIST from Debian's package where the machine allows (root or sudo);
+# otherwise the code falls back to torchvision's download into data/.
+data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist ) \
+	  || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded into data/"; \
+	fi
+
+demo: setup data
+	cd quantization_scripts && ../$(PY) quantize.py
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

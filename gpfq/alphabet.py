@@ -1,0 +1,57 @@
+"""Quantization alphabets (notes §2) and rounding to them.
+
+Every alphabet is a sorted 1-D float tensor of levels. The radius ``rad`` of a
+layer is the mean, over neurons (rows of the reshaped weight), of the
+``percentile``-quantile of the absolute weights; percentile 1.0 is the max.
+"""
+import torch
+
+ALPHABET_KINDS = ("gpfq2022", "midtread", "strict")
+
+
+def layer_radius(weight: torch.Tensor, percentile: float) -> float:
+    """Mean over rows of quantile(|W_i|, percentile). weight: (N1, N0)."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must be in (0, 1], got {percentile}")
+    absw = weight.detach().abs().reshape(weight.shape[0], -1).double()
+    if percentile == 1.0:
+        per_row = absw.max(dim=1).values
+    else:
+        per_row = torch.quantile(absw, percentile, dim=1)
+    return float(per_row.mean())
+
+
+def make_alphabet(kind: str, bits: int, scalar: float, radius: float, include_zero: bool = True) -> torch.Tensor:
+    """Levels of a `bits`-bit alphabet of radius `scalar * radius`, sorted ascending (float64).
+
+    - ``gpfq2022``: C·rad·linspace(-1, 1, 2^b), with 0 appended when `include_zero`
+      (2^b + 1 levels; the paper's tables).
+    - ``midtread``: {k·δ : |k| ≤ 2^(b-1)}, δ = C·rad / 2^(b-1) (2^b + 1 levels; 2023 code).
+    - ``strict``: {k·δ : -2^(b-1) ≤ k ≤ 2^(b-1) - 1}, same δ: exactly 2^b levels, a
+      signed b-bit integer grid, for honest comparison with other methods.
+    """
+    if kind not in ALPHABET_KINDS:
+        raise ValueError(f"unknown alphabet kind {kind!r}; choose one of {ALPHABET_KINDS}")
+    if not (isinstance(bits, int) and bits >= 1):
+        raise ValueError(f"bits must be a positive integer, got {bits!r}")
+    top = scalar * radius
+    if kind == "gpfq2022":
+        levels = torch.linspace(-1.0, 1.0, 2 ** bits, dtype=torch.float64) * top
+        if include_zero:
+            levels = torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+    else:
+        half = 2 ** (bits - 1)
+        delta = top / half
+        upper = half if kind == "midtread" else half - 1
+        levels = torch.arange(-half, upper + 1, dtype=torch.float64) * delta
+    return torch.unique(levels)  # sorted; drops a duplicate 0 if linspace already held it
+
+
+def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Tensor:
+    """Nearest alphabet element of each entry (ties go to the smaller level). Any shape."""
+    alphabet = alphabet.to(device=values.device, dtype=values.dtype)
+    if alphabet.numel() == 1:
+        return alphabet.expand_as(values).clone()
+    midpoints = (alphabet[1:] + alphabet[:-1]) / 2
+    index = torch.bucketize(values, midpoints, right=False)
+    return alphabet[index]

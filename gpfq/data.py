@@ -1,0 +1,192 @@
+"""Datasets: the embedded Fashion-MNIST default and ImageNet (ILSVRC2012).
+
+Every dataset yields (image tensor, label). `calibration_set` is what GPFQ
+draws layer inputs from (a train split); `evaluation_set` is what accuracy is
+measured on (test / validation split).
+"""
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .paths import DATA_DIR
+
+DATASETS = ("fashion_mnist", "imagenet")
+
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataMissingError(FileNotFoundError):
+    """A dataset is not where the project looks for it."""
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzip'd idx file (the MNIST format) into a uint8 array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_dir(data_dir: Path) -> Path:
+    """Where the four gzip idx files are: Debian's package, data/FashionMNIST/raw, or downloaded there."""
+    for folder in (FASHION_MNIST_DEBIAN, Path(data_dir) / "FashionMNIST" / "raw"):
+        if all((folder / name).exists() for pair in FASHION_MNIST_FILES.values() for name in pair):
+            return folder
+    try:
+        from torchvision.datasets import FashionMNIST
+        FashionMNIST(str(data_dir), train=True, download=True)
+        FashionMNIST(str(data_dir), train=False, download=True)
+    except Exception as error:  # no network, no package
+        raise DataMissingError(
+            "Fashion-MNIST not found. Install Debian's package (apt-get install dataset-fashion-mnist, "
+            f"files in {FASHION_MNIST_DEBIAN}) or put the four *-ubyte.gz files in "
+            f"{Path(data_dir) / 'FashionMNIST' / 'raw'}; the download failed: {error}") from error
+    return Path(data_dir) / "FashionMNIST" / "raw"
+
+
+def fashion_mnist(split: str, data_dir=DATA_DIR) -> TensorDataset:
+    """Fashion-MNIST 'train' (60k) or 'test' (10k): normalized (N, 1, 28, 28) float images, int64 labels."""
+    folder = _fashion_mnist_dir(Path(data_dir))
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images = torch.from_numpy(_read_idx(folder / image_file).copy()).float().div_(255.0)
+    images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(folder / label_file).astype(np.int64))
+    return TensorDataset(images, labels)
+
+
+def imagenet_transform():
+    """The paper's preprocessing: Resize(256), CenterCrop(224), ImageNet mean/std."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _imagenet_missing(root: Path, what: str) -> DataMissingError:
+    return DataMissingError(
+        f"ImageNet {what} not found under {root}. Put ILSVRC2012 there as data/README.md describes: "
+        f"train/<wnid>/*.JPEG, and val/ either in class folders val/<wnid>/*.JPEG or flat "
+        f"(val/ILSVRC2012_val_*.JPEG) with ILSVRC2012_devkit_t12.tar.gz beside it.")
+
+
+def imagenet(split: str, root) -> torch.utils.data.Dataset:
+    """ILSVRC2012 'train' or 'val' as an ImageFolder-like dataset with the paper's transform.
+
+    Accepted layouts under `root`: train/<wnid>/…; val/<wnid>/… (class folders), or flat
+    val/*.JPEG with the devkit (ILSVRC2012_devkit_t12.tar.gz, or torchvision's meta.bin made
+    from it), or the original archives, which torchvision's ImageNet dataset unpacks.
+    """
+    from torchvision import datasets
+    root = Path(root)
+    transform = imagenet_transform()
+    folder = root / split
+    archive = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}[split]
+    if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+        return datasets.ImageFolder(str(folder), transform=transform)
+    has_devkit = (root / "ILSVRC2012_devkit_t12.tar.gz").exists() or (root / "meta.bin").exists()
+    if split == "val" and folder.is_dir() and has_devkit:
+        return _flat_imagenet_val(root, transform)
+    if (root / archive).exists() and has_devkit:
+        return datasets.ImageNet(str(root), split=split, transform=transform)
+    raise _imagenet_missing(root, split)
+
+
+def _flat_imagenet_val(root: Path, transform):
+    """Flat val/*.JPEG labelled with the devkit's ground truth, through torchvision's parser."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
+    if not (root / "meta.bin").exists():
+        parse_devkit_archive(str(root))
+    wnid_to_classes, val_wnids = load_meta_file(str(root))
+    files = sorted(p for p in (root / "val").iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    if len(files) != len(val_wnids):
+        raise DataMissingError(f"{root / 'val'} holds {len(files)} images but the devkit labels {len(val_wnids)}")
+    wnids = sorted(wnid_to_classes)
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+    dataset = ImageFolder.__new__(ImageFolder)
+    dataset.root, dataset.transform, dataset.target_transform = str(root / "val"), transform, None
+    dataset.loader = datasets_default_loader()
+    dataset.classes, dataset.class_to_idx = wnids, class_index
+    dataset.samples = [(str(p), class_index[w]) for p, w in zip(files, val_wnids)]
+    dataset.targets = [label for _, label in dataset.samples]
+    dataset.imgs = dataset.samples
+    return dataset
+
+
+def datasets_default_loader():
+    from torchvision.datasets.folder import default_loader
+    return default_loader
+
+
+def calibration_set(name: str, data_dir=DATA_DIR):
+    """The split GPFQ draws calibration images from."""
+    if name == "fashion_mnist":
+        return fashion_mnist("train", data_dir)
+    if name == "imagenet":
+        return imagenet("train", Path(data_dir) / "ILSVRC2012")
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def evaluation_set(name: str, data_dir=DATA_DIR):
+    """The split accuracy is measured on."""
+    if name == "fashion_mnist":
+        return fashion_mnist("test", data_dir)
+    if name == "imagenet":
+        return imagenet("val", Path(data_dir) / "ILSVRC2012")
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+class CalibrationStream:
+    """Endless seeded shuffle of a dataset; `draw(m)` returns the next m images in chunks.
+
+    Each layer calls `draw(m)` for a fresh batch (the paper's default). The order depends
+    only on the seed, not on num_workers.
+    """
+
+    def __init__(self, dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
+        self.dataset = dataset
+        self.chunk_size = chunk_size
+        self.num_workers = num_workers
+        self.generator = torch.Generator().manual_seed(seed)
+        self._iterator = None
+        self._pending = []
+
+    def _next_chunk(self):
+        while True:
+            if self._iterator is None:
+                loader = DataLoader(self.dataset, batch_size=self.chunk_size, shuffle=True,
+                                    generator=self.generator, num_workers=self.num_workers)
+                self._iterator = iter(loader)
+            try:
+                return next(self._iterator)[0]
+            except StopIteration:
+                self._iterator = None
+
+    def draw(self, m: int) -> list:
+        """The next m images as a list of (≤ chunk_size, …) tensors."""
+        chunks, count = [], 0
+        while count < m:
+            chunk = self._pending.pop(0) if self._pending else self._next_chunk()
+            take = min(m - count, chunk.shape[0])
+            if take < chunk.shape[0]:
+                self._pending.insert(0, chunk[take:])
+            chunks.append(chunk[:take])
+            count += take
+        return chunks
+
+
+def evaluation_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

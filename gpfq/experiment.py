@@ -1,0 +1,268 @@
+"""One experiment = one grid point: load, quantize, save, evaluate, log.
+
+The scripts hold a header dict of hyperparameters; `main(header)` applies
+command-line overrides, validates everything, expands list values into a grid,
+and runs every point, appending one CSV row each.
+"""
+import argparse
+import ast
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .alphabet import ALPHABET_KINDS
+from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .evaluate import evaluate
+from .logs import LOG_COLUMNS, PLAIN_LOG, append_row, check_log
+from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
+from .network import METHODS, quantize_network, reports_as_dicts, settings_for
+from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
+
+# Keys whose list values expand into a grid (a scalar is a one-point axis).
+GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
+             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed")
+# Keys whose value is itself a list (never expanded).
+LIST_KEYS = ("ignore_layers",)
+CLI_ALIASES = {"model_name": ["--model"]}
+
+
+# ---------------------------------------------------------------- hyperparameters
+def parse_overrides(header: dict, argv=None) -> dict:
+    """Header values replaced by any `--name value [value …]` given on the command line."""
+    parser = argparse.ArgumentParser(description="GPFQ quantization. Every header name can be overridden: "
+                                                 "--bits 3 4 --model resnet18")
+    for key, default in header.items():
+        flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else []) + CLI_ALIASES.get(key, [])
+        parser.add_argument(*flags, dest=key, nargs="*", default=None, metavar="VALUE",
+                            help=f"(header: {default!r})")
+    args = parser.parse_args(argv)
+    config = dict(header)
+    for key, values in vars(args).items():
+        if values is None:
+            continue
+        parsed = [_literal(v) for v in values]
+        if key in LIST_KEYS:
+            config[key] = parsed
+        elif len(parsed) == 1:
+            config[key] = parsed[0]
+        else:
+            config[key] = parsed
+    return config
+
+
+def _literal(text: str):
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def expand_grid(config: dict) -> list:
+    """Every combination of the list-valued GRID_KEYS, as one flat config each."""
+    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in GRID_KEYS if k in config}
+    points = []
+    for values in itertools.product(*axes.values()):
+        point = dict(config)
+        point.update(zip(axes.keys(), values))
+        points.append(point)
+    return points
+
+
+def validate(point: dict) -> None:
+    """Raise ValueError on the first bad hyperparameter of one grid point (cheap checks only)."""
+    def fail(message):
+        raise ValueError(f"bad hyperparameter: {message}")
+
+    bits = point["bits"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        fail(f"bits must be a positive integer, got {bits!r}")
+    for key in ("mlp_scalar", "cnn_scalar"):
+        value = point[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            fail(f"{key} must be a number > 0, got {value!r}")
+    for key in ("mlp_percentile", "cnn_percentile", "retain_rate"):
+        value = point[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            fail(f"{key} must be in (0, 1], got {value!r}")
+    m = point["batch_size"]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        fail(f"batch_size (m) must be an integer ≥ 1, got {m!r}")
+    if point["method"] not in METHODS:
+        fail(f"method must be one of {METHODS}, got {point['method']!r}")
+    if point["alphabet"] not in ALPHABET_KINDS:
+        fail(f"alphabet must be one of {ALPHABET_KINDS}, got {point['alphabet']!r}")
+    if point["dataset"] not in DATASETS:
+        fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
+    if point.get("patch_stride", "kernel") not in ("kernel", "layer"):
+        fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
+        fail(f"ignore_layers must be a list of layer indices, got {point['ignore_layers']!r}")
+    check_model_name(point["model_name"])
+    if is_embedded(point["model_name"]) != (point["dataset"] == EMBEDDED_DATASET):
+        fail(f"model {point['model_name']!r} does not go with dataset {point['dataset']!r}: the embedded models "
+             f"run on {EMBEDDED_DATASET}, torchvision's on imagenet")
+    device = str(point.get("device", "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+
+
+# ---------------------------------------------------------------- provenance
+def code_revision() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(model, record: dict, model_dir: Path, stem: str) -> Path:
+    """Write <stem>.pt (state dict) and <stem>.json atomically; never overwrite an earlier run."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path, counter = model_dir / f"{stem}.pt", 1
+    while path.exists() or path.with_suffix(".json").exists():
+        path, counter = model_dir / f"{stem}_{counter}.pt", counter + 1
+    _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    write_record(path.with_suffix(".json"), record)
+    return path
+
+
+def write_record(path: Path, record: dict) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(record, indent=2, default=str) + "\n").encode()))
+
+
+# ---------------------------------------------------------------- running
+class Resources:
+    """Datasets, models and float accuracies shared by the points of one grid."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def float_accuracy(point, model, resources, loader_of, device):
+    """torchvision's published numbers for its own weights, otherwise measured once per model."""
+    if point["weights"] == "DEFAULT" and published_accuracy(point["model_name"]) is not None:
+        return published_accuracy(point["model_name"])
+    return resources.get(("float", point["model_name"], str(point["weights"])),
+                         lambda: evaluate(model, loader_of(), device=device, desc="float model"))
+
+
+def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, log=print) -> dict:
+    """Quantize, save, evaluate and log one grid point; returns the logged row."""
+    data_dir = Path(point.get("data_dir") or DATA_DIR)
+    model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
+    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
+    device = point.get("device", "cpu")
+    workers = point.get("num_workers", 0)
+    torch.manual_seed(point["seed"])
+
+    calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
+                                lambda: calibration_set(point["dataset"], data_dir))
+    evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
+                               lambda: evaluation_set(point["dataset"], data_dir))
+    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
+                                 lambda: load_model(point["model_name"], point["weights"]))
+    if point["batch_size"] > len(calibration):
+        raise ValueError(f"bad hyperparameter: batch_size {point['batch_size']} is larger than the calibration "
+                         f"set ({len(calibration)} images)")
+
+    def loader():
+        return evaluation_loader(evaluation, point.get("eval_batch_size", 256), workers)
+
+    original_top1, original_top5 = float_accuracy(point, analog_model, resources, loader, device)
+    stream = CalibrationStream(calibration, point["seed"], chunk_size=point.get("chunk_size", 256),
+                               num_workers=workers)
+
+    def settings_of(layer):
+        return settings_for(layer, point["bits"], point["method"], point["alphabet"], point["include_0"],
+                            point["mlp_scalar"], point["cnn_scalar"], point["mlp_percentile"], point["cnn_percentile"])
+
+    log(f"== {point['model_name']} {point['method']} {point['bits']} bits, m={point['batch_size']}, "
+        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), seed {point['seed']}")
+    start = time.time()
+    quantized_model, reports = quantize_network(analog_model, stream, settings_of, point["batch_size"],
+                                                point["retain_rate"], point["seed"], point.get("ignore_layers") or [],
+                                                point.get("patch_stride", "kernel"), device, log=log)
+    seconds = time.time() - start
+
+    stem = (f"{point['method']}_{point['alphabet']}_b{point['bits']}_m{point['batch_size']}_mlp{point['mlp_scalar']}"
+            f"_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    record = {"hyperparameters": {k: v for k, v in point.items()}, "layers": reports_as_dicts(reports),
+              "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
+    # Saved before evaluation, so a crash there leaves the quantized model on disk.
+    model_path = save_model(quantized_model, record, model_dir, stem)
+    log(f"saved {model_path}")
+
+    top1, top5 = evaluate(quantized_model, loader(), device=device, desc="quantized model")
+    record["results"] = {"original_top1": original_top1, "original_top5": original_top5,
+                         "quantized_top1": top1, "quantized_top5": top5}
+    write_record(model_path.with_suffix(".json"), record)
+    row = {
+        "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
+        "Original Top1 Accuracy": round(original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
+        "Original Top5 Accuracy": round(original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
+        "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
+        "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
+        "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
+        "Author": point.get("author", ""), "Method": point["method"], "Alphabet": point["alphabet"],
+        "Patch Stride": point.get("patch_stride", "kernel"),
+        "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
+        "Quantization Seconds": round(seconds, 2), "Model File": str(model_path.relative_to(model_dir.parent.parent))
+        if model_path.is_relative_to(model_dir.parent.parent) else str(model_path),
+        "Package Version": __version__, "Code Revision": record["code_revision"],
+        "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    append_row(log_path, row, LOG_COLUMNS[log_name])
+    log(f"top-1 {original_top1:.4f} -> {top1:.4f}, top-5 {original_top5:.4f} -> {top5:.4f}; row appended to {log_path}")
+    return row
+
+
+def check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{folder} is not writable; results could not be saved there")
+
+
+def main(header: dict, argv=None, log_name: str = PLAIN_LOG) -> list:
+    """Run the grid of a script's header (with command-line overrides); returns the logged rows."""
+    config = parse_overrides(header, argv)
+    points = expand_grid(config)
+    for point in points:  # every point checked before any work starts
+        validate(point)
+    log_dir = Path(config.get("log_dir") or LOG_DIR)
+    check_writable(log_dir)
+    check_writable(Path(config.get("model_dir") or MODEL_DIR))
+    check_log(log_dir / log_name, LOG_COLUMNS[log_name])
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    resources = Resources()
+    rows = []
+    for number, point in enumerate(points, 1):
+        if len(points) > 1:
+            print(f"\n### grid point {number}/{len(points)}")
+        rows.append(run_point(point, resources, log_name))
+    return rows

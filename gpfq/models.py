@@ -1,0 +1,166 @@
+"""Models: torchvision's ImageNet classifiers by name, and the small embedded defaults.
+
+The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
+MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
+gpfq/pretrained/ (made by scripts/train_default_models.py).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import Conv2dNormActivation
+
+from .paths import PRETRAINED_DIR
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """Pretrained weights could neither be found locally nor downloaded."""
+
+
+class FashionResNet(nn.Module):
+    """ResNet-8 for 1×28×28 inputs: a 3×3 stem and three stages of one BasicBlock (16, 32, 64 wide)."""
+
+    def __init__(self, num_classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = Conv2dNormActivation(1, widths[0], kernel_size=3)
+        stages, in_width = [], widths[0]
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or in_width != width:
+                downsample = nn.Sequential(nn.Conv2d(in_width, width, 1, stride=stride, bias=False),
+                                           nn.BatchNorm2d(width))
+            stages.append(BasicBlock(in_width, width, stride=stride, downsample=downsample))
+            in_width = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_width, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+class FashionMobileNet(nn.Module):
+    """MobileNetV2-style net for 1×28×28 inputs: inverted residuals with depthwise convolutions."""
+
+    # (expand_ratio, out_channels, stride) per InvertedResidual block
+    BLOCKS = ((1, 16, 1), (4, 24, 2), (4, 24, 1), (4, 32, 2), (4, 32, 1))
+
+    def __init__(self, num_classes: int = 10, head_width: int = 128):
+        super().__init__()
+        layers, in_width = [Conv2dNormActivation(1, 16, kernel_size=3, activation_layer=nn.ReLU6)], 16
+        for expand_ratio, width, stride in self.BLOCKS:
+            layers.append(InvertedResidual(in_width, width, stride, expand_ratio))
+            in_width = width
+        layers.append(Conv2dNormActivation(in_width, head_width, kernel_size=1, activation_layer=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(head_width, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+EMBEDDED_MODELS = {"fashion_resnet": FashionResNet, "fashion_mobilenet": FashionMobileNet}
+EMBEDDED_DATASET = "fashion_mnist"
+
+
+def is_embedded(name: str) -> bool:
+    return name in EMBEDDED_MODELS
+
+
+def embedded_record(name: str) -> dict:
+    """The training record (command, seed, accuracy) saved beside an embedded model's weights."""
+    path = PRETRAINED_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def torchvision_names() -> list:
+    from torchvision import models
+    return sorted(models.list_models(module=models))
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError for a name that is neither embedded nor a torchvision classifier."""
+    if is_embedded(name):
+        return
+    names = torchvision_names()
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)} "
+                         f"or a torchvision classifier ({', '.join(names[:8])}, …)")
+
+
+def _torchvision_weights(name: str):
+    from torchvision import models
+    return models.get_model_weights(name).DEFAULT
+
+
+def weights_cache_path(name: str) -> Path:
+    """Where torch.hub keeps the downloaded ImageNet weights of a torchvision model."""
+    url = _torchvision_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def published_accuracy(name: str):
+    """torchvision's published ImageNet (top-1, top-5) as fractions, or None if it has none."""
+    if is_embedded(name):
+        return None
+    try:
+        metrics = _torchvision_weights(name).meta["_metrics"]["ImageNet-1K"]
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return metrics["acc@1"] / 100.0, metrics["acc@5"] / 100.0
+
+
+def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
+    """Build model `name` in eval mode.
+
+    weights: 'DEFAULT' (the embedded model's shipped weights, or torchvision's ImageNet weights,
+    downloaded into the torch.hub cache when missing), 'random' (untrained), or the path of
+    a local state-dict file.
+    """
+    check_model_name(name)
+    if is_embedded(name):
+        model = EMBEDDED_MODELS[name]()
+        if weights == "DEFAULT":
+            weights = PRETRAINED_DIR / f"{name}.pt"
+    elif weights == "random":
+        from torchvision import models
+        model = models.get_model(name, weights=None)
+    else:
+        from torchvision import models
+        model = models.get_model(name, weights=None, **_architecture_kwargs(name))
+        if weights == "DEFAULT":
+            model.load_state_dict(_download_torchvision_weights(name))
+            return model.eval()
+    if weights != "random":
+        path = Path(weights)
+        if not path.exists():
+            raise WeightsUnavailableError(f"weights file {path} not found")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _architecture_kwargs(name: str) -> dict:
+    # torchvision builds these differently when pretrained weights are loaded.
+    if name == "googlenet":
+        return {"aux_logits": False, "transform_input": True, "init_weights": False}
+    if name == "inception_v3":
+        return {"aux_logits": True, "transform_input": True, "init_weights": False}
+    return {}
+
+
+def _download_torchvision_weights(name: str) -> dict:
+    weights = _torchvision_weights(name)
+    cache = weights_cache_path(name)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except Exception as error:
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name!r} are not cached at {cache} and could not be downloaded "
+            f"({type(error).__name__}: {error}). Copy the file there from {weights.url}, or set "
+            f"weights = '/path/to/state_dict.pth' (a local weights file).") from error

@@ -1,0 +1,23 @@
+"""Prepare the CSV logs: each log starts fresh with its header.
+
+    python3 logs/init_logs.py            # from the repo root or from logs/
+
+An existing log is never deleted: it is renamed <name>_<YYYYmmdd-HHMMSS>.csv first.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpfq.logs import LOG_COLUMNS, init_log  # noqa: E402
+from gpfq.paths import LOG_DIR  # noqa: E402
+
+
+def main(log_dir=LOG_DIR):
+    for name, columns in LOG_COLUMNS.items():
+        old = init_log(Path(log_dir) / name, columns)
+        kept = f" (the old one is now {old.name})" if old else ""
+        print(f"created {Path(log_dir) / name}{kept}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else LOG_DIR)
