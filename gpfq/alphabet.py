@@ -48,10 +48,19 @@ def make_alphabet(kind: str, bits: int, scalar: float, radius: float, include_ze
 
 
 def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Tensor:
-    """Nearest alphabet element of each entry (ties go to the smaller level). Any shape."""
+    """Nearest alphabet element of each entry (ties go to the smaller level).
+
+    alphabet (L,): one alphabet for every entry of `values` (any shape).
+    alphabet (..., L): one alphabet per leading index (e.g. per neuron, (G, N1, L)); values
+    then have that leading shape, optionally with one trailing axis: (...) or (..., K).
+    Levels must be sorted ascending along the last axis.
+    """
     alphabet = alphabet.to(device=values.device, dtype=values.dtype)
-    if alphabet.numel() == 1:
-        return alphabet.expand_as(values).clone()
-    midpoints = (alphabet[1:] + alphabet[:-1]) / 2
-    index = torch.bucketize(values, midpoints, right=False)
-    return alphabet[index]
+    midpoints = (alphabet[..., 1:] + alphabet[..., :-1]) / 2
+    if alphabet.dim() == 1:
+        return alphabet[torch.bucketize(values, midpoints, right=False)]
+    one_per_row = values.dim() == alphabet.dim() - 1
+    columns = values.unsqueeze(-1) if one_per_row else values
+    index = torch.searchsorted(midpoints.contiguous(), columns.contiguous(), right=False)
+    rounded = alphabet.gather(-1, index)
+    return rounded.squeeze(-1) if one_per_row else rounded

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,15 +173,39 @@ def float_accuracy(point, model, resources, loader_of, device):
                          lambda: evaluate(model, loader_of(), device=device, desc="float model"))
 
 
-def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, log=print) -> dict:
-    """Quantize, save, evaluate and log one grid point; returns the logged row."""
-    data_dir = Path(point.get("data_dir") or DATA_DIR)
-    model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
-    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
-    device = point.get("device", "cpu")
-    workers = point.get("num_workers", 0)
-    torch.manual_seed(point["seed"])
+@dataclass
+class Context:
+    """What one grid point works with, shared with the variants' quantize functions."""
+    point: dict
+    calibration: object
+    evaluation: object
+    analog_model: torch.nn.Module
+    original_top1: float
+    original_top5: float
+    device: str
+    log: object
 
+    def stream(self) -> CalibrationStream:
+        """A fresh seeded calibration stream (the same images for the same seed)."""
+        return CalibrationStream(self.calibration, self.point["seed"], chunk_size=self.point.get("chunk_size", 256),
+                                 num_workers=self.point.get("num_workers", 0))
+
+    def loader(self):
+        return evaluation_loader(self.evaluation, self.point.get("eval_batch_size", 256),
+                                 self.point.get("num_workers", 0))
+
+    def settings_of(self, index, name, layer):
+        """The header's settings for every layer (CNN values for Conv2d, MLP values for Linear)."""
+        p = self.point
+        return settings_for(layer, p["bits"], p["method"], p["alphabet"], p["include_0"], p["mlp_scalar"],
+                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"])
+
+
+def prepare(point: dict, resources: Resources, log=print) -> Context:
+    """Load (or reuse) the data and float model of a grid point and its float accuracy."""
+    data_dir = Path(point.get("data_dir") or DATA_DIR)
+    device = point.get("device", "cpu")
+    torch.manual_seed(point["seed"])
     calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
                                 lambda: calibration_set(point["dataset"], data_dir))
     evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
@@ -190,56 +215,73 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, log=
     if point["batch_size"] > len(calibration):
         raise ValueError(f"bad hyperparameter: batch_size {point['batch_size']} is larger than the calibration "
                          f"set ({len(calibration)} images)")
+    context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
+    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
+                                                                  device)
+    return context
 
-    def loader():
-        return evaluation_loader(evaluation, point.get("eval_batch_size", 256), workers)
 
-    original_top1, original_top5 = float_accuracy(point, analog_model, resources, loader, device)
-    stream = CalibrationStream(calibration, point["seed"], chunk_size=point.get("chunk_size", 256),
-                               num_workers=workers)
+def plain_quantize(context: Context):
+    """The paper's GPFQ: every layer with the header's settings. Returns (model, reports, {})."""
+    p = context.point
+    model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
+                                      p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
+                                      p.get("patch_stride", "kernel"), context.device, log=context.log)
+    return model, reports, {}
 
-    def settings_of(layer):
-        return settings_for(layer, point["bits"], point["method"], point["alphabet"], point["include_0"],
-                            point["mlp_scalar"], point["cnn_scalar"], point["mlp_percentile"], point["cnn_percentile"])
 
+def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quantize=plain_quantize,
+              log=print) -> dict:
+    """Quantize, save, evaluate and log one grid point; returns the logged row.
+
+    quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    """
+    model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
+    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
+    context = prepare(point, resources, log)
     log(f"== {point['model_name']} {point['method']} {point['bits']} bits, m={point['batch_size']}, "
         f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), seed {point['seed']}")
     start = time.time()
-    quantized_model, reports = quantize_network(analog_model, stream, settings_of, point["batch_size"],
-                                                point["retain_rate"], point["seed"], point.get("ignore_layers") or [],
-                                                point.get("patch_stride", "kernel"), device, log=log)
+    quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
     stem = (f"{point['method']}_{point['alphabet']}_b{point['bits']}_m{point['batch_size']}_mlp{point['mlp_scalar']}"
             f"_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
-    record = {"hyperparameters": {k: v for k, v in point.items()}, "layers": reports_as_dicts(reports),
+    record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
     model_path = save_model(quantized_model, record, model_dir, stem)
     log(f"saved {model_path}")
 
-    top1, top5 = evaluate(quantized_model, loader(), device=device, desc="quantized model")
-    record["results"] = {"original_top1": original_top1, "original_top5": original_top5,
+    top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
+    record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
     write_record(model_path.with_suffix(".json"), record)
     row = {
         "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
-        "Original Top1 Accuracy": round(original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
-        "Original Top5 Accuracy": round(original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
+        "Original Top1 Accuracy": round(context.original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
+        "Original Top5 Accuracy": round(context.original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
         "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
         "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
         "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
         "Author": point.get("author", ""), "Method": point["method"], "Alphabet": point["alphabet"],
         "Patch Stride": point.get("patch_stride", "kernel"),
         "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
-        "Quantization Seconds": round(seconds, 2), "Model File": str(model_path.relative_to(model_dir.parent.parent))
-        if model_path.is_relative_to(model_dir.parent.parent) else str(model_path),
+        "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    row.update(extra)
     append_row(log_path, row, LOG_COLUMNS[log_name])
-    log(f"top-1 {original_top1:.4f} -> {top1:.4f}, top-5 {original_top5:.4f} -> {top5:.4f}; row appended to {log_path}")
+    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
+        f"row appended to {log_path}")
     return row
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the repo root when inside it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def check_writable(folder: Path) -> None:
@@ -248,12 +290,17 @@ def check_writable(folder: Path) -> None:
         raise PermissionError(f"{folder} is not writable; results could not be saved there")
 
 
-def main(header: dict, argv=None, log_name: str = PLAIN_LOG) -> list:
-    """Run the grid of a script's header (with command-line overrides); returns the logged rows."""
+def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quantize, validate_point=None) -> list:
+    """Run the grid of a script's header (with command-line overrides); returns the logged rows.
+
+    validate_point(point) adds a variant's own checks of its hyperparameters.
+    """
     config = parse_overrides(header, argv)
     points = expand_grid(config)
     for point in points:  # every point checked before any work starts
         validate(point)
+        if validate_point is not None:
+            validate_point(point)
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     check_writable(log_dir)
     check_writable(Path(config.get("model_dir") or MODEL_DIR))
@@ -264,5 +311,5 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG) -> list:
     for number, point in enumerate(points, 1):
         if len(points) > 1:
             print(f"\n### grid point {number}/{len(points)}")
-        rows.append(run_point(point, resources, log_name))
+        rows.append(run_point(point, resources, log_name, quantize))
     return rows
