@@ -1,4 +1,6 @@
 """The ImageNet path end to end on a tiny ILSVRC2012-layout folder the test writes."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -36,15 +38,17 @@ def _imagenet(root, flat_val):
 
 
 @pytest.mark.parametrize("flat_val", [False, True])
-def test_imagenet_layouts_end_to_end(tmp_path, flat_val):
-    root = tmp_path / "data" / "ILSVRC2012"
-    val_wnids = _imagenet(root, flat_val)
+def test_both_val_layouts_load_with_labels(tmp_path, flat_val):
+    val_wnids = _imagenet(tmp_path / "data" / "ILSVRC2012", flat_val)
     validation = evaluation_set("imagenet", tmp_path / "data")
     labels = sorted((s[0].split("/")[-1], s[1]) for s in validation.samples)
     assert [label for _, label in labels] == [WNIDS.index(w) for w in val_wnids]
     image, _ = validation[0]
     assert image.shape == (3, 224, 224)
 
+
+def test_imagenet_end_to_end(tmp_path):
+    _imagenet(tmp_path / "data" / "ILSVRC2012", flat_val=True)
     rows = main(HEADER, ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "logs"),
                          "--model_dir", str(tmp_path / "models")])
     logged = read_rows(tmp_path / "logs" / "Quantization_Log.csv")
@@ -54,6 +58,8 @@ def test_imagenet_layouts_end_to_end(tmp_path, flat_val):
         assert float(logged[0][key]) * 6 == pytest.approx(round(float(logged[0][key]) * 6))  # k of 6 images
     saved = list((tmp_path / "models" / "resnet18").glob("*.pt"))
     assert len(saved) == 1 and saved[0].with_suffix(".json").exists()
+    record = json.loads(saved[0].with_suffix(".json").read_text())
+    assert len(record["layers"]) == 21  # every Conv2d and Linear of resnet18
     quantized = load_model("resnet18", str(saved[0]))
     assert not torch.equal(quantized.conv1.weight, load_model("resnet18", "random").conv1.weight)
 
