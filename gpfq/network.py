@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .alphabet import layer_radius, make_alphabet
-from .capture import capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order
+from .capture import capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order
 from .quantizer import gpfq_columns, msq, relative_error
 
 
@@ -137,9 +137,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
     names = layers_in_execution_order(analog_model, example)
-    bad = [i for i in ignore_layers if not -len(names) <= i < len(names)]
-    if bad:
-        raise ValueError(f"ignore_layers {bad} match no layer: the model has {len(names)} (0 … {len(names) - 1})")
+    check_layer_indices("ignore_layers", ignore_layers, names)
     ignored = {i % len(names) for i in ignore_layers}
     generator = torch.Generator().manual_seed(seed)
     reports = []
@@ -153,6 +151,9 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         chunks = stream.draw(batch_size)
         analog_rows, quantized_rows = collect_rows(analog_model, None if in_place else quantized_model, name,
                                                    chunks, retain_rate, generator, patch_stride, device)
+        check_finite(layer.weight, f"the weight of layer {name}")
+        check_finite(analog_rows, f"the input of layer {name} in the float model")
+        check_finite(quantized_rows, f"the input of layer {name} in the partially quantized model")
         weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
             layer, analog_rows, quantized_rows, settings)
         error = relative_error(weight, quantized_weight, analog_g, quantized_g)
@@ -169,6 +170,14 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
                                   quantized_g, weight, quantized_weight))
     return quantized_model, reports
+
+
+def check_layer_indices(key: str, indices, names: list) -> None:
+    """ValueError if a layer index (execution order, negative from the end) of `key` matches no layer."""
+    bad = [i for i in indices if not -len(names) <= i < len(names)]
+    if bad:
+        raise ValueError(f"bad hyperparameter: {key} {bad} match no layer; the model has {len(names)} "
+                         f"(0 … {len(names) - 1}): {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
 
 
 def reports_as_dicts(reports) -> list:

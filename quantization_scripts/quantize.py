@@ -29,13 +29,14 @@ seed = 0
 author = ""
 num_workers = 0                 # data-loading processes
 device = "cpu"                  # "cpu" or "cuda"
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
 # ------------------------------------------------------------------------------------
 
 HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
               batch_size=batch_size, mlp_scalar=mlp_scalar, cnn_scalar=cnn_scalar, mlp_percentile=mlp_percentile,
               cnn_percentile=cnn_percentile, alphabet=alphabet, include_0=include_0, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, seed=seed, author=author,
-              num_workers=num_workers, device=device, log_dir=None, model_dir=None, data_dir=None)
+              num_workers=num_workers, device=device, resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
