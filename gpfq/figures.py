@@ -89,21 +89,26 @@ def plot_top1_against_m(frame, model, path: Path, method="gpfq", granularity="la
     return table
 
 
-def plot_top1_against_bits(frame, model, path: Path, m: int) -> pd.DataFrame:
+def plot_top1_against_bits(frame, model, path: Path, m: int, zoom: float = 0.07) -> pd.DataFrame:
+    """Left: the whole range; right: the same lines within `zoom` of the float accuracy."""
     table = top1_against_bits(frame, model, m)
     if table.empty:
         raise ValueError(f"no rows with m = {m} for model {model!r} in the logs")
-    figure, axes = plt.subplots(figsize=(7, 4.6))
-    for label in table.columns:
-        series = table[label].dropna()
-        style = "--" if "per channel" in label else "-"
-        axes.plot(series.index, series.values, marker="o", linestyle=style, label=label)
-    axes.axhline(float_top1(frame, model), color="k", linestyle=":", linewidth=1, label="float")
-    axes.set_xticks(sorted(table.index))
-    axes.set_xlabel("bits")
-    axes.set_ylabel("top-1 accuracy")
-    axes.set_title(f"{model}: methods on the same alphabets, m = {m}", fontsize=10)
-    axes.legend(fontsize=7)
+    reference = float_top1(frame, model)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.6))
+    for axes in panels:
+        for label in table.columns:
+            series = table[label].dropna()
+            style = "--" if "per channel" in label else "-"
+            axes.plot(series.index, series.values, marker="o", linestyle=style, label=label)
+        axes.axhline(reference, color="k", linestyle=":", linewidth=1, label="float")
+        axes.set_xticks(sorted(table.index))
+        axes.set_xlabel("bits")
+        axes.set_ylabel("top-1 accuracy")
+    panels[0].set_title(f"{model}: methods on the same alphabets, m = {m}", fontsize=10)
+    panels[1].set_ylim(reference - zoom, reference + zoom / 10)
+    panels[1].set_title(f"within {zoom:.2f} of float", fontsize=10)
+    panels[0].legend(fontsize=7, loc="lower right")  # the full-range panel has room below the lines
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
