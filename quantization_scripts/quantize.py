@@ -16,7 +16,7 @@ weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weig
 method = "gpfq"                 # "gpfq", "msq" (round to nearest), "gptq" (GPTQ/OPTQ), "spfq" (stochastic GPFQ),
                                 # "sparse_gpfq" (thresholded GPFQ); a list compares methods on the same alphabets
 bits = [4]                      # bits per weight
-batch_size = [1024]             # m: calibration images drawn afresh for every layer
+batch_size = [512]              # m: calibration images drawn afresh for every layer
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
 cnn_scalar = [1.3]              # C for Conv2d layers
 mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
