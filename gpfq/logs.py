@@ -18,7 +18,7 @@ PAPER_COLUMNS = [
 ]
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
-    "Method", "Alphabet", "Patch Stride", "Ignore Layers", "Quantization Seconds", "Model File",
+    "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride", "Ignore Layers", "Quantization Seconds", "Model File",
     "Package Version", "Code Revision", "Date",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
