@@ -18,7 +18,7 @@ PAPER_COLUMNS = [
 ]
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
-    "Method", "Alphabet", "Patch Stride", "Ignore Layers", "Quantization Seconds", "Model File",
+    "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride", "Ignore Layers", "Quantization Seconds", "Model File",
     "Package Version", "Code Revision", "Date",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
@@ -28,7 +28,7 @@ LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
 # A variant whose log has result columns of its own adds them here.
 RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
-    "Author", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
+    "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
 }
 
 
