@@ -30,7 +30,7 @@ from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, ca
 from gpfq.experiment import main, parse_overrides, pending_points, point_columns
 from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
 from gpfq.models import WeightsUnavailableError, load_model
-from gpfq.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.network import METHODS, LayerSettings, layer_alphabet, quantize_network
 from gpfq.paths import PRETRAINED_DIR, REPO_ROOT
 from gpfq.quantizer import gpfq_reference, msq
 
@@ -175,23 +175,42 @@ def test_nan_in_activations_during_quantization_names_the_layer():
         quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None)
 
 
-def test_zero_weights_and_zero_input_columns():
-    """rad = 0 gives the alphabet {0}; input columns with ‖X̃_t‖ = 0 take argument 0; nothing divides by 0."""
+def _zero_model() -> nn.Sequential:
+    """Layer 0 has three all-zero rows, so layer 1 sees three all-zero input columns; layer 2 is all zero
+    (rad = 0), so layer 3's whole input is zero."""
     torch.manual_seed(0)
     model = _mlp(8, 6, 5, 4, 3)
     with torch.no_grad():
-        model[0].weight[:3] = 0.0  # outputs 0-2 of layer 0 are 0: layer 1's input columns 0-2 are all zero
+        model[0].weight[:3] = 0.0
         model[0].bias[:3] = 0.0
-        model[4].weight.zero_()  # layer 2: every weight 0, rad = 0
-        model[4].bias.zero_()  # so layer 3's input is all zero
-    images = torch.randn(32, 8)
-    stream = CalibrationStream(TensorDataset(images, torch.zeros(32)), seed=0)
-    settings = LayerSettings(bits=3, scalar=1.3)
+        model[4].weight.zero_()
+        model[4].bias.zero_()
+    return model
+
+
+def _quantize_zero_model(settings):
     steps = []
-    quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 32, 1.0, 0,
+    stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
+    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
                                           log=lambda text: None, after_layer=steps.append)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     assert all(np.isfinite(r.relative_error) for r in reports)
+    assert torch.all(quantized[4].weight == 0) and reports[2].relative_error == 0.0  # rad = 0: Q = 0
+    return quantized, reports, steps
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_zero_weights_and_zero_inputs_work_for_every_method(method, granularity):
+    _quantize_zero_model(LayerSettings(method=method, bits=3, scalar=1.3, granularity=granularity,
+                                       threshold=0.1))
+
+
+def test_zero_weights_and_zero_input_columns():
+    """rad = 0 gives the alphabet {0}; input columns with ‖X̃_t‖ = 0 take argument 0; nothing divides by 0."""
+    settings = LayerSettings(bits=3, scalar=1.3)
+    model = _zero_model()
+    quantized, reports, steps = _quantize_zero_model(settings)
     # layer 1: the per-column specification on the same rows, zero columns included
     step = steps[1]
     assert torch.all(step.quantized_rows[0, :, :3] == 0) and torch.all(step.analog_rows[0, :, :3] == 0)
