@@ -45,7 +45,8 @@ def load_image(path):
             return Image.open(f).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise CorruptImageError(f"cannot decode image {path} ({type(error).__name__}: {error}). The file is corrupt "
-                                f"or truncated: replace it with a good copy (a train image may also be deleted) and run again") from error
+                                f"or truncated: replace it with a good copy (a train image may also be deleted) "
+                                f"and run again") from error
 
 
 def _read_idx(path: Path) -> np.ndarray:

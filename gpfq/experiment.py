@@ -455,7 +455,8 @@ def check_writable(folder: Path, key: str = "folder") -> None:
             pass
     except OSError as error:
         raise PermissionError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), so "
-                              f"results could not be saved there. Fix it, or choose another with --{key} PATH") from error
+                              f"results could not be saved there. Fix it, or choose another with --{key} PATH"
+                              ) from error
 
 
 # ---------------------------------------------------------------- resume
@@ -529,15 +530,15 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
     torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
     resources = Resources()
     preflight(points, resources, validate_model)
-    rows = []
+    rows, number = [], 0
     try:
         for number, point in enumerate(points, 1):
             if len(points) > 1:
                 print(f"\n### grid point {number}/{len(points)}")
             rows.append(run_point(point, resources, log_name, quantize, variant_columns=variant_columns))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(rows)} of {len(points)} grid points finished; their rows are in {log_path} "
-              f"and their models in {model_dir}. Run the same command with --resume to go on with the others.",
+        print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
+              f"{log_path}, their models in {model_dir}. Run the same command with --resume to go on.",
               file=sys.stderr)
         raise SystemExit(130) from None
     return rows
