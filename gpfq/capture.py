@@ -130,3 +130,82 @@ def grouped(layer: nn.Module, weight: torch.Tensor, rows: torch.Tensor = None):
 def flat_weight(layer: nn.Module) -> torch.Tensor:
     """Weight as (N1_total, N0) with N0 = C_in/groups·kh·kw for convolutions."""
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+def trace_graph(model: nn.Module):
+    """The torch.fx graph of `model`'s forward pass; ValueError if fx cannot trace it."""
+    from torch import fx
+    try:
+        return fx.symbolic_trace(model).graph
+    except Exception as error:  # fx raises several kinds (TraceError, TypeError, …) on dynamic control flow
+        raise ValueError(f"calibration='fixed' runs the model layer by layer through its torch.fx graph, and "
+                         f"{type(model).__name__} cannot be traced ({type(error).__name__}: {error}); "
+                         f"use calibration='fresh'") from error
+
+
+class CachedForward:
+    """One model's forward pass over fixed image chunks, run node by node up to each layer in turn.
+
+    `inputs_of(name)` advances from where the last call stopped to the layer's call and returns
+    its input for every chunk. The values later nodes still need stay cached, so visiting all
+    layers costs one forward pass (linear in depth) instead of one partial pass per layer. The
+    layer itself runs on the next advance, so a weight written in between (its quantization) is
+    what the following layers see.
+    """
+
+    def __init__(self, model: nn.Module, graph, chunks):
+        from torch import fx
+        self._fx = fx
+        self.model = model
+        self.nodes = list(graph.nodes)
+        self.position = 0
+        order = {node: i for i, node in enumerate(self.nodes)}
+        # A value can be dropped once the last node that reads it has run.
+        self.last_reader = {node: max((order[user] for user in node.users), default=order[node])
+                            for node in self.nodes}
+        placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        self.environments = []
+        for images in chunks:
+            environment = {placeholders[0]: images}
+            for extra in placeholders[1:]:  # further forward arguments keep their defaults
+                environment[extra] = extra.args[0] if extra.args else None
+            self.environments.append(environment)
+
+    def _run(self, node, environment):
+        args = self._fx.node.map_arg(node.args, lambda n: environment[n])
+        kwargs = self._fx.node.map_arg(node.kwargs, lambda n: environment[n])
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            value = self.model
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return value
+        raise RuntimeError(f"unexpected fx node {node.format_node()}")
+
+    @torch.no_grad()
+    def inputs_of(self, layer_name: str) -> list:
+        """The input of `layer_name` for every chunk, after running every node before its call."""
+        stop = next((i for i in range(self.position, len(self.nodes))
+                     if self.nodes[i].op == "call_module" and self.nodes[i].target == layer_name), None)
+        if stop is None:
+            raise RuntimeError(f"layer {layer_name!r} is not called after the layers already visited")
+        for environment in self.environments:
+            for index in range(self.position, stop):
+                node = self.nodes[index]
+                if node.op in ("placeholder", "output"):
+                    continue
+                environment[node] = self._run(node, environment)
+                for read in list(node.all_input_nodes) + [node]:
+                    if self.last_reader[read] <= index and read.op != "placeholder":
+                        environment.pop(read, None)
+            # placeholders are read by the first nodes; drop them once those have run
+            for node in [n for n in environment if n.op == "placeholder" and self.last_reader[n] < stop]:
+                environment.pop(node)
+        self.position = stop
+        layer_input = self.nodes[stop].args[0]
+        return [environment[layer_input] for environment in self.environments]

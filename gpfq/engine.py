@@ -70,31 +70,33 @@ def _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, device):
                      f"neuron ({n_groups}, {n_neurons}, L)")
 
 
-def _sequential_block(arguments, coupling, alphabet, out):
-    """Round the columns of one block in order.
+def _sequential_block(arguments, coupling, alphabet):
+    """Round the columns of one block in order; returns q (B, G, N1).
 
     arguments (B, G, N1): each column's argument from everything before it except the
-    block's own earlier q's; updated in place. coupling (B, B, G): coupling[j, t] =
-    <X̃_t, X̃_j>/d_t for t > j (0 elsewhere). out (B, G, N1) receives q.
+    block's own earlier q's; updated in place. coupling (B, B, G, 1): coupling[j, t] =
+    <X̃_t, X̃_j>/d_t for t > j (0 elsewhere).
     """
     n_columns = arguments.shape[0]
+    rounded = []
     with single_thread():
         for t in range(n_columns):
             q = round_to_alphabet(arguments[t], alphabet)
-            out[t] = q
+            rounded.append(q)
             if t + 1 < n_columns:
-                arguments[t + 1:].addcmul_(coupling[t, t + 1:].unsqueeze(-1), q, value=-1.0)
+                arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
+        return torch.stack(rounded)
 
 
 def _block_coupling(quantized_gram_block):
-    """From H_bb (G, B, B): 1/d (G, B) with 0 for empty columns, and the coupling (B, B, G)."""
+    """From H_bb (G, B, B): 1/d (G, B) with 0 for empty columns, and the coupling (B, B, G, 1)."""
     norms2 = torch.diagonal(quantized_gram_block, dim1=1, dim2=2)
     # ||X̃_t|| = 0: the argument is 0 (its numerator is 0 too), so scale by 0 rather than 1/0.
     inverse = torch.where(norms2 > 0, 1.0 / torch.where(norms2 > 0, norms2, torch.ones_like(norms2)),
                           torch.zeros_like(norms2))
     # H is symmetric: H[t, j] = H[j, t], so row j of triu(H, 1) holds <X̃_j, X̃_t> for t > j.
     coupling = torch.triu(quantized_gram_block, diagonal=1) * inverse.unsqueeze(1)
-    return inverse, coupling.permute(1, 2, 0).contiguous()
+    return inverse, coupling.permute(1, 2, 0).unsqueeze(-1).contiguous()
 
 
 def default_block_size(form: str, n_neurons: int) -> int:
@@ -123,19 +125,20 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
         stop = min(start + block_size, n_inputs)
         width = stop - start
         with block_threads(n_groups * n_rows * width * (3 * n_neurons + 2 * width)):
-            rows = torch.cat([X[:, :, start:stop], Xq[:, :, start:stop]], dim=2)  # (G, m, 2B): [X_b, X̃_b]
-            quantized_rows_t = rows[:, :, width:].transpose(1, 2)  # X̃_bᵀ (G, B, m)
-            projection = torch.bmm(quantized_rows_t, residual)  # X̃_bᵀ U (G, B, N1)
-            grams = torch.bmm(quantized_rows_t, rows)  # [X̃_bᵀX_b, X̃_bᵀX̃_b] (G, B, 2B)
+            analog_block, quantized_block = X[:, :, start:stop], Xq[:, :, start:stop]  # (G, m, B) views
+            quantized_block_t = quantized_block.transpose(1, 2)  # X̃_bᵀ (G, B, m)
+            projection = torch.bmm(quantized_block_t, residual)  # X̃_bᵀ U (G, B, N1)
+            cross = torch.bmm(quantized_block_t, analog_block)  # X̃_bᵀ X_b (G, B, B)
+            gram = torch.bmm(quantized_block_t, quantized_block)  # X̃_bᵀ X̃_b (G, B, B)
             weight_t = W[:, :, start:stop].transpose(1, 2)  # W_bᵀ (G, B, N1)
             with single_thread():
-                inverse, coupling = _block_coupling(grams[:, :, width:])
+                inverse, coupling = _block_coupling(gram)
                 # Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
-                arguments = torch.baddbmm(projection, torch.tril(grams[:, :, :width]), weight_t)
+                arguments = torch.baddbmm(projection, torch.tril(cross), weight_t)
                 arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()  # (B, G, N1)
-            _sequential_block(arguments, coupling, levels, Qt[:, start:stop].permute(1, 0, 2))
-            # U += X_b W_bᵀ − X̃_b Q_bᵀ in one product.
-            residual.baddbmm_(rows, torch.cat([weight_t, -Qt[:, start:stop]], dim=1))
+            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
+            # U += X_b W_bᵀ − X̃_b Q_bᵀ
+            residual.baddbmm_(analog_block, weight_t).baddbmm_(quantized_block, Qt[:, start:stop], alpha=-1.0)
     return Qt.transpose(1, 2).to(weight.dtype)
 
 
@@ -161,7 +164,7 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
             with single_thread():
                 inverse, coupling = _block_coupling(H[:, start:stop, start:stop])
                 arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()
-            _sequential_block(arguments, coupling, levels, Qt[:, start:stop].permute(1, 0, 2))
+            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
     return Qt.transpose(1, 2).to(weight.dtype)
 
 

@@ -23,12 +23,13 @@ from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loade
 from .evaluate import evaluate
 from .logs import LOG_COLUMNS, PLAIN_LOG, append_row, check_log
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
-from .network import METHODS, quantize_network, reports_as_dicts, settings_for
+from .engine import ENGINES
+from .network import CALIBRATIONS, METHODS, quantize_network, reports_as_dicts, settings_for
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
 # Keys whose list values expand into a grid (a scalar is a one-point axis).
 GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
-             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed")
+             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "engine", "calibration")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
@@ -103,6 +104,10 @@ def validate(point: dict) -> None:
         fail(f"alphabet must be one of {ALPHABET_KINDS}, got {point['alphabet']!r}")
     if point["dataset"] not in DATASETS:
         fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
+    if point.get("engine", "auto") not in ENGINES:
+        fail(f"engine must be one of {ENGINES}, got {point['engine']!r}")
+    if point.get("calibration", "fresh") not in CALIBRATIONS:
+        fail(f"calibration must be one of {CALIBRATIONS}, got {point['calibration']!r}")
     if point.get("patch_stride", "kernel") not in ("kernel", "layer"):
         fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
@@ -198,7 +203,7 @@ class Context:
         """The header's settings for every layer (CNN values for Conv2d, MLP values for Linear)."""
         p = self.point
         return settings_for(layer, p["bits"], p["method"], p["alphabet"], p["include_0"], p["mlp_scalar"],
-                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"])
+                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"], p.get("engine", "auto"))
 
 
 def prepare(point: dict, resources: Resources, log=print) -> Context:
@@ -226,7 +231,8 @@ def plain_quantize(context: Context):
     p = context.point
     model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                      p.get("patch_stride", "kernel"), context.device, log=context.log)
+                                      p.get("patch_stride", "kernel"), context.device, log=context.log,
+                                      calibration=p.get("calibration", "fresh"))
     return model, reports, {}
 
 
@@ -267,6 +273,7 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
         "Author": point.get("author", ""), "Method": point["method"], "Alphabet": point["alphabet"],
         "Patch Stride": point.get("patch_stride", "kernel"),
         "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
+        "Engine": point.get("engine", "auto"), "Calibration": point.get("calibration", "fresh"),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),

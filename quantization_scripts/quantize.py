@@ -25,6 +25,10 @@ include_0 = True                # gpfq2022 alphabet: append the level 0
 retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
 patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
 ignore_layers = []              # layer indices (execution order) left float
+engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per layer), "residual", "gram"
+                                #   (streamed: memory flat in m), or "columns" (the per-column loop)
+calibration = "fresh"           # "fresh" (paper: m new images per layer) or "fixed" (one set of m images,
+                                #   run once through both networks: forward cost linear in depth)
 seed = 0
 author = ""
 num_workers = 0                 # data-loading processes
@@ -34,8 +38,9 @@ device = "cpu"                  # "cpu" or "cuda"
 HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
               batch_size=batch_size, mlp_scalar=mlp_scalar, cnn_scalar=cnn_scalar, mlp_percentile=mlp_percentile,
               cnn_percentile=cnn_percentile, alphabet=alphabet, include_0=include_0, retain_rate=retain_rate,
-              patch_stride=patch_stride, ignore_layers=ignore_layers, seed=seed, author=author,
-              num_workers=num_workers, device=device, log_dir=None, model_dir=None, data_dir=None)
+              patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
+              seed=seed, author=author, num_workers=num_workers, device=device, log_dir=None, model_dir=None,
+              data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
