@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .threads import single_thread
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -78,7 +80,8 @@ def conv_patches(inputs: torch.Tensor, conv: nn.Conv2d, stride: str = "kernel") 
     if stride not in ("kernel", "layer"):
         raise ValueError(f"patch stride must be 'kernel' or 'layer', got {stride!r}")
     step = conv.kernel_size if stride == "kernel" else conv.stride
-    patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=_conv_padding(conv), stride=step)
+    with single_thread():  # memory-bound; a thread team per image costs more than it saves
+        patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=_conv_padding(conv), stride=step)
     return patches.transpose(1, 2)
 
 
@@ -92,6 +95,35 @@ def patch_indices(n_images: int, n_patches: int, retain_rate: float, generator: 
     return torch.randint(0, n_patches, (n_images, k), generator=generator)
 
 
+def patch_grid(conv: nn.Conv2d, height: int, width: int, stride: str = "kernel"):
+    """Patches per column and per row, (n_h, n_w), of an unpadded height × width input."""
+    step_h, step_w = conv.kernel_size if stride == "kernel" else conv.stride
+    pad_h, pad_w = _conv_padding(conv)
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    return ((height + 2 * pad_h - dh * (kh - 1) - 1) // step_h + 1,
+            (width + 2 * pad_w - dw * (kw - 1) - 1) // step_w + 1)
+
+
+def selected_patches(inputs: torch.Tensor, conv: nn.Conv2d, index: torch.Tensor, stride: str = "kernel"):
+    """Rows of the patches `index` (n, k) of each image: (n·k, C_in·kh·kw), as `conv_patches` orders them.
+
+    Reads the patches through a strided view of the padded input, so only the k kept patches
+    are copied (`conv_patches` unfolds all L of them first).
+    """
+    step_h, step_w = conv.kernel_size if stride == "kernel" else conv.stride
+    pad_h, pad_w = _conv_padding(conv)
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    n_h, n_w = patch_grid(conv, inputs.shape[2], inputs.shape[3], stride)
+    padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else inputs.contiguous()
+    n, channels = padded.shape[:2]
+    s_n, s_c, s_h, s_w = padded.stride()
+    # (n, n_h, n_w, C, kh, kw): patch (i, j) starts at row i·step_h, column j·step_w.
+    patches = padded.as_strided((n, n_h, n_w, channels, kh, kw),
+                                (s_n, s_h * step_h, s_w * step_w, s_c, s_h * dh, s_w * dw))
+    images = torch.arange(n, device=index.device).unsqueeze(1)
+    return patches[images, index // n_w, index % n_w].reshape(-1, channels * kh * kw)
+
+
 def layer_rows(layer: nn.Module, analog: torch.Tensor, quantized: torch.Tensor, retain_rate: float,
                generator: torch.Generator, patch_stride: str = "kernel"):
     """Turn captured layer inputs into the rows X, X̃ (rows, N0_total) the quantizer sees.
@@ -100,13 +132,13 @@ def layer_rows(layer: nn.Module, analog: torch.Tensor, quantized: torch.Tensor, 
     Linear: every leading position is a row.
     """
     if isinstance(layer, nn.Conv2d):
-        analog_patches = conv_patches(analog, layer, patch_stride)
-        quantized_patches = conv_patches(quantized, layer, patch_stride)
-        n_images, n_patches, width = analog_patches.shape
-        index = patch_indices(n_images, n_patches, retain_rate, generator)
-        index = index.unsqueeze(2).expand(-1, -1, width)
-        analog_rows = analog_patches.gather(1, index).reshape(-1, width)
-        quantized_rows = quantized_patches.gather(1, index).reshape(-1, width)
+        if patch_stride not in ("kernel", "layer"):
+            raise ValueError(f"patch stride must be 'kernel' or 'layer', got {patch_stride!r}")
+        n_h, n_w = patch_grid(layer, analog.shape[2], analog.shape[3], patch_stride)
+        index = patch_indices(analog.shape[0], n_h * n_w, retain_rate, generator).to(analog.device)
+        with single_thread():  # memory-bound copies
+            analog_rows = selected_patches(analog, layer, index, patch_stride)
+            quantized_rows = selected_patches(quantized, layer, index, patch_stride)
         return analog_rows, quantized_rows
     width = layer.in_features
     return analog.reshape(-1, width), quantized.reshape(-1, width)

@@ -28,6 +28,7 @@ import math
 import torch
 
 from .alphabet import round_to_alphabet
+from .threads import single_thread
 
 FORMS = ("residual", "gram")
 ENGINES = ("auto",) + FORMS + ("columns",)  # "columns": the per-column loop `gpfq_columns`
@@ -35,21 +36,6 @@ DEFAULT_ROWS_BUDGET = 2 ** 30  # bytes of X, X̃ rows the residual form may hold
 # A block's products use all threads only from this many multiply-adds on (≈ 3 ms on one core): below it,
 # starting a thread team costs more than it saves, and on a shared machine it waits a whole time slice.
 PARALLEL_MIN_MACS = 2 ** 27
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run small tensor operations on one thread.
-
-    The in-block step works on (G, N1)-sized tensors; waking a thread team for each of
-    them costs more than the work (and, on a loaded machine, a whole time slice).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def block_threads(multiply_adds):

@@ -159,7 +159,8 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     decided at the first chunk (every image gives the same number of rows). Returns
     (analog_rows, quantized_rows, statistics, form): rows None when streamed, statistics None if not.
     """
-    weight = grouped(layer, flat_weight(layer))
+    flat = flat_weight(layer)
+    weight = grouped(layer, flat)
     n_groups, n_neurons, n_inputs = weight.shape
     analog_parts, quantized_parts, statistics, form = [], [], None, None
     for analog, quantized in input_pairs:
@@ -170,7 +171,7 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
             if form == "gram" and settings.method in STATISTICS_METHODS and not keep_rows:
                 statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
         if statistics is not None:
-            statistics.add(grouped(layer, weight, x)[1], grouped(layer, weight, xq)[1])
+            statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
         else:
             analog_parts.append(x)
             quantized_parts.append(xq)
