@@ -242,7 +242,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         start = time.time()
         if calibration == "fresh":
             input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, name,
-                                       stream.draw(batch_size), device)
+                                       stream.chunks(batch_size), device)  # one chunk of images held at a time
         else:
             analog_inputs = analog_forward.inputs_of(name)
             quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(name)
