@@ -33,14 +33,15 @@ from .threads import single_thread
 FORMS = ("residual", "gram")
 ENGINES = ("auto",) + FORMS + ("columns",)  # "columns": the per-column loop `gpfq_columns`
 DEFAULT_ROWS_BUDGET = 2 ** 30  # bytes of X, X̃ rows the residual form may hold before "auto" streams instead
-# A block's products use all threads only from this many multiply-adds on (≈ 3 ms on one core): below it,
-# starting a thread team costs more than it saves, and on a shared machine it waits a whole time slice.
-PARALLEL_MIN_MACS = 2 ** 27
+# A block's products use all threads only when its largest has this many multiply-adds (≈ 6 ms on one
+# core). Below that, a thread team saves little, and on a loaded machine every parallel product waits
+# for a time slice (measured: ~25 ms per product with 5 runnable processes per core).
+PARALLEL_MIN_MACS = 2 ** 28
 
 
-def block_threads(multiply_adds):
-    """All threads for a block whose products are large enough, else one (see PARALLEL_MIN_MACS)."""
-    return contextlib.nullcontext() if multiply_adds >= PARALLEL_MIN_MACS else single_thread()
+def block_threads(largest_product):
+    """All threads for a block whose largest product (multiply-adds) is big enough, else one."""
+    return contextlib.nullcontext() if largest_product >= PARALLEL_MIN_MACS else single_thread()
 
 
 def _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, device):
@@ -110,7 +111,7 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
         width = stop - start
-        with block_threads(n_groups * n_rows * width * (3 * n_neurons + 2 * width)):
+        with block_threads(n_groups * n_rows * width * max(n_neurons, width)):
             analog_block, quantized_block = X[:, :, start:stop], Xq[:, :, start:stop]  # (G, m, B) views
             quantized_block_t = quantized_block.transpose(1, 2)  # X̃_bᵀ (G, B, m)
             projection = torch.bmm(quantized_block_t, residual)  # X̃_bᵀ U (G, B, N1)
@@ -142,7 +143,7 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
     Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=W.device)
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
-        with block_threads(n_groups * (stop - start) * (stop + start) * n_neurons):
+        with block_threads(n_groups * (stop - start) * stop * n_neurons):
             # Σ_{j≤t} G[t, j] w_j − Σ_{j<s} H[t, j] q_j for the block's rows t; the block's own q's come later.
             arguments = torch.bmm(lower_cross[:, start:stop, :stop], Wt[:, :stop])
             if start > 0:
