@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .alphabet import ALPHABET_KINDS
@@ -206,7 +207,7 @@ class Context:
                             p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"], p.get("engine", "auto"))
 
 
-def prepare(point: dict, resources: Resources, log=print) -> Context:
+def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
     """Load (or reuse) the data and float model of a grid point and its float accuracy."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
     device = point.get("device", "cpu")
@@ -237,7 +238,7 @@ def plain_quantize(context: Context):
 
 
 def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quantize=plain_quantize,
-              log=print) -> dict:
+              log=tqdm.write) -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
