@@ -7,7 +7,7 @@ after it is computed.
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .threads import single_thread
 
@@ -80,8 +80,7 @@ def conv_patches(inputs: torch.Tensor, conv: nn.Conv2d, stride: str = "kernel") 
     if stride not in ("kernel", "layer"):
         raise ValueError(f"patch stride must be 'kernel' or 'layer', got {stride!r}")
     step = conv.kernel_size if stride == "kernel" else conv.stride
-    with single_thread():  # memory-bound; a thread team per image costs more than it saves
-        patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=_conv_padding(conv), stride=step)
+    patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=_conv_padding(conv), stride=step)
     return patches.transpose(1, 2)
 
 
@@ -166,7 +165,6 @@ def flat_weight(layer: nn.Module) -> torch.Tensor:
 
 def trace_graph(model: nn.Module):
     """The torch.fx graph of `model`'s forward pass; ValueError if fx cannot trace it."""
-    from torch import fx
     try:
         return fx.symbolic_trace(model).graph
     except Exception as error:  # fx raises several kinds (TraceError, TypeError, …) on dynamic control flow
@@ -186,8 +184,6 @@ class CachedForward:
     """
 
     def __init__(self, model: nn.Module, graph, chunks):
-        from torch import fx
-        self._fx = fx
         self.model = model
         self.nodes = list(graph.nodes)
         self.position = 0
@@ -204,8 +200,8 @@ class CachedForward:
             self.environments.append(environment)
 
     def _run(self, node, environment):
-        args = self._fx.node.map_arg(node.args, lambda n: environment[n])
-        kwargs = self._fx.node.map_arg(node.kwargs, lambda n: environment[n])
+        args = fx.node.map_arg(node.args, lambda n: environment[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: environment[n])
         if node.op == "call_module":
             return self.model.get_submodule(node.target)(*args, **kwargs)
         if node.op == "call_function":

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from gpfq.alphabet import layer_radius, make_alphabet, round_to_alphabet
-from gpfq.capture import CachedForward, capture_input, layers_in_execution_order, trace_graph
+from gpfq.capture import (CachedForward, capture_input, conv_patches, layers_in_execution_order, patch_indices,
+                          selected_patches, trace_graph)
 from gpfq.data import CalibrationStream
 from gpfq.engine import (DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, default_block_size, gpfq_blocked,
                          gpfq_gram, gpfq_residual, predicted_cost, rows_bytes)
@@ -213,6 +214,32 @@ def test_fixed_mode_sees_the_quantized_earlier_layers():
     last = steps[-1]  # fc: Linear, every image one row
     torch.testing.assert_close(last.quantized_rows[0], capture_input(quantized, "fc", images))
     torch.testing.assert_close(last.analog_rows[0], capture_input(model, "fc", images))
+
+
+def test_fixed_mode_in_place_uses_the_model_being_quantized():
+    model = FashionResNet().eval()
+    data = _Images(30, 6)
+    steps = []
+    quantize_network(model, CalibrationStream(data, 0, chunk_size=16), _settings("auto"), 30, 1.0, 0,
+                     calibration="fixed", in_place=True, after_layer=steps.append, log=lambda *a: None)
+    images = torch.cat(CalibrationStream(data, 0, chunk_size=16).draw(30))
+    assert torch.equal(steps[-1].analog_rows, steps[-1].quantized_rows)  # X̃ = X
+    torch.testing.assert_close(steps[-1].analog_rows[0], capture_input(model, "fc", images))
+
+
+@pytest.mark.parametrize("conv,stride", [
+    (nn.Conv2d(3, 5, 3, padding=1, dilation=2), "kernel"),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), "layer"),
+    (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)), "layer"),
+    (nn.Conv2d(2, 2, 3, padding="same"), "kernel"),
+    (nn.Conv2d(2, 2, 1), "kernel"),
+])
+def test_kept_patches_read_through_a_view_equal_unfold_then_gather(conv, stride):
+    images = torch.randn(3, conv.in_channels, 13, 11)
+    every = conv_patches(images, conv, stride)  # F.unfold: all L patches
+    index = patch_indices(3, every.shape[1], 0.5, torch.Generator().manual_seed(1))
+    expected = every.gather(1, index.unsqueeze(2).expand(-1, -1, every.shape[2])).reshape(-1, every.shape[2])
+    assert torch.equal(selected_patches(images, conv, index, stride), expected)
 
 
 def test_same_seed_same_bits_and_mode_validation():
