@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .alphabet import layer_radius, make_alphabet
 from .capture import (CachedForward, capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
-from .engine import DEFAULT_ROWS_BUDGET, ENGINES, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
 from .quantizer import gpfq_columns, msq, relative_error
 
 CALIBRATIONS = ("fresh", "fixed")
