@@ -34,7 +34,7 @@ def child(engine, calibration, m, threads):
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
     settings = lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.16, 1.16,  # noqa: E731
-                                                       1.0, 1.0, engine)
+                                                       1.0, 1.0, engine=engine)
     start = time.perf_counter()
     _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
                                   log=lambda *a: None)

@@ -18,11 +18,12 @@ form, or the one whose memory does not grow with m), the chunks are summed into
 Extension points used by the variants:
 - `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
   or returns None to leave the layer float (skip lists, mixed precision);
-- `LAYER_METHODS` maps a method name to its layer rule;
+- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
 """
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -30,11 +31,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .alphabet import layer_radius, make_alphabet
+from .alphabet import channel_alphabets, make_alphabet, row_radii
 from .capture import (CachedForward, capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
+from .gptq import gptq
 from .quantizer import gpfq_columns, msq, relative_error
+from .variants import sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -48,6 +51,13 @@ class LayerSettings:
     percentile: float = 1.0
     alphabet: str = "gpfq2022"
     include_zero: bool = True
+    granularity: str = "layer"  # one alphabet radius per "layer" or per output "channel"
+    seed: int = 0  # spfq: seeds this layer's stochastic rounding
+    threshold: float = 0.0  # sparse_gpfq: λ, relative to the alphabet's largest level
+    thresholding: str = "soft"  # sparse_gpfq: "soft" (L1) or "hard" (L0)
+    block_size: int = 128  # gptq: columns per lazy-batch block
+    damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
+    act_order: bool = False  # gptq: columns in order of decreasing H_tt
     engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
 
 
@@ -60,9 +70,10 @@ class LayerReport:
     rows: int
     bits: int
     levels: int
-    radius: float
+    radius: float  # the layer's radius; with per-channel alphabets, the mean of the channels' radii
     relative_error: float
     seconds: float
+    zero_weights: int = 0  # quantized weights equal to 0 (sparsity)
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
     streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
 
@@ -100,8 +111,21 @@ def _gpfq_from_statistics(weight, statistics, alphabet, settings):
     return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet)
 
 
+def _gptq(weight, analog, quantized, alphabet, settings):
+    return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
+
+
+def _spfq(weight, analog, quantized, alphabet, settings):
+    return spfq(weight, analog, quantized, alphabet, settings.seed)
+
+
+def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
+    return sparse_gpfq(weight, analog, quantized, alphabet, settings.threshold, settings.thresholding)
+
+
 # name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
-LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq}
+# alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
+LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq}
 METHODS = tuple(LAYER_METHODS)
 # Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
@@ -110,12 +134,15 @@ STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics}
 
 def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
                  mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float,
-                 engine: str = "auto") -> LayerSettings:
-    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones."""
+                 **options) -> LayerSettings:
+    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones.
+
+    options: the other LayerSettings fields (granularity, seed, threshold, …).
+    """
     conv = isinstance(layer, nn.Conv2d)
     return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
                          scalar=cnn_scalar if conv else mlp_scalar,
-                         percentile=cnn_percentile if conv else mlp_percentile, engine=engine)
+                         percentile=cnn_percentile if conv else mlp_percentile, **options)
 
 
 def fresh_inputs(analog_model, quantized_model, name, chunks, device):
@@ -180,10 +207,17 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     return torch.cat(analog_parts), torch.cat(quantized_parts), None, form
 
 
-def layer_alphabet(layer: nn.Module, settings: LayerSettings) -> torch.Tensor:
-    weight = flat_weight(layer)
-    radius = layer_radius(weight, settings.percentile)
-    return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+def layer_alphabet(layer: nn.Module, settings: LayerSettings):
+    """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
+    (G, N1, L) with 'channel' (radius reported as that mean too)."""
+    radii = row_radii(flat_weight(layer), settings.percentile)
+    radius = float(radii.mean())
+    if settings.granularity == "layer":
+        return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+    if settings.granularity == "channel":
+        per_channel = channel_alphabets(settings.alphabet, settings.bits, settings.scalar, radii, settings.include_zero)
+        return grouped(layer, per_channel), radius
+    raise ValueError(f"unknown alphabet granularity {settings.granularity!r}; choose 'layer' or 'channel'")
 
 
 def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: LayerSettings):
@@ -265,12 +299,15 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         quantized_layer = quantized_model.get_submodule(name)
         with torch.no_grad():
             quantized_layer.weight.copy_(quantized_weight.reshape(layer.weight.shape))
+        zeros = int((quantized_weight == 0).sum())
         report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
-                             alphabet.numel(), radius, error, time.time() - start, form, statistics is not None)
+                             alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
+                             streamed=statistics is not None)
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels: rel. error {error:.4f}, {report.seconds:.1f}s")
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''}: "
+            f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
         if after_layer is not None:
             after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
                                   quantized_g, weight, quantized_weight, statistics))
@@ -279,3 +316,9 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
 
 def reports_as_dicts(reports) -> list:
     return [asdict(r) for r in reports]
+
+
+def zero_fraction(reports) -> float:
+    """Fraction of the quantized layers' weights that are 0."""
+    total = sum(math.prod(r.weight_shape) for r in reports)
+    return sum(r.zero_weights for r in reports) / total if total else 0.0

@@ -133,7 +133,8 @@ def default_model():
 
 
 def _settings(engine):
-    return lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3, 1.0, 1.0, engine)
+    return lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
+                                                   engine=engine)
 
 
 def test_real_layers_of_the_default_model(default_model):
