@@ -32,7 +32,9 @@ from .capture import check_model_finite, layers_in_execution_order
 from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
-from .network import METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for, zero_fraction
+from .engine import ENGINES
+from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
+                      zero_fraction)
 from .variants import THRESHOLDINGS
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
@@ -40,10 +42,11 @@ from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
              "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
              "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
-             "gptq_act_order")
-# Method options a header may leave out (older headers, other variants): their defaults.
+             "gptq_act_order", "engine", "calibration")
+# Method and procedure options a header may leave out (older headers, other variants): their defaults.
 METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sparsity_threshold": 0.0,
-                   "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False}
+                   "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False,
+                   "engine": "auto", "calibration": "fresh"}
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
@@ -120,8 +123,9 @@ def validate(point: dict) -> None:
     m = point["batch_size"]
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         fail(f"batch_size (m) must be an integer ≥ 1, got {m!r}")
-    if isinstance(point["seed"], bool) or not isinstance(point["seed"], int):
-        fail(f"seed must be an integer, got {point['seed']!r}")
+    seed = point.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        fail(f"seed must be an integer, got {seed!r}")
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
@@ -156,6 +160,10 @@ def validate(point: dict) -> None:
     threads = point.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
+    if options["engine"] not in ENGINES:
+        fail(f"engine must be one of {ENGINES}, got {options['engine']!r}")
+    if options["calibration"] not in CALIBRATIONS:
+        fail(f"calibration must be one of {CALIBRATIONS}, got {options['calibration']!r}")
     if point.get("patch_stride", "kernel") not in ("kernel", "layer"):
         fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
@@ -282,7 +290,7 @@ class Context:
                             granularity=options["alphabet_granularity"], seed=layer_seed(p["seed"], index),
                             threshold=options["sparsity_threshold"], thresholding=options["thresholding"],
                             block_size=options["gptq_block_size"], damping=options["gptq_damping"],
-                            act_order=options["gptq_act_order"])
+                            act_order=options["gptq_act_order"], engine=options["engine"])
 
 
 def method_options(point: dict) -> dict:
@@ -376,7 +384,8 @@ def plain_quantize(context: Context):
     p = context.point
     model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                      p.get("patch_stride", "kernel"), context.device, log=context.log)
+                                      p.get("patch_stride", "kernel"), context.device, log=context.log,
+                                      calibration=method_options(p)["calibration"])
     return model, reports, {}
 
 
@@ -392,6 +401,7 @@ def point_columns(point: dict) -> dict:
         "Method Options": method_description(point), "Fold BatchNorm": method_options(point)["fold_batchnorm"],
         "Patch Stride": point.get("patch_stride", "kernel"),
         "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
+        "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
     }
 
 

@@ -33,6 +33,10 @@ gptq_act_order = False          # gptq: quantize columns in order of decreasing 
 retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
 patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
 ignore_layers = []              # layer indices (execution order) left float
+engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per layer), "residual", "gram"
+                                #   (streamed: memory flat in m), or "columns" (the per-column loop)
+calibration = "fresh"           # "fresh" (paper: m new images per layer) or "fixed" (one set of m images,
+                                #   run once through both networks: forward cost linear in depth)
 seed = 0
 author = ""
 num_workers = 0                 # data-loading processes
@@ -47,9 +51,9 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               alphabet_granularity=alphabet_granularity, fold_batchnorm=fold_batchnorm,
               sparsity_threshold=sparsity_threshold, thresholding=thresholding, gptq_block_size=gptq_block_size,
               gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, retain_rate=retain_rate,
-              patch_stride=patch_stride, ignore_layers=ignore_layers, seed=seed, author=author,
-              num_workers=num_workers, num_threads=num_threads, device=device, resume=resume, log_dir=None,
-              model_dir=None, data_dir=None)
+              patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
+              seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
+              resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -30,7 +30,8 @@ from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, ca
 from gpfq.experiment import main, parse_overrides, pending_points, point_columns
 from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
 from gpfq.models import WeightsUnavailableError, load_model
-from gpfq.network import METHODS, LayerSettings, layer_alphabet, quantize_network
+from gpfq.engine import ENGINES
+from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
 from gpfq.paths import PRETRAINED_DIR, REPO_ROOT
 from gpfq.quantizer import gpfq_reference, msq
 
@@ -164,7 +165,8 @@ def _mlp(*widths) -> nn.Sequential:
     return nn.Sequential(*layers[:-1]).eval()
 
 
-def test_nan_in_activations_during_quantization_names_the_layer():
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     torch.manual_seed(0)
     model = _mlp(8, 6, 3)
     images = torch.randn(16, 8)
@@ -172,7 +174,8 @@ def test_nan_in_activations_during_quantization_names_the_layer():
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
     settings = LayerSettings(bits=3)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None)
+        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
+                         calibration=calibration)
 
 
 def _zero_model() -> nn.Sequential:
@@ -188,11 +191,11 @@ def _zero_model() -> nn.Sequential:
     return model
 
 
-def _quantize_zero_model(settings):
+def _quantize_zero_model(settings, keep_rows=True):
     steps = []
     stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
     quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
-                                          log=lambda text: None, after_layer=steps.append)
+                                          log=lambda text: None, after_layer=steps.append, keep_rows=keep_rows)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     assert all(np.isfinite(r.relative_error) for r in reports)
     assert torch.all(quantized[4].weight == 0) and reports[2].relative_error == 0.0  # rad = 0: Q = 0
@@ -204,6 +207,14 @@ def _quantize_zero_model(settings):
 def test_zero_weights_and_zero_inputs_work_for_every_method(method, granularity):
     _quantize_zero_model(LayerSettings(method=method, bits=3, scalar=1.3, granularity=granularity,
                                        threshold=0.1))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zero_weights_and_zero_inputs_work_for_every_engine(engine):
+    """Each GPFQ engine (rows not kept, so the Gram form streams its sums) handles ‖X̃_t‖ = 0 and rad = 0."""
+    quantized, reports, _ = _quantize_zero_model(LayerSettings(bits=3, scalar=1.3, engine=engine), keep_rows=False)
+    assert torch.all(quantized[2].weight[:, :3] == 0)  # zero input columns: argument 0, the level 0
+    assert torch.all(quantized[6].weight == 0) and reports[3].relative_error == 0.0
 
 
 def test_zero_weights_and_zero_input_columns():
@@ -449,12 +460,13 @@ def test_resume_identity_is_the_hyperparameter_columns(tmp_path):
     assert pending_points([dict(point, author="someone else")], log, COLUMNS) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
     variant_log = tmp_path / "variant.csv"
-    append_row(variant_log, dict(row, Engine="gram"), COLUMNS + ["Engine"])
-    with pytest.raises(ValueError, match=r"columns \['Engine'\]"):
-        pending_points([point], variant_log, COLUMNS + ["Engine"])
-    engine = lambda p: {"Engine": p.get("engine", "gram")}  # noqa: E731
-    assert pending_points([point, dict(point, engine="residual")], variant_log, COLUMNS + ["Engine"],
-                          engine) == [dict(point, engine="residual")]
+    append_row(variant_log, dict(row, **{"Warmup Steps": 100}), COLUMNS + ["Warmup Steps"])
+    with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
+        pending_points([point], variant_log, COLUMNS + ["Warmup Steps"])
+    warmup = lambda p: {"Warmup Steps": p.get("warmup_steps", 100)}  # noqa: E731
+    assert pending_points([point, dict(point, warmup_steps=50)], variant_log, COLUMNS + ["Warmup Steps"],
+                          warmup) == [dict(point, warmup_steps=50)]
+    assert pending_points([dict(point, engine="gram")], log, COLUMNS) == [dict(point, engine="gram")]
     # parse_overrides: `--resume` alone means True, on any header
     assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
     assert parse_overrides({"bits": 4}, [])["resume"] is False
