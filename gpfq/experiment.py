@@ -67,9 +67,10 @@ def _literal(text: str):
         return text
 
 
-def expand_grid(config: dict) -> list:
-    """Every combination of the list-valued GRID_KEYS, as one flat config each."""
-    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in GRID_KEYS if k in config}
+def expand_grid(config: dict, grid_keys=()) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+    keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
+    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(config)
@@ -230,14 +231,21 @@ def plain_quantize(context: Context):
     return model, reports, {}
 
 
-def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quantize=plain_quantize,
+def log_names_of(point: dict, log_name) -> list:
+    """The logs a point's row goes to: `log_name` itself, or log_name(point) (one name or a list)."""
+    names = log_name(point) if callable(log_name) else log_name
+    return [names] if isinstance(names, str) else list(names)
+
+
+def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
               log=print) -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    log_name: a log file name, or a function of the point giving one or several (the row goes to each).
     """
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
-    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
+    log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
     log(f"== {point['model_name']} {point['method']} {point['bits']} bits, m={point['batch_size']}, "
         f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), seed {point['seed']}")
@@ -272,9 +280,10 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     row.update(extra)
-    append_row(log_path, row, LOG_COLUMNS[log_name])
+    for log_path in log_paths:
+        append_row(log_path, row, LOG_COLUMNS[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {log_path}")
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
 
 
@@ -290,13 +299,19 @@ def check_writable(folder: Path) -> None:
         raise PermissionError(f"{folder} is not writable; results could not be saved there")
 
 
-def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quantize, validate_point=None) -> list:
+def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, validate_point=None,
+         grid_keys=(), resolve_point=None) -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows.
 
     validate_point(point) adds a variant's own checks of its hyperparameters.
+    log_name: a log file name, or a function of the point giving one or several.
+    grid_keys: a variant's own keys whose list values also expand into the grid.
+    resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model).
     """
     config = parse_overrides(header, argv)
-    points = expand_grid(config)
+    points = expand_grid(config, grid_keys)
+    if resolve_point is not None:
+        points = [resolve_point(point) for point in points]
     for point in points:  # every point checked before any work starts
         validate(point)
         if validate_point is not None:
@@ -304,7 +319,8 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     check_writable(log_dir)
     check_writable(Path(config.get("model_dir") or MODEL_DIR))
-    check_log(log_dir / log_name, LOG_COLUMNS[log_name])
+    for name in dict.fromkeys(n for point in points for n in log_names_of(point, log_name)):
+        check_log(log_dir / name, LOG_COLUMNS[name])
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     resources = Resources()
     rows = []

@@ -1,0 +1,58 @@
+"""GPFQ with the paper's ad hoc improvements: bias correction, layers left float, mixed precision.
+
+Edit the hyperparameters below and run `python3 quantize.py` (from this folder or the repo root).
+Any name can be overridden on the command line, e.g.
+`python3 quantize.py --bits 3 4 --bias_correction last last_float all`. List values expand into a
+grid (the ad hoc options too); each point appends one row to the log of every option it switches on:
+logs/Quantization_Log_Bias_Correct.csv, Quantization_Log_Skip.csv, Quantization_Log_Mixed_Precision.csv.
+Each model goes to models/<model_name>/ with a JSON sidecar.
+"""
+import sys
+from pathlib import Path
+
+# ------------------------------------------------------------------ hyperparameters
+model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
+dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
+weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
+method = "gpfq"                 # "gpfq" or "msq" (round to nearest, same alphabet)
+bits = [4]                      # bits per weight (the default of bits_map)
+batch_size = [1024]             # m: calibration images drawn afresh for every layer
+mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
+cnn_scalar = [1.3]              # C for Conv2d layers
+mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
+cnn_percentile = [1.0]
+alphabet = "gpfq2022"           # "gpfq2022" (paper: 2^b + 1 levels), "midtread", "strict" (2^b levels)
+include_0 = True                # gpfq2022 alphabet: append the level 0
+retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
+patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
+ignore_layers = []              # layer indices (execution order) left float
+seed = 0
+author = ""
+num_workers = 0                 # data-loading processes
+device = "cpu"                  # "cpu" or "cuda"
+# --- ad hoc options (at least one on)
+bias_correction = "last_float"  # None; "last": correct the quantized last layer's bias (paper variant 1);
+                                # "last_float": last layer keeps float weights, bias corrected with X̃ (variant 2);
+                                # "all": every quantized layer, right after it is quantized
+bias_batch_size = 1024          # images per bias correction, from their own seeded stream
+skip_layers = None              # None, "first", "last" or "both": left float
+bits_map = {}                   # bits per layer: {index or name pattern: bits}, e.g. {0: 8, -1: 8}; the last
+                                # matching entry wins, `bits` is the default
+saved_model = None              # a quantized model in models/ (its .pt; the .json sidecar gives how it was
+                                # quantized): only bias_correction is applied to it
+# ------------------------------------------------------------------------------------
+
+HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
+              batch_size=batch_size, mlp_scalar=mlp_scalar, cnn_scalar=cnn_scalar, mlp_percentile=mlp_percentile,
+              cnn_percentile=cnn_percentile, alphabet=alphabet, include_0=include_0, retain_rate=retain_rate,
+              patch_stride=patch_stride, ignore_layers=ignore_layers, seed=seed, author=author,
+              num_workers=num_workers, device=device, bias_correction=bias_correction,
+              bias_batch_size=bias_batch_size, skip_layers=skip_layers, bits_map=bits_map, saved_model=saved_model,
+              log_dir=None, model_dir=None, data_dir=None)
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gpfq import adhoc
+    from gpfq.experiment import main
+    main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
+         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point)
