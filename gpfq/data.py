@@ -104,9 +104,23 @@ def imagenet(split: str, root) -> torch.utils.data.Dataset:
     raise _imagenet_missing(root, split)
 
 
-def _flat_imagenet_val(root: Path, transform):
+class LabelledImages(torch.utils.data.Dataset):
+    """Image files with known labels: samples is [(path, label)], like ImageFolder's."""
+
+    def __init__(self, samples, classes, transform):
+        from torchvision.datasets.folder import default_loader
+        self.samples, self.classes, self.transform, self.loader = samples, classes, transform, default_loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(self.loader(path)), label
+
+
+def _flat_imagenet_val(root: Path, transform) -> LabelledImages:
     """Flat val/*.JPEG labelled with the devkit's ground truth, through torchvision's parser."""
-    from torchvision.datasets import ImageFolder
     from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
     if not (root / "meta.bin").exists():
         parse_devkit_archive(str(root))
@@ -114,21 +128,9 @@ def _flat_imagenet_val(root: Path, transform):
     files = sorted(p for p in (root / "val").iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     if len(files) != len(val_wnids):
         raise DataMissingError(f"{root / 'val'} holds {len(files)} images but the devkit labels {len(val_wnids)}")
-    wnids = sorted(wnid_to_classes)
+    wnids = sorted(wnid_to_classes)  # torchvision's class order: sorted WordNet ids
     class_index = {wnid: i for i, wnid in enumerate(wnids)}
-    dataset = ImageFolder.__new__(ImageFolder)
-    dataset.root, dataset.transform, dataset.target_transform = str(root / "val"), transform, None
-    dataset.loader = datasets_default_loader()
-    dataset.classes, dataset.class_to_idx = wnids, class_index
-    dataset.samples = [(str(p), class_index[w]) for p, w in zip(files, val_wnids)]
-    dataset.targets = [label for _, label in dataset.samples]
-    dataset.imgs = dataset.samples
-    return dataset
-
-
-def datasets_default_loader():
-    from torchvision.datasets.folder import default_loader
-    return default_loader
+    return LabelledImages([(str(p), class_index[w]) for p, w in zip(files, val_wnids)], wnids, transform)
 
 
 def calibration_set(name: str, data_dir=DATA_DIR):

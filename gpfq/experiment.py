@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .alphabet import ALPHABET_KINDS
@@ -202,7 +203,7 @@ class Context:
                             p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"])
 
 
-def prepare(point: dict, resources: Resources, log=print) -> Context:
+def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
     """Load (or reuse) the data and float model of a grid point and its float accuracy."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
     device = point.get("device", "cpu")
@@ -238,7 +239,7 @@ def log_names_of(point: dict, log_name) -> list:
 
 
 def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
-              log=print) -> dict:
+              log=tqdm.write) -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).

@@ -47,12 +47,12 @@ class FashionResNet(nn.Module):
 class FashionMobileNet(nn.Module):
     """MobileNetV2-style net for 1×28×28 inputs: inverted residuals with depthwise convolutions."""
 
-    # (expand_ratio, out_channels, stride) per InvertedResidual block
-    BLOCKS = ((1, 16, 1), (4, 24, 2), (4, 24, 1), (4, 32, 2), (4, 32, 1))
+    # (expand_ratio, out_channels, stride) per InvertedResidual block; the stem halves 28×28 to 14×14
+    BLOCKS = ((1, 16, 1), (4, 24, 1), (4, 24, 1), (4, 32, 2), (4, 32, 1))
 
     def __init__(self, num_classes: int = 10, head_width: int = 128):
         super().__init__()
-        layers, in_width = [Conv2dNormActivation(1, 16, kernel_size=3, activation_layer=nn.ReLU6)], 16
+        layers, in_width = [Conv2dNormActivation(1, 16, kernel_size=3, stride=2, activation_layer=nn.ReLU6)], 16
         for expand_ratio, width, stride in self.BLOCKS:
             layers.append(InvertedResidual(in_width, width, stride, expand_ratio))
             in_width = width

@@ -125,7 +125,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
 
 
 def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
-                     seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=print,
+                     seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 

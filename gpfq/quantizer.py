@@ -52,26 +52,27 @@ def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.fl
     in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so far,
     shape (G, N1, m).
     """
-    W = weight.detach().to(dtype)
-    X = analog_input.detach().to(dtype)
-    Xq = quantized_input.detach().to(dtype)
-    levels = alphabet.to(device=W.device, dtype=dtype)
-    n_groups, n_neurons, n_inputs = W.shape
-    norms2 = (Xq * Xq).sum(dim=1)  # (G, N0)
+    # Column-major copies, so that column t of W, X and X̃ is one contiguous read.
+    weight_t = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
+    analog_t = analog_input.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, m)
+    quantized_t = quantized_input.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, m)
+    levels = alphabet.to(device=weight_t.device, dtype=dtype)
+    n_groups, n_inputs, n_neurons = weight_t.shape
+    norms2 = (quantized_t * quantized_t).sum(dim=2)  # (G, N0)
     # Columns with ||X̃_t|| = 0 get argument 0: divide by 1 there, the numerator is 0 anyway.
-    safe_norms2 = torch.where(norms2 > 0, norms2, torch.ones_like(norms2))
     zero_column = norms2 <= 0
-    residual = torch.zeros(n_groups, n_neurons, X.shape[1], dtype=dtype, device=W.device)
-    Q = torch.empty_like(W)
+    safe_norms2 = torch.where(zero_column, torch.ones_like(norms2), norms2)
+    residual = torch.zeros(n_groups, n_neurons, analog_t.shape[2], dtype=dtype, device=weight_t.device)
+    quantized_weight_t = torch.empty_like(weight_t)
     for t in range(n_inputs):
-        x_t = X[:, :, t].unsqueeze(1)  # (G, 1, m)
-        xq_t = Xq[:, :, t].unsqueeze(2)  # (G, m, 1)
-        residual.addcmul_(W[:, :, t].unsqueeze(2), x_t)  # u + w_t X_t
+        xq_t = quantized_t[:, t].unsqueeze(2)  # (G, m, 1)
+        residual.addcmul_(weight_t[:, t].unsqueeze(2), analog_t[:, t].unsqueeze(1))  # u + w_t X_t
         argument = torch.bmm(residual, xq_t).squeeze(2) / safe_norms2[:, t].unsqueeze(1)  # (G, N1)
-        argument = torch.where(zero_column[:, t].unsqueeze(1), torch.zeros_like(argument), argument)
+        argument.masked_fill_(zero_column[:, t].unsqueeze(1), 0.0)
         q = round_to_alphabet(argument, levels)
-        Q[:, :, t] = q
+        quantized_weight_t[:, t] = q
         residual.sub_(q.unsqueeze(2) * xq_t.transpose(1, 2))
+    Q = quantized_weight_t.transpose(1, 2)
     return Q.to(weight.dtype)
 
 

@@ -24,9 +24,9 @@ from gpfq.models import EMBEDDED_MODELS  # noqa: E402
 from gpfq.paths import PRETRAINED_DIR  # noqa: E402
 
 
-def train(name: str, epochs: int, seed: int, batch_size: int, lr: float) -> dict:
+def train(name: str, epochs: int, seed: int, batch_size: int, lr: float, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
-    model = EMBEDDED_MODELS[name]()
+    model = EMBEDDED_MODELS[name]().to(device)
     train_set, test_set = fashion_mnist("train"), fashion_mnist("test")
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -40,20 +40,23 @@ def train(name: str, epochs: int, seed: int, batch_size: int, lr: float) -> dict
             # random horizontal flips (clothes are left-right symmetric), drawn from the seeded stream
             flip = torch.rand(images.shape[0]) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
+            images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             loss_fn(model(images), labels).backward()
             optimizer.step()
             scheduler.step()
         model.eval()
-        top1, top5 = evaluate(model, evaluation_loader(test_set), progress=False)
+        top1, top5 = evaluate(model, evaluation_loader(test_set), device=device, progress=False)
         print(f"{name} epoch {epoch + 1}: test top-1 {top1:.4f} top-5 {top5:.4f}", flush=True)
     PRETRAINED_DIR.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), PRETRAINED_DIR / f"{name}.pt")
+    torch.save(model.cpu().state_dict(), PRETRAINED_DIR / f"{name}.pt")
     record = {"model": name, "dataset": "fashion_mnist", "seed": seed, "epochs": epochs,
               "batch_size": batch_size, "max_lr": lr, "test_top1": top1, "test_top5": top5,
               "train_seconds": round(time.time() - start, 1),
               "parameters": sum(p.numel() for p in model.parameters()),
-              "command": f"python3 scripts/train_default_models.py {name} --epochs {epochs} --seed {seed}"}
+              "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+              "command": f"python3 scripts/train_default_models.py {name} --epochs {epochs} --seed {seed}"
+                         + (f" --device {device}" if device != "cpu" else "")}
     (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -65,9 +68,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     for name in args.models:
-        print(json.dumps(train(name, args.epochs, args.seed, args.batch_size, args.lr), indent=2))
+        print(json.dumps(train(name, args.epochs, args.seed, args.batch_size, args.lr, args.device), indent=2))
 
 
 if __name__ == "__main__":

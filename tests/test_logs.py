@@ -1,0 +1,56 @@
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
+from gpfq.paths import REPO_ROOT
+
+COLUMNS = LOG_COLUMNS[PLAIN_LOG]
+
+
+def _row(**values):
+    row = {c: "" for c in COLUMNS}
+    row.update(values)
+    return row
+
+
+def test_append_creates_log_and_keeps_values(tmp_path, capsys):
+    path = tmp_path / PLAIN_LOG
+    append_row(path, _row(**{"Model Name": "fashion_resnet", "Bits": 4, "Quantized Top1 Accuracy": 0.9123}), COLUMNS)
+    assert "created it with its header" in capsys.readouterr().out
+    append_row(path, _row(**{"Model Name": "m, with comma", "Bits": 3}), COLUMNS)
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == COLUMNS
+    rows = read_rows(path)
+    assert [r["Model Name"] for r in rows] == ["fashion_resnet", "m, with comma"]
+    assert rows[0]["Bits"] == "4" and float(rows[0]["Quantized Top1 Accuracy"]) == 0.9123
+
+
+def test_foreign_header_is_refused_and_untouched(tmp_path):
+    path = tmp_path / PLAIN_LOG
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ForeignLogError, match="init_logs"):
+        append_row(path, _row(), COLUMNS)
+    assert path.read_text() == "a,b,c\n1,2,3\n"
+
+
+def test_init_logs_script_never_loses_a_log(tmp_path):
+    script = REPO_ROOT / "logs" / "init_logs.py"
+    for _ in range(3):  # three runs within the same second keep every earlier log
+        subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
+        append_row(tmp_path / PLAIN_LOG, _row(**{"Seed": len(list(tmp_path.iterdir()))}), COLUMNS)
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("Quantization_Log"))
+    assert len(kept) == 3
+    seeds = sorted(read_rows(tmp_path / name)[0]["Seed"] for name in kept)
+    assert len(set(seeds)) == 3  # each log still holds the row written into it
+
+
+def test_init_log_returns_renamed_old_log(tmp_path):
+    path = tmp_path / PLAIN_LOG
+    assert init_log(path, COLUMNS) is None
+    append_row(path, _row(**{"Author": "x"}), COLUMNS)
+    old = init_log(path, COLUMNS)
+    assert read_rows(old)[0]["Author"] == "x" and read_rows(path) == []
