@@ -16,7 +16,7 @@ dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet
 weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
 method = "gpfq"                 # "gpfq" or "msq" (round to nearest, same alphabet)
 bits = [4]                      # bits per weight (the default of bits_map)
-batch_size = [1024]             # m: calibration images drawn afresh for every layer
+batch_size = [512]              # m: calibration images drawn afresh for every layer
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
 cnn_scalar = [1.3]              # C for Conv2d layers
 mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)

@@ -18,7 +18,7 @@ dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet
 weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
 method = "gpfq"                 # "gpfq" or "msq" (round to nearest, same alphabet)
 bits = [4]                      # bits per weight
-batch_size = [1024]             # m: calibration images drawn afresh for every layer
+batch_size = [512]              # m: calibration images drawn afresh for every layer
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
 cnn_scalar = [1.3]              # C for Conv2d layers
 mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
@@ -34,12 +34,12 @@ num_workers = 0                 # data-loading processes
 device = "cpu"                  # "cpu" or "cuda"
 # --- retraining
 retrain_start = [1]             # fine-tune after the k-th quantized layer and every later one (original: 11)
-retrain_samples = [4096]        # training images per fine-tuning step (None: the whole train set, as the original)
+retrain_samples = [2048]        # training images per fine-tuning step (None: the whole train set, as the original)
 retrain_batch_size = 256
 retrain_epochs = [1]            # epochs per fine-tuning step (0: in-place GPFQ without retraining)
 retrain_lr = [1e-4]             # Adam learning rate
 retrain_weight_decay = 1e-6
-retrain_batchnorm = ["frozen"]  # "frozen": eval mode, running statistics fixed; "update": train mode
+retrain_batchnorm = ["update"]  # "update": train mode, running statistics follow the batches; "frozen": eval mode
 evaluate_each_step = False      # test-set top-1 after every fine-tuning step (logged per step)
 # ------------------------------------------------------------------------------------
 

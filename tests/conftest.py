@@ -1,18 +1,33 @@
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-# The default task, made small enough for the test budget: fashion_resnet (shipped weights) on
-# Fashion-MNIST, 3 bits, m = 256 calibration images per layer.
-DEFAULT_TEST_POINT = dict(
-    model_name="fashion_resnet", dataset="fashion_mnist", weights="DEFAULT", method="gpfq", bits=3, batch_size=256,
-    mlp_scalar=1.3, cnn_scalar=1.3, mlp_percentile=1.0, cnn_percentile=1.0, alphabet="gpfq2022", include_0=True,
-    retain_rate=0.25, patch_stride="kernel", ignore_layers=[], seed=0, author="", num_workers=0, device="cpu",
-    log_dir=None, model_dir=None, data_dir=None)
+
+def script_header(folder: str) -> dict:
+    """The HEADER dict of <folder>/quantize.py."""
+    from gpfq.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(f"{folder}_script", REPO_ROOT / folder / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HEADER
+
+
+@pytest.fixture(scope="session")
+def default_runs(tmp_path_factory):
+    """The plain script's default header at 3 and 4 bits, GPFQ and round-to-nearest (same alphabet).
+
+    Returns (output folder, {(method, bits): logged row}).
+    """
+    from gpfq.experiment import main
+    out = tmp_path_factory.mktemp("default")
+    header = script_header("quantization_scripts")
+    rows = main(header, ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir", str(out / "logs"),
+                         "--model_dir", str(out / "models")])
+    return out, {(r["Method"], r["Bits"]): r for r in rows}
 
 
 @pytest.fixture(scope="session")
@@ -24,29 +39,38 @@ def default_data():
 
 
 @pytest.fixture(scope="session")
-def make_context(default_data):
-    """make_context(**overrides) -> a gpfq.experiment.Context on the default test point (no float evaluation)."""
+def plain_point():
+    """The grid point of the plain script's default header at 3 bits (GPFQ), as default_runs ran it."""
+    from gpfq.experiment import expand_grid, parse_overrides
+    return expand_grid(parse_overrides(script_header("quantization_scripts"), ["--bits", "3", "--method", "gpfq"]))[0]
+
+
+@pytest.fixture(scope="session")
+def make_context(default_data, plain_point):
+    """make_context(**overrides) -> a gpfq.experiment.Context on the 3-bit default point (no float evaluation)."""
     from gpfq.experiment import Context
     calibration, evaluation, model = default_data
 
     def make(**overrides):
-        return Context(dict(DEFAULT_TEST_POINT, **overrides), calibration, evaluation, model, 0.0, 0.0, "cpu", print)
+        return Context(dict(plain_point, **overrides), calibration, evaluation, model, 0.0, 0.0, "cpu", print)
     return make
 
 
 @pytest.fixture(scope="session")
-def plain_default(make_context, tmp_path_factory):
-    """Plain GPFQ on the default test point, saved like run_point saves it (with its JSON sidecar).
-
-    Returns dict(context, model, reports, top1, path).
-    """
-    from gpfq.evaluate import evaluate
-    from gpfq.experiment import plain_quantize, save_model
-    from gpfq.network import reports_as_dicts
+def plain_default(default_runs, make_context):
+    """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
+    from gpfq.adhoc import SAVED_KEYS, load_saved_model, saved_record
+    from gpfq.network import LayerReport
+    _, rows = default_runs
+    row = rows[("gpfq", 3)]
+    path = Path(row["Model File"])
+    if not path.is_absolute():
+        from gpfq.paths import REPO_ROOT
+        path = REPO_ROOT / path
     context = make_context()
-    torch.manual_seed(0)
-    model, reports, _ = plain_quantize(context)
-    top1, _ = evaluate(model, context.loader(), progress=False)
-    record = {"hyperparameters": dict(context.point), "layers": reports_as_dicts(reports)}
-    path = save_model(model, record, tmp_path_factory.mktemp("models"), "plain_b3")
-    return dict(context=context, model=model, reports=reports, top1=top1, path=path)
+    record = saved_record(path)
+    same = {k: context.point[k] for k in SAVED_KEYS if k in context.point}
+    assert {k: record["hyperparameters"][k] for k in same} == same  # make_context() is the point it ran
+    reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
+    model = load_saved_model(context.analog_model, path)
+    return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)

@@ -41,6 +41,7 @@ def _channel_means(output, layer):
     return output.mean(dim=dims)
 
 
+@torch.no_grad()
 def _gap_means(analog_model, quantized_model, name, images):
     """Per-channel mean of analog output − quantized output, from explicit parameters, in float64."""
     analog_layer, quantized_layer = analog_model.get_submodule(name), quantized_model.get_submodule(name)
@@ -74,10 +75,11 @@ def test_bias_correction_zeroes_mean_output_gap(plain_default, name):
     had_bias = layer.bias is not None
     before, scale = _gap_means(analog_model, quantized_model, name, images)
     # the formula, without biases (equal in both models before the correction)
-    X = capture_input(analog_model, name, images)
-    Xq = capture_input(quantized_model, name, images)
-    formula = _channel_means(_full_output(layer, X, analog_model.get_submodule(name).weight, None)
-                             - _full_output(layer, Xq, layer.weight, None), layer)
+    with torch.no_grad():
+        X = capture_input(analog_model, name, images)
+        Xq = capture_input(quantized_model, name, images)
+        formula = _channel_means(_full_output(layer, X, analog_model.get_submodule(name).weight, None)
+                                 - _full_output(layer, Xq, layer.weight, None), layer)
 
     correction = adhoc.correct_bias(analog_model, quantized_model, name, [images[:128], images[128:]])
 
@@ -129,12 +131,12 @@ def test_last_layer_left_float(make_context):
     assert extra["Average Bits"] == round((32 * 640 + 3 * (TOTAL_WEIGHTS - 640)) / TOTAL_WEIGHTS, 4)
 
 
-def test_variant2_from_saved_model_keeps_accuracy(plain_default):
+def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
     """Paper variant 2 on the saved plain model: last layer back to float, its bias corrected with X̃."""
     header = dict(plain_default["context"].point, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
                   bias_correction="last_float", bias_batch_size=1024, skip_layers=None, bits_map={})
     point = adhoc.resolve_point(header)
-    assert point["bits"] == 3 and point["batch_size"] == 256  # from the sidecar, not the header
+    assert point["bits"] == 3 and point["batch_size"] == plain_point["batch_size"] != 64  # from the sidecar
     adhoc.validate_point(point)
     context = copy.copy(plain_default["context"])
     context.point = point

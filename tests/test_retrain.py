@@ -4,28 +4,37 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gpfq import retrain
 from gpfq.alphabet import make_alphabet
 from gpfq.evaluate import evaluate
+from gpfq.experiment import expand_grid
 
-# The retraining script's header defaults (retraining_scripts/quantize.py).
-RETRAIN_DEFAULTS = dict(retrain_start=1, retrain_samples=4096, retrain_batch_size=256, retrain_epochs=1,
-                        retrain_lr=1e-4, retrain_weight_decay=1e-6, retrain_batchnorm="frozen",
-                        evaluate_each_step=False)
+# Settings every hyperparameter test starts from (valid ones).
+VALID = dict(retrain_start=1, retrain_samples=2048, retrain_batch_size=256, retrain_epochs=1, retrain_lr=1e-4,
+             retrain_weight_decay=1e-6, retrain_batchnorm="update", evaluate_each_step=False)
 
 
 @pytest.fixture(scope="module")
-def retrained(make_context):
+def retrain_defaults():
+    """The retraining hyperparameters of retraining_scripts/quantize.py's header (one grid point)."""
+    from conftest import script_header
+    points = expand_grid(script_header("retraining_scripts"), retrain.GRID_KEYS)
+    assert len(points) == 1
+    return {k: v for k, v in points[0].items() if k.startswith("retrain_") or k == "evaluate_each_step"}
+
+
+@pytest.fixture(scope="module")
+def retrained(make_context, retrain_defaults):
     """One retraining run on the default test point (3 bits, m = 256), watched at every optimizer step.
 
     A wrapper around quantize_network records each layer's weight the moment it is quantized; a global
     optimizer post-step hook then checks, after every Adam step, that every layer quantized so far still
     holds exactly that weight and that the optimizer does not hold it.
     """
-    point = dict(RETRAIN_DEFAULTS)
-    retrain.validate_point(point)
-    context = make_context(**point)
+    retrain.validate_point(retrain_defaults)
+    context = make_context(**retrain_defaults)
     quantized = {}  # name -> (layer, weight when quantized, report)
     watch = {"steps": 0, "checks": 0, "violations": []}
     real_quantize_network = retrain.quantize_network
@@ -45,7 +54,7 @@ def retrained(make_context):
             if id(layer.weight) in held or not torch.equal(layer.weight, weight):
                 watch["violations"].append((watch["steps"], name))
 
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(check)
+    handle = register_optimizer_step_post_hook(check)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(retrain, "quantize_network", recording_quantize_network)
@@ -62,9 +71,12 @@ def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     watch, quantized = retrained["watch"], retrained["quantized"]
     layers = [r.name for r in retrained["reports"]]
     assert len(layers) == 10 and list(quantized) == layers
-    # one fine-tuning step after each of the 10 quantized layers, ceil(4096 / 256) Adam steps each
-    assert watch["steps"] == 10 * math.ceil(4096 / 256)
-    assert watch["checks"] == 16 * sum(range(1, 11))  # after step s of layer k's fine-tuning: layers 1..k
+    # one fine-tuning after each of the 10 quantized layers (retrain_start = 1), ceil(n / batch) Adam steps each
+    point = retrained["context"].point
+    assert point["retrain_start"] == 1 and point["retrain_epochs"] == 1
+    per_layer = math.ceil(point["retrain_samples"] / point["retrain_batch_size"])
+    assert watch["steps"] == 10 * per_layer
+    assert watch["checks"] == per_layer * sum(range(1, 11))  # a step after layer k's quantization: layers 1..k
     assert watch["violations"] == []
     model = retrained["model"]
     for report in retrained["reports"]:
@@ -77,7 +89,7 @@ def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     # the float parts did train: a BatchNorm after the first quantized layer moved
     trained_bn = model.stem[1].weight
     assert not torch.equal(trained_bn, retrained["context"].analog_model.stem[1].weight)
-    assert retrained["extra"]["Retrain Samples"] == 4096
+    assert retrained["extra"]["Retrain Samples"] == point["retrain_samples"]
 
 
 def test_retraining_not_below_plain_gpfq_at_3_bits(retrained, plain_default):
@@ -113,4 +125,4 @@ def test_bad_retrain_hyperparameters_fail_early():
                          (dict(retrain_weight_decay=-1e-6), "weight_decay"),
                          (dict(evaluate_each_step="yes"), "evaluate_each_step")]:
         with pytest.raises(ValueError, match=message):
-            retrain.validate_point(dict(RETRAIN_DEFAULTS, **bad))
+            retrain.validate_point(dict(VALID, **bad))
