@@ -5,7 +5,7 @@ Any name can be overridden on the command line, e.g.
 `python3 quantize.py --bits 3 4 --bias_correction last last_float all`. List values expand into a
 grid (the ad hoc options too); each point appends one row to the log of every option it switches on:
 logs/Quantization_Log_Bias_Correct.csv, Quantization_Log_Skip.csv, Quantization_Log_Mixed_Precision.csv.
-Each model goes to models/<model_name>/ with a JSON sidecar.
+Each model goes to models/<model_name>/adhoc_… with a JSON sidecar.
 """
 import sys
 from pathlib import Path
@@ -55,4 +55,4 @@ if __name__ == "__main__":
     from gpfq import adhoc
     from gpfq.experiment import main
     main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
-         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point)
+         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc")

@@ -239,11 +239,12 @@ def log_names_of(point: dict, log_name) -> list:
 
 
 def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
-              log=tqdm.write) -> dict:
+              log=tqdm.write, variant: str = "") -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
     log_name: a log file name, or a function of the point giving one or several (the row goes to each).
+    variant: a name that starts the saved model's file name (e.g. 'adhoc'), so variants' models stand apart.
     """
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
@@ -254,8 +255,9 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{point['method']}_{point['alphabet']}_b{point['bits']}_m{point['batch_size']}_mlp{point['mlp_scalar']}"
-            f"_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}_b{point['bits']}"
+            f"_m{point['batch_size']}_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}"
+            f"_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
@@ -301,13 +303,14 @@ def check_writable(folder: Path) -> None:
 
 
 def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, validate_point=None,
-         grid_keys=(), resolve_point=None) -> list:
+         grid_keys=(), resolve_point=None, variant: str = "") -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows.
 
     validate_point(point) adds a variant's own checks of its hyperparameters.
     log_name: a log file name, or a function of the point giving one or several.
     grid_keys: a variant's own keys whose list values also expand into the grid.
     resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model).
+    variant: the prefix of the saved models' file names.
     """
     config = parse_overrides(header, argv)
     points = expand_grid(config, grid_keys)
@@ -328,5 +331,5 @@ def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, v
     for number, point in enumerate(points, 1):
         if len(points) > 1:
             print(f"\n### grid point {number}/{len(points)}")
-        rows.append(run_point(point, resources, log_name, quantize))
+        rows.append(run_point(point, resources, log_name, quantize, variant=variant))
     return rows

@@ -7,7 +7,7 @@ network (later layers, BatchNorm scales and shifts) is fine-tuned with Adam for 
 Edit the hyperparameters below and run `python3 quantize.py` (from this folder or the repo root).
 Any name can be overridden on the command line, e.g. `python3 quantize.py --bits 3 --retrain_samples 8192`.
 List values expand into a grid; each point appends one row to logs/Quantization_Log_Retrain.csv and saves
-its model to models/<model_name>/ with a JSON sidecar.
+its model to models/<model_name>/retrain_… with a JSON sidecar.
 """
 import sys
 from pathlib import Path
@@ -58,4 +58,4 @@ if __name__ == "__main__":
     from gpfq.experiment import main
     from gpfq.logs import RETRAIN_LOG
     main(HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
-         grid_keys=retrain.GRID_KEYS)
+         grid_keys=retrain.GRID_KEYS, variant="retrain")
