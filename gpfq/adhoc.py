@@ -31,9 +31,9 @@ from torch import nn
 
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
 from .data import CalibrationStream
-from .experiment import display_path
+from .experiment import display_path, method_options
 from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
-from .network import LayerReport, quantize_network, settings_for
+from .network import LayerReport, quantize_network
 from .paths import MODEL_DIR, REPO_ROOT
 
 BIAS_CORRECTIONS = (None, "last", "last_float", "all")
@@ -44,8 +44,10 @@ BIAS_SEED_OFFSET = 1_000_003  # the bias-correction stream is seeded with seed +
 GRID_KEYS = ("bias_correction", "bias_batch_size", "skip_layers", "bits_map")
 # How a saved model was quantized: read from its sidecar, replacing the header's values.
 SAVED_KEYS = ("model_name", "dataset", "weights", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar",
-              "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "retain_rate", "patch_stride",
-              "ignore_layers", "seed", "skip_layers", "bits_map")
+              "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "alphabet_granularity", "fold_batchnorm",
+              "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping", "gptq_act_order",
+              "retain_rate", "patch_stride", "ignore_layers", "engine", "calibration", "seed", "skip_layers",
+              "bits_map")
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -255,10 +257,10 @@ def quantize(context):
             left_float.add(len(names) - 1)
 
         def settings_of(index, name, layer):
+            """The header's settings (method, alphabet, engine, …) with this layer's bits, or None: float."""
             if index in left_float:
                 return None
-            return settings_for(layer, bits_of[name], p["method"], p["alphabet"], p["include_0"], p["mlp_scalar"],
-                                p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"])
+            return dataclasses.replace(context.settings_of(index, name, layer), bits=bits_of[name])
 
         def after_layer(step):
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
@@ -267,7 +269,8 @@ def quantize(context):
         model, reports = quantize_network(analog_model, context.stream(), settings_of, p["batch_size"],
                                           p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
                                           p.get("patch_stride", "kernel"), device, log=log,
-                                          after_layer=after_layer if mode == "all" else None)
+                                          after_layer=after_layer if mode == "all" else None,
+                                          calibration=method_options(p)["calibration"], keep_rows=False)
     if mode in ("last", "last_float"):
         correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
 

@@ -7,18 +7,23 @@ layer is the mean, over neurons (rows of the reshaped weight), of the
 import torch
 
 ALPHABET_KINDS = ("gpfq2022", "midtread", "strict")
+# One radius for the whole layer (the paper), or one per output channel (row of the weight).
+GRANULARITIES = ("layer", "channel")
 
 
-def layer_radius(weight: torch.Tensor, percentile: float) -> float:
-    """Mean over rows of quantile(|W_i|, percentile). weight: (N1, N0)."""
+def row_radii(weight: torch.Tensor, percentile: float) -> torch.Tensor:
+    """quantile(|W_i|, percentile) of every row i, float64 (N1,). weight: (N1, N0)."""
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"percentile must be in (0, 1], got {percentile}")
     absw = weight.detach().abs().reshape(weight.shape[0], -1).double()
     if percentile == 1.0:
-        per_row = absw.max(dim=1).values
-    else:
-        per_row = torch.quantile(absw, percentile, dim=1)
-    return float(per_row.mean())
+        return absw.max(dim=1).values
+    return torch.quantile(absw, percentile, dim=1)
+
+
+def layer_radius(weight: torch.Tensor, percentile: float) -> float:
+    """Mean over rows of quantile(|W_i|, percentile). weight: (N1, N0)."""
+    return float(row_radii(weight, percentile).mean())
 
 
 def make_alphabet(kind: str, bits: int, scalar: float, radius: float, include_zero: bool = True) -> torch.Tensor:
@@ -45,6 +50,17 @@ def make_alphabet(kind: str, bits: int, scalar: float, radius: float, include_ze
         upper = half if kind == "midtread" else half - 1
         levels = torch.arange(-half, upper + 1, dtype=torch.float64) * delta
     return torch.unique(levels)  # sorted; drops a duplicate 0 if linspace already held it
+
+
+def channel_alphabets(kind: str, bits: int, scalar: float, radii: torch.Tensor,
+                      include_zero: bool = True) -> torch.Tensor:
+    """One alphabet per output channel: (N1, L), row i = make_alphabet(kind, bits, scalar, radii[i]).
+
+    Every kind is linear in its radius, so the rows are the unit alphabet scaled by each radius.
+    A channel of radius 0 (all-zero weights) gets L copies of 0.
+    """
+    unit = make_alphabet(kind, bits, scalar, 1.0, include_zero)
+    return radii.double().unsqueeze(1) * unit.unsqueeze(0)
 
 
 def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ after it is computed.
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+
+from .threads import single_thread
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -92,6 +94,35 @@ def patch_indices(n_images: int, n_patches: int, retain_rate: float, generator: 
     return torch.randint(0, n_patches, (n_images, k), generator=generator)
 
 
+def patch_grid(conv: nn.Conv2d, height: int, width: int, stride: str = "kernel"):
+    """Patches per column and per row, (n_h, n_w), of an unpadded height × width input."""
+    step_h, step_w = conv.kernel_size if stride == "kernel" else conv.stride
+    pad_h, pad_w = _conv_padding(conv)
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    return ((height + 2 * pad_h - dh * (kh - 1) - 1) // step_h + 1,
+            (width + 2 * pad_w - dw * (kw - 1) - 1) // step_w + 1)
+
+
+def selected_patches(inputs: torch.Tensor, conv: nn.Conv2d, index: torch.Tensor, stride: str = "kernel"):
+    """Rows of the patches `index` (n, k) of each image: (n·k, C_in·kh·kw), as `conv_patches` orders them.
+
+    Reads the patches through a strided view of the padded input, so only the k kept patches
+    are copied (`conv_patches` unfolds all L of them first).
+    """
+    step_h, step_w = conv.kernel_size if stride == "kernel" else conv.stride
+    pad_h, pad_w = _conv_padding(conv)
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    n_h, n_w = patch_grid(conv, inputs.shape[2], inputs.shape[3], stride)
+    padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else inputs.contiguous()
+    n, channels = padded.shape[:2]
+    s_n, s_c, s_h, s_w = padded.stride()
+    # (n, n_h, n_w, C, kh, kw): patch (i, j) starts at row i·step_h, column j·step_w.
+    patches = padded.as_strided((n, n_h, n_w, channels, kh, kw),
+                                (s_n, s_h * step_h, s_w * step_w, s_c, s_h * dh, s_w * dw))
+    images = torch.arange(n, device=index.device).unsqueeze(1)
+    return patches[images, index // n_w, index % n_w].reshape(-1, channels * kh * kw)
+
+
 def layer_rows(layer: nn.Module, analog: torch.Tensor, quantized: torch.Tensor, retain_rate: float,
                generator: torch.Generator, patch_stride: str = "kernel"):
     """Turn captured layer inputs into the rows X, X̃ (rows, N0_total) the quantizer sees.
@@ -100,13 +131,13 @@ def layer_rows(layer: nn.Module, analog: torch.Tensor, quantized: torch.Tensor, 
     Linear: every leading position is a row.
     """
     if isinstance(layer, nn.Conv2d):
-        analog_patches = conv_patches(analog, layer, patch_stride)
-        quantized_patches = conv_patches(quantized, layer, patch_stride)
-        n_images, n_patches, width = analog_patches.shape
-        index = patch_indices(n_images, n_patches, retain_rate, generator)
-        index = index.unsqueeze(2).expand(-1, -1, width)
-        analog_rows = analog_patches.gather(1, index).reshape(-1, width)
-        quantized_rows = quantized_patches.gather(1, index).reshape(-1, width)
+        if patch_stride not in ("kernel", "layer"):
+            raise ValueError(f"patch stride must be 'kernel' or 'layer', got {patch_stride!r}")
+        n_h, n_w = patch_grid(layer, analog.shape[2], analog.shape[3], patch_stride)
+        index = patch_indices(analog.shape[0], n_h * n_w, retain_rate, generator).to(analog.device)
+        with single_thread():  # memory-bound copies
+            analog_rows = selected_patches(analog, layer, index, patch_stride)
+            quantized_rows = selected_patches(quantized, layer, index, patch_stride)
         return analog_rows, quantized_rows
     width = layer.in_features
     return analog.reshape(-1, width), quantized.reshape(-1, width)
@@ -130,3 +161,79 @@ def grouped(layer: nn.Module, weight: torch.Tensor, rows: torch.Tensor = None):
 def flat_weight(layer: nn.Module) -> torch.Tensor:
     """Weight as (N1_total, N0) with N0 = C_in/groups·kh·kw for convolutions."""
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+def trace_graph(model: nn.Module):
+    """The torch.fx graph of `model`'s forward pass; ValueError if fx cannot trace it."""
+    try:
+        return fx.symbolic_trace(model).graph
+    except Exception as error:  # fx raises several kinds (TraceError, TypeError, …) on dynamic control flow
+        raise ValueError(f"calibration='fixed' runs the model layer by layer through its torch.fx graph, and "
+                         f"{type(model).__name__} cannot be traced ({type(error).__name__}: {error}); "
+                         f"use calibration='fresh'") from error
+
+
+class CachedForward:
+    """One model's forward pass over fixed image chunks, run node by node up to each layer in turn.
+
+    `inputs_of(name)` advances from where the last call stopped to the layer's call and returns
+    its input for every chunk. The values later nodes still need stay cached, so visiting all
+    layers costs one forward pass (linear in depth) instead of one partial pass per layer. The
+    layer itself runs on the next advance, so a weight written in between (its quantization) is
+    what the following layers see.
+    """
+
+    def __init__(self, model: nn.Module, graph, chunks):
+        self.model = model
+        self.nodes = list(graph.nodes)
+        self.position = 0
+        order = {node: i for i, node in enumerate(self.nodes)}
+        # A value can be dropped once the last node that reads it has run.
+        self.last_reader = {node: max((order[user] for user in node.users), default=order[node])
+                            for node in self.nodes}
+        placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        self.environments = []
+        for images in chunks:
+            environment = {placeholders[0]: images}
+            for extra in placeholders[1:]:  # further forward arguments keep their defaults
+                environment[extra] = extra.args[0] if extra.args else None
+            self.environments.append(environment)
+
+    def _run(self, node, environment):
+        args = fx.node.map_arg(node.args, lambda n: environment[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: environment[n])
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            value = self.model
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return value
+        raise RuntimeError(f"unexpected fx node {node.format_node()}")
+
+    @torch.no_grad()
+    def inputs_of(self, layer_name: str) -> list:
+        """The input of `layer_name` for every chunk, after running every node before its call."""
+        stop = next((i for i in range(self.position, len(self.nodes))
+                     if self.nodes[i].op == "call_module" and self.nodes[i].target == layer_name), None)
+        if stop is None:
+            raise RuntimeError(f"layer {layer_name!r} is not called after the layers already visited")
+        for environment in self.environments:
+            for index in range(self.position, stop):
+                node = self.nodes[index]
+                if node.op in ("placeholder", "output"):
+                    continue
+                environment[node] = self._run(node, environment)
+                for read in list(node.all_input_nodes) + [node]:
+                    if self.last_reader[read] <= index and read.op != "placeholder":
+                        environment.pop(read, None)
+            # placeholders are read by the first nodes; drop them once those have run
+            for node in [n for n in environment if n.op == "placeholder" and self.last_reader[n] < stop]:
+                environment.pop(node)
+        self.position = stop
+        layer_input = self.nodes[stop].args[0]
+        return [environment[layer_input] for environment in self.environments]

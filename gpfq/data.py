@@ -179,15 +179,18 @@ class CalibrationStream:
 
     def draw(self, m: int) -> list:
         """The next m images as a list of (≤ chunk_size, …) tensors."""
-        chunks, count = [], 0
+        return list(self.chunks(m))
+
+    def chunks(self, m: int):
+        """Yield the next m images chunk by chunk, as `draw` lists them, without holding them all."""
+        count = 0
         while count < m:
             chunk = self._pending.pop(0) if self._pending else self._next_chunk()
             take = min(m - count, chunk.shape[0])
             if take < chunk.shape[0]:
                 self._pending.insert(0, chunk[take:])
-            chunks.append(chunk[:take])
             count += take
-        return chunks
+            yield chunk[:take]
 
 
 def evaluation_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:

@@ -19,17 +19,26 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .alphabet import ALPHABET_KINDS
+from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .evaluate import evaluate
+from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, append_row, check_log
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
-from .network import METHODS, quantize_network, reports_as_dicts, settings_for
+from .engine import ENGINES
+from .network import CALIBRATIONS, METHODS, quantize_network, reports_as_dicts, settings_for, zero_fraction
+from .variants import THRESHOLDINGS
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
 # Keys whose list values expand into a grid (a scalar is a one-point axis).
 GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
-             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed")
+             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
+             "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
+             "gptq_act_order", "engine", "calibration")
+# Method and procedure options a header may leave out (older headers, other variants): their defaults.
+METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sparsity_threshold": 0.0,
+                   "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False,
+                   "engine": "auto", "calibration": "fresh"}
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
@@ -103,8 +112,34 @@ def validate(point: dict) -> None:
         fail(f"method must be one of {METHODS}, got {point['method']!r}")
     if point["alphabet"] not in ALPHABET_KINDS:
         fail(f"alphabet must be one of {ALPHABET_KINDS}, got {point['alphabet']!r}")
+    options = method_options(point)
+    if options["alphabet_granularity"] not in GRANULARITIES:
+        fail(f"alphabet_granularity must be one of {GRANULARITIES}, got {options['alphabet_granularity']!r}")
+    for key in ("fold_batchnorm", "gptq_act_order"):
+        if not isinstance(options[key], bool):
+            fail(f"{key} must be True or False, got {options[key]!r}")
+    value = options["sparsity_threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        fail(f"sparsity_threshold (λ, relative to the alphabet's largest level) must be a number ≥ 0, got {value!r}")
+    if options["thresholding"] not in THRESHOLDINGS:
+        fail(f"thresholding must be one of {THRESHOLDINGS}, got {options['thresholding']!r}")
+    if point["method"] == "sparse_gpfq" and point["alphabet"] == "gpfq2022" and not point["include_0"]:
+        fail("sparse_gpfq needs the level 0 in the alphabet: set include_0 = True (or another alphabet)")
+    value = options["gptq_block_size"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(f"gptq_block_size must be an integer ≥ 1, got {value!r}")
+    value = options["gptq_damping"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        fail(f"gptq_damping must be a number ≥ 0, got {value!r}")
     if point["dataset"] not in DATASETS:
         fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
+    threads = point.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
+    if options["engine"] not in ENGINES:
+        fail(f"engine must be one of {ENGINES}, got {options['engine']!r}")
+    if options["calibration"] not in CALIBRATIONS:
+        fail(f"calibration must be one of {CALIBRATIONS}, got {options['calibration']!r}")
     if point.get("patch_stride", "kernel") not in ("kernel", "layer"):
         fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
@@ -171,7 +206,8 @@ def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
     if point["weights"] == "DEFAULT" and published_accuracy(point["model_name"]) is not None:
         return published_accuracy(point["model_name"])
-    return resources.get(("float", point["model_name"], str(point["weights"])),
+    folded = method_options(point)["fold_batchnorm"]
+    return resources.get(("float", point["model_name"], str(point["weights"]), folded),
                          lambda: evaluate(model, loader_of(), device=device, desc="float model"))
 
 
@@ -199,8 +235,36 @@ class Context:
     def settings_of(self, index, name, layer):
         """The header's settings for every layer (CNN values for Conv2d, MLP values for Linear)."""
         p = self.point
+        options = method_options(p)
         return settings_for(layer, p["bits"], p["method"], p["alphabet"], p["include_0"], p["mlp_scalar"],
-                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"])
+                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"],
+                            granularity=options["alphabet_granularity"], seed=layer_seed(p["seed"], index),
+                            threshold=options["sparsity_threshold"], thresholding=options["thresholding"],
+                            block_size=options["gptq_block_size"], damping=options["gptq_damping"],
+                            act_order=options["gptq_act_order"], engine=options["engine"])
+
+
+def method_options(point: dict) -> dict:
+    """The point's method options, defaults filled in for those its header lacks."""
+    return {key: point.get(key, default) for key, default in METHOD_DEFAULTS.items()}
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of layer `index`'s stochastic rounding: distinct per layer, fixed by the point's seed."""
+    return seed * 1_000_003 + index
+
+
+def method_description(point: dict) -> str:
+    """The options that matter for the point's method, for the log's Method Options column."""
+    options = method_options(point)
+    if point["method"] == "gptq":
+        return (f"block {options['gptq_block_size']}, damping {options['gptq_damping']}"
+                f"{', act-order' if options['gptq_act_order'] else ''}")
+    if point["method"] == "sparse_gpfq":
+        return f"{options['thresholding']} threshold {options['sparsity_threshold']}"
+    if point["method"] == "spfq":
+        return "stochastic rounding"
+    return ""
 
 
 def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
@@ -214,6 +278,12 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
                                lambda: evaluation_set(point["dataset"], data_dir))
     analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
                                  lambda: load_model(point["model_name"], point["weights"]))
+    if method_options(point)["fold_batchnorm"]:
+        def folded():
+            model, pairs = fold_batchnorm(analog_model)
+            log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
+            return model
+        analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
     if point["batch_size"] > len(calibration):
         raise ValueError(f"bad hyperparameter: batch_size {point['batch_size']} is larger than the calibration "
                          f"set ({len(calibration)} images)")
@@ -228,7 +298,8 @@ def plain_quantize(context: Context):
     p = context.point
     model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                      p.get("patch_stride", "kernel"), context.device, log=context.log)
+                                      p.get("patch_stride", "kernel"), context.device, log=context.log,
+                                      calibration=method_options(p)["calibration"])
     return model, reports, {}
 
 
@@ -249,15 +320,16 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
-    log(f"== {point['model_name']} {point['method']} {point['bits']} bits, m={point['batch_size']}, "
-        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), seed {point['seed']}")
+    log(f"== {point['model_name']} {point['method']} {method_description(point)} {point['bits']} bits, "
+        f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
+        f"{method_options(point)['alphabet_granularity']} alphabets, seed {point['seed']}")
     start = time.time()
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}_b{point['bits']}"
-            f"_m{point['batch_size']}_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}"
-            f"_{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}"
+            f"_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}"
+            f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
@@ -276,8 +348,12 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
         "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
         "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
         "Author": point.get("author", ""), "Method": point["method"], "Alphabet": point["alphabet"],
+        "Alphabet Granularity": method_options(point)["alphabet_granularity"],
+        "Method Options": method_description(point), "Fold BatchNorm": method_options(point)["fold_batchnorm"],
+        "Sparsity": round(zero_fraction(reports), 6),
         "Patch Stride": point.get("patch_stride", "kernel"),
         "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
+        "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -325,7 +401,9 @@ def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, v
     check_writable(Path(config.get("model_dir") or MODEL_DIR))
     for name in dict.fromkeys(n for point in points for n in log_names_of(point, log_name)):
         check_log(log_dir / name, LOG_COLUMNS[name])
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
+    # the small per-column products of the quantizers many times over.
+    torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
     resources = Resources()
     rows = []
     for number, point in enumerate(points, 1):

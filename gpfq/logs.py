@@ -18,8 +18,9 @@ PAPER_COLUMNS = [
 ]
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
-    "Method", "Alphabet", "Patch Stride", "Ignore Layers", "Quantization Seconds", "Model File",
-    "Package Version", "Code Revision", "Date",
+    "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
+    "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
+    "Date",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
 LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}

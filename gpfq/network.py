@@ -6,24 +6,40 @@ network whose earlier layers are already quantized (X̃), turn both into rows
 (conv patches, subsampled with the same indices), and replace the layer's weight
 by its quantization. BatchNorm, pooling and activations stay float.
 
+Calibration modes: 'fresh' (the paper) draws m new images for every layer and runs both
+networks up to that layer, so forward cost grows with depth²; 'fixed' draws one set of m
+images and runs it once through both networks, layer by layer (`capture.CachedForward`),
+so forward cost is linear in depth.
+
+Rows flow chunk by chunk. For GPFQ with the Gram form (`engine.choose_form`: the cheaper
+form, or the one whose memory does not grow with m), the chunks are summed into
+`engine.GramStatistics` and never kept, so a layer's peak memory is flat in m.
+
 Extension points used by the variants:
 - `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
   or returns None to leave the layer float (skip lists, mixed precision);
-- `LAYER_METHODS` maps a method name to its layer rule;
+- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
 """
 import copy
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .alphabet import layer_radius, make_alphabet
-from .capture import capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order
+from .alphabet import channel_alphabets, make_alphabet, row_radii
+from .capture import (CachedForward, capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order,
+                      trace_graph)
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
+from .gptq import gptq
 from .quantizer import gpfq_columns, msq, relative_error
+from .variants import sparse_gpfq, spfq
+
+CALIBRATIONS = ("fresh", "fixed")
 
 
 @dataclass
@@ -35,6 +51,14 @@ class LayerSettings:
     percentile: float = 1.0
     alphabet: str = "gpfq2022"
     include_zero: bool = True
+    granularity: str = "layer"  # one alphabet radius per "layer" or per output "channel"
+    seed: int = 0  # spfq: seeds this layer's stochastic rounding
+    threshold: float = 0.0  # sparse_gpfq: λ, relative to the alphabet's largest level
+    thresholding: str = "soft"  # sparse_gpfq: "soft" (L1) or "hard" (L0)
+    block_size: int = 128  # gptq: columns per lazy-batch block
+    damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
+    act_order: bool = False  # gptq: columns in order of decreasing H_tt
+    engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
 
 
 @dataclass
@@ -46,45 +70,88 @@ class LayerReport:
     rows: int
     bits: int
     levels: int
-    radius: float
+    radius: float  # the layer's radius; with per-channel alphabets, the mean of the channels' radii
     relative_error: float
     seconds: float
+    zero_weights: int = 0  # quantized weights equal to 0 (sparsity)
+    form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
+    streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
 
 
 @dataclass
 class LayerStep:
-    """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …)."""
+    """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
+
+    When the layer was streamed, the rows were never kept (None) and `statistics` holds their
+    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `quantize_network(keep_rows=True)` keeps rows.
+    """
     report: LayerReport
     analog_layer: nn.Module
     quantized_layer: nn.Module
     analog_model: nn.Module
     quantized_model: nn.Module
-    analog_rows: torch.Tensor  # (G, m, N0)
-    quantized_rows: torch.Tensor  # (G, m, N0)
+    analog_rows: torch.Tensor  # (G, m, N0), or None when streamed
+    quantized_rows: torch.Tensor  # (G, m, N0), or None when streamed
     weight: torch.Tensor  # (G, N1, N0), float
     quantized_weight: torch.Tensor  # (G, N1, N0)
+    statistics: GramStatistics = None
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    return gpfq_columns(weight, analog, quantized, alphabet)
+    if settings.engine == "columns":
+        return gpfq_columns(weight, analog, quantized, alphabet)
+    return gpfq_blocked(weight, analog, quantized, alphabet, form=settings.engine)
 
 
 def _msq(weight, analog, quantized, alphabet, settings):
     return msq(weight, alphabet)
 
 
+def _gpfq_from_statistics(weight, statistics, alphabet, settings):
+    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet)
+
+
+def _gptq(weight, analog, quantized, alphabet, settings):
+    return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
+
+
+def _spfq(weight, analog, quantized, alphabet, settings):
+    return spfq(weight, analog, quantized, alphabet, settings.seed)
+
+
+def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
+    return sparse_gpfq(weight, analog, quantized, alphabet, settings.threshold, settings.thresholding)
+
+
 # name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
-LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq}
+# alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
+LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq}
 METHODS = tuple(LAYER_METHODS)
+# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
+# They are streamed when `engine.choose_form` picks the Gram form for the layer.
+STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics}
 
 
 def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
-                 mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float) -> LayerSettings:
-    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones."""
+                 mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float,
+                 **options) -> LayerSettings:
+    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones.
+
+    options: the other LayerSettings fields (granularity, seed, threshold, …).
+    """
     conv = isinstance(layer, nn.Conv2d)
     return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
                          scalar=cnn_scalar if conv else mlp_scalar,
-                         percentile=cnn_percentile if conv else mlp_percentile)
+                         percentile=cnn_percentile if conv else mlp_percentile, **options)
+
+
+def fresh_inputs(analog_model, quantized_model, name, chunks, device):
+    """Yield the inputs (X, X̃) of layer `name` for each image chunk; quantized_model None: X̃ = X."""
+    for images in chunks:
+        images = images.to(device)
+        analog = capture_input(analog_model, name, images)
+        quantized = analog if quantized_model is None else capture_input(quantized_model, name, images)
+        yield analog, quantized
 
 
 def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, generator, patch_stride, device):
@@ -94,20 +161,63 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
     """
     layer = analog_model.get_submodule(name)
     analog_rows, quantized_rows = [], []
-    for images in chunks:
-        images = images.to(device)
-        analog = capture_input(analog_model, name, images)
-        quantized = analog if quantized_model is None else capture_input(quantized_model, name, images)
+    for analog, quantized in fresh_inputs(analog_model, quantized_model, name, chunks, device):
         x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
         analog_rows.append(x)
         quantized_rows.append(xq)
     return torch.cat(analog_rows), torch.cat(quantized_rows)
 
 
-def layer_alphabet(layer: nn.Module, settings: LayerSettings) -> torch.Tensor:
-    weight = flat_weight(layer)
-    radius = layer_radius(weight, settings.percentile)
-    return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
+               rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
+    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns'), else the method's name."""
+    if settings.method != "gpfq":
+        return settings.method
+    if settings.engine == "columns":
+        return "columns"
+    return choose_form(settings.engine, rows, n_inputs, n_neurons, n_groups, rows_budget)
+
+
+def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
+                 rows_budget=DEFAULT_ROWS_BUDGET):
+    """Turn a layer's input chunks into rows (m, G·N0), or into GramStatistics when it is streamed.
+
+    input_pairs: (X input, X̃ input) per chunk of the `n_images` calibration images. The form is
+    decided at the first chunk (every image gives the same number of rows). Returns
+    (analog_rows, quantized_rows, statistics, form): rows None when streamed, statistics None if not.
+    """
+    flat = flat_weight(layer)
+    weight = grouped(layer, flat)
+    n_groups, n_neurons, n_inputs = weight.shape
+    analog_parts, quantized_parts, statistics, form = [], [], None, None
+    for analog, quantized in input_pairs:
+        x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
+        if form is None:
+            rows = x.shape[0] // analog.shape[0] * n_images
+            form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
+            if form == "gram" and settings.method in STATISTICS_METHODS and not keep_rows:
+                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
+        if statistics is not None:
+            statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
+        else:
+            analog_parts.append(x)
+            quantized_parts.append(xq)
+    if statistics is not None:
+        return None, None, statistics, form
+    return torch.cat(analog_parts), torch.cat(quantized_parts), None, form
+
+
+def layer_alphabet(layer: nn.Module, settings: LayerSettings):
+    """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
+    (G, N1, L) with 'channel' (radius reported as that mean too)."""
+    radii = row_radii(flat_weight(layer), settings.percentile)
+    radius = float(radii.mean())
+    if settings.granularity == "layer":
+        return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+    if settings.granularity == "channel":
+        per_channel = channel_alphabets(settings.alphabet, settings.bits, settings.scalar, radii, settings.include_zero)
+        return grouped(layer, per_channel), radius
+    raise ValueError(f"unknown alphabet granularity {settings.granularity!r}; choose 'layer' or 'channel'")
 
 
 def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: LayerSettings):
@@ -126,13 +236,20 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
 
 def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
-                     after_layer=None, in_place: bool = False):
+                     after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
+                     rows_budget: float = DEFAULT_ROWS_BUDGET):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
-    stream: a CalibrationStream; each layer draws `batch_size` fresh images from it.
+    stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
+    from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
     settings_of(index, name, layer) -> LayerSettings, or None to leave that layer float.
     ignore_layers: indices (execution order, negative counts from the end) left float.
+    keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
+    exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
     """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    keep_rows = after_layer is not None if keep_rows is None else keep_rows
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
@@ -141,6 +258,11 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     if bad:
         raise ValueError(f"ignore_layers {bad} match no layer: the model has {len(names)} (0 … {len(names) - 1})")
     ignored = {i % len(names) for i in ignore_layers}
+    if calibration == "fixed":
+        graph = trace_graph(analog_model)  # fails here, before any work, for a model fx cannot trace
+        fixed_chunks = [images.to(device) for images in stream.draw(batch_size)]
+        analog_forward = CachedForward(analog_model, graph, fixed_chunks)
+        quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
     generator = torch.Generator().manual_seed(seed)
     reports = []
     for index, name in enumerate(tqdm(names, desc="layers")):
@@ -149,27 +271,54 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if settings is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
             continue
+        if settings.method not in LAYER_METHODS:
+            raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
         start = time.time()
-        chunks = stream.draw(batch_size)
-        analog_rows, quantized_rows = collect_rows(analog_model, None if in_place else quantized_model, name,
-                                                   chunks, retain_rate, generator, patch_stride, device)
-        weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
-            layer, analog_rows, quantized_rows, settings)
-        error = relative_error(weight, quantized_weight, analog_g, quantized_g)
+        if calibration == "fresh":
+            input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, name,
+                                       stream.chunks(batch_size), device)  # one chunk of images held at a time
+        else:
+            analog_inputs = analog_forward.inputs_of(name)
+            quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(name)
+            input_pairs = zip(analog_inputs, quantized_inputs)
+        analog_rows, quantized_rows, statistics, form = gather_layer(
+            layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows, rows_budget)
+        if statistics is not None:
+            alphabet, radius = layer_alphabet(layer, settings)
+            weight = grouped(layer, flat_weight(layer))
+            quantized_weight = STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings)
+            error = statistics.relative_error(weight, quantized_weight)
+            analog_g = quantized_g = None
+            n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
+        else:
+            layer_settings = replace(settings, engine=form) if settings.method == "gpfq" else settings
+            weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
+                layer, analog_rows, quantized_rows, layer_settings)
+            error = relative_error(weight, quantized_weight, analog_g, quantized_g)
+            n_rows, width = analog_rows.shape
         quantized_layer = quantized_model.get_submodule(name)
         with torch.no_grad():
             quantized_layer.weight.copy_(quantized_weight.reshape(layer.weight.shape))
-        report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), analog_rows.shape[0],
-                             settings.bits, alphabet.numel(), radius, error, time.time() - start)
+        zeros = int((quantized_weight == 0).sum())
+        report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
+                             alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
+                             streamed=statistics is not None)
         reports.append(report)
-        log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, "
-            f"{analog_rows.shape[1]}) {settings.method} {settings.bits} bits, {report.levels} levels: "
-            f"rel. error {error:.4f}, {report.seconds:.1f}s")
+        log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
+            f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''}: "
+            f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
         if after_layer is not None:
             after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
-                                  quantized_g, weight, quantized_weight))
+                                  quantized_g, weight, quantized_weight, statistics))
     return quantized_model, reports
 
 
 def reports_as_dicts(reports) -> list:
     return [asdict(r) for r in reports]
+
+
+def zero_fraction(reports) -> float:
+    """Fraction of the quantized layers' weights that are 0."""
+    total = sum(math.prod(r.weight_shape) for r in reports)
+    return sum(r.zero_weights for r in reports) / total if total else 0.0

@@ -55,6 +55,10 @@ def validate_point(point: dict) -> None:
         fail(f"retrain_batchnorm must be one of {BATCHNORM_MODES}, got {point.get('retrain_batchnorm')!r}")
     if not isinstance(point.get("evaluate_each_step"), bool):
         fail(f"evaluate_each_step must be True or False, got {point.get('evaluate_each_step')!r}")
+    if point.get("calibration", "fresh") != "fresh":
+        # 'fixed' caches activations as it walks the network; fine-tuning changes layers it has passed
+        fail(f"retraining needs calibration='fresh' (fine-tuning changes layers whose outputs 'fixed' has "
+             f"cached), got {point.get('calibration')!r}")
 
 
 def freeze(layer: nn.Module) -> None:
@@ -134,7 +138,7 @@ def quantize(context):
     model, reports = quantize_network(model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
                                       p.get("patch_stride", "kernel"), device, log=log, after_layer=after_layer,
-                                      in_place=True)
+                                      in_place=True, keep_rows=False)
     model.requires_grad_(False)
     extra = {
         "Retrain Start": p["retrain_start"], "Retrain Samples": samples, "Retrain Batch Size": p["retrain_batch_size"],

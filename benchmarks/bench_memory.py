@@ -1,0 +1,69 @@
+"""Memory benchmark: one layer quantized from m = 512 and m = 4096 images, streamed and not.
+
+The layer is a 3×3 convolution 64 → 64 (N0 = 576, N1 = 64) behind a float 3 → 64 stem, on
+synthetic 3×56×56 images (91 patch rows per image at retain rate 0.25, so m = 4096 gives
+373k rows: 1.7 GB of X and X̃ as rows). Each run is its own process and reports its peak RSS:
+
+- streamed: engine 'gram', rows summed into X̃ᵀX, X̃ᵀX̃ chunk by chunk (64 images) and dropped;
+- rows kept: engine 'residual', every row held (the only way before the engine).
+
+    python benchmarks/bench_memory.py
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child  # noqa: E402
+
+SIZES = (512, 4096)
+CHUNK = 64
+
+
+def child(engine, m, threads):
+    from gpfq.data import CalibrationStream
+    from gpfq.network import quantize_network, settings_for
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    stream = CalibrationStream(SyntheticImages(m, (3, 56, 56)), seed=0, chunk_size=CHUNK)
+    settings = lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
+                                                       1.0, 1.0, engine=engine)
+    before = peak_rss_mb()  # torch, the model, the first images: what every run holds anyway
+    start = time.perf_counter()
+    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
+    layer = reports[0]
+    report({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "baseline_mb": before,
+            "rows": layer.rows, "form": layer.form, "streamed": layer.streamed, "error": layer.relative_error})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--child", nargs=2, metavar=("ENGINE", "M"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child[0], int(args.child[1]), args.threads)
+    print(f"# bench_memory: Conv2d 64→64 3×3 (N0=576, N1=64), synthetic 3×56×56, chunks of {CHUNK} images, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print("| mode | m (images) | rows | peak RSS (MiB) | above start (MiB) | wall (s) | rel. error |")
+    print("|---|---|---|---|---|---|---|")
+    for engine, label in (("gram", "streamed"), ("residual", "rows kept")):
+        peaks = {}
+        for m in SIZES:
+            result = run_child(Path(__file__), [engine, m, "--threads", args.threads])
+            peaks[m] = result["peak_rss_mb"]
+            print(f"| {label} | {m} | {result['rows']} | {result['peak_rss_mb']:.0f} | "
+                  f"{result['peak_rss_mb'] - result['baseline_mb']:.0f} | {result['seconds']:.1f} | "
+                  f"{result['error']:.4f} |", flush=True)
+        print(f"| {label}: peak at m={SIZES[1]} / m={SIZES[0]} | | | {peaks[SIZES[1]] / peaks[SIZES[0]]:.2f} | | | |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Draw the paper's figures from the CSV logs.
+
+    python3 experiments/plot_logs.py                               # logs/Quantization_Log.csv -> figures/
+    python3 experiments/plot_logs.py --log a.csv b.csv --where Alphabet=gpfq2022 --m 1024
+
+For every model in the logs: <model>_top1_vs_m.png (top-1 against m, one line per bit width,
+float as a reference line; --method, --granularity choose the rows) and <model>_methods.png
+(top-1 against bits, one line per method at one m: --m, else the m with the most rows).
+--where COLUMN=VALUE keeps only matching rows (repeatable).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, select  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", nargs="+", default=[str(ROOT / "logs" / "Quantization_Log.csv")])
+    parser.add_argument("--out", default=str(ROOT / "figures"))
+    parser.add_argument("--method", default="gpfq", help="method of the top-1-against-m figure")
+    parser.add_argument("--granularity", default="layer", choices=("layer", "channel"))
+    parser.add_argument("--m", type=int, default=None, help="calibration size of the method comparison")
+    parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE")
+    args = parser.parse_args(argv)
+    frame = read_logs(args.log)
+    for condition in args.where:
+        column, _, value = condition.partition("=")
+        if column not in frame:
+            parser.error(f"--where {condition}: the logs have no column {column!r}")
+        frame = select(frame, **{column: value})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in sorted(frame["Model Name"].unique()):
+        rows = frame[frame["Model Name"] == model]
+        path = out / f"{model}_top1_vs_m.png"
+        table = plot_top1_against_m(frame, model, path, args.method, args.granularity)
+        print(f"{path}\n{table.round(4).to_string()}\n")
+        m = args.m if args.m is not None else int(rows[M].mode().max())
+        path = out / f"{model}_methods.png"
+        table = plot_top1_against_bits(frame, model, path, m)
+        print(f"{path} (m = {m})\n{table.round(4).T.to_string()}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Blocked GPFQ engine: the per-column rule of `gpfq.quantizer` at matrix-product speed.
+
+Shapes follow `gpfq.quantizer`: weight W (G, N1, N0), analog rows X (G, m, N0),
+quantized rows X̃ (G, m, N0), G = groups. For input column t and every neuron w
+(notes §1), with d_t = ||X̃_t||²,
+
+    q_t = Q_A( (Σ_{j≤t} <X̃_t, X_j> w_j − Σ_{j<t} <X̃_t, X̃_j> q_j) / d_t )     (0 if d_t = 0)
+
+which is the per-column rule with the residual u_{t-1} expanded. Columns are walked
+in blocks of B (GPTQ's "lazy batch" update): everything a block needs from earlier
+blocks arrives in one matrix product, and inside the block only the B×B coupling
+<X̃_t, X̃_j>/d_t (s ≤ j < t) is applied column by column. Two ways to get the
+contribution of earlier blocks, both exact up to floating-point order:
+
+- residual form: keep U = X Wᵀ − X̃ Qᵀ over the columns done (m × N1 per group);
+  the block needs X̃_bᵀ U. Cost ≈ 3·m·N0·N1 (+ 2·m·N0·B for the in-block Grams).
+- Gram form: from G = X̃ᵀX and H = X̃ᵀX̃ (N0 × N0, summed over calibration chunks,
+  see `GramStatistics`); the block needs G[b, ≤t] Wᵀ − H[b, <s] Qᵀ.
+  Cost ≈ 2·m·N0² (the Grams) + N1·N0²; memory independent of m.
+
+`choose_form` picks the cheaper one per layer, or the Gram form when the rows would
+not fit in memory. Rounding always goes through `round_to_alphabet`, so a 1-D alphabet
+(L,) and per-neuron alphabets (G, N1, L) both work.
+"""
+import contextlib
+import math
+
+import torch
+
+from .alphabet import round_to_alphabet
+from .threads import single_thread
+
+FORMS = ("residual", "gram")
+ENGINES = ("auto",) + FORMS + ("columns",)  # "columns": the per-column loop `gpfq_columns`
+DEFAULT_ROWS_BUDGET = 2 ** 30  # bytes of X, X̃ rows the residual form may hold before "auto" streams instead
+# A block's products use all threads only when its largest has this many multiply-adds (≈ 6 ms on one
+# core). Below that, a thread team saves little, and on a loaded machine every parallel product waits
+# for a time slice (measured: ~25 ms per product with 5 runnable processes per core).
+PARALLEL_MIN_MACS = 2 ** 28
+
+
+def block_threads(largest_product):
+    """All threads for a block whose largest product (multiply-adds) is big enough, else one."""
+    return contextlib.nullcontext() if largest_product >= PARALLEL_MIN_MACS else single_thread()
+
+
+def _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, device):
+    """The alphabet in the compute dtype, as (L,) or (G, N1, L); reject other shapes early."""
+    levels = torch.as_tensor(alphabet).to(device=device, dtype=dtype)
+    if levels.dim() == 1:
+        return levels
+    if levels.dim() == 3 and levels.shape[:2] == (n_groups, n_neurons):
+        return levels.contiguous()
+    if levels.dim() == 2 and levels.shape[0] == n_groups * n_neurons:  # one row per output channel
+        return levels.reshape(n_groups, n_neurons, -1).contiguous()
+    raise ValueError(f"alphabet of shape {tuple(levels.shape)} fits neither one alphabet (L,) nor one per "
+                     f"neuron ({n_groups}, {n_neurons}, L)")
+
+
+def _sequential_block(arguments, coupling, alphabet):
+    """Round the columns of one block in order; returns q (B, G, N1).
+
+    arguments (B, G, N1): each column's argument from everything before it except the
+    block's own earlier q's; updated in place. coupling (B, B, G, 1): coupling[j, t] =
+    <X̃_t, X̃_j>/d_t for t > j (0 elsewhere).
+    """
+    n_columns = arguments.shape[0]
+    rounded = []
+    with single_thread():
+        for t in range(n_columns):
+            q = round_to_alphabet(arguments[t], alphabet)
+            rounded.append(q)
+            if t + 1 < n_columns:
+                arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
+        return torch.stack(rounded)
+
+
+def _block_coupling(quantized_gram_block):
+    """From H_bb (G, B, B): 1/d (G, B) with 0 for empty columns, and the coupling (B, B, G, 1)."""
+    norms2 = torch.diagonal(quantized_gram_block, dim1=1, dim2=2)
+    # ||X̃_t|| = 0: the argument is 0 (its numerator is 0 too), so scale by 0 rather than 1/0.
+    inverse = torch.where(norms2 > 0, 1.0 / torch.where(norms2 > 0, norms2, torch.ones_like(norms2)),
+                          torch.zeros_like(norms2))
+    # H is symmetric: H[t, j] = H[j, t], so row j of triu(H, 1) holds <X̃_j, X̃_t> for t > j.
+    coupling = torch.triu(quantized_gram_block, diagonal=1) * inverse.unsqueeze(1)
+    return inverse, coupling.permute(1, 2, 0).unsqueeze(-1).contiguous()
+
+
+def default_block_size(form: str, n_neurons: int) -> int:
+    """Columns per block. Residual form: the in-block Grams cost 2·m·N0·B against 3·m·N0·N1,
+    so B stays near N1/2 (within 32 … 128); the Gram form has no such term."""
+    if form == "gram":
+        return 128
+    return int(min(128, max(32, 2 ** round(math.log2(max(n_neurons, 1) / 2)))))
+
+
+def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=None, dtype=torch.float32):
+    """Blocked GPFQ, residual form. weight (G, N1, N0), rows (G, m, N0), alphabet (L,) or (G, N1, L).
+
+    Returns Q (G, N1, N0) in weight's dtype. Keeps U = X Wᵀ − X̃ Qᵀ (G, m, N1) over done columns.
+    """
+    W = weight.detach().to(dtype)
+    X = analog_input.detach().to(dtype)
+    Xq = quantized_input.detach().to(dtype)
+    n_groups, n_neurons, n_inputs = W.shape
+    levels = _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, W.device)
+    block_size = block_size or default_block_size("residual", n_neurons)
+    residual = torch.zeros(n_groups, X.shape[1], n_neurons, dtype=dtype, device=W.device)
+    Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=W.device)  # Qᵀ
+    n_rows = X.shape[1]
+    for start in range(0, n_inputs, block_size):
+        stop = min(start + block_size, n_inputs)
+        width = stop - start
+        with block_threads(n_groups * n_rows * width * max(n_neurons, width)):
+            analog_block, quantized_block = X[:, :, start:stop], Xq[:, :, start:stop]  # (G, m, B) views
+            quantized_block_t = quantized_block.transpose(1, 2)  # X̃_bᵀ (G, B, m)
+            projection = torch.bmm(quantized_block_t, residual)  # X̃_bᵀ U (G, B, N1)
+            cross = torch.bmm(quantized_block_t, analog_block)  # X̃_bᵀ X_b (G, B, B)
+            gram = torch.bmm(quantized_block_t, quantized_block)  # X̃_bᵀ X̃_b (G, B, B)
+            weight_t = W[:, :, start:stop].transpose(1, 2)  # W_bᵀ (G, B, N1)
+            with single_thread():
+                inverse, coupling = _block_coupling(gram)
+                # Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
+                arguments = torch.baddbmm(projection, torch.tril(cross), weight_t)
+                arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()  # (B, G, N1)
+            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
+            # U += X_b W_bᵀ − X̃_b Q_bᵀ
+            residual.baddbmm_(analog_block, weight_t).baddbmm_(quantized_block, Qt[:, start:stop], alpha=-1.0)
+    return Qt.transpose(1, 2).to(weight.dtype)
+
+
+def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32):
+    """Blocked GPFQ, Gram form. weight (G, N1, N0); cross = X̃ᵀX and quantized_gram = X̃ᵀX̃ (G, N0, N0);
+    alphabet (L,) or (G, N1, L). Returns Q (G, N1, N0) in weight's dtype. Needs no rows.
+    """
+    W = weight.detach().to(dtype)
+    n_groups, n_neurons, n_inputs = W.shape
+    levels = _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, W.device)
+    block_size = block_size or default_block_size("gram", n_neurons)
+    lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
+    H = quantized_gram.to(dtype)
+    Wt = W.transpose(1, 2).contiguous()  # (G, N0, N1)
+    Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=W.device)
+    for start in range(0, n_inputs, block_size):
+        stop = min(start + block_size, n_inputs)
+        with block_threads(n_groups * (stop - start) * stop * n_neurons):
+            # Σ_{j≤t} G[t, j] w_j − Σ_{j<s} H[t, j] q_j for the block's rows t; the block's own q's come later.
+            arguments = torch.bmm(lower_cross[:, start:stop, :stop], Wt[:, :stop])
+            if start > 0:
+                arguments.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
+            with single_thread():
+                inverse, coupling = _block_coupling(H[:, start:stop, start:stop])
+                arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()
+            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
+    return Qt.transpose(1, 2).to(weight.dtype)
+
+
+# ---------------------------------------------------------------- streamed statistics
+class GramStatistics:
+    """Running sums over one layer's calibration rows, per group; memory independent of m.
+
+    cross (G, N0, N0) = X̃ᵀX, quantized_gram (G, N0, N0) = X̃ᵀX̃, analog_sum / quantized_sum
+    (G, N0) = column sums of X / X̃, rows = m, and, when `weight` (G, N1, N0) is given,
+    analog_output_norm2 = ||X Wᵀ||²_F, so the layer's relative error needs no rows.
+    Each chunk's products run in `dtype`; the sums are kept in `accumulate_dtype`.
+    """
+
+    def __init__(self, n_groups, n_inputs, weight=None, dtype=torch.float32, accumulate_dtype=torch.float64,
+                 device="cpu"):
+        self.dtype = dtype
+        self.weight = None if weight is None else weight.detach().to(device=device, dtype=dtype)
+        shape = (n_groups, n_inputs, n_inputs)
+        self.cross = torch.zeros(shape, dtype=accumulate_dtype, device=device)
+        self.quantized_gram = torch.zeros(shape, dtype=accumulate_dtype, device=device)
+        self.analog_sum = torch.zeros(n_groups, n_inputs, dtype=accumulate_dtype, device=device)
+        self.quantized_sum = torch.zeros(n_groups, n_inputs, dtype=accumulate_dtype, device=device)
+        self.analog_output_norm2 = torch.zeros((), dtype=accumulate_dtype, device=device)
+        self.rows = 0
+
+    def add(self, analog_rows, quantized_rows):
+        """Add one chunk of rows, each (G, c, N0)."""
+        X = analog_rows.to(self.dtype)
+        Xq = quantized_rows.to(self.dtype)
+        Xq_t = Xq.transpose(1, 2)
+        self.cross += torch.bmm(Xq_t, X)
+        self.quantized_gram += torch.bmm(Xq_t, Xq)
+        self.analog_sum += X.sum(dim=1)
+        self.quantized_sum += Xq.sum(dim=1)
+        if self.weight is not None:
+            self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow(2).sum()
+        self.rows += X.shape[1]
+        return self
+
+    def relative_error(self, weight, quantized_weight):
+        """||X Wᵀ − X̃ Qᵀ||_F / ||X Wᵀ||_F from the sums (needs `weight` at construction)."""
+        if self.weight is None:
+            raise ValueError("GramStatistics was built without the layer weight; ||X Wᵀ|| is unknown")
+        W = weight.detach().to(self.cross.dtype)
+        Q = quantized_weight.detach().to(self.cross.dtype)
+        # ||XWᵀ − X̃Qᵀ||² = ||XWᵀ||² − 2 Σ W ⊙ (Q X̃ᵀX) + Σ Q ⊙ (Q X̃ᵀX̃)
+        cross_term = (torch.bmm(Q, self.cross) * W).sum()
+        quantized_term = (torch.bmm(Q, self.quantized_gram) * Q).sum()
+        reference2 = self.analog_output_norm2
+        gap2 = (reference2 - 2 * cross_term + quantized_term).clamp_min(0)
+        return float(gap2.sqrt() / reference2.sqrt()) if reference2 > 0 else float(gap2.sqrt())
+
+
+# ---------------------------------------------------------------- choosing a form
+def predicted_cost(form, rows, n_inputs, n_neurons, n_groups=1, block_size=None):
+    """Multiply-adds of one layer in `form` (the dominant terms; the same for both alphabet kinds)."""
+    if form == "residual":
+        block_size = block_size or default_block_size("residual", n_neurons)
+        return n_groups * rows * n_inputs * (3 * n_neurons + 2 * min(block_size, n_inputs))
+    if form == "gram":
+        return n_groups * (2 * rows * n_inputs ** 2 + n_neurons * n_inputs ** 2)
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def rows_bytes(rows, n_inputs, n_groups=1, element_size=4):
+    """Memory of X and X̃ as rows (the residual form needs them all at once)."""
+    return 2 * n_groups * rows * n_inputs * element_size
+
+
+def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAULT_ROWS_BUDGET):
+    """'residual' or 'gram' for `engine` ('auto' picks the cheaper, or 'gram' when rows exceed the budget)."""
+    if engine in FORMS:
+        return engine
+    if engine != "auto":
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if rows_bytes(rows, n_inputs, n_groups) > rows_budget:
+        return "gram"
+    residual = predicted_cost("residual", rows, n_inputs, n_neurons, n_groups)
+    gram = predicted_cost("gram", rows, n_inputs, n_neurons, n_groups)
+    return "residual" if residual <= gram else "gram"
+
+
+def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", block_size=None,
+                 dtype=torch.float32):
+    """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`."""
+    n_groups, n_neurons, n_inputs = weight.shape
+    form = choose_form(form, analog_input.shape[1], n_inputs, n_neurons, n_groups, rows_budget=math.inf)
+    if form == "residual":
+        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype)
+    statistics = GramStatistics(n_groups, n_inputs, dtype=dtype, device=weight.device)
+    statistics.add(analog_input, quantized_input)
+    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype)

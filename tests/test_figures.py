@@ -1,0 +1,46 @@
+"""The figures' tables from a small hand-made log."""
+import pytest
+
+from gpfq.figures import plot_top1_against_bits, plot_top1_against_m, read_logs, top1_against_bits, top1_against_m
+from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
+
+# (method, granularity, options, bits, m, seed, top-1)
+RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0.84),
+        ("gpfq", "layer", "", 3, 256, 0, 0.88), ("gpfq", "layer", "", 4, 256, 0, 0.90),
+        ("msq", "layer", "", 3, 256, 0, 0.70), ("msq", "channel", "", 3, 256, 0, 0.75),
+        ("sparse_gpfq", "layer", "soft threshold 0.1", 4, 256, 0, 0.86)]
+
+
+@pytest.fixture
+def log(tmp_path):
+    path = tmp_path / PLAIN_LOG
+    for method, granularity, options, bits, m, seed, top1 in RUNS:
+        row = {column: "" for column in LOG_COLUMNS[PLAIN_LOG]}
+        row.update({"Model Name": "toy", "Quantization Batch Size": m, "Original Top1 Accuracy": 0.92,
+                    "Quantized Top1 Accuracy": top1, "Bits": bits, "Seed": seed, "Method": method,
+                    "Alphabet Granularity": granularity, "Method Options": options, "Fold BatchNorm": False})
+        append_row(path, row, LOG_COLUMNS[PLAIN_LOG])
+    return path
+
+
+def test_top1_against_m_averages_seeds_per_bit_width(log, tmp_path):
+    frame = read_logs([log])
+    table = top1_against_m(frame, "toy")
+    assert table.loc[64, 3] == pytest.approx(0.82)
+    assert table.loc[256, 3] == pytest.approx(0.88)
+    assert table.loc[256, 4] == pytest.approx(0.90)
+    assert list(table.index) == [64, 256]
+    plot_top1_against_m(frame, "toy", tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_method_comparison_has_one_line_per_method_setting(log, tmp_path):
+    frame = read_logs([log])
+    table = top1_against_bits(frame, "toy", 256)
+    assert sorted(table.columns) == ["GPFQ", "MSQ", "MSQ, per channel", "sparse GPFQ (soft threshold 0.1)"]
+    assert table.loc[3, "MSQ, per channel"] == pytest.approx(0.75)
+    assert table.loc[4, "sparse GPFQ (soft threshold 0.1)"] == pytest.approx(0.86)
+    plot_top1_against_bits(frame, "toy", tmp_path / "b.png", 256)
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no rows"):
+        plot_top1_against_bits(frame, "toy", tmp_path / "c.png", 512)
