@@ -77,9 +77,10 @@ def _literal(text: str):
         return text
 
 
-def expand_grid(config: dict) -> list:
-    """Every combination of the list-valued GRID_KEYS, as one flat config each."""
-    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in GRID_KEYS if k in config}
+def expand_grid(config: dict, grid_keys=()) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+    keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
+    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(config)
@@ -302,14 +303,22 @@ def plain_quantize(context: Context):
     return model, reports, {}
 
 
-def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quantize=plain_quantize,
-              log=tqdm.write) -> dict:
+def log_names_of(point: dict, log_name) -> list:
+    """The logs a point's row goes to: `log_name` itself, or log_name(point) (one name or a list)."""
+    names = log_name(point) if callable(log_name) else log_name
+    return [names] if isinstance(names, str) else list(names)
+
+
+def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
+              log=tqdm.write, variant: str = "") -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    log_name: a log file name, or a function of the point giving one or several (the row goes to each).
+    variant: a name that starts the saved model's file name (e.g. 'adhoc'), so variants' models stand apart.
     """
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
-    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
+    log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
     log(f"== {point['model_name']} {point['method']} {method_description(point)} {point['bits']} bits, "
         f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
@@ -318,8 +327,9 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{point['method']}_{point['alphabet']}_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}_mlp{point['mlp_scalar']}"
-            f"_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}"
+            f"_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}"
+            f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
@@ -349,9 +359,10 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     row.update(extra)
-    append_row(log_path, row, LOG_COLUMNS[log_name])
+    for log_path in log_paths:
+        append_row(log_path, row, LOG_COLUMNS[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {log_path}")
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
 
 
@@ -367,13 +378,20 @@ def check_writable(folder: Path) -> None:
         raise PermissionError(f"{folder} is not writable; results could not be saved there")
 
 
-def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quantize, validate_point=None) -> list:
+def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, validate_point=None,
+         grid_keys=(), resolve_point=None, variant: str = "") -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows.
 
     validate_point(point) adds a variant's own checks of its hyperparameters.
+    log_name: a log file name, or a function of the point giving one or several.
+    grid_keys: a variant's own keys whose list values also expand into the grid.
+    resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model).
+    variant: the prefix of the saved models' file names.
     """
     config = parse_overrides(header, argv)
-    points = expand_grid(config)
+    points = expand_grid(config, grid_keys)
+    if resolve_point is not None:
+        points = [resolve_point(point) for point in points]
     for point in points:  # every point checked before any work starts
         validate(point)
         if validate_point is not None:
@@ -381,7 +399,8 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     check_writable(log_dir)
     check_writable(Path(config.get("model_dir") or MODEL_DIR))
-    check_log(log_dir / log_name, LOG_COLUMNS[log_name])
+    for name in dict.fromkeys(n for point in points for n in log_names_of(point, log_name)):
+        check_log(log_dir / name, LOG_COLUMNS[name])
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
     torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
@@ -390,5 +409,5 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
     for number, point in enumerate(points, 1):
         if len(points) > 1:
             print(f"\n### grid point {number}/{len(points)}")
-        rows.append(run_point(point, resources, log_name, quantize))
+        rows.append(run_point(point, resources, log_name, quantize, variant=variant))
     return rows
