@@ -93,9 +93,10 @@ def _literal(text: str):
         return text
 
 
-def expand_grid(config: dict) -> list:
-    """Every combination of the list-valued GRID_KEYS, as one flat config each."""
-    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in GRID_KEYS if k in config}
+def expand_grid(config: dict, grid_keys=()) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+    keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
+    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(config)
@@ -405,15 +406,23 @@ def point_columns(point: dict) -> dict:
     }
 
 
-def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quantize=plain_quantize,
-              log=tqdm.write, variant_columns=None) -> dict:
+def log_names_of(point: dict, log_name) -> list:
+    """The logs a point's row goes to: `log_name` itself, or log_name(point) (one name or a list)."""
+    names = log_name(point) if callable(log_name) else log_name
+    return [names] if isinstance(names, str) else list(names)
+
+
+def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
+              log=tqdm.write, variant: str = "", variant_columns=None) -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    log_name: a log file name, or a function of the point giving one or several (the row goes to each).
+    variant: a name that starts the saved model's file name (e.g. 'adhoc'), so variants' models stand apart.
     variant_columns(point) -> the variant's own hyperparameter columns (see `main`).
     """
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
-    log_path = Path(point.get("log_dir") or LOG_DIR) / log_name
+    log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
     log(f"== {point['model_name']} {point['method']} {method_description(point)} {point['bits']} bits, "
         f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
@@ -422,8 +431,9 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{point['method']}_{point['alphabet']}_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}_mlp{point['mlp_scalar']}"
-            f"_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}"
+            f"_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}"
+            f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
@@ -445,9 +455,10 @@ def run_point(point: dict, resources: Resources, log_name: str = PLAIN_LOG, quan
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
     row.update(extra)
-    append_row(log_path, row, LOG_COLUMNS[log_name])
+    for log_path in log_paths:
+        append_row(log_path, row, LOG_COLUMNS[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {log_path}")
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
 
 
@@ -494,29 +505,40 @@ def _same_value(logged, value) -> bool:
         return False
 
 
-def pending_points(points: list, log_path: Path, columns, variant_columns=None) -> list:
-    """The points whose row is not yet in the log (a row with equal hyperparameter columns)."""
-    rows = read_rows(log_path) if check_log(log_path, columns) else []
+def pending_points(points: list, log_dir: Path, log_name=PLAIN_LOG, variant_columns=None) -> list:
+    """The points whose row is not yet in each of their logs (a row with equal hyperparameter columns)."""
+    rows_of = {}
     pending = []
     for point in points:
-        identity = point_identity(point, columns, variant_columns)
-        if not any(all(_same_value(row.get(c), v) for c, v in identity.items()) for row in rows):
-            pending.append(point)
+        for name in log_names_of(point, log_name):
+            if name not in rows_of:
+                path = Path(log_dir) / name
+                rows_of[name] = read_rows(path) if check_log(path, LOG_COLUMNS[name]) else []
+            identity = point_identity(point, LOG_COLUMNS[name], variant_columns)
+            if not any(all(_same_value(row.get(c), v) for c, v in identity.items()) for row in rows_of[name]):
+                pending.append(point)
+                break
     return pending
 
 
-def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quantize, validate_point=None,
-         validate_model=None, variant_columns=None) -> list:
+def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, validate_point=None,
+         grid_keys=(), resolve_point=None, variant: str = "", validate_model=None, variant_columns=None) -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows.
 
     validate_point(point) adds a variant's own checks of its hyperparameters (cheap, before anything loads).
+    log_name: a log file name, or a function of the point giving one or several.
+    grid_keys: a variant's own keys whose list values also expand into the grid.
+    resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model).
+    variant: the prefix of the saved models' file names.
     validate_model(point, ModelFacts) adds checks that need the model's layers or the data's size; it runs
     in `preflight`, after loading and before any point runs.
     variant_columns(point) -> {column: value}: the variant's own hyperparameter columns of its log, written
     into each row and used, with `point_columns`, to recognise a logged point (`resume`).
     """
     config = parse_overrides(header, argv)
-    points = expand_grid(config)
+    points = expand_grid(config, grid_keys)
+    if resolve_point is not None:
+        points = [resolve_point(point) for point in points]
     for point in points:  # every point checked before any work starts
         validate(point)
         if validate_point is not None:
@@ -528,12 +550,13 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
     for name in dict.fromkeys(p["model_name"] for p in points):  # models/<model_name>/, where they are saved
         if (model_dir / name).exists():
             check_writable(model_dir / name, "model_dir")
-    log_path = log_dir / log_name
-    check_log(log_path, LOG_COLUMNS[log_name])
+    log_names = list(dict.fromkeys(n for point in points for n in log_names_of(point, log_name)))
+    for name in log_names:
+        check_log(log_dir / name, LOG_COLUMNS[name])
     if config["resume"]:
         total = len(points)
-        points = pending_points(points, log_path, LOG_COLUMNS[log_name], variant_columns)
-        print(f"resume: {total - len(points)} of {total} grid points are already in {log_path}; "
+        points = pending_points(points, log_dir, log_name, variant_columns)
+        print(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
               f"running the other {len(points)}")
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
@@ -545,10 +568,11 @@ def main(header: dict, argv=None, log_name: str = PLAIN_LOG, quantize=plain_quan
         for number, point in enumerate(points, 1):
             if len(points) > 1:
                 print(f"\n### grid point {number}/{len(points)}")
-            rows.append(run_point(point, resources, log_name, quantize, variant_columns=variant_columns))
+            rows.append(run_point(point, resources, log_name, quantize, variant=variant,
+                                  variant_columns=variant_columns))
     except KeyboardInterrupt:
         print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
-              f"{log_path}, their models in {model_dir}. Run the same command with --resume to go on.",
-              file=sys.stderr)
+              f"{', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+              f"command with --resume to go on.", file=sys.stderr)
         raise SystemExit(130) from None
     return rows

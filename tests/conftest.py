@@ -1,4 +1,76 @@
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+
+def script_header(folder: str) -> dict:
+    """The HEADER dict of <folder>/quantize.py."""
+    from gpfq.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(f"{folder}_script", REPO_ROOT / folder / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HEADER
+
+
+@pytest.fixture(scope="session")
+def default_runs(tmp_path_factory):
+    """The plain script's default header at 3 and 4 bits, GPFQ and round-to-nearest (same alphabet).
+
+    Returns (output folder, {(method, bits): logged row}).
+    """
+    from gpfq.experiment import main
+    out = tmp_path_factory.mktemp("default")
+    header = script_header("quantization_scripts")
+    rows = main(header, ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir", str(out / "logs"),
+                         "--model_dir", str(out / "models")])
+    return out, {(r["Method"], r["Bits"]): r for r in rows}
+
+
+@pytest.fixture(scope="session")
+def default_data():
+    """(calibration set, evaluation set, float fashion_resnet): loaded once per test session."""
+    from gpfq.data import calibration_set, evaluation_set
+    from gpfq.models import load_model
+    return calibration_set("fashion_mnist"), evaluation_set("fashion_mnist"), load_model("fashion_resnet")
+
+
+@pytest.fixture(scope="session")
+def plain_point():
+    """The grid point of the plain script's default header at 3 bits (GPFQ), as default_runs ran it."""
+    from gpfq.experiment import expand_grid, parse_overrides
+    return expand_grid(parse_overrides(script_header("quantization_scripts"), ["--bits", "3", "--method", "gpfq"]))[0]
+
+
+@pytest.fixture(scope="session")
+def make_context(default_data, plain_point):
+    """make_context(**overrides) -> a gpfq.experiment.Context on the 3-bit default point (no float evaluation)."""
+    from gpfq.experiment import Context
+    calibration, evaluation, model = default_data
+
+    def make(**overrides):
+        return Context(dict(plain_point, **overrides), calibration, evaluation, model, 0.0, 0.0, "cpu", print)
+    return make
+
+
+@pytest.fixture(scope="session")
+def plain_default(default_runs, make_context):
+    """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
+    from gpfq.adhoc import SAVED_KEYS, load_saved_model, saved_record
+    from gpfq.network import LayerReport
+    _, rows = default_runs
+    row = rows[("gpfq", 3)]
+    path = Path(row["Model File"])
+    if not path.is_absolute():
+        from gpfq.paths import REPO_ROOT
+        path = REPO_ROOT / path
+    context = make_context()
+    record = saved_record(path)
+    same = {k: context.point[k] for k in SAVED_KEYS if k in context.point}
+    assert {k: record["hyperparameters"][k] for k in same} == same  # make_context() is the point it ran
+    reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
+    model = load_saved_model(context.analog_model, path)
+    return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)

@@ -1,32 +1,14 @@
 """The embedded default (fashion_resnet on the real Fashion-MNIST test set), end to end."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from torch import nn
 
-from gpfq.experiment import main
 from gpfq.logs import read_rows
 from gpfq.models import load_model
-from gpfq.paths import REPO_ROOT
 
-
-def script_header(folder: str) -> dict:
-    spec = importlib.util.spec_from_file_location(f"{folder}_script", REPO_ROOT / folder / "quantize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.HEADER
-
-
-@pytest.fixture(scope="session")
-def default_runs(tmp_path_factory):
-    """The plain script's default header at 3 and 4 bits, GPFQ and round-to-nearest (same alphabet)."""
-    out = tmp_path_factory.mktemp("default")
-    header = script_header("quantization_scripts")
-    rows = main(header, ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir", str(out / "logs"),
-                         "--model_dir", str(out / "models")])
-    return out, {(r["Method"], r["Bits"]): r for r in rows}
+from conftest import script_header  # noqa: E402  (default_runs, the session fixture, is there too)
 
 
 def test_four_bit_gpfq_within_1_5_points_of_float(default_runs):

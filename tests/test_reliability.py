@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -23,12 +24,13 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import gpfq
-from gpfq import experiment
+from gpfq import adhoc, experiment, retrain
 from gpfq.alphabet import ALPHABET_KINDS, make_alphabet
 from gpfq.capture import NonFiniteError
 from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, calibration_set
-from gpfq.experiment import main, parse_overrides, pending_points, point_columns
-from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
+from gpfq.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
+from gpfq.logs import (BIAS_LOG, LOG_COLUMNS, MIXED_LOG, PLAIN_LOG, RESULT_COLUMNS, RETRAIN_LOG, SKIP_LOG,
+                       ForeignLogError, append_row, read_rows)
 from gpfq.models import WeightsUnavailableError, load_model
 from gpfq.engine import ENGINES
 from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
@@ -254,6 +256,42 @@ def test_variant_model_checks_see_layers_and_sizes_before_work(tmp_path, no_work
     assert (calibration_size, evaluation_size) == (60000, 10000)
 
 
+def _run_script(folder: str, argv: list, monkeypatch):
+    """Run a variant's script as `python3 <folder>/quantize.py <argv>` would."""
+    monkeypatch.setattr(sys, "argv", ["quantize.py"] + argv)
+    runpy.run_path(str(REPO_ROOT / folder / "quantize.py"), run_name="__main__")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits_map", "{'stages.9.*': 4, 0: 8}"], "bits_map entries ['stages.9.*'] match no layer; the layers are 0: stem.0"),
+    (["--bits_map", "{12: 8}"], "bits_map entries [12] match no layer"),
+    (["--bias_batch_size", "70000"], "bias_batch_size 70000 is larger than the calibration set (60000 images)"),
+])
+def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, argv, message):
+    with pytest.raises(ValueError) as error:
+        _run_script("adhoc_quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
+    assert message in str(error.value)
+
+
+def _first_point(folder: str) -> dict:
+    spec = importlib.util.spec_from_file_location(f"{folder}_header", REPO_ROOT / folder / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return expand_grid(module.HEADER, adhoc.GRID_KEYS + retrain.GRID_KEYS)[0]
+
+
+@pytest.mark.parametrize("log_name,folder,variant", [
+    (PLAIN_LOG, "quantization_scripts", None), (BIAS_LOG, "adhoc_quantization_scripts", adhoc),
+    (SKIP_LOG, "adhoc_quantization_scripts", adhoc), (MIXED_LOG, "adhoc_quantization_scripts", adhoc),
+    (RETRAIN_LOG, "retraining_scripts", retrain)])
+def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder, variant):
+    """`resume` can tell every variant's points apart: each column is filled from the point or is a result."""
+    columns = LOG_COLUMNS[log_name]
+    identity = point_identity(_first_point(folder), columns, variant and variant.variant_columns)
+    assert set(identity) == set(columns) - RESULT_COLUMNS
+    assert {"Bits", "Seed", "Method"} <= set(identity) and not {"Quantized Top1 Accuracy", "Date"} & set(identity)
+
+
 # ---------------------------------------------------------------- corrupt images
 WNIDS = ["n01440764", "n01443537"]
 
@@ -446,27 +484,29 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
     assert main(HEADER, argv + ["--resume", "True"]) == []
 
 
-def test_resume_identity_is_the_hyperparameter_columns(tmp_path):
+def test_resume_identity_is_the_hyperparameter_columns(tmp_path, monkeypatch):
     point = dict(HEADER, bits=4, batch_size=512, mlp_scalar=1.3, cnn_scalar=1.3, mlp_percentile=1.0,
                  cnn_percentile=1.0)
-    log = tmp_path / PLAIN_LOG
-    row = {c: "0.5" for c in RESULT_COLUMNS}
+    row = {c: "0.5" for c in RESULT_COLUMNS if c in COLUMNS}
     row.update(point_columns(point))
     row["MLP_Alphabet_Scalar"] = "1.30"  # as another tool might write it: still the same number
-    append_row(log, row, COLUMNS)
+    append_row(tmp_path / PLAIN_LOG, row, COLUMNS)
     others = [dict(point, seed=1), dict(point, ignore_layers=[0]), dict(point, include_0=False),
-              dict(point, method="msq"), dict(point, bits=3)]
-    assert pending_points([point] + others, log, COLUMNS) == others
-    assert pending_points([dict(point, author="someone else")], log, COLUMNS) == []  # Author is not identity
+              dict(point, method="msq"), dict(point, bits=3), dict(point, engine="gram")]
+    assert pending_points([point] + others, tmp_path) == others
+    assert pending_points([dict(point, author="someone else")], tmp_path) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
-    variant_log = tmp_path / "variant.csv"
-    append_row(variant_log, dict(row, **{"Warmup Steps": 100}), COLUMNS + ["Warmup Steps"])
+    monkeypatch.setitem(LOG_COLUMNS, "Variant_Log.csv", COLUMNS + ["Warmup Steps"])
+    append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), LOG_COLUMNS["Variant_Log.csv"])
     with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
-        pending_points([point], variant_log, COLUMNS + ["Warmup Steps"])
+        pending_points([point], tmp_path, "Variant_Log.csv")
     warmup = lambda p: {"Warmup Steps": p.get("warmup_steps", 100)}  # noqa: E731
-    assert pending_points([point, dict(point, warmup_steps=50)], variant_log, COLUMNS + ["Warmup Steps"],
+    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, "Variant_Log.csv",
                           warmup) == [dict(point, warmup_steps=50)]
-    assert pending_points([dict(point, engine="gram")], log, COLUMNS) == [dict(point, engine="gram")]
+    # a point whose row goes to two logs is done only when both have it
+    both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p["seed"] == 0 else [PLAIN_LOG]  # noqa: E731
+    assert pending_points([point], tmp_path, both, warmup) == []
+    assert pending_points([dict(point, warmup_steps=50)], tmp_path, both, warmup) == [dict(point, warmup_steps=50)]
     # parse_overrides: `--resume` alone means True, on any header
     assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
     assert parse_overrides({"bits": 4}, [])["resume"] is False

@@ -1,0 +1,77 @@
+"""GPFQ with the paper's ad hoc improvements: bias correction, layers left float, mixed precision.
+
+Edit the hyperparameters below and run `python3 quantize.py` (from this folder or the repo root).
+Any name can be overridden on the command line, e.g.
+`python3 quantize.py --bits 3 4 --bias_correction last last_float all`. List values expand into a
+grid (the ad hoc options too); each point appends one row to the log of every option it switches on:
+logs/Quantization_Log_Bias_Correct.csv, Quantization_Log_Skip.csv, Quantization_Log_Mixed_Precision.csv.
+Each model goes to models/<model_name>/adhoc_… with a JSON sidecar.
+"""
+import sys
+from pathlib import Path
+
+# ------------------------------------------------------------------ hyperparameters
+model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
+dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
+weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
+method = "gpfq"                 # "gpfq", "msq" (round to nearest), "gptq" (GPTQ/OPTQ), "spfq" (stochastic GPFQ),
+                                # "sparse_gpfq" (thresholded GPFQ); a list compares methods on the same alphabets
+bits = [4]                      # bits per weight
+batch_size = [512]              # m: calibration images drawn afresh for every layer
+mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
+cnn_scalar = [1.3]              # C for Conv2d layers
+mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
+cnn_percentile = [1.0]
+alphabet = "gpfq2022"           # "gpfq2022" (paper: 2^b + 1 levels), "midtread", "strict" (2^b levels)
+include_0 = True                # gpfq2022 alphabet: append the level 0
+alphabet_granularity = "layer"  # "layer" (paper: one radius per layer) or "channel" (one per output channel)
+fold_batchnorm = False          # fold BatchNorm into the preceding Conv2d/Linear before quantizing
+sparsity_threshold = 0.0        # sparse_gpfq: λ as a fraction of the alphabet's largest level
+thresholding = "soft"           # sparse_gpfq: "soft" (L1) or "hard" (L0) thresholding of the argument
+gptq_block_size = 128           # gptq: columns per lazy-batch block
+gptq_damping = 0.01             # gptq: H += damping * mean(diag H) * I
+gptq_act_order = False          # gptq: quantize columns in order of decreasing H_tt
+retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
+patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
+ignore_layers = []              # layer indices (execution order) left float
+engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per layer), "residual", "gram"
+                                #   (streamed: memory flat in m), or "columns" (the per-column loop)
+calibration = "fresh"           # "fresh" (paper: m new images per layer) or "fixed" (one set of m images,
+                                #   run once through both networks: forward cost linear in depth)
+seed = 0
+author = ""
+num_workers = 0                 # data-loading processes
+num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
+device = "cpu"                  # "cpu" or "cuda"
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
+# --- ad hoc options (at least one on)
+bias_correction = "last_float"  # None; "last": correct the quantized last layer's bias (paper variant 1);
+                                # "last_float": last layer keeps float weights, bias corrected with X̃ (variant 2);
+                                # "all": every quantized layer, right after it is quantized
+bias_batch_size = 1024          # images per bias correction, from their own seeded stream
+skip_layers = None              # None, "first", "last" or "both": left float
+bits_map = {}                   # bits per layer: {index or name pattern: bits}, e.g. {0: 8, -1: 8}; the last
+                                # matching entry wins, `bits` is the default
+saved_model = None              # a quantized model in models/ (its .pt; the .json sidecar gives how it was
+                                # quantized): only bias_correction is applied to it
+# ------------------------------------------------------------------------------------
+
+HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
+              batch_size=batch_size, mlp_scalar=mlp_scalar, cnn_scalar=cnn_scalar, mlp_percentile=mlp_percentile,
+              cnn_percentile=cnn_percentile, alphabet=alphabet, include_0=include_0,
+              alphabet_granularity=alphabet_granularity, fold_batchnorm=fold_batchnorm,
+              sparsity_threshold=sparsity_threshold, thresholding=thresholding, gptq_block_size=gptq_block_size,
+              gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, retain_rate=retain_rate,
+              patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
+              seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
+              bias_correction=bias_correction,
+              bias_batch_size=bias_batch_size, skip_layers=skip_layers, bits_map=bits_map, saved_model=saved_model,
+              resume=resume, log_dir=None, model_dir=None, data_dir=None)
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gpfq import adhoc
+    from gpfq.experiment import main
+    main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
+         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc",
+         validate_model=adhoc.validate_model, variant_columns=adhoc.variant_columns)

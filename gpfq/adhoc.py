@@ -1,0 +1,302 @@
+"""Ad hoc improvements over plain GPFQ (notes §4): bias correction, float layers, mixed precision.
+
+All three are built on `network.quantize_network`:
+- layers left float (`skip_layers`) and bits per layer (`bits_map`) go through its `settings_of` hook;
+- bias correction of every quantized layer goes through its `after_layer` hook, so later layers are
+  quantized with the corrected network's inputs X̃.
+
+Bias correction (per output channel c):  b'_c = b_c + mean(analog_layer(X) − quantized_layer(X̃))_c,
+i.e. b + mean of (X Wᵀ − X̃ Qᵀ) over images and, for a convolution, over every output position. It is
+computed on the layers' full outputs (their own stride and padding), not on the quantizer's
+subsampled kernel-stride patches: the next layer sees the full output, and the patches are neither
+every position nor the layer's positions. The images come from a separate seeded stream
+(`bias_stream`): the quantizer then sees exactly the images plain GPFQ sees with the same seed, the
+correction is measured on images Q was not fitted to, and its batch size is free of m.
+
+Modes: 'last' (the last layer stays quantized, its bias is corrected: paper variant 1), 'last_float'
+(the last layer keeps its float weights and its bias is corrected with X̃: variant 2), 'all' (every
+quantized layer right after it is quantized). A layer without a bias gets one (zeros) first.
+
+Works on a fresh quantization or on a saved model (`saved_model`: a .pt in models/ whose JSON sidecar
+gives the hyperparameters it was quantized with); the saved path can only correct biases.
+"""
+import copy
+import dataclasses
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
+from .data import CalibrationStream
+from .experiment import display_path, method_options
+from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
+from .network import LayerReport, quantize_network
+from .paths import MODEL_DIR, REPO_ROOT
+
+BIAS_CORRECTIONS = (None, "last", "last_float", "all")
+SKIP_CHOICES = (None, "first", "last", "both")
+FLOAT_BITS = 32  # what a float weight costs in the average bits per weight
+BIAS_SEED_OFFSET = 1_000_003  # the bias-correction stream is seeded with seed + this
+# Keys of the ad hoc header that expand into the grid (beside the plain ones).
+GRID_KEYS = ("bias_correction", "bias_batch_size", "skip_layers", "bits_map")
+# How a saved model was quantized: read from its sidecar, replacing the header's values.
+SAVED_KEYS = ("model_name", "dataset", "weights", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar",
+              "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "alphabet_granularity", "fold_batchnorm",
+              "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping", "gptq_act_order",
+              "retain_rate", "patch_stride", "ignore_layers", "engine", "calibration", "seed", "skip_layers",
+              "bits_map")
+
+
+# ---------------------------------------------------------------- hyperparameters
+def log_names(point: dict) -> list:
+    """The log of every option the point switches on."""
+    names = []
+    if point.get("bias_correction"):
+        names.append(BIAS_LOG)
+    if point.get("skip_layers"):
+        names.append(SKIP_LOG)
+    if point.get("bits_map"):
+        names.append(MIXED_LOG)
+    return names
+
+
+def validate_point(point: dict) -> None:
+    """The ad hoc hyperparameters' checks (cheap; layer-name matching happens before quantization)."""
+    def fail(message):
+        raise ValueError(f"bad hyperparameter: {message}")
+
+    if point.get("bias_correction") not in BIAS_CORRECTIONS:
+        fail(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {point.get('bias_correction')!r}")
+    size = point.get("bias_batch_size")
+    if point.get("bias_correction") and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        fail(f"bias_batch_size must be an integer ≥ 1, got {size!r}")
+    if point.get("skip_layers") not in SKIP_CHOICES:
+        fail(f"skip_layers must be one of {SKIP_CHOICES}, got {point.get('skip_layers')!r}")
+    bits_map = point.get("bits_map") or {}
+    if not isinstance(bits_map, dict):
+        fail(f"bits_map must be a dict {{layer index or name pattern: bits}}, got {bits_map!r}")
+    for key, bits in bits_map.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            fail(f"bits_map keys are layer indices (int) or name patterns (str), got {key!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            fail(f"bits_map[{key!r}] must be a positive integer, got {bits!r}")
+    if not log_names(point):
+        fail("no ad hoc option is on (bias_correction, skip_layers, bits_map): that is plain GPFQ, "
+             "run quantization_scripts/quantize.py")
+
+
+def saved_model_path(saved) -> Path:
+    """The .pt of a saved model given as a path (absolute, from here, from the repo root or from models/)."""
+    given = Path(saved)
+    if given.suffix == ".json":
+        given = given.with_suffix(".pt")
+    for candidate in (given, REPO_ROOT / given, MODEL_DIR / given):
+        if candidate.exists():
+            if not candidate.with_suffix(".json").exists():
+                raise ValueError(f"bad hyperparameter: saved_model {candidate} has no JSON sidecar "
+                                 f"{candidate.with_suffix('.json').name}; it was not written by this project")
+            return candidate.resolve()
+    raise ValueError(f"bad hyperparameter: saved_model {saved!r} not found (looked here, in {REPO_ROOT} and "
+                     f"in {MODEL_DIR})")
+
+
+def saved_record(path: Path) -> dict:
+    return json.loads(Path(path).with_suffix(".json").read_text())
+
+
+def resolve_point(point: dict) -> dict:
+    """With `saved_model` set, take the quantization hyperparameters from the model's sidecar."""
+    if not point.get("saved_model"):
+        return point
+    if point.get("skip_layers") or point.get("bits_map"):
+        raise ValueError("bad hyperparameter: skip_layers and bits_map choose how layers are quantized; a saved "
+                         "model is already quantized, so with saved_model only bias_correction applies")
+    path = saved_model_path(point["saved_model"])
+    hyperparameters = saved_record(path).get("hyperparameters")
+    if not isinstance(hyperparameters, dict):
+        raise ValueError(f"bad hyperparameter: {path.with_suffix('.json')} has no 'hyperparameters' record")
+    resolved = dict(point, saved_model=str(path), skip_layers=None, bits_map={})
+    resolved.update({key: hyperparameters[key] for key in SAVED_KEYS if key in hyperparameters})
+    return resolved
+
+
+# ---------------------------------------------------------------- float layers and bits per layer
+def skipped_indices(skip_layers, n_layers: int) -> set:
+    """Indices (execution order) that `skip_layers` leaves float."""
+    return {"first": {0}, "last": {n_layers - 1}, "both": {0, n_layers - 1}}.get(skip_layers, set())
+
+
+def bits_per_layer(names: list, bits_map: dict, default_bits: int) -> dict:
+    """name -> bits. A bits_map key is a layer index (execution order, negative from the end) or an
+    fnmatch pattern on the layer name; the last entry that matches a layer wins, else `default_bits`.
+    An entry that matches no layer is an error (a typo would otherwise silently do nothing)."""
+    chosen, unmatched = {}, []
+    for key, bits in (bits_map or {}).items():
+        if isinstance(key, int):
+            matched = [names[key]] if -len(names) <= key < len(names) else []
+        else:
+            matched = [name for name in names if fnmatch.fnmatchcase(name, key)]
+        if not matched:
+            unmatched.append(key)
+        chosen.update({name: bits for name in matched})
+    if unmatched:
+        raise ValueError(f"bad hyperparameter: bits_map entries {unmatched} match no layer; the layers are "
+                         f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+    return {name: chosen.get(name, default_bits) for name in names}
+
+
+def average_bits(model: nn.Module, names: list, reports) -> float:
+    """Bits per weight over the weight tensors of every Conv2d/Linear layer; a float layer costs 32."""
+    bits = {report.name: report.bits for report in reports}
+    sizes = {name: model.get_submodule(name).weight.numel() for name in names}
+    return sum(sizes[n] * bits.get(n, FLOAT_BITS) for n in names) / sum(sizes.values())
+
+
+# ---------------------------------------------------------------- bias correction
+def bias_stream(context) -> CalibrationStream:
+    """The seeded stream bias-correction batches are drawn from, apart from the quantizer's."""
+    p = context.point
+    return CalibrationStream(context.calibration, p["seed"] + BIAS_SEED_OFFSET,
+                             chunk_size=p.get("chunk_size", 256), num_workers=p.get("num_workers", 0))
+
+
+def _channel_sums(output: torch.Tensor, layer: nn.Module):
+    """Per output channel sum over images (and positions) of a layer output, and the count per channel."""
+    channel_dim = 1 if isinstance(layer, nn.Conv2d) else output.dim() - 1
+    per_channel = output.movedim(channel_dim, 0).reshape(output.shape[channel_dim], -1)
+    return per_channel.double().sum(dim=1), per_channel.shape[1]
+
+
+@torch.no_grad()
+def output_gap_mean(analog_model, quantized_model, name: str, chunks, device="cpu") -> torch.Tensor:
+    """(C_out,) float64: mean over images and output positions of analog_layer(X) − quantized_layer(X̃).
+
+    X, X̃: the inputs the layer receives in the float and in the quantized network, on the same images.
+    """
+    analog_layer = analog_model.get_submodule(name)
+    quantized_layer = quantized_model.get_submodule(name)
+    total, count = 0.0, 0
+    for images in chunks:
+        images = images.to(device)
+        analog = capture_input(analog_model, name, images)
+        quantized = capture_input(quantized_model, name, images)
+        sums, n = _channel_sums(analog_layer(analog) - quantized_layer(quantized), analog_layer)
+        total, count = total + sums, count + n
+    return total / count
+
+
+@torch.no_grad()
+def correct_bias(analog_model, quantized_model, name: str, chunks, device="cpu", log=print) -> torch.Tensor:
+    """Add the mean output gap to the bias of `name` in `quantized_model` (giving it a zero bias first if it
+    has none), so the gap has mean zero per output channel on `chunks`. Returns the correction (C_out,)."""
+    gap = output_gap_mean(analog_model, quantized_model, name, chunks, device)
+    layer = quantized_model.get_submodule(name)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                              device=layer.weight.device), requires_grad=layer.weight.requires_grad)
+    layer.bias.add_(gap.to(layer.bias.dtype))
+    log(f"    bias correction {name}: mean |Δb| {float(gap.abs().mean()):.4g}, max |Δb| {float(gap.abs().max()):.4g}")
+    return gap
+
+
+# ---------------------------------------------------------------- saved models
+def load_saved_model(architecture: nn.Module, path) -> nn.Module:
+    """A copy of `architecture` with the state dict saved at `path`. Layers that gained a bias through
+    bias correction get a (zero) bias first, so the saved state fits."""
+    model = copy.deepcopy(architecture)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key.endswith(".bias") and key not in own:
+            module = model.get_submodule(key[: -len(".bias")])
+            if isinstance(module, QUANTIZABLE) and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros_like(value))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _report_from_dict(record: dict) -> LayerReport:
+    fields = {f.name for f in dataclasses.fields(LayerReport)}
+    values = {k: v for k, v in record.items() if k in fields}
+    values["weight_shape"] = tuple(values["weight_shape"])
+    return LayerReport(**values)
+
+
+# ---------------------------------------------------------------- the variant
+def quantize(context):
+    """Quantize (or load) a model with the ad hoc options of `context.point`.
+
+    Returns (model, [LayerReport] of the quantized layers, extra log columns).
+    """
+    p, log, device = context.point, context.log, context.device
+    analog_model = context.analog_model.eval().to(device)
+    example = context.calibration[0][0].unsqueeze(0).to(device)
+    names = layers_in_execution_order(analog_model, example)
+    mode = p.get("bias_correction")
+    corrections = bias_stream(context)
+    last = names[-1]
+
+    if p.get("saved_model"):
+        model = load_saved_model(analog_model, p["saved_model"]).to(device)
+        reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
+        log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
+        if mode == "last_float":
+            with torch.no_grad():  # restore the last layer to the float model's weights and bias
+                model.get_submodule(last).load_state_dict(analog_model.get_submodule(last).state_dict())
+            reports = [r for r in reports if r.name != last]
+        if mode == "all":
+            for report in reports:  # execution order: each with X̃ from the already corrected layers
+                correct_bias(analog_model, model, report.name, corrections.draw(p["bias_batch_size"]), device, log)
+    else:
+        bits_of = bits_per_layer(names, p.get("bits_map") or {}, p["bits"])
+        left_float = skipped_indices(p.get("skip_layers"), len(names))
+        if mode == "last_float":
+            left_float.add(len(names) - 1)
+
+        def settings_of(index, name, layer):
+            """The header's settings (method, alphabet, engine, …) with this layer's bits, or None: float."""
+            if index in left_float:
+                return None
+            return dataclasses.replace(context.settings_of(index, name, layer), bits=bits_of[name])
+
+        def after_layer(step):
+            correct_bias(step.analog_model, step.quantized_model, step.report.name,
+                         corrections.draw(p["bias_batch_size"]), device, log)
+
+        model, reports = quantize_network(analog_model, context.stream(), settings_of, p["batch_size"],
+                                          p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
+                                          p.get("patch_stride", "kernel"), device, log=log,
+                                          after_layer=after_layer if mode == "all" else None,
+                                          calibration=method_options(p)["calibration"], keep_rows=False)
+    if mode in ("last", "last_float"):
+        correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
+
+    bits = average_bits(model, names, reports)
+    log(f"average bits per weight: {bits:.4f} ({len(reports)} of {len(names)} layers quantized)")
+    return model, reports, dict(variant_columns(p), **{"Average Bits": round(bits, 4)})
+
+
+def variant_columns(point: dict) -> dict:
+    """The ad hoc hyperparameter columns of a point's row (with the plain ones, they identify it for `resume`)."""
+    mode = point.get("bias_correction")
+    return {
+        "Bias Correction": mode or "", "Bias Correction Batch Size": point["bias_batch_size"] if mode else "",
+        "Skip Layers": point.get("skip_layers") or "", "Bits Map": format_bits_map(point.get("bits_map")),
+        "Source Model": display_path(point["saved_model"]) if point.get("saved_model") else "",
+    }
+
+
+def validate_model(point: dict, facts) -> None:
+    """Checks that need the model's layers and the data's size, run before any point starts."""
+    bits_per_layer(facts.layer_names, point.get("bits_map") or {}, point["bits"])  # every entry matches a layer
+    if point.get("bias_correction") and point["bias_batch_size"] > facts.calibration_size:
+        raise ValueError(f"bad hyperparameter: bias_batch_size {point['bias_batch_size']} is larger than the "
+                         f"calibration set ({facts.calibration_size} images)")
+
+
+def format_bits_map(bits_map) -> str:
+    """A bits map as the log shows it: 'key=bits' pairs, e.g. '0=8 -1=8' or 'stages.2.*=4'."""
+    return " ".join(f"{key}={bits}" for key, bits in (bits_map or {}).items())

@@ -1,0 +1,213 @@
+"""Ad hoc variant: bias correction, layers left float, mixed precision (issue 3)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpfq import adhoc
+from gpfq.alphabet import make_alphabet
+from gpfq.capture import capture_input
+from gpfq.evaluate import evaluate
+from gpfq.experiment import expand_grid, log_names_of, parse_overrides
+from gpfq.logs import BIAS_LOG, LOG_COLUMNS, MIXED_LOG, RETRAIN_LOG, SKIP_LOG, read_rows
+
+# fashion_resnet's weight tensors, counted by hand from its architecture (C_out · C_in · kh · kw):
+# a 3×3 stem 1→16, BasicBlocks 16→16, 16→32 (with a 1×1 downsample), 32→64 (with one), a 64→10 Linear.
+WEIGHTS_PER_LAYER = {
+    "stem.0": 16 * 1 * 9, "stages.0.conv1": 16 * 16 * 9, "stages.0.conv2": 16 * 16 * 9,
+    "stages.1.conv1": 32 * 16 * 9, "stages.1.conv2": 32 * 32 * 9, "stages.1.downsample.0": 32 * 16,
+    "stages.2.conv1": 64 * 32 * 9, "stages.2.conv2": 64 * 64 * 9, "stages.2.downsample.0": 64 * 32,
+    "fc": 10 * 64,
+}
+TOTAL_WEIGHTS = 77072  # the sum of the above
+
+
+def _hand_average_bits(bits_of: dict) -> float:
+    return sum(WEIGHTS_PER_LAYER[n] * bits_of[n] for n in WEIGHTS_PER_LAYER) / TOTAL_WEIGHTS
+
+
+def _full_output(layer, inputs, weight, bias):
+    """The layer's full output with explicit parameters (the layer's own stride, padding, groups)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(inputs.double(), weight.double(), None if bias is None else bias.double(), layer.stride,
+                        layer.padding, layer.dilation, layer.groups)
+    return F.linear(inputs.double(), weight.double(), None if bias is None else bias.double())
+
+
+def _channel_means(output, layer):
+    dims = (0, 2, 3) if isinstance(layer, nn.Conv2d) else tuple(range(output.dim() - 1))
+    return output.mean(dim=dims)
+
+
+@torch.no_grad()
+def _gap_means(analog_model, quantized_model, name, images):
+    """Per-channel mean of analog output − quantized output, from explicit parameters, in float64."""
+    analog_layer, quantized_layer = analog_model.get_submodule(name), quantized_model.get_submodule(name)
+    analog = _full_output(analog_layer, capture_input(analog_model, name, images), analog_layer.weight,
+                          analog_layer.bias)
+    quantized = _full_output(quantized_layer, capture_input(quantized_model, name, images), quantized_layer.weight,
+                             quantized_layer.bias)
+    return _channel_means(analog - quantized, analog_layer), analog.pow(2).mean().sqrt()
+
+
+def _adhoc_context(make_context, **options):
+    defaults = dict(bias_correction=None, bias_batch_size=256, skip_layers=None, bits_map={}, saved_model=None)
+    point = dict(defaults, **options)
+    adhoc.validate_point(point)
+    return make_context(**point)
+
+
+def test_hand_count_matches_the_model(default_data):
+    model = default_data[2]
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert sizes == WEIGHTS_PER_LAYER and sum(sizes.values()) == TOTAL_WEIGHTS
+
+
+@pytest.mark.parametrize("name", ["stages.1.conv1", "fc"])
+def test_bias_correction_zeroes_mean_output_gap(plain_default, name):
+    """b' = b + mean(XWᵀ − X̃Qᵀ) over images and positions; afterwards the gap has mean 0 per channel."""
+    analog_model = plain_default["context"].analog_model
+    quantized_model = copy.deepcopy(plain_default["model"])
+    images = plain_default["context"].calibration.tensors[0][:200]
+    layer = quantized_model.get_submodule(name)
+    had_bias = layer.bias is not None
+    before, scale = _gap_means(analog_model, quantized_model, name, images)
+    # the formula, without biases (equal in both models before the correction)
+    with torch.no_grad():
+        X = capture_input(analog_model, name, images)
+        Xq = capture_input(quantized_model, name, images)
+        formula = _channel_means(_full_output(layer, X, analog_model.get_submodule(name).weight, None)
+                                 - _full_output(layer, Xq, layer.weight, None), layer)
+
+    correction = adhoc.correct_bias(analog_model, quantized_model, name, [images[:128], images[128:]])
+
+    assert layer.bias is not None and had_bias == (name == "fc")  # the conv had no bias: it got one
+    assert torch.allclose(correction, formula, rtol=1e-4, atol=1e-6 * float(scale))
+    after, _ = _gap_means(analog_model, quantized_model, name, images)
+    assert float(before.abs().max()) > 1e-3 * float(scale)  # there was a gap to remove
+    assert float(after.abs().max()) < 1e-6 * float(scale)
+
+
+def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, tmp_path):
+    """skip_layers='first' + bias_correction='all' + bits_map: one small fresh run, three properties."""
+    context = _adhoc_context(make_context, batch_size=32, bias_correction="all", bias_batch_size=128,
+                             skip_layers="first", bits_map={"stages.2.*": 4})
+    float_model = context.analog_model
+    model, reports, extra = adhoc.quantize(context)
+
+    # the first layer is the float one, bit for bit; the second is quantized
+    assert torch.equal(model.stem[0].weight, float_model.stem[0].weight)
+    assert not torch.equal(model.stages[0].conv1.weight, float_model.stages[0].conv1.weight)
+    assert [r.name for r in reports] == list(WEIGHTS_PER_LAYER)[1:]
+    assert {r.name: r.bits for r in reports} == {n: 4 if n.startswith("stages.2.") else 3
+                                                 for n in list(WEIGHTS_PER_LAYER)[1:]}
+    bits_of = {n: 32 if n == "stem.0" else 4 if n.startswith("stages.2.") else 3 for n in WEIGHTS_PER_LAYER}
+    assert extra["Average Bits"] == round(_hand_average_bits(bits_of), 4) == round(292736 / 77072, 4)
+
+    # every quantized layer's output gap has mean 0 on its own bias-correction batch
+    stream = adhoc.bias_stream(context)
+    for report in reports:
+        images = torch.cat(stream.draw(128))
+        gap, scale = _gap_means(float_model, model, report.name, images)
+        assert float(gap.abs().max()) < 1e-5 * float(scale), report.name
+
+    # the saved state (with the biases the convolutions gained) loads back
+    path = tmp_path / "all.pt"
+    torch.save(model.state_dict(), path)
+    loaded = adhoc.load_saved_model(float_model, path)
+    assert loaded.stages[2].conv2.bias is not None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_last_layer_left_float(make_context):
+    context = _adhoc_context(make_context, batch_size=32, skip_layers="last")
+    float_model = context.analog_model
+    model, reports, extra = adhoc.quantize(context)
+    assert torch.equal(model.fc.weight, float_model.fc.weight) and torch.equal(model.fc.bias, float_model.fc.bias)
+    assert not torch.equal(model.stem[0].weight, float_model.stem[0].weight)
+    assert "fc" not in [r.name for r in reports]
+    assert extra["Average Bits"] == round((32 * 640 + 3 * (TOTAL_WEIGHTS - 640)) / TOTAL_WEIGHTS, 4)
+
+
+def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
+    """Paper variant 2 on the saved plain model: last layer back to float, its bias corrected with X̃."""
+    header = dict(plain_default["context"].point, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
+                  bias_correction="last_float", bias_batch_size=1024, skip_layers=None, bits_map={})
+    point = adhoc.resolve_point(header)
+    assert point["bits"] == 3 and point["batch_size"] == plain_point["batch_size"] != 64  # from the sidecar
+    adhoc.validate_point(point)
+    context = copy.copy(plain_default["context"])
+    context.point = point
+    model, reports, extra = adhoc.quantize(context)
+
+    float_model, plain = context.analog_model, plain_default["model"]
+    assert torch.equal(model.fc.weight, float_model.fc.weight)
+    assert not torch.equal(model.fc.bias, float_model.fc.bias)
+    for name in list(WEIGHTS_PER_LAYER)[:-1]:
+        assert torch.equal(model.get_submodule(name).weight, plain.get_submodule(name).weight)
+    assert [r.name for r in reports] == list(WEIGHTS_PER_LAYER)[:-1]
+    assert extra["Source Model"] and extra["Bias Correction"] == "last_float"
+    top1, _ = evaluate(model, context.loader(), progress=False)
+    print(f"variant 2 top-1 {top1:.4f}, plain {plain_default['top1']:.4f}")
+    assert top1 >= plain_default["top1"] - 0.003
+
+
+def test_mixed_precision_8_3_8_not_below_uniform_3_bits(make_context, plain_default):
+    context = _adhoc_context(make_context, bits_map={0: 8, -1: 8})
+    model, reports, extra = adhoc.quantize(context)
+    bits_of = {n: 8 if n in ("stem.0", "fc") else 3 for n in WEIGHTS_PER_LAYER}
+    assert {r.name: r.bits for r in reports} == bits_of
+    assert extra["Average Bits"] == round(_hand_average_bits(bits_of), 4) == round(235136 / 77072, 4)
+    stem = next(r for r in reports if r.name == "stem.0")
+    alphabet = make_alphabet("gpfq2022", 8, 1.3, stem.radius, True).float()
+    assert stem.levels == 2 ** 8 + 1 and torch.isin(model.stem[0].weight, alphabet).all()
+    top1, _ = evaluate(model, context.loader(), progress=False)
+    print(f"8/3/8 top-1 {top1:.4f}, uniform 3 bits {plain_default['top1']:.4f}")
+    assert top1 >= plain_default["top1"]
+
+
+def test_bad_adhoc_hyperparameters_fail_early(tmp_path):
+    base = dict(bias_correction="last", bias_batch_size=64, skip_layers=None, bits_map={}, saved_model=None)
+    for bad, message in [(dict(bias_correction="first"), "bias_correction"), (dict(bias_batch_size=0), "bias_batch"),
+                         (dict(skip_layers="middle"), "skip_layers"), (dict(bits_map={"fc": 0}), "bits_map"),
+                         (dict(bits_map=[8]), "bits_map"), (dict(bias_correction=None), "no ad hoc option")]:
+        with pytest.raises(ValueError, match=message):
+            adhoc.validate_point(dict(base, **bad))
+    with pytest.raises(ValueError, match="match no layer"):
+        adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stage.*": 8}, 3)
+    assert adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stages.*": 4, -1: 8, "stages.2.conv2": 2}, 3) == {
+        n: 8 if n == "fc" else 2 if n == "stages.2.conv2" else 4 if n.startswith("stages") else 3
+        for n in WEIGHTS_PER_LAYER}
+    with pytest.raises(ValueError, match="not found"):
+        adhoc.resolve_point(dict(base, saved_model=str(tmp_path / "missing.pt")))
+    (tmp_path / "lonely.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no JSON sidecar"):
+        adhoc.resolve_point(dict(base, saved_model=str(tmp_path / "lonely.pt")))
+    with pytest.raises(ValueError, match="only bias_correction"):
+        adhoc.resolve_point(dict(base, saved_model="x.pt", skip_layers="first"))
+
+
+def test_grid_logs_and_routing(tmp_path):
+    header = dict(bits=[3], bias_correction="last", skip_layers=None, bits_map={})
+    config = parse_overrides(header, ["--bias_correction", "last", "all", "--bits_map", "{0: 8, 'fc': 8}",
+                                      "--skip_layers", "None", "first"])
+    points = expand_grid(config, adhoc.GRID_KEYS)
+    assert len(points) == 4 and points[0]["bits_map"] == {0: 8, "fc": 8}
+    assert log_names_of(points[-1], adhoc.log_names) == [BIAS_LOG, SKIP_LOG, MIXED_LOG]
+    assert log_names_of(dict(bias_correction=None, skip_layers="last", bits_map={}), adhoc.log_names) == [SKIP_LOG]
+
+    import importlib.util
+    from gpfq.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location("init_logs", REPO_ROOT / "logs" / "init_logs.py")
+    init_logs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(init_logs)
+    init_logs.main(tmp_path)
+    for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG, RETRAIN_LOG):
+        assert (tmp_path / name).read_text().splitlines()[0].split(",") == LOG_COLUMNS[name]
+        assert read_rows(tmp_path / name) == []
+    bias = LOG_COLUMNS[BIAS_LOG]
+    assert bias[bias.index("Quantization Batch Size") + 1] == "Bias Correction Batch Size"
+    # the three ad hoc logs hold the same columns, so one row fits each of them
+    assert set(LOG_COLUMNS[BIAS_LOG]) == set(LOG_COLUMNS[SKIP_LOG]) == set(LOG_COLUMNS[MIXED_LOG])

@@ -1,0 +1,128 @@
+"""Retraining variant: in-place quantization with fine-tuning of the float layers (issue 4)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from gpfq import retrain
+from gpfq.alphabet import make_alphabet
+from gpfq.evaluate import evaluate
+from gpfq.experiment import expand_grid
+
+# Settings every hyperparameter test starts from (valid ones).
+VALID = dict(retrain_start=1, retrain_samples=2048, retrain_batch_size=256, retrain_epochs=1, retrain_lr=1e-4,
+             retrain_weight_decay=1e-6, retrain_batchnorm="update", evaluate_each_step=False)
+
+
+@pytest.fixture(scope="module")
+def retrain_defaults():
+    """The retraining hyperparameters of retraining_scripts/quantize.py's header (one grid point)."""
+    from conftest import script_header
+    points = expand_grid(script_header("retraining_scripts"), retrain.GRID_KEYS)
+    assert len(points) == 1
+    return {k: v for k, v in points[0].items() if k.startswith("retrain_") or k == "evaluate_each_step"}
+
+
+@pytest.fixture(scope="module")
+def retrained(make_context, retrain_defaults):
+    """One retraining run on the default test point (3 bits, m = 256), watched at every optimizer step.
+
+    A wrapper around quantize_network records each layer's weight the moment it is quantized; a global
+    optimizer post-step hook then checks, after every Adam step, that every layer quantized so far still
+    holds exactly that weight and that the optimizer does not hold it.
+    """
+    retrain.validate_point(retrain_defaults)
+    context = make_context(**retrain_defaults)
+    quantized = {}  # name -> (layer, weight when quantized, report)
+    watch = {"steps": 0, "checks": 0, "violations": []}
+    real_quantize_network = retrain.quantize_network
+
+    def recording_quantize_network(*args, after_layer=None, **kwargs):
+        def record_then_retrain(step):
+            layer = step.quantized_layer
+            quantized[step.report.name] = (layer, layer.weight.detach().clone(), step.report)
+            after_layer(step)
+        return real_quantize_network(*args, after_layer=record_then_retrain, **kwargs)
+
+    def check(optimizer, args, kwargs):
+        watch["steps"] += 1
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, (layer, weight, _) in quantized.items():
+            watch["checks"] += 1
+            if id(layer.weight) in held or not torch.equal(layer.weight, weight):
+                watch["violations"].append((watch["steps"], name))
+
+    handle = register_optimizer_step_post_hook(check)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(retrain, "quantize_network", recording_quantize_network)
+            torch.manual_seed(0)
+            model, reports, extra = retrain.quantize(context)
+    finally:
+        handle.remove()
+    top1, _ = evaluate(model, context.loader(), progress=False)
+    return dict(context=context, model=model, reports=reports, extra=extra, top1=top1, quantized=quantized,
+                watch=watch)
+
+
+def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
+    watch, quantized = retrained["watch"], retrained["quantized"]
+    layers = [r.name for r in retrained["reports"]]
+    assert len(layers) == 10 and list(quantized) == layers
+    # one fine-tuning after each of the 10 quantized layers (retrain_start = 1), ceil(n / batch) Adam steps each
+    point = retrained["context"].point
+    assert point["retrain_start"] == 1 and point["retrain_epochs"] == 1
+    per_layer = math.ceil(point["retrain_samples"] / point["retrain_batch_size"])
+    assert watch["steps"] == 10 * per_layer
+    assert watch["checks"] == per_layer * sum(range(1, 11))  # a step after layer k's quantization: layers 1..k
+    assert watch["violations"] == []
+    model = retrained["model"]
+    for report in retrained["reports"]:
+        layer, weight, _ = quantized[report.name]
+        assert layer is model.get_submodule(report.name)
+        scalar = 1.3  # the test point's C for both layer kinds
+        alphabet = make_alphabet("gpfq2022", report.bits, scalar, report.radius, True).float()
+        assert torch.isin(layer.weight, alphabet).all(), report.name
+        assert torch.equal(layer.weight, weight), report.name
+    # the float parts did train: a BatchNorm after the first quantized layer moved
+    trained_bn = model.stem[1].weight
+    assert not torch.equal(trained_bn, retrained["context"].analog_model.stem[1].weight)
+    assert retrained["extra"]["Retrain Samples"] == point["retrain_samples"]
+
+
+def test_retraining_not_below_plain_gpfq_at_3_bits(retrained, plain_default):
+    print(f"retrained top-1 {retrained['top1']:.4f}, plain GPFQ {plain_default['top1']:.4f}")
+    assert retrained["top1"] >= plain_default["top1"]
+
+
+def test_fine_tune_leaves_frozen_parameters_alone():
+    """Weight decay and Adam touch only what requires grad; the model comes back in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    retrain.freeze(model[0])
+    frozen = model[0].weight.detach().clone()
+    trained = model[3].weight.detach().clone()
+    mean = model[1].running_mean.clone()
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    loss, steps = retrain.fine_tune(model, data, list(range(64)), 16, 2, 1e-2, 0.5, "update",
+                                    torch.Generator().manual_seed(0))
+    assert steps == 2 * 4 and math.isfinite(loss)
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[3].weight, trained)
+    assert not torch.equal(model[1].running_mean, mean)  # 'update': running statistics follow the batches
+    assert not model.training
+    mean = model[1].running_mean.clone()
+    retrain.fine_tune(model, data, list(range(64)), 16, 1, 1e-2, 0.0, "frozen", torch.Generator().manual_seed(0))
+    assert torch.equal(model[1].running_mean, mean)  # 'frozen': they stay
+
+
+def test_bad_retrain_hyperparameters_fail_early():
+    for bad, message in [(dict(retrain_start=0), "retrain_start"), (dict(retrain_lr=0), "retrain_lr"),
+                         (dict(retrain_batchnorm="train"), "retrain_batchnorm"),
+                         (dict(retrain_samples=0), "retrain_samples"), (dict(retrain_epochs=-1), "retrain_epochs"),
+                         (dict(retrain_weight_decay=-1e-6), "weight_decay"),
+                         (dict(evaluate_each_step="yes"), "evaluate_each_step")]:
+        with pytest.raises(ValueError, match=message):
+            retrain.validate_point(dict(VALID, **bad))
