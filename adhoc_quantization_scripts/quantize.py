@@ -43,6 +43,7 @@ author = ""
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
 # --- ad hoc options (at least one on)
 bias_correction = "last_float"  # None; "last": correct the quantized last layer's bias (paper variant 1);
                                 # "last_float": last layer keeps float weights, bias corrected with X̃ (variant 2);
@@ -65,11 +66,12 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               bias_correction=bias_correction,
               bias_batch_size=bias_batch_size, skip_layers=skip_layers, bits_map=bits_map, saved_model=saved_model,
-              log_dir=None, model_dir=None, data_dir=None)
+              resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gpfq import adhoc
     from gpfq.experiment import main
     main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
-         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc")
+         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc",
+         validate_model=adhoc.validate_model, variant_columns=adhoc.variant_columns)

@@ -276,13 +276,25 @@ def quantize(context):
 
     bits = average_bits(model, names, reports)
     log(f"average bits per weight: {bits:.4f} ({len(reports)} of {len(names)} layers quantized)")
-    extra = {
-        "Bias Correction": mode or "", "Bias Correction Batch Size": p["bias_batch_size"] if mode else "",
-        "Skip Layers": p.get("skip_layers") or "", "Bits Map": format_bits_map(p.get("bits_map")),
-        "Average Bits": round(bits, 4),
-        "Source Model": display_path(p["saved_model"]) if p.get("saved_model") else "",
+    return model, reports, dict(variant_columns(p), **{"Average Bits": round(bits, 4)})
+
+
+def variant_columns(point: dict) -> dict:
+    """The ad hoc hyperparameter columns of a point's row (with the plain ones, they identify it for `resume`)."""
+    mode = point.get("bias_correction")
+    return {
+        "Bias Correction": mode or "", "Bias Correction Batch Size": point["bias_batch_size"] if mode else "",
+        "Skip Layers": point.get("skip_layers") or "", "Bits Map": format_bits_map(point.get("bits_map")),
+        "Source Model": display_path(point["saved_model"]) if point.get("saved_model") else "",
     }
-    return model, reports, extra
+
+
+def validate_model(point: dict, facts) -> None:
+    """Checks that need the model's layers and the data's size, run before any point starts."""
+    bits_per_layer(facts.layer_names, point.get("bits_map") or {}, point["bits"])  # every entry matches a layer
+    if point.get("bias_correction") and point["bias_batch_size"] > facts.calibration_size:
+        raise ValueError(f"bad hyperparameter: bias_batch_size {point['bias_batch_size']} is larger than the "
+                         f"calibration set ({facts.calibration_size} images)")
 
 
 def format_bits_map(bits_map) -> str:

@@ -18,6 +18,38 @@ class _StopForward(Exception):
     pass
 
 
+class NonFiniteError(ValueError):
+    """A weight, buffer or layer input holds NaN or Inf."""
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError saying `what` holds how many NaN and Inf values."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{what} contains {int(torch.isnan(tensor).sum())} NaN and "
+                             f"{int(torch.isinf(tensor).sum())} Inf values")
+
+
+@torch.no_grad()
+def check_model_finite(model: nn.Module, example_input: torch.Tensor) -> None:
+    """NonFiniteError naming the first parameter or buffer, or else the first Conv2d/Linear input on
+    `example_input`, that holds NaN or Inf (a NaN BatchNorm statistic shows up at the next layer's input)."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        check_finite(tensor, f"{name} of the float model")
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE):
+            def check(_module, inputs, name=name):
+                check_finite(inputs[0], f"the input of layer {name} in the float model (on one calibration image)")
+            handles.append(module.register_forward_pre_hook(check))
+    try:
+        output = model(example_input)
+        if isinstance(output, torch.Tensor):
+            check_finite(output, "the float model's output (on one calibration image)")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def layers_in_execution_order(model: nn.Module, example_input: torch.Tensor) -> list:
     """Names of the Conv2d/Linear modules in the order one forward pass first calls them.

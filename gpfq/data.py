@@ -29,6 +29,26 @@ class DataMissingError(FileNotFoundError):
     """A dataset is not where the project looks for it."""
 
 
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded (corrupt or truncated)."""
+
+
+def load_image(path):
+    """An image file as RGB; CorruptImageError naming the file if it cannot be decoded.
+
+    A bad image stops the run rather than being skipped: skipping would change the calibration
+    draw and the number of images accuracy is measured on, so results would no longer compare.
+    """
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise CorruptImageError(f"cannot decode image {path} ({type(error).__name__}: {error}). The file is corrupt "
+                                f"or truncated: replace it with a good copy (a train image may also be deleted) "
+                                f"and run again") from error
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzip'd idx file (the MNIST format) into a uint8 array."""
     with gzip.open(path, "rb") as f:
@@ -95,12 +115,12 @@ def imagenet(split: str, root) -> torch.utils.data.Dataset:
     folder = root / split
     archive = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}[split]
     if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_image)
     has_devkit = (root / "ILSVRC2012_devkit_t12.tar.gz").exists() or (root / "meta.bin").exists()
     if split == "val" and folder.is_dir() and has_devkit:
         return _flat_imagenet_val(root, transform)
     if (root / archive).exists() and has_devkit:
-        return datasets.ImageNet(str(root), split=split, transform=transform)
+        return datasets.ImageNet(str(root), split=split, transform=transform, loader=load_image)
     raise _imagenet_missing(root, split)
 
 
@@ -108,8 +128,7 @@ class LabelledImages(torch.utils.data.Dataset):
     """Image files with known labels: samples is [(path, label)], like ImageFolder's."""
 
     def __init__(self, samples, classes, transform):
-        from torchvision.datasets.folder import default_loader
-        self.samples, self.classes, self.transform, self.loader = samples, classes, transform, default_loader
+        self.samples, self.classes, self.transform, self.loader = samples, classes, transform, load_image
 
     def __len__(self):
         return len(self.samples)

@@ -3,6 +3,11 @@
 The scripts hold a header dict of hyperparameters; `main(header)` applies
 command-line overrides, validates everything, expands list values into a grid,
 and runs every point, appending one CSV row each.
+
+Before any point runs, every bad input is reported with one clear error: the
+hyperparameters (`validate`), the result folders and logs, then the data, the models
+and their layers (`preflight`). With `resume`, points whose row is already in the
+log are skipped. An interrupted grid keeps every finished row and model.
 """
 import argparse
 import ast
@@ -11,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +28,13 @@ from . import __version__
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .evaluate import evaluate
+from .capture import check_model_finite, layers_in_execution_order
 from .folding import fold_batchnorm
-from .logs import LOG_COLUMNS, PLAIN_LOG, append_row, check_log
+from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
 from .engine import ENGINES
-from .network import CALIBRATIONS, METHODS, quantize_network, reports_as_dicts, settings_for, zero_fraction
+from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
+                      zero_fraction)
 from .variants import THRESHOLDINGS
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
@@ -42,11 +50,17 @@ METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sp
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
+# Keys every variant understands, whether or not its header lists them.
+COMMON_DEFAULTS = {"resume": False}
 
 
 # ---------------------------------------------------------------- hyperparameters
 def parse_overrides(header: dict, argv=None) -> dict:
-    """Header values replaced by any `--name value [value …]` given on the command line."""
+    """Header values replaced by any `--name value [value …]` given on the command line.
+
+    A name given with no value is set to True (`--resume`).
+    """
+    header = {**COMMON_DEFAULTS, **header}
     parser = argparse.ArgumentParser(description="GPFQ quantization. Every header name can be overridden: "
                                                  "--bits 3 4 --model resnet18")
     for key, default in header.items():
@@ -61,6 +75,8 @@ def parse_overrides(header: dict, argv=None) -> dict:
         parsed = [_literal(v) for v in values]
         if key in LIST_KEYS:
             config[key] = parsed
+        elif not parsed:
+            config[key] = True
         elif len(parsed) == 1:
             config[key] = parsed[0]
         else:
@@ -108,6 +124,15 @@ def validate(point: dict) -> None:
     m = point["batch_size"]
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         fail(f"batch_size (m) must be an integer ≥ 1, got {m!r}")
+    seed = point.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        fail(f"seed must be an integer, got {seed!r}")
+    workers = point.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
+    for key in ("include_0", "resume"):
+        if not isinstance(point.get(key, False), bool):
+            fail(f"{key} must be True or False, got {point[key]!r}")
     if point["method"] not in METHODS:
         fail(f"method must be one of {METHODS}, got {point['method']!r}")
     if point["alphabet"] not in ALPHABET_KINDS:
@@ -165,22 +190,47 @@ def code_revision() -> str:
         return "unknown"
 
 
+def _write_temporary(folder: Path, name: str, write) -> Path:
+    """Write a hidden temporary file in `folder` completely (flushed to disk); removed again on any error."""
+    tmp = folder / f".{name}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # Ctrl-C included: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace `path` in one step: readers see the old file or the new one, never part of one."""
+    os.replace(_write_temporary(path.parent, path.name, write), path)
 
 
 def save_model(model, record: dict, model_dir: Path, stem: str) -> Path:
-    """Write <stem>.pt (state dict) and <stem>.json atomically; never overwrite an earlier run."""
+    """Write <stem>.pt (state dict) and <stem>.json atomically; never overwrite an earlier run.
+
+    The name is claimed with a hard link of the finished file, which fails if the name exists, so
+    two processes saving under the same stem at the same moment both keep their model.
+    """
     model_dir.mkdir(parents=True, exist_ok=True)
-    path, counter = model_dir / f"{stem}.pt", 1
-    while path.exists() or path.with_suffix(".json").exists():
-        path, counter = model_dir / f"{stem}_{counter}.pt", counter + 1
-    _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    tmp = _write_temporary(model_dir, f"{stem}.pt", lambda f: torch.save(model.state_dict(), f))
+    try:
+        counter = 0
+        while True:
+            path = model_dir / (f"{stem}.pt" if counter == 0 else f"{stem}_{counter}.pt")
+            counter += 1
+            if path.with_suffix(".json").exists():
+                continue
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
     write_record(path.with_suffix(".json"), record)
     return path
 
@@ -267,26 +317,63 @@ def method_description(point: dict) -> str:
     return ""
 
 
-def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
-    """Load (or reuse) the data and float model of a grid point and its float accuracy."""
+def load_inputs(point: dict, resources: Resources):
+    """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
-    device = point.get("device", "cpu")
-    torch.manual_seed(point["seed"])
     calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
                                 lambda: calibration_set(point["dataset"], data_dir))
     evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
                                lambda: evaluation_set(point["dataset"], data_dir))
     analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
                                  lambda: load_model(point["model_name"], point["weights"]))
+    return calibration, evaluation, analog_model
+
+
+def check_batch_size(key: str, m: int, calibration) -> None:
+    if m > len(calibration):
+        raise ValueError(f"bad hyperparameter: {key} {m} is larger than the calibration set ({len(calibration)} "
+                         f"images)")
+
+
+@dataclass
+class ModelFacts:
+    """What `preflight` learns about a grid point's model and data, for a variant's `validate_model`."""
+    layer_names: list  # the Conv2d/Linear layers in execution order (what layer indices count)
+    model: torch.nn.Module  # the float model
+    calibration_size: int
+    evaluation_size: int
+
+
+def preflight(points: list, resources: Resources, validate_model=None) -> None:
+    """Load every point's data and float model (kept in `resources` for the run) and check, before any
+    point runs: m against the calibration set, NaN/Inf in the model (naming the parameter or layer),
+    ignore_layers against the model's layers, and the variant's validate_model(point, ModelFacts)."""
+    for point in points:
+        calibration, evaluation, model = load_inputs(point, resources)
+        check_batch_size("batch_size", point["batch_size"], calibration)
+
+        def checked_layers():
+            example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
+            check_model_finite(model, example)
+            return layers_in_execution_order(model, example)
+        names = resources.get(("layers", point["model_name"], str(point["weights"])), checked_layers)
+        check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
+        if validate_model is not None:
+            validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation)))
+
+
+def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
+    """Load (or reuse) the data and float model of a grid point and its float accuracy."""
+    device = point.get("device", "cpu")
+    torch.manual_seed(point["seed"])
+    calibration, evaluation, analog_model = load_inputs(point, resources)
+    check_batch_size("batch_size", point["batch_size"], calibration)
     if method_options(point)["fold_batchnorm"]:
         def folded():
             model, pairs = fold_batchnorm(analog_model)
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
             return model
         analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
-    if point["batch_size"] > len(calibration):
-        raise ValueError(f"bad hyperparameter: batch_size {point['batch_size']} is larger than the calibration "
-                         f"set ({len(calibration)} images)")
     context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
     context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
                                                                   device)
@@ -303,6 +390,22 @@ def plain_quantize(context: Context):
     return model, reports, {}
 
 
+def point_columns(point: dict) -> dict:
+    """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
+    return {
+        "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
+        "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
+        "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
+        "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
+        "Method": point["method"], "Alphabet": point["alphabet"],
+        "Alphabet Granularity": method_options(point)["alphabet_granularity"],
+        "Method Options": method_description(point), "Fold BatchNorm": method_options(point)["fold_batchnorm"],
+        "Patch Stride": point.get("patch_stride", "kernel"),
+        "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
+        "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
+    }
+
+
 def log_names_of(point: dict, log_name) -> list:
     """The logs a point's row goes to: `log_name` itself, or log_name(point) (one name or a list)."""
     names = log_name(point) if callable(log_name) else log_name
@@ -310,12 +413,13 @@ def log_names_of(point: dict, log_name) -> list:
 
 
 def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=plain_quantize,
-              log=tqdm.write, variant: str = "") -> dict:
+              log=tqdm.write, variant: str = "", variant_columns=None) -> dict:
     """Quantize, save, evaluate and log one grid point; returns the logged row.
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
     log_name: a log file name, or a function of the point giving one or several (the row goes to each).
     variant: a name that starts the saved model's file name (e.g. 'adhoc'), so variants' models stand apart.
+    variant_columns(point) -> the variant's own hyperparameter columns (see `main`).
     """
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
@@ -340,24 +444,16 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
     write_record(model_path.with_suffix(".json"), record)
-    row = {
-        "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
+    row = point_columns(point)
+    row.update(variant_columns(point) if variant_columns is not None else {})
+    row.update({
         "Original Top1 Accuracy": round(context.original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
         "Original Top5 Accuracy": round(context.original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
-        "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
-        "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
-        "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
-        "Author": point.get("author", ""), "Method": point["method"], "Alphabet": point["alphabet"],
-        "Alphabet Granularity": method_options(point)["alphabet_granularity"],
-        "Method Options": method_description(point), "Fold BatchNorm": method_options(point)["fold_batchnorm"],
-        "Sparsity": round(zero_fraction(reports), 6),
-        "Patch Stride": point.get("patch_stride", "kernel"),
-        "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
-        "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
+        "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    })
     row.update(extra)
     for log_path in log_paths:
         append_row(log_path, row, LOG_COLUMNS[log_path.name])
@@ -372,21 +468,72 @@ def display_path(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
-def check_writable(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"{folder} is not writable; results could not be saved there")
+def check_writable(folder: Path, key: str = "folder") -> None:
+    """Create `folder` if needed and write a file in it: a folder results cannot go to is found before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), so "
+                              f"results could not be saved there. Fix it, or choose another with --{key} PATH"
+                              ) from error
+
+
+# ---------------------------------------------------------------- resume
+def point_identity(point: dict, columns, variant_columns=None) -> dict:
+    """The values a point would log in the hyperparameter columns (all but logs.RESULT_COLUMNS) of a log."""
+    values = point_columns(point)
+    values.update(variant_columns(point) if variant_columns is not None else {})
+    identity = [c for c in columns if c not in RESULT_COLUMNS]
+    unknown = [c for c in identity if c not in values]
+    if unknown:  # a variant's column that is neither a result nor filled from the point: refuse to guess
+        raise ValueError(f"resume cannot tell grid points apart: the log's columns {unknown} are neither results "
+                         f"(gpfq.logs.RESULT_COLUMNS) nor filled from the point (experiment.point_columns, or the "
+                         f"variant's variant_columns)")
+    return {c: values[c] for c in identity}
+
+
+def _same_value(logged, value) -> bool:
+    """A logged CSV cell against a hyperparameter value (numbers compare as numbers: 1 == 1.0)."""
+    text = "" if value is None else str(value)
+    if logged == text:
+        return True
+    try:
+        return float(logged) == float(text)
+    except (TypeError, ValueError):
+        return False
+
+
+def pending_points(points: list, log_dir: Path, log_name=PLAIN_LOG, variant_columns=None) -> list:
+    """The points whose row is not yet in each of their logs (a row with equal hyperparameter columns)."""
+    rows_of = {}
+    pending = []
+    for point in points:
+        for name in log_names_of(point, log_name):
+            if name not in rows_of:
+                path = Path(log_dir) / name
+                rows_of[name] = read_rows(path) if check_log(path, LOG_COLUMNS[name]) else []
+            identity = point_identity(point, LOG_COLUMNS[name], variant_columns)
+            if not any(all(_same_value(row.get(c), v) for c, v in identity.items()) for row in rows_of[name]):
+                pending.append(point)
+                break
+    return pending
 
 
 def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, validate_point=None,
-         grid_keys=(), resolve_point=None, variant: str = "") -> list:
+         grid_keys=(), resolve_point=None, variant: str = "", validate_model=None, variant_columns=None) -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows.
 
-    validate_point(point) adds a variant's own checks of its hyperparameters.
+    validate_point(point) adds a variant's own checks of its hyperparameters (cheap, before anything loads).
     log_name: a log file name, or a function of the point giving one or several.
     grid_keys: a variant's own keys whose list values also expand into the grid.
     resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model).
     variant: the prefix of the saved models' file names.
+    validate_model(point, ModelFacts) adds checks that need the model's layers or the data's size; it runs
+    in `preflight`, after loading and before any point runs.
+    variant_columns(point) -> {column: value}: the variant's own hyperparameter columns of its log, written
+    into each row and used, with `point_columns`, to recognise a logged point (`resume`).
     """
     config = parse_overrides(header, argv)
     points = expand_grid(config, grid_keys)
@@ -397,17 +544,35 @@ def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, v
         if validate_point is not None:
             validate_point(point)
     log_dir = Path(config.get("log_dir") or LOG_DIR)
-    check_writable(log_dir)
-    check_writable(Path(config.get("model_dir") or MODEL_DIR))
-    for name in dict.fromkeys(n for point in points for n in log_names_of(point, log_name)):
+    model_dir = Path(config.get("model_dir") or MODEL_DIR)
+    check_writable(log_dir, "log_dir")
+    check_writable(model_dir, "model_dir")
+    for name in dict.fromkeys(p["model_name"] for p in points):  # models/<model_name>/, where they are saved
+        if (model_dir / name).exists():
+            check_writable(model_dir / name, "model_dir")
+    log_names = list(dict.fromkeys(n for point in points for n in log_names_of(point, log_name)))
+    for name in log_names:
         check_log(log_dir / name, LOG_COLUMNS[name])
+    if config["resume"]:
+        total = len(points)
+        points = pending_points(points, log_dir, log_name, variant_columns)
+        print(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
+              f"running the other {len(points)}")
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
     torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
     resources = Resources()
-    rows = []
-    for number, point in enumerate(points, 1):
-        if len(points) > 1:
-            print(f"\n### grid point {number}/{len(points)}")
-        rows.append(run_point(point, resources, log_name, quantize, variant=variant))
+    preflight(points, resources, validate_model)
+    rows, number = [], 0
+    try:
+        for number, point in enumerate(points, 1):
+            if len(points) > 1:
+                print(f"\n### grid point {number}/{len(points)}")
+            rows.append(run_point(point, resources, log_name, quantize, variant=variant,
+                                  variant_columns=variant_columns))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
+              f"{', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+              f"command with --resume to go on.", file=sys.stderr)
+        raise SystemExit(130) from None
     return rows

@@ -24,6 +24,14 @@ EXTRA_COLUMNS = [
 ]
 PLAIN_LOG = "Quantization_Log.csv"
 LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
+# Columns that record what a run measured, or who ran it when with which code, rather than what it was
+# asked to do. Every other column is a hyperparameter: together they identify a grid point (`resume`).
+# A variant whose log has result columns of its own adds them here.
+RESULT_COLUMNS = {
+    "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
+    "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
+    "Average Bits", "Retrain Seconds", "Per-Step Top1",
+}
 
 # Ad hoc variant (adhoc_quantization_scripts/): one row goes to the log of every option it switches on, so
 # the three logs share one column set; each puts its own columns first. The bias-correction log keeps the
@@ -113,11 +121,19 @@ def append_row(path: Path, row: dict, columns) -> None:
             if not check_log(path, columns):
                 print(f"{path} did not exist: created it with its header")
                 f.write(_header_line(columns))
+            elif not _ends_with_newline(path):  # a torn last line (a full disk): keep our row on its own line
+                f.write("\n")
             f.write(line.getvalue())
             f.flush()
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def read_rows(path: Path) -> list:

@@ -140,7 +140,8 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
     if weights != "random":
         path = Path(weights)
         if not path.exists():
-            raise WeightsUnavailableError(f"weights file {path} not found")
+            raise WeightsUnavailableError(f"weights file {path} not found; weights is 'DEFAULT', 'random' or the "
+                                          f"path of a state-dict file")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 

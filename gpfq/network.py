@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
-from .capture import (CachedForward, capture_input, flat_weight, grouped, layer_rows, layers_in_execution_order,
+from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
 from .gptq import gptq
@@ -154,6 +154,14 @@ def fresh_inputs(analog_model, quantized_model, name, chunks, device):
         yield analog, quantized
 
 
+def checked_inputs(name, input_pairs):
+    """Pass the (X input, X̃ input) chunks of layer `name` on; NonFiniteError naming the layer at a NaN or Inf."""
+    for analog, quantized in input_pairs:
+        check_finite(analog, f"the input of layer {name} in the float model")
+        check_finite(quantized, f"the input of layer {name} in the partially quantized model")
+        yield analog, quantized
+
+
 def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, generator, patch_stride, device):
     """X and X̃ rows (rows, G·N0) of layer `name` over the image chunks of one calibration batch.
 
@@ -254,9 +262,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
     names = layers_in_execution_order(analog_model, example)
-    bad = [i for i in ignore_layers if not -len(names) <= i < len(names)]
-    if bad:
-        raise ValueError(f"ignore_layers {bad} match no layer: the model has {len(names)} (0 … {len(names) - 1})")
+    check_layer_indices("ignore_layers", ignore_layers, names)
     ignored = {i % len(names) for i in ignore_layers}
     if calibration == "fixed":
         graph = trace_graph(analog_model)  # fails here, before any work, for a model fx cannot trace
@@ -281,6 +287,8 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             analog_inputs = analog_forward.inputs_of(name)
             quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(name)
             input_pairs = zip(analog_inputs, quantized_inputs)
+        check_finite(layer.weight, f"the weight of layer {name}")
+        input_pairs = checked_inputs(name, input_pairs)
         analog_rows, quantized_rows, statistics, form = gather_layer(
             layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows, rows_budget)
         if statistics is not None:
@@ -312,6 +320,14 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
                                   quantized_g, weight, quantized_weight, statistics))
     return quantized_model, reports
+
+
+def check_layer_indices(key: str, indices, names: list) -> None:
+    """ValueError if a layer index (execution order, negative from the end) of `key` matches no layer."""
+    bad = [i for i in indices if not -len(names) <= i < len(names)]
+    if bad:
+        raise ValueError(f"bad hyperparameter: {key} {bad} match no layer; the model has {len(names)} "
+                         f"(0 … {len(names) - 1}): {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
 
 
 def reports_as_dicts(reports) -> list:

@@ -140,10 +140,18 @@ def quantize(context):
                                       p.get("patch_stride", "kernel"), device, log=log, after_layer=after_layer,
                                       in_place=True, keep_rows=False)
     model.requires_grad_(False)
-    extra = {
-        "Retrain Start": p["retrain_start"], "Retrain Samples": samples, "Retrain Batch Size": p["retrain_batch_size"],
-        "Retrain Epochs": p["retrain_epochs"], "Retrain Learning Rate": p["retrain_lr"],
-        "Retrain Weight Decay": p["retrain_weight_decay"], "Retrain BatchNorm": p["retrain_batchnorm"],
-        "Retrain Seconds": round(retrain_seconds, 2), "Per-Step Top1": " ".join(per_step),
-    }
+    extra = dict(variant_columns(p), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
+                                        "Per-Step Top1": " ".join(per_step)})
     return model, reports, extra
+
+
+def variant_columns(point: dict) -> dict:
+    """The retraining hyperparameter columns of a point's row (with the plain ones, they identify it for
+    `resume`). Retrain Samples None (the whole train set) is logged as the set's size, so it never matches:
+    such a point is run again."""
+    return {
+        "Retrain Start": point["retrain_start"], "Retrain Samples": point.get("retrain_samples"),
+        "Retrain Batch Size": point["retrain_batch_size"], "Retrain Epochs": point["retrain_epochs"],
+        "Retrain Learning Rate": point["retrain_lr"], "Retrain Weight Decay": point["retrain_weight_decay"],
+        "Retrain BatchNorm": point["retrain_batchnorm"],
+    }

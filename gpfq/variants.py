@@ -41,6 +41,8 @@ def stochastic_round(values: torch.Tensor, alphabet: torch.Tensor, uniforms: tor
     n_levels = alphabet.shape[-1]
     levels = alphabet if alphabet.dim() > 1 else alphabet.expand(*values.shape, n_levels)
     levels = levels.contiguous()
+    if n_levels == 1:  # a layer of radius 0 has the alphabet {0}: nothing to choose
+        return levels[..., 0].clone()
     clipped = torch.minimum(torch.maximum(values, levels[..., 0]), levels[..., -1])
     # index of the last level ≤ z, kept ≤ L−2 so that it has an upper neighbour
     lower_index = torch.searchsorted(levels, clipped.unsqueeze(-1).contiguous(), right=True) - 1

@@ -42,6 +42,7 @@ author = ""
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
 # ------------------------------------------------------------------------------------
 
 HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
@@ -52,7 +53,7 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
-              log_dir=None, model_dir=None, data_dir=None)
+              resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

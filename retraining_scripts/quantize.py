@@ -45,6 +45,7 @@ author = ""
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
 # --- retraining
 retrain_start = [1]             # fine-tune after the k-th quantized layer and every later one (original: 11)
 retrain_samples = [2048]        # training images per fine-tuning step (None: the whole train set, as the original)
@@ -67,7 +68,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               retrain_start=retrain_start, retrain_samples=retrain_samples,
               retrain_batch_size=retrain_batch_size, retrain_epochs=retrain_epochs, retrain_lr=retrain_lr,
               retrain_weight_decay=retrain_weight_decay, retrain_batchnorm=retrain_batchnorm,
-              evaluate_each_step=evaluate_each_step, log_dir=None, model_dir=None, data_dir=None)
+              evaluate_each_step=evaluate_each_step, resume=resume, log_dir=None, model_dir=None,
+              data_dir=None)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,4 +77,4 @@ if __name__ == "__main__":
     from gpfq.experiment import main
     from gpfq.logs import RETRAIN_LOG
     main(HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
-         grid_keys=retrain.GRID_KEYS, variant="retrain")
+         grid_keys=retrain.GRID_KEYS, variant="retrain", variant_columns=retrain.variant_columns)
