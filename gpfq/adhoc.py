@@ -245,7 +245,10 @@ def quantize(context):
         log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
         if mode == "last_float":
             with torch.no_grad():  # restore the last layer to the float model's weights and bias
-                model.get_submodule(last).load_state_dict(analog_model.get_submodule(last).state_dict())
+                restored, float_layer = model.get_submodule(last), analog_model.get_submodule(last)
+                restored.weight.copy_(float_layer.weight)
+                if restored.bias is not None:  # (a bias that an earlier correction added starts again at 0)
+                    restored.bias.copy_(float_layer.bias if float_layer.bias is not None else 0.0)
             reports = [r for r in reports if r.name != last]
         if mode == "all":
             for report in reports:  # execution order: each with X̃ from the already corrected layers
