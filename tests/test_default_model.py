@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from gpfq.experiment import main
 from gpfq.logs import read_rows
 from gpfq.models import load_model
 
