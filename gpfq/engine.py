@@ -27,16 +27,17 @@ import math
 
 import torch
 
-from .alphabet import round_to_alphabet
+from .inblock import block_rounder
 from .threads import single_thread
 
 FORMS = ("residual", "gram")
 ENGINES = ("auto",) + FORMS + ("columns",)  # "columns": the per-column loop `gpfq_columns`
 DEFAULT_ROWS_BUDGET = 2 ** 30  # bytes of X, X̃ rows the residual form may hold before "auto" streams instead
-# A block's products use all threads only when its largest has this many multiply-adds (≈ 6 ms on one
-# core). Below that, a thread team saves little, and on a loaded machine every parallel product waits
-# for a time slice (measured: ~25 ms per product with 5 runnable processes per core).
-PARALLEL_MIN_MACS = 2 ** 28
+# A block's products use all threads only when its largest has this many multiply-adds (≈ 25 µs on one
+# core). On an idle 2-core machine two threads already pay from 1.3 M (33 → 25 µs) and give 1.6–1.9× from
+# 25 M; below the threshold a thread team's start-up is most of the product. (On a machine shared with
+# other jobs every parallel product may wait for a time slice, but that is not the machine to time on.)
+PARALLEL_MIN_MACS = 2 ** 20
 
 
 def block_threads(largest_product):
@@ -57,35 +58,6 @@ def _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, device):
                      f"neuron ({n_groups}, {n_neurons}, L)")
 
 
-def _sequential_block(arguments, coupling, alphabet):
-    """Round the columns of one block in order; returns q (B, G, N1).
-
-    arguments (B, G, N1): each column's argument from everything before it except the
-    block's own earlier q's; updated in place. coupling (B, B, G, 1): coupling[j, t] =
-    <X̃_t, X̃_j>/d_t for t > j (0 elsewhere).
-    """
-    n_columns = arguments.shape[0]
-    rounded = []
-    with single_thread():
-        for t in range(n_columns):
-            q = round_to_alphabet(arguments[t], alphabet)
-            rounded.append(q)
-            if t + 1 < n_columns:
-                arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
-        return torch.stack(rounded)
-
-
-def _block_coupling(quantized_gram_block):
-    """From H_bb (G, B, B): 1/d (G, B) with 0 for empty columns, and the coupling (B, B, G, 1)."""
-    norms2 = torch.diagonal(quantized_gram_block, dim1=1, dim2=2)
-    # ||X̃_t|| = 0: the argument is 0 (its numerator is 0 too), so scale by 0 rather than 1/0.
-    inverse = torch.where(norms2 > 0, 1.0 / torch.where(norms2 > 0, norms2, torch.ones_like(norms2)),
-                          torch.zeros_like(norms2))
-    # H is symmetric: H[t, j] = H[j, t], so row j of triu(H, 1) holds <X̃_j, X̃_t> for t > j.
-    coupling = torch.triu(quantized_gram_block, diagonal=1) * inverse.unsqueeze(1)
-    return inverse, coupling.permute(1, 2, 0).unsqueeze(-1).contiguous()
-
-
 def default_block_size(form: str, n_neurons: int) -> int:
     """Columns per block. Residual form: the in-block Grams cost 2·m·N0·B against 3·m·N0·N1,
     so B stays near N1/2 (within 32 … 128); the Gram form has no such term."""
@@ -94,64 +66,69 @@ def default_block_size(form: str, n_neurons: int) -> int:
     return int(min(128, max(32, 2 ** round(math.log2(max(n_neurons, 1) / 2)))))
 
 
-def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=None, dtype=torch.float32):
+def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=None, dtype=torch.float32,
+                  compiled=None):
     """Blocked GPFQ, residual form. weight (G, N1, N0), rows (G, m, N0), alphabet (L,) or (G, N1, L).
 
     Returns Q (G, N1, N0) in weight's dtype. Keeps U = X Wᵀ − X̃ Qᵀ (G, m, N1) over done columns.
+    `compiled`: the in-block step (`gpfq.inblock.block_rounder`; None = the compiled kernel on CPU).
     """
-    W = weight.detach().to(dtype)
     X = analog_input.detach().to(dtype)
     Xq = quantized_input.detach().to(dtype)
-    n_groups, n_neurons, n_inputs = W.shape
-    levels = _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, W.device)
-    block_size = block_size or default_block_size("residual", n_neurons)
-    residual = torch.zeros(n_groups, X.shape[1], n_neurons, dtype=dtype, device=W.device)
-    Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=W.device)  # Qᵀ
+    n_groups, n_neurons, n_inputs = weight.shape
     n_rows = X.shape[1]
+    Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
+    round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
+                                n_neurons, compiled)
+    block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
+    # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
+    # projection X̃_bᵀU and both in-block Grams, and one product [X_b | X̃_b][W_b | −Q_b]ᵀ updates U.
+    workspace = torch.zeros(n_groups, n_rows, n_neurons + 2 * block_size, dtype=dtype, device=Wt.device)
+    residual = workspace[:, :, :n_neurons]
+    Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)  # Qᵀ
+    coefficients = torch.empty(n_groups, 2 * block_size, n_neurons, dtype=dtype, device=Wt.device)
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
         width = stop - start
-        with block_threads(n_groups * n_rows * width * max(n_neurons, width)):
-            analog_block, quantized_block = X[:, :, start:stop], Xq[:, :, start:stop]  # (G, m, B) views
-            quantized_block_t = quantized_block.transpose(1, 2)  # X̃_bᵀ (G, B, m)
-            projection = torch.bmm(quantized_block_t, residual)  # X̃_bᵀ U (G, B, N1)
-            cross = torch.bmm(quantized_block_t, analog_block)  # X̃_bᵀ X_b (G, B, B)
-            gram = torch.bmm(quantized_block_t, quantized_block)  # X̃_bᵀ X̃_b (G, B, B)
-            weight_t = W[:, :, start:stop].transpose(1, 2)  # W_bᵀ (G, B, N1)
+        rows = workspace[:, :, n_neurons:n_neurons + 2 * width]  # [X_b | X̃_b] (G, m, 2B)
+        with block_threads(n_groups * n_rows * width * (n_neurons + 2 * width)):
+            rows[:, :, :width] = X[:, :, start:stop]
+            rows[:, :, width:] = Xq[:, :, start:stop]
+            products = torch.bmm(rows[:, :, width:].transpose(1, 2), workspace[:, :, :n_neurons + 2 * width])
             with single_thread():
-                inverse, coupling = _block_coupling(gram)
-                # Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
-                arguments = torch.baddbmm(projection, torch.tril(cross), weight_t)
-                arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()  # (B, G, N1)
-            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
-            # U += X_b W_bᵀ − X̃_b Q_bᵀ
-            residual.baddbmm_(analog_block, weight_t).baddbmm_(quantized_block, Qt[:, start:stop], alpha=-1.0)
+                projection = products[:, :, :n_neurons]  # X̃_bᵀ U (G, B, N1)
+                cross = products[:, :, n_neurons:n_neurons + width]  # X̃_bᵀ X_b (G, B, B)
+                # + Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
+                numerators = torch.baddbmm(projection, torch.tril(cross), Wt[:, start:stop])
+                Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:])
+                block_coefficients = coefficients[:, :2 * width]  # [W_b | −Q_b]ᵀ (G, 2B, N1)
+                block_coefficients[:, :width] = Wt[:, start:stop]
+                torch.neg(Qt[:, start:stop], out=block_coefficients[:, width:])
+            residual.baddbmm_(rows, block_coefficients)  # U += X_b W_bᵀ − X̃_b Q_bᵀ
     return Qt.transpose(1, 2).to(weight.dtype)
 
 
-def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32):
+def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32, compiled=None):
     """Blocked GPFQ, Gram form. weight (G, N1, N0); cross = X̃ᵀX and quantized_gram = X̃ᵀX̃ (G, N0, N0);
     alphabet (L,) or (G, N1, L). Returns Q (G, N1, N0) in weight's dtype. Needs no rows.
     """
-    W = weight.detach().to(dtype)
-    n_groups, n_neurons, n_inputs = W.shape
-    levels = _prepare_alphabet(alphabet, n_groups, n_neurons, dtype, W.device)
+    n_groups, n_neurons, n_inputs = weight.shape
+    Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
+    round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
+                                n_neurons, compiled)
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
     H = quantized_gram.to(dtype)
-    Wt = W.transpose(1, 2).contiguous()  # (G, N0, N1)
-    Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=W.device)
+    Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
         with block_threads(n_groups * (stop - start) * stop * n_neurons):
             # Σ_{j≤t} G[t, j] w_j − Σ_{j<s} H[t, j] q_j for the block's rows t; the block's own q's come later.
-            arguments = torch.bmm(lower_cross[:, start:stop, :stop], Wt[:, :stop])
+            numerators = torch.bmm(lower_cross[:, start:stop, :stop], Wt[:, :stop])
             if start > 0:
-                arguments.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
+                numerators.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
             with single_thread():
-                inverse, coupling = _block_coupling(H[:, start:stop, start:stop])
-                arguments = (arguments * inverse.unsqueeze(2)).permute(1, 0, 2).contiguous()
-            Qt[:, start:stop] = _sequential_block(arguments, coupling, levels).transpose(0, 1)
+                Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop])
     return Qt.transpose(1, 2).to(weight.dtype)
 
 
@@ -235,12 +212,12 @@ def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAU
 
 
 def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", block_size=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, compiled=None):
     """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`."""
     n_groups, n_neurons, n_inputs = weight.shape
     form = choose_form(form, analog_input.shape[1], n_inputs, n_neurons, n_groups, rows_budget=math.inf)
     if form == "residual":
-        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype)
+        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, compiled)
     statistics = GramStatistics(n_groups, n_inputs, dtype=dtype, device=weight.device)
     statistics.add(analog_input, quantized_input)
-    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype)
+    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype, compiled)

@@ -49,14 +49,16 @@ LAYERS = [  # (groups, m, N0, N1, per-neuron alphabet, block size)
 ]
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("n_groups,m,n_inputs,n_neurons,per_neuron,block", LAYERS)
-def test_both_forms_equal_the_per_column_loop(n_groups, m, n_inputs, n_neurons, per_neuron, block):
+def test_both_forms_equal_the_per_column_loop(n_groups, m, n_inputs, n_neurons, per_neuron, block, compiled):
     weight, analog, quantized, alphabet = _layer(n_groups, m, n_inputs, n_neurons, seed=n_inputs,
                                                  per_neuron=per_neuron)
     expected = gpfq_columns(weight, analog, quantized, alphabet)
-    residual = gpfq_residual(weight, analog, quantized, alphabet, block_size=block)
+    residual = gpfq_residual(weight, analog, quantized, alphabet, block_size=block, compiled=compiled)
     statistics = GramStatistics(n_groups, n_inputs).add(analog, quantized)
-    gram = gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size=block)
+    gram = gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size=block,
+                     compiled=compiled)
     _assert_same_as_columns(residual, expected, weight, analog, quantized)
     _assert_same_as_columns(gram, expected, weight, analog, quantized)
     # a column with ||X̃_t|| = 0 has argument 0: its level is the one nearest 0
@@ -64,12 +66,14 @@ def test_both_forms_equal_the_per_column_loop(n_groups, m, n_inputs, n_neurons, 
     assert torch.equal(residual[:, :, 3], nearest_zero) and torch.equal(gram[:, :, 3], nearest_zero)
 
 
-def test_float64_engine_equals_the_neuron_by_neuron_reference():
-    weight, analog, quantized, alphabet = _layer(1, 80, 45, 7, seed=1)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_float64_engine_equals_the_neuron_by_neuron_reference(compiled, bits):
+    weight, analog, quantized, alphabet = _layer(1, 80, 45, 7, seed=1, bits=bits)
     expected = gpfq_reference(weight[0], analog[0], quantized[0], alphabet)
     for form in ("residual", "gram"):
         result = gpfq_blocked(weight.double(), analog, quantized, alphabet, form=form, block_size=8,
-                              dtype=torch.float64)
+                              dtype=torch.float64, compiled=compiled)
         assert torch.equal(result[0], expected)
 
 
