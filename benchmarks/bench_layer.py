@@ -3,7 +3,10 @@
 For each shape (m rows, N0 inputs, N1 neurons) on synthetic rows at `--bits` bits:
 - columns: `gpfq.quantizer.gpfq_columns`, the per-column vectorized loop (timed once: it is slow);
 - engine: `gpfq.engine.gpfq_blocked` with form 'auto' (and each form on its own);
-- floor: the matrix products G = X̃ᵀX and H = X̃ᵀX̃ alone.
+- floor: the matrix products G = X̃ᵀX and H = X̃ᵀX̃ alone;
+- bound: the largest columns/engine any exact float32 engine could reach here: the per-column loop's
+  time over the time of the layer's least arithmetic (min of the residual form's 3·m·N0·N1 and the Gram
+  form's 2·m·N0² + N1·N0² multiply-adds) at the rate the floor's products reached.
 Prints a markdown table with the ratios. Timings on a shared machine are noisy: compare
 ratios within one run, not across runs.
 
@@ -22,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpfq.alphabet import layer_radius, make_alphabet  # noqa: E402
-from gpfq.engine import choose_form, gpfq_blocked  # noqa: E402
+from gpfq.engine import choose_form, gpfq_blocked, predicted_cost  # noqa: E402
 from gpfq.quantizer import gpfq_columns  # noqa: E402
 
 SHAPES = {"S1": (4096, 576, 64), "S2": (2048, 1152, 128), "S3": (1024, 4608, 512)}  # (m, N0, N1)
@@ -69,8 +72,8 @@ def main(argv=None):
     print(f"# bench_layer: {args.bits} bits, {name}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| shape | m | N0 | N1 | columns (s) | engine (s) | form | residual (s) | Gram (s) | floor (s) "
-          "| columns/engine | engine/floor | Q equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| columns/engine | bound | engine/floor | Q equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         m, n_inputs, n_neurons = SHAPES[shape]
         weight, analog, quantized, alphabet = synthetic_layer(m, n_inputs, n_neurons, args.bits, device)
@@ -82,14 +85,18 @@ def main(argv=None):
         gram_s, _ = timed(lambda: gpfq_blocked(weight, analog, quantized, alphabet, form="gram"), device,
                           args.repeats)
         form = choose_form("auto", m, n_inputs, n_neurons)
+        # least arithmetic of this layer at the floor's rate (its two products: 2·m·N0² multiply-adds)
+        least_macs = min(3 * m * n_inputs * n_neurons, predicted_cost("gram", m, n_inputs, n_neurons))
+        least_s = least_macs / (2 * m * n_inputs ** 2 / floor_s)
         if args.skip_columns:
-            columns_s, equal, speedup = float("nan"), "–", "–"
+            columns_s, equal, speedup, bound = float("nan"), "–", "–", "–"
         else:
             columns_s, columns_q = timed(lambda: gpfq_columns(weight, analog, quantized, alphabet), device, 1)
             equal = f"{(columns_q == engine_q).double().mean().item():.5f}"
             speedup = f"{columns_s / engine_s:.1f}×"
+            bound = f"{columns_s / least_s:.1f}×"
         print(f"| {shape} | {m} | {n_inputs} | {n_neurons} | {columns_s:.3f} | {engine_s:.3f} | {form} | "
-              f"{residual_s:.3f} | {gram_s:.3f} | {floor_s:.3f} | {speedup} | {engine_s / floor_s:.2f} | {equal} |",
+              f"{residual_s:.3f} | {gram_s:.3f} | {floor_s:.3f} | {speedup} | {bound} | {engine_s / floor_s:.2f} | {equal} |",
               flush=True)
 
 

@@ -72,11 +72,20 @@ def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Ten
     Levels must be sorted ascending along the last axis.
     """
     alphabet = alphabet.to(device=values.device, dtype=values.dtype)
-    midpoints = (alphabet[..., 1:] + alphabet[..., :-1]) / 2
+    return round_with_midpoints(values, alphabet, alphabet_midpoints(alphabet))
+
+
+def alphabet_midpoints(alphabet: torch.Tensor) -> torch.Tensor:
+    """Midpoints between consecutive levels, (..., L−1): the rounding thresholds of `round_with_midpoints`."""
+    return ((alphabet[..., 1:] + alphabet[..., :-1]) / 2).contiguous()
+
+
+def round_with_midpoints(values, alphabet, midpoints):
+    """`round_to_alphabet` with the midpoints computed beforehand (same dtype and device as values)."""
     if alphabet.dim() == 1:
         return alphabet[torch.bucketize(values, midpoints, right=False)]
     one_per_row = values.dim() == alphabet.dim() - 1
     columns = values.unsqueeze(-1) if one_per_row else values
-    index = torch.searchsorted(midpoints.contiguous(), columns.contiguous(), right=False)
+    index = torch.searchsorted(midpoints, columns.contiguous(), right=False)
     rounded = alphabet.gather(-1, index)
     return rounded.squeeze(-1) if one_per_row else rounded

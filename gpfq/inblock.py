@@ -16,7 +16,7 @@ j = 0, 1, …):
 import numpy as np
 import torch
 
-from .alphabet import round_to_alphabet
+from .alphabet import alphabet_midpoints, round_with_midpoints
 from .threads import single_thread
 
 try:  # numba is in requirements.txt; without it the engine still works, at torch-dispatch speed
@@ -39,15 +39,19 @@ def block_coupling(quantized_gram):
     return inverse, torch.triu(quantized_gram, diagonal=1) * inverse.unsqueeze(1)
 
 
-def round_block_torch(numerators, quantized_gram, alphabet):
-    """numerators (G, B, N1), quantized_gram (G, B, B), alphabet (L,) or (G, N1, L) -> q (G, B, N1)."""
+def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None):
+    """numerators (G, B, N1), quantized_gram (G, B, B), alphabet (L,) or (G, N1, L) -> q (G, B, N1).
+
+    Three tensor operations per column (search, gather, update); `midpoints`: the alphabet's, if at hand.
+    """
+    midpoints = alphabet_midpoints(alphabet) if midpoints is None else midpoints
     with single_thread():
         inverse, coupling = block_coupling(quantized_gram)
         arguments = (numerators * inverse.unsqueeze(2)).transpose(0, 1).contiguous()  # (B, G, N1)
         coupling = coupling.permute(1, 2, 0).unsqueeze(-1)  # (B, B, G, 1): [j, t] broadcast over neurons
         rounded = []
         for t in range(arguments.shape[0]):
-            q = round_to_alphabet(arguments[t], alphabet)
+            q = round_with_midpoints(arguments[t], alphabet, midpoints)
             rounded.append(q)
             if t + 1 < arguments.shape[0]:
                 arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
@@ -121,13 +125,14 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None):
     if compiled is None:
         compiled = numba is not None and alphabet.device.type == "cpu"
     if not compiled:
-        return lambda numerators, quantized_gram: round_block_torch(numerators, quantized_gram, alphabet)
+        midpoints = alphabet_midpoints(alphabet)
+        return lambda numerators, quantized_gram: round_block_torch(numerators, quantized_gram, alphabet, midpoints)
     if numba is None:
         raise RuntimeError("the compiled in-block kernel needs numba (pip install numba)")
     if alphabet.device.type != "cpu":
         raise ValueError("the compiled in-block kernel runs on the CPU; use compiled=False on other devices")
     levels = alphabet.reshape(1, -1) if alphabet.dim() == 1 else alphabet.reshape(n_groups * n_neurons, -1)
-    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2  # as in round_to_alphabet, in the same dtype
+    midpoints = alphabet_midpoints(levels)  # the thresholds of round_to_alphabet, in the same dtype
     levels, midpoints = levels.t().contiguous().numpy(), midpoints.t().contiguous().numpy()  # (L, R), (L−1, R)
 
     def round_block_compiled(numerators, quantized_gram):

@@ -412,9 +412,14 @@ def test_row_appended_after_a_torn_line_stays_whole(tmp_path):
 
 GRID = textwrap.dedent("""
     import sys
+    import time
     sys.path.insert(0, {repo!r})
     from torch.utils.data import Subset
-    from gpfq import experiment
+    from gpfq import experiment, network
+    # Each layer takes ≥ 0.2 s, so a grid point lasts seconds whatever the engine's speed and a signal
+    # sent after a point's row lands inside the next point (the rows themselves are real).
+    real_quantize_layer = network.quantize_layer
+    network.quantize_layer = lambda *args, **kwargs: (time.sleep(0.2), real_quantize_layer(*args, **kwargs))[1]
     full = experiment.evaluation_set
     experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range({eval_images}))
     sys.path.insert(0, {tests!r})
