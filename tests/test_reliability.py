@@ -460,7 +460,10 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
 
     # Ctrl-C during the second point: the first stays, the run says how to go on
     with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
-        proc = subprocess.Popen([PYTHON, str(script)] + argv, stdout=out, stderr=err)
+        # Ctrl-C must reach the grid even when this suite runs with SIGINT ignored (a shell's background
+        # job, nohup): a process inherits an ignored signal, and Python then installs no handler for it.
+        proc = subprocess.Popen([PYTHON, str(script)] + argv, stdout=out, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for_rows(log, 1, proc)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
