@@ -1,7 +1,7 @@
 """Layer benchmark: per-column loop vs blocked engine vs the BLAS floor, in one run.
 
 For each shape (m rows, N0 inputs, N1 neurons) on synthetic rows at `--bits` bits:
-- columns: `gpfq.quantizer.gpfq_columns`, the per-column vectorized loop (timed once: it is slow);
+- columns: `gpfq.quantizer.gpfq_columns`, the per-column vectorized loop;
 - engine: `gpfq.engine.gpfq_blocked` with form 'auto' (and each form on its own);
 - floor: the matrix products G = X̃ᵀX and H = X̃ᵀX̃ alone;
 - bound: the largest columns/engine any exact float32 engine could reach here: the per-column loop's
@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="engine and floor: median of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="every timing: median of this many runs")
     parser.add_argument("--skip-columns", action="store_true", help="do not time the per-column loop")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -91,7 +91,8 @@ def main(argv=None):
         if args.skip_columns:
             columns_s, equal, speedup, bound = float("nan"), "–", "–", "–"
         else:
-            columns_s, columns_q = timed(lambda: gpfq_columns(weight, analog, quantized, alphabet), device, 1)
+            columns_s, columns_q = timed(lambda: gpfq_columns(weight, analog, quantized, alphabet), device,
+                                         args.repeats)
             equal = f"{(columns_q == engine_q).double().mean().item():.5f}"
             speedup = f"{columns_s / engine_s:.1f}×"
             bound = f"{columns_s / least_s:.1f}×"

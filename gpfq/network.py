@@ -76,6 +76,7 @@ class LayerReport:
     zero_weights: int = 0  # quantized weights equal to 0 (sparsity)
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
     streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
+    rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
 
 
 @dataclass
@@ -294,14 +295,18 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if statistics is not None:
             alphabet, radius = layer_alphabet(layer, settings)
             weight = grouped(layer, flat_weight(layer))
+            rule_start = time.perf_counter()
             quantized_weight = STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings)
+            rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
             analog_g = quantized_g = None
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
         else:
             layer_settings = replace(settings, engine=form) if settings.method == "gpfq" else settings
+            rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
                 layer, analog_rows, quantized_rows, layer_settings)
+            rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
             n_rows, width = analog_rows.shape
         quantized_layer = quantized_model.get_submodule(name)
@@ -310,7 +315,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         zeros = int((quantized_weight == 0).sum())
         report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
-                             streamed=statistics is not None)
+                             streamed=statistics is not None, rule_seconds=rule_seconds)
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
