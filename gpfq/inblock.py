@@ -58,8 +58,17 @@ def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None):
         return torch.stack(rounded, dim=1)
 
 
+def _compiled(function):
+    """numba-compile `function`, cached on disk (gpfq/__pycache__, else numba's user-wide cache) when
+    one of those is writable; otherwise compiled anew in each process."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "cannot cache function …: no locator available"
+        return numba.njit(nogil=True)(function)
+
+
 if numba is not None:
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def _round_block_kernel(numerators, quantized_gram, levels, midpoints, rounded):
         """Left-looking: row t takes its corrections from the rows already rounded, then is rounded.
 
