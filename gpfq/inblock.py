@@ -6,8 +6,9 @@ H = X̃_bᵀX̃_b (B, B), with d_t = H[t, t]:
 
     q_t = Q_A(a_t / d_t − Σ_{j<t} (H[j, t] / d_t) q_j),   t = 0 … B−1   (argument 0 if d_t = 0)
 
-for every neuron. Two implementations of the same arithmetic (corrections subtracted in the order
-j = 0, 1, …):
+for every neuron, Q_A being nearest rounding or one of GPFQ's other rules (`gpfq.variants`: sparse
+GPFQ's thresholding, SPFQ's stochastic rounding). Two implementations of the same arithmetic
+(corrections subtracted in the order j = 0, 1, …):
 - `round_block_torch`: a few tensor operations per column; any device.
 - the compiled kernel (numba): one call per block; CPU only. Per column the torch version pays
   ~25 µs of operator dispatch, most of the engine's time on a CPU; this one pays none.
@@ -18,6 +19,7 @@ import torch
 
 from .alphabet import alphabet_midpoints, round_with_midpoints
 from .threads import single_thread
+from .variants import StochasticRounding, ThresholdedRounding, largest_level, nearest_rounding
 
 try:  # numba is in requirements.txt; without it the engine still works, at torch-dispatch speed
     import numba
@@ -27,6 +29,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 # Up to this many midpoints the index is counted with one branch-free comparison per midpoint, which
 # vectorizes over neurons; larger alphabets (8 bits and up) use a binary search per entry.
 LINEAR_SEARCH_MAX_MIDPOINTS = 64
+# The rules the compiled kernel knows; any other vectorized rule runs in the torch version.
+NEAREST, THRESHOLD, STOCHASTIC = 0, 1, 2
 
 
 def block_coupling(quantized_gram):
@@ -39,19 +43,24 @@ def block_coupling(quantized_gram):
     return inverse, torch.triu(quantized_gram, diagonal=1) * inverse.unsqueeze(1)
 
 
-def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None):
+def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, rounding=None, start=0):
     """numerators (G, B, N1), quantized_gram (G, B, B), alphabet (L,) or (G, N1, L) -> q (G, B, N1).
 
     Three tensor operations per column (search, gather, update); `midpoints`: the alphabet's, if at hand.
+    `rounding`: a vectorized rule rule(argument (G, N1), alphabet, column) (`gpfq.variants`) in place of
+    nearest rounding; the block's first column is column `start` of the layer.
     """
     midpoints = alphabet_midpoints(alphabet) if midpoints is None else midpoints
+    if rounding is nearest_rounding:
+        rounding = None
     with single_thread():
         inverse, coupling = block_coupling(quantized_gram)
         arguments = (numerators * inverse.unsqueeze(2)).transpose(0, 1).contiguous()  # (B, G, N1)
         coupling = coupling.permute(1, 2, 0).unsqueeze(-1)  # (B, B, G, 1): [j, t] broadcast over neurons
         rounded = []
         for t in range(arguments.shape[0]):
-            q = round_with_midpoints(arguments[t], alphabet, midpoints)
+            q = (round_with_midpoints(arguments[t], alphabet, midpoints) if rounding is None
+                 else rounding(arguments[t], alphabet, start + t))
             rounded.append(q)
             if t + 1 < arguments.shape[0]:
                 arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
@@ -69,13 +78,16 @@ def _compiled(function):
 
 if numba is not None:
     @_compiled
-    def _round_block_kernel(numerators, quantized_gram, levels, midpoints, rounded):
+    def _round_block_kernel(numerators, quantized_gram, levels, midpoints, rule, thresholds, soft, uniforms,
+                            rounded):
         """Left-looking: row t takes its corrections from the rows already rounded, then is rounded.
 
         numerators and rounded (G, B, N1); quantized_gram (G, B, B); levels (L, R), midpoints (L−1, R)
-        with R = 1 (one alphabet) or G·N1 (one per neuron, column g·N1 + n).
+        with R = 1 (one alphabet) or G·N1 (one per neuron, column g·N1 + n). rule: NEAREST, THRESHOLD
+        (thresholds (R,): λ per alphabet, soft or hard, then nearest) or STOCHASTIC (uniforms (G, B, N1)).
         """
         n_groups, n_columns, n_neurons = numerators.shape
+        n_levels = levels.shape[0]
         n_midpoints = midpoints.shape[0]
         per_neuron = levels.shape[1] > 1
         zero = numerators.dtype.type(0)
@@ -93,6 +105,37 @@ if numba is not None:
                     coupling = quantized_gram[g, j, t] * inverse
                     for n in range(n_neurons):
                         row[n] -= coupling * rounded[g, j, n]
+                if rule == STOCHASTIC:
+                    # as variants.stochastic_round: clip to [min A, max A], lower = last level ≤ z (at most
+                    # the last but one), up with probability (z − lower)/(upper − lower)
+                    for n in range(n_neurons):
+                        column = offset + n if per_neuron else 0
+                        if n_levels == 1:
+                            rounded[g, t, n] = levels[0, column]
+                            continue
+                        value = min(max(row[n], levels[0, column]), levels[n_levels - 1, column])
+                        count = 0
+                        for k in range(n_levels):
+                            count += levels[k, column] <= value
+                        lower_index = min(max(count - 1, 0), n_levels - 2)
+                        lower = levels[lower_index, column]
+                        upper = levels[lower_index + 1, column]
+                        gap = upper - lower
+                        up_probability = (value - lower) / gap if gap > zero else zero
+                        rounded[g, t, n] = upper if uniforms[g, t, n] < up_probability else lower
+                    continue
+                if rule == THRESHOLD:
+                    # as variants.threshold: soft sign(z)·max(|z| − λ, 0), hard z·1[|z| > λ]
+                    for n in range(n_neurons):
+                        bound = thresholds[offset + n if per_neuron else 0]
+                        value = row[n]
+                        if soft:
+                            shrunk = abs(value) - bound
+                            shrunk = shrunk if shrunk > zero else zero
+                            sign = one if value > zero else (-one if value < zero else zero)
+                            row[n] = sign * shrunk
+                        elif not abs(value) > bound:
+                            row[n] = zero
                 # index = number of midpoints strictly below the value: ties go to the smaller level,
                 # as torch.bucketize(…, right=False) in `round_to_alphabet`.
                 if n_midpoints <= LINEAR_SEARCH_MAX_MIDPOINTS:
@@ -125,29 +168,57 @@ def compiled_available() -> bool:
     return numba is not None
 
 
-def block_rounder(alphabet, n_groups, n_neurons, compiled=None):
-    """The in-block step for one layer: a function (numerators (G, B, N1), H_bb (G, B, B)) -> q (G, B, N1).
+def compiled_rule(rounding, alphabet):
+    """(rule, thresholds, soft) of the compiled kernel for `rounding`, or None if it does not know it."""
+    if rounding is None or rounding is nearest_rounding:
+        return NEAREST, None, False
+    if isinstance(rounding, ThresholdedRounding):
+        # λ as ThresholdedRounding computes it, in the compute dtype: one per alphabet
+        thresholds = (rounding.relative_threshold * largest_level(alphabet)).reshape(-1)
+        return THRESHOLD, thresholds, rounding.kind == "soft"
+    if isinstance(rounding, StochasticRounding):
+        return STOCHASTIC, None, False
+    return None
 
-    alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. `compiled`: None picks
-    the numba kernel for CPU tensors when numba is installed, True / False force one implementation.
+
+def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None):
+    """The in-block step for one layer: a function (numerators (G, B, N1), H_bb (G, B, B), start) -> q (G, B, N1),
+    `start` being the block's first column in the layer.
+
+    alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. `rounding`: None
+    (nearest) or a vectorized rule of `gpfq.variants`. `compiled`: None picks the numba kernel for CPU
+    tensors when numba is installed and knows the rule; True / False force one implementation.
     """
+    rule = compiled_rule(rounding, alphabet)
     if compiled is None:
-        compiled = numba is not None and alphabet.device.type == "cpu"
+        compiled = numba is not None and alphabet.device.type == "cpu" and rule is not None
     if not compiled:
         midpoints = alphabet_midpoints(alphabet)
-        return lambda numerators, quantized_gram: round_block_torch(numerators, quantized_gram, alphabet, midpoints)
+        return lambda numerators, quantized_gram, start=0: round_block_torch(numerators, quantized_gram, alphabet,
+                                                                           midpoints, rounding, start)
     if numba is None:
         raise RuntimeError("the compiled in-block kernel needs numba (pip install numba)")
     if alphabet.device.type != "cpu":
         raise ValueError("the compiled in-block kernel runs on the CPU; use compiled=False on other devices")
+    if rule is None:
+        raise ValueError(f"the compiled in-block kernel does not know the rounding rule {rounding!r}; "
+                         f"use compiled=False")
+    kind, thresholds, soft = rule
     levels = alphabet.reshape(1, -1) if alphabet.dim() == 1 else alphabet.reshape(n_groups * n_neurons, -1)
     midpoints = alphabet_midpoints(levels)  # the thresholds of round_to_alphabet, in the same dtype
     levels, midpoints = levels.t().contiguous().numpy(), midpoints.t().contiguous().numpy()  # (L, R), (L−1, R)
+    thresholds = (np.zeros(1, dtype=levels.dtype) if thresholds is None
+                  else thresholds.to(alphabet.dtype).contiguous().numpy())
+    no_uniforms = np.zeros((1, 1, 1), dtype=levels.dtype)
 
-    def round_block_compiled(numerators, quantized_gram):
+    def round_block_compiled(numerators, quantized_gram, start=0):
         rounded = torch.empty(numerators.shape, dtype=numerators.dtype)
+        uniforms = no_uniforms
+        if kind == STOCHASTIC:  # the block's uniforms (G, N1, B) -> (G, B, N1), as StochasticRounding reads them
+            stop = start + numerators.shape[1]
+            uniforms = rounding.uniforms[..., start:stop].to(numerators.dtype).transpose(1, 2).contiguous().numpy()
         _round_block_kernel(numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels,
-                            midpoints, rounded.numpy())
+                            midpoints, kind, thresholds, soft, uniforms, rounded.numpy())
         return rounded
 
     return round_block_compiled

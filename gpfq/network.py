@@ -37,7 +37,7 @@ from .capture import (CachedForward, capture_input, check_finite, flat_weight, g
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
 from .gptq import gptq
 from .quantizer import gpfq_columns, msq, relative_error
-from .variants import sparse_gpfq, spfq
+from .variants import StochasticRounding, ThresholdedRounding, seeded_uniforms, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -109,7 +109,8 @@ def _msq(weight, analog, quantized, alphabet, settings):
 
 
 def _gpfq_from_statistics(weight, statistics, alphabet, settings):
-    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet)
+    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet,
+                     rounding=_gpfq_rule(settings, weight))
 
 
 def _gptq(weight, analog, quantized, alphabet, settings):
@@ -117,11 +118,21 @@ def _gptq(weight, analog, quantized, alphabet, settings):
 
 
 def _spfq(weight, analog, quantized, alphabet, settings):
-    return spfq(weight, analog, quantized, alphabet, settings.seed)
+    return spfq(weight, analog, quantized, alphabet, settings.seed, engine=settings.engine)
 
 
 def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
-    return sparse_gpfq(weight, analog, quantized, alphabet, settings.threshold, settings.thresholding)
+    return sparse_gpfq(weight, analog, quantized, alphabet, settings.threshold, settings.thresholding,
+                       engine=settings.engine)
+
+
+def _gpfq_rule(settings, weight):
+    """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
+    if settings.method == "spfq":
+        return StochasticRounding(seeded_uniforms(weight.shape, settings.seed).float())
+    if settings.method == "sparse_gpfq":
+        return ThresholdedRounding(settings.threshold, settings.thresholding)
+    return None
 
 
 # name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
@@ -130,7 +141,10 @@ LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "spar
 METHODS = tuple(LAYER_METHODS)
 # Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
-STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics}
+STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
+                      "sparse_gpfq": _gpfq_from_statistics}
+# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
+GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
 
 
 def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
@@ -179,8 +193,9 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
 
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
-    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns'), else the method's name."""
-    if settings.method != "gpfq":
+    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family,
+    else the method's name."""
+    if settings.method not in GPFQ_FAMILY:
         return settings.method
     if settings.engine == "columns":
         return "columns"
@@ -302,7 +317,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             analog_g = quantized_g = None
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
         else:
-            layer_settings = replace(settings, engine=form) if settings.method == "gpfq" else settings
+            layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
             rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
                 layer, analog_rows, quantized_rows, layer_settings)

@@ -14,7 +14,8 @@ z = <X̃_t, u_{t-1} + w_t X_t> / ||X̃_t||² to an alphabet level differs:
 
 A vectorized rounding rule has the signature
     rounding(argument (G, N1), alphabet (L,) or (G, N1, L), column t) -> q (G, N1)
-and `gpfq_rounded` is the GPFQ column loop with it (a fast engine can take the same rule).
+and `gpfq_rounded` is the GPFQ column loop with it; the blocked engine (`gpfq.engine`, `rounding=`)
+takes the same rules, and its compiled in-block kernel knows these two.
 `gpfq_rounded_reference` is `quantizer.gpfq_reference` with a scalar rule
     rounding(argument (float), levels (L,) float64, neuron i, column t) -> level (float)
 in place of nearest rounding: the executable specification the tests hold the fast path to.
@@ -191,14 +192,25 @@ class ThresholdedScalar:
 
 
 # ---------------------------------------------------------------- layer rules
-def spfq(weight, analog_input, quantized_input, alphabet, seed: int, dtype=torch.float32):
-    """Stochastic GPFQ of one layer; shapes as `gpfq_rounded`. Same seed, same Q."""
+def _walk(weight, analog_input, quantized_input, alphabet, rounding, engine, dtype):
+    """The GPFQ walk with `rounding`: the per-column loop for engine 'columns', else the blocked engine."""
+    if engine == "columns":
+        return gpfq_rounded(weight, analog_input, quantized_input, alphabet, rounding, dtype)
+    from .engine import gpfq_blocked  # here, not at the top: the engine imports this module's rules
+    return gpfq_blocked(weight, analog_input, quantized_input, alphabet, form=engine, dtype=dtype, rounding=rounding)
+
+
+def spfq(weight, analog_input, quantized_input, alphabet, seed: int, dtype=torch.float32, engine="auto"):
+    """Stochastic GPFQ of one layer; shapes as `gpfq_rounded`. Same seed, same Q.
+
+    engine: 'columns' (`gpfq_rounded`) or a form of the blocked engine ('auto', 'residual', 'gram').
+    """
     uniforms = seeded_uniforms(weight.shape, seed).to(dtype)
-    return gpfq_rounded(weight, analog_input, quantized_input, alphabet, StochasticRounding(uniforms), dtype)
+    return _walk(weight, analog_input, quantized_input, alphabet, StochasticRounding(uniforms), engine, dtype)
 
 
 def sparse_gpfq(weight, analog_input, quantized_input, alphabet, relative_threshold: float, kind: str,
-                dtype=torch.float32):
-    """Sparse GPFQ of one layer; shapes as `gpfq_rounded`."""
-    return gpfq_rounded(weight, analog_input, quantized_input, alphabet,
-                        ThresholdedRounding(relative_threshold, kind), dtype)
+                dtype=torch.float32, engine="auto"):
+    """Sparse GPFQ of one layer; shapes as `gpfq_rounded`; engine as `spfq`."""
+    return _walk(weight, analog_input, quantized_input, alphabet, ThresholdedRounding(relative_threshold, kind),
+                 engine, dtype)

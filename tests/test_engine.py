@@ -283,3 +283,62 @@ def test_bad_engine_and_calibration_are_rejected_by_validation():
         validate(dict(point, engine="blocked"))
     with pytest.raises(ValueError, match="calibration must be one of"):
         validate(dict(point, calibration="once"))
+
+
+# ---------------------------------------------------------------- other rounding rules (gpfq.variants)
+@pytest.mark.parametrize("per_neuron", [False, True])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("rule", ["stochastic", "soft", "hard"])
+def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled, per_neuron):
+    """Several blocks (B = 8 over N0 = 45), so each block reads its own columns' uniforms."""
+    from gpfq.variants import (StochasticRounding, StochasticScalar, ThresholdedRounding, ThresholdedScalar,
+                               gpfq_rounded, gpfq_rounded_reference, seeded_uniforms)
+    weight, analog, quantized, alphabet = _layer(2, 70, 45, 6, seed=11, per_neuron=per_neuron, bits=3)
+    uniforms = seeded_uniforms(weight.shape, 3)
+    if rule == "stochastic":
+        rounding, scalar = StochasticRounding(uniforms), lambda g: StochasticScalar(uniforms[g])
+    else:
+        rounding, scalar = ThresholdedRounding(0.2, rule), lambda g: ThresholdedScalar(0.2, rule)
+    for form in ("residual", "gram"):
+        result = gpfq_blocked(weight.double(), analog, quantized, alphabet, form=form, block_size=8,
+                              dtype=torch.float64, compiled=compiled, rounding=rounding)
+        for g in range(2):
+            expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g],
+                                              alphabet[g] if per_neuron else alphabet, scalar(g))
+            assert torch.equal(result[g], expected)
+    # float32, the network's dtype: as the per-column loop with the same rule
+    float_rounding = StochasticRounding(uniforms.float()) if rule == "stochastic" else rounding
+    expected = gpfq_rounded(weight, analog, quantized, alphabet, float_rounding)
+    result = gpfq_blocked(weight, analog, quantized, alphabet, block_size=8, compiled=compiled,
+                          rounding=float_rounding)
+    _assert_same_as_columns(result, expected, weight, analog, quantized)
+
+
+@pytest.mark.parametrize("method", ["spfq", "sparse_gpfq"])
+def test_other_rules_on_the_default_model_kept_and_streamed(default_model, method):
+    """SPFQ and sparse GPFQ through the network: the engine (rows kept, and streamed Gram form) makes the
+    per-column loop's choices on every layer of the trained model."""
+    from gpfq.variants import sparse_gpfq, spfq
+
+    def settings(engine):
+        return lambda index, name, layer: settings_for(layer, 3, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
+                                                       engine=engine, seed=5, threshold=0.1, thresholding="soft")
+
+    stream = lambda: CalibrationStream(_Images(96, 4), 0, chunk_size=48)  # noqa: E731
+    steps = []
+    with single_thread():
+        quantize_network(default_model, stream(), settings("columns"), 24, 0.25, 0, after_layer=steps.append,
+                         log=lambda *a: None)
+    for step in steps:
+        args = (step.weight, step.analog_rows, step.quantized_rows, make_alphabet("gpfq2022", 3, 1.3,
+                                                                                  step.report.radius))
+        for form in ("residual", "gram"):
+            result = (spfq(*args, seed=5, engine=form) if method == "spfq"
+                      else sparse_gpfq(*args, 0.1, "soft", engine=form))
+            _assert_same_as_columns(result, step.quantized_weight, *args[:3])
+    _, kept = quantize_network(default_model, stream(), settings("gram"), 24, 0.25, 0, log=lambda *a: None)
+    _, streamed = quantize_network(default_model, stream(), settings("gram"), 24, 0.25, 0, keep_rows=False,
+                                   log=lambda *a: None)
+    assert all(r.streamed and r.form == "gram" for r in streamed)
+    for kept_report, report in zip(kept, streamed):
+        assert abs(report.relative_error - kept_report.relative_error) <= 1e-4

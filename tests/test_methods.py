@@ -68,19 +68,23 @@ def test_parametrized_reference_with_nearest_rounding_is_the_specification():
                        gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64))
 
 
+ENGINES = ["columns", "residual", "gram"]  # the per-column loop and both forms of the blocked engine
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_spfq_equals_reference_and_is_seeded(per_channel):
+def test_spfq_equals_reference_and_is_seeded(per_channel, engine):
     weight, analog, quantized = _problem()
     alphabet = _per_channel(weight) if per_channel else make_alphabet("midtread", 3, 1.1, 2.0)
-    fast = spfq(weight, analog, quantized, alphabet, seed=7, dtype=torch.float64)
+    fast = spfq(weight, analog, quantized, alphabet, seed=7, dtype=torch.float64, engine=engine)
     uniforms = seeded_uniforms(weight.shape, 7)
     for g in range(weight.shape[0]):
         expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g],
                                           alphabet[g] if per_channel else alphabet, StochasticScalar(uniforms[g]))
         assert torch.equal(fast[g], expected)
-    once = spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7)
-    assert torch.equal(once, spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7))
-    other = spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=8)
+    once = spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7, engine=engine)
+    assert torch.equal(once, spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7, engine=engine))
+    other = spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=8, engine=engine)
     assert (other != once).float().mean() > 0.1
     assert (fast != gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64)).float().mean() > 0.1
 
@@ -99,18 +103,20 @@ def test_stochastic_rounding_is_unbiased_between_neighbours():
     assert torch.all((rounded == lower) | (rounded == upper))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_sparse_gpfq_equals_reference(kind, per_channel):
+def test_sparse_gpfq_equals_reference(kind, per_channel, engine):
     weight, analog, quantized = _problem()
     alphabet = _per_channel(weight, "midtread", 2) if per_channel else make_alphabet("gpfq2022", 3, 1.1, 2.0)
-    fast = sparse_gpfq(weight, analog, quantized, alphabet, 0.3, kind, dtype=torch.float64)
+    fast = sparse_gpfq(weight, analog, quantized, alphabet, 0.3, kind, dtype=torch.float64, engine=engine)
     for g in range(weight.shape[0]):
         expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_channel else alphabet,
                                           ThresholdedScalar(0.3, kind))
         assert torch.equal(fast[g], expected)
     plain = gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64)
-    assert torch.equal(sparse_gpfq(weight, analog, quantized, alphabet, 0.0, kind, dtype=torch.float64), plain)
+    assert torch.equal(sparse_gpfq(weight, analog, quantized, alphabet, 0.0, kind, dtype=torch.float64,
+                                   engine=engine), plain)
     assert (fast == 0).float().mean() > (plain == 0).float().mean()
 
 
