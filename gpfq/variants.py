@@ -54,7 +54,7 @@ def stochastic_round(values: torch.Tensor, alphabet: torch.Tensor, uniforms: tor
     # a channel of radius 0 has equal levels (gap 0): no choice to make
     up_probability = torch.where(gap > 0, (clipped - lower) / torch.where(gap > 0, gap, torch.ones_like(gap)),
                                  torch.zeros_like(gap))
-    return torch.where(uniforms.to(values.dtype) < up_probability, upper, lower)
+    return torch.where(uniforms.to(device=values.device, dtype=values.dtype) < up_probability, upper, lower)
 
 
 class StochasticRounding:
