@@ -27,7 +27,12 @@ class HessianNotPositiveDefinite(RuntimeError):
 def _hessian(quantized_input, damping):
     """Damped H = X̃ᵀX̃ (G, N0, N0) in float64 and the dead-input mask (G, N0)."""
     Xq = quantized_input.detach().double()
-    H = torch.bmm(Xq.transpose(1, 2), Xq)
+    return _damped(torch.bmm(Xq.transpose(1, 2), Xq), damping)
+
+
+def _damped(quantized_gram, damping):
+    """H = X̃ᵀX̃ (G, N0, N0), damped, in float64, and the dead-input mask (G, N0)."""
+    H = quantized_gram.detach().double()
     diagonal = H.diagonal(dim1=1, dim2=2)
     dead = diagonal == 0
     H = H + torch.diag_embed(dead.double())
@@ -48,10 +53,18 @@ def gptq(weight, quantized_input, alphabet, block_size: int = 128, damping: floa
     """Blocked GPTQ of all neurons and groups. weight (G, N1, N0), quantized_input (G, m, N0),
     alphabet (L,) or (G, N1, L) -> Q (G, N1, N0) in weight's dtype.
     """
+    Xq = quantized_input.detach().double()
+    return gptq_from_gram(weight, torch.bmm(Xq.transpose(1, 2), Xq), alphabet, block_size, damping, act_order,
+                          dtype)
+
+
+def gptq_from_gram(weight, quantized_gram, alphabet, block_size: int = 128, damping: float = 0.01,
+                   act_order: bool = False, dtype=torch.float32):
+    """`gptq` from H = X̃ᵀX̃ (G, N0, N0) alone (streamed sums, `gpfq.engine.GramStatistics`): GPTQ needs no rows."""
     if block_size < 1:
         raise ValueError(f"block_size must be ≥ 1, got {block_size}")
     n_groups, n_neurons, n_inputs = weight.shape
-    H, dead = _hessian(quantized_input, damping)
+    H, dead = _damped(quantized_gram, damping)
     W = weight.detach().to(dtype).clone()
     W.masked_fill_(dead.unsqueeze(1), 0.0)
     order = _column_order(H, act_order)

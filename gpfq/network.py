@@ -34,8 +34,8 @@ from tqdm import tqdm
 from .alphabet import channel_alphabets, make_alphabet, row_radii
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
-from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram
-from .gptq import gptq
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
+from .gptq import gptq, gptq_from_gram
 from .quantizer import gpfq_columns, msq, relative_error
 from .variants import StochasticRounding, ThresholdedRounding, seeded_uniforms, sparse_gpfq, spfq
 
@@ -117,6 +117,11 @@ def _gptq(weight, analog, quantized, alphabet, settings):
     return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
 
 
+def _gptq_from_statistics(weight, statistics, alphabet, settings):
+    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, settings.block_size, settings.damping,
+                          settings.act_order)
+
+
 def _spfq(weight, analog, quantized, alphabet, settings):
     return spfq(weight, analog, quantized, alphabet, settings.seed, engine=settings.engine)
 
@@ -142,7 +147,7 @@ METHODS = tuple(LAYER_METHODS)
 # Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
 STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
-                      "sparse_gpfq": _gpfq_from_statistics}
+                      "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics}
 # Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
 GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
 
@@ -193,8 +198,12 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
 
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
-    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family,
+    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
+    for GPTQ 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else 'gptq';
     else the method's name."""
+    if settings.method == "gptq":
+        streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
+        return "gram" if streamed else "gptq"
     if settings.method not in GPFQ_FAMILY:
         return settings.method
     if settings.engine == "columns":

@@ -342,3 +342,29 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
     assert all(r.streamed and r.form == "gram" for r in streamed)
     for kept_report, report in zip(kept, streamed):
         assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
+
+
+def test_gptq_streamed_equals_gptq_on_rows(default_model):
+    """GPTQ needs only X̃ᵀX̃: from streamed sums it makes the choices it makes on kept rows."""
+    from gpfq.gptq import gptq, gptq_from_gram
+    weight, analog, quantized, alphabet = _layer(2, 90, 30, 5, seed=3)
+    gram = torch.bmm(quantized.double().transpose(1, 2), quantized.double())
+    assert torch.equal(gptq_from_gram(weight, gram, alphabet, block_size=8), gptq(weight, quantized, alphabet,
+                                                                                   block_size=8))
+
+    def settings(engine):
+        return lambda index, name, layer: settings_for(layer, 3, "gptq", "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
+                                                       engine=engine)
+
+    stream = lambda: CalibrationStream(_Images(96, 5), 0, chunk_size=32)  # noqa: E731
+    kept_steps = []
+    _, kept = quantize_network(default_model, stream(), settings("auto"), 32, 0.25, 0,
+                               after_layer=kept_steps.append, log=lambda *a: None)
+    streamed_steps = []
+    _, streamed = quantize_network(default_model, stream(), settings("gram"), 32, 0.25, 0, keep_rows=False,
+                                   after_layer=streamed_steps.append, log=lambda *a: None)
+    assert all(r.form == "gptq" and not r.streamed for r in kept)
+    assert all(r.form == "gram" and r.streamed for r in streamed)
+    for kept_step, step, kept_report, report in zip(kept_steps, streamed_steps, kept, streamed):
+        assert (step.quantized_weight == kept_step.quantized_weight).double().mean().item() >= 0.995
+        assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
