@@ -19,8 +19,9 @@ contribution of earlier blocks, both exact up to floating-point order:
   Cost ≈ 2·m·N0² (the Grams) + N1·N0²; memory independent of m.
 
 `choose_form` picks the cheaper one per layer, or the Gram form when the rows would
-not fit in memory. Rounding always goes through `round_to_alphabet`, so a 1-D alphabet
-(L,) and per-neuron alphabets (G, N1, L) both work.
+not fit in memory. The in-block step is `gpfq.inblock` (compiled on the CPU); it rounds with
+the midpoints of `round_to_alphabet`, so a 1-D alphabet (L,) and per-neuron alphabets
+(G, N1, L) both work, and takes the other rounding rules of `gpfq.variants` (`rounding=`).
 """
 import contextlib
 import math
