@@ -51,8 +51,6 @@ def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, roun
     nearest rounding; the block's first column is column `start` of the layer.
     """
     midpoints = alphabet_midpoints(alphabet) if midpoints is None else midpoints
-    if rounding is nearest_rounding:
-        rounding = None
     with single_thread():
         inverse, coupling = block_coupling(quantized_gram)
         arguments = (numerators * inverse.unsqueeze(2)).transpose(0, 1).contiguous()  # (B, G, N1)
@@ -169,8 +167,9 @@ def compiled_available() -> bool:
 
 
 def compiled_rule(rounding, alphabet):
-    """(rule, thresholds, soft) of the compiled kernel for `rounding`, or None if it does not know it."""
-    if rounding is None or rounding is nearest_rounding:
+    """(rule, thresholds, soft) of the compiled kernel for `rounding` (None: nearest), or None if it does not
+    know the rule."""
+    if rounding is None:
         return NEAREST, None, False
     if isinstance(rounding, ThresholdedRounding):
         # λ as ThresholdedRounding computes it, in the compute dtype: one per alphabet
@@ -189,6 +188,7 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None):
     (nearest) or a vectorized rule of `gpfq.variants`. `compiled`: None picks the numba kernel for CPU
     tensors when numba is installed and knows the rule; True / False force one implementation.
     """
+    rounding = None if rounding is nearest_rounding else rounding
     rule = compiled_rule(rounding, alphabet)
     if compiled is None:
         compiled = numba is not None and alphabet.device.type == "cpu" and rule is not None
@@ -209,14 +209,16 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None):
     levels, midpoints = levels.t().contiguous().numpy(), midpoints.t().contiguous().numpy()  # (L, R), (L−1, R)
     thresholds = (np.zeros(1, dtype=levels.dtype) if thresholds is None
                   else thresholds.to(alphabet.dtype).contiguous().numpy())
+    # SPFQ's uniforms (G, N1, N0) laid out once as (G, N0, N1), so a block's are rows start … stop
+    uniforms_t = (rounding.uniforms.to(alphabet.dtype).transpose(1, 2).contiguous() if kind == STOCHASTIC
+                  else None)
     no_uniforms = np.zeros((1, 1, 1), dtype=levels.dtype)
 
     def round_block_compiled(numerators, quantized_gram, start=0):
         rounded = torch.empty(numerators.shape, dtype=numerators.dtype)
         uniforms = no_uniforms
-        if kind == STOCHASTIC:  # the block's uniforms (G, N1, B) -> (G, B, N1), as StochasticRounding reads them
-            stop = start + numerators.shape[1]
-            uniforms = rounding.uniforms[..., start:stop].to(numerators.dtype).transpose(1, 2).contiguous().numpy()
+        if uniforms_t is not None:
+            uniforms = uniforms_t[:, start:start + numerators.shape[1]].contiguous().numpy()
         _round_block_kernel(numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels,
                             midpoints, kind, thresholds, soft, uniforms, rounded.numpy())
         return rounded

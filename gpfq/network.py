@@ -37,7 +37,7 @@ from .capture import (CachedForward, capture_input, check_finite, flat_weight, g
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
 from .gptq import gptq, gptq_from_gram
 from .quantizer import gpfq_columns, msq, relative_error
-from .variants import StochasticRounding, ThresholdedRounding, seeded_uniforms, sparse_gpfq, spfq
+from .variants import ThresholdedRounding, sparse_gpfq, spfq, spfq_rounding
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -134,7 +134,7 @@ def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
 def _gpfq_rule(settings, weight):
     """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
     if settings.method == "spfq":
-        return StochasticRounding(seeded_uniforms(weight.shape, settings.seed).float())
+        return spfq_rounding(weight.shape, settings.seed)
     if settings.method == "sparse_gpfq":
         return ThresholdedRounding(settings.threshold, settings.thresholding)
     return None

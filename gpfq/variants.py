@@ -200,13 +200,18 @@ def _walk(weight, analog_input, quantized_input, alphabet, rounding, engine, dty
     return gpfq_blocked(weight, analog_input, quantized_input, alphabet, form=engine, dtype=dtype, rounding=rounding)
 
 
+def spfq_rounding(weight_shape, seed: int, dtype=torch.float32) -> StochasticRounding:
+    """SPFQ's rule for a layer of weight shape (G, N1, N0): its uniforms drawn from `seed`."""
+    return StochasticRounding(seeded_uniforms(weight_shape, seed).to(dtype))
+
+
 def spfq(weight, analog_input, quantized_input, alphabet, seed: int, dtype=torch.float32, engine="auto"):
     """Stochastic GPFQ of one layer; shapes as `gpfq_rounded`. Same seed, same Q.
 
     engine: 'columns' (`gpfq_rounded`) or a form of the blocked engine ('auto', 'residual', 'gram').
     """
-    uniforms = seeded_uniforms(weight.shape, seed).to(dtype)
-    return _walk(weight, analog_input, quantized_input, alphabet, StochasticRounding(uniforms), engine, dtype)
+    return _walk(weight, analog_input, quantized_input, alphabet, spfq_rounding(weight.shape, seed, dtype), engine,
+                 dtype)
 
 
 def sparse_gpfq(weight, analog_input, quantized_input, alphabet, relative_threshold: float, kind: str,
