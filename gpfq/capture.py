@@ -104,7 +104,7 @@ class Layer:
     (e.g. 'layer1.0.conv1'), else the parameter's name ('…self_attention.in_proj_weight')."""
     name: str
     parameter: str
-    kind: str  # the owner's class ('Conv2d', 'Linear', …), or owner class + '.' + parameter ('MultiheadAttention.in_proj_weight')
+    kind: str  # the owner's class ('Conv2d', 'Linear', …), or class.parameter ('MultiheadAttention.in_proj_weight')
     weight: nn.Parameter  # in the model the layer was found in
     conv_dims: int = 0  # 0: linear map; 1, 2, 3: convolution
     groups: int = 1
@@ -445,10 +445,15 @@ def selected_patches(inputs: torch.Tensor, conv, index: torch.Tensor, stride: st
 
 
 def conv_patches(inputs: torch.Tensor, conv, stride: str = "kernel") -> torch.Tensor:
-    """Every patch: (n, L, C_in·∏kernel), channel-major like the weight."""
-    n_patches = math.prod(patch_grid(conv, inputs.shape[2:], stride))
-    index = torch.arange(n_patches).expand(inputs.shape[0], n_patches)
-    return selected_patches(inputs, conv, index, stride).reshape(inputs.shape[0], n_patches, -1)
+    """Every patch of a 2-d convolution by F.unfold: (n, L, C_in·kh·kw), channel-major like the weight.
+    (The reference that `selected_patches`' strided reads are tested against.)"""
+    g = _geometry(conv)
+    if len(g.kernel_size) != 2:
+        raise ValueError(f"conv_patches unfolds 2-d convolutions, got a {len(g.kernel_size)}-d one")
+    (top, bottom), (left, right) = g.padding
+    padded = F.pad(inputs, (left, right, top, bottom)) if any((top, bottom, left, right)) else inputs
+    patches = F.unfold(padded, g.kernel_size, dilation=g.dilation, stride=_steps(g, stride))
+    return patches.transpose(1, 2)
 
 
 def patch_indices(n_images: int, n_patches: int, retain_rate: float, generator: torch.Generator) -> torch.Tensor:
