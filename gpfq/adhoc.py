@@ -273,7 +273,8 @@ def quantize(context):
                                           p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
                                           p.get("patch_stride", "kernel"), device, log=log,
                                           after_layer=after_layer if mode == "all" else None,
-                                          calibration=method_options(p)["calibration"], keep_rows=False)
+                                          calibration=method_options(p)["calibration"], keep_rows=False,
+                                          strict_coverage=bool(p.get("strict_coverage")))
     if mode in ("last", "last_float"):
         correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
 

@@ -28,7 +28,7 @@ from . import __version__
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .evaluate import evaluate
-from .capture import check_model_finite, layers_in_execution_order
+from .capture import Coverage, check_model_finite, find_layers
 from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
@@ -51,7 +51,7 @@ METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sp
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False}
+COMMON_DEFAULTS = {"resume": False, "strict_coverage": False}
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -130,7 +130,7 @@ def validate(point: dict) -> None:
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
-    for key in ("include_0", "resume"):
+    for key in ("include_0", "resume", "strict_coverage"):
         if not isinstance(point.get(key, False), bool):
             fail(f"{key} must be True or False, got {point[key]!r}")
     if point["method"] not in METHODS:
@@ -355,8 +355,12 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
         def checked_layers():
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             check_model_finite(model, example)
-            return layers_in_execution_order(model, example)
-        names = resources.get(("layers", point["model_name"], str(point["weights"])), checked_layers)
+            discovery = find_layers(model, example)
+            return [layer.name for layer in discovery.layers], Coverage.of(discovery).warning()
+        names, coverage_warning = resources.get(("layers", point["model_name"], str(point["weights"])),
+                                                checked_layers)
+        if coverage_warning and point.get("strict_coverage"):
+            raise ValueError(f"bad hyperparameter: strict_coverage is on, and {coverage_warning}")
         check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
         if validate_model is not None:
             validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation)))
@@ -386,7 +390,8 @@ def plain_quantize(context: Context):
     model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
                                       p.get("patch_stride", "kernel"), context.device, log=context.log,
-                                      calibration=method_options(p)["calibration"])
+                                      calibration=method_options(p)["calibration"],
+                                      strict_coverage=bool(p.get("strict_coverage")))
     return model, reports, {}
 
 
@@ -454,12 +459,21 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
+    row.update(coverage_columns(reports))
     row.update(extra)
     for log_path in log_paths:
         append_row(log_path, row, LOG_COLUMNS[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
+
+
+def coverage_columns(reports) -> dict:
+    """The coverage columns of a row (blank when the reports carry no coverage, e.g. a loaded model)."""
+    coverage = getattr(reports, "coverage", None)
+    if coverage is None:
+        return {"Quantized Tensors": "", "Quantized Parameters": "", "Largest Float": ""}
+    return coverage.columns()
 
 
 def display_path(path: Path) -> str:

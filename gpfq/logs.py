@@ -19,7 +19,8 @@ PAPER_COLUMNS = [
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
-    "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
+    "Ignore Layers", "Engine", "Calibration", "Quantized Tensors", "Quantized Parameters", "Largest Float",
+    "Quantization Seconds", "Model File", "Package Version", "Code Revision",
     "Date",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
@@ -30,7 +31,7 @@ LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
 RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
-    "Average Bits", "Retrain Seconds", "Per-Step Top1",
+    "Average Bits", "Retrain Seconds", "Per-Step Top1", "Quantized Tensors", "Quantized Parameters", "Largest Float",
 }
 
 # Ad hoc variant (adhoc_quantization_scripts/): one row goes to the log of every option it switches on, so

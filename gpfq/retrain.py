@@ -138,7 +138,7 @@ def quantize(context):
     model, reports = quantize_network(model, context.stream(), context.settings_of, p["batch_size"],
                                       p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
                                       p.get("patch_stride", "kernel"), device, log=log, after_layer=after_layer,
-                                      in_place=True, keep_rows=False)
+                                      in_place=True, keep_rows=False, strict_coverage=bool(p.get("strict_coverage")))
     model.requires_grad_(False)
     extra = dict(variant_columns(p), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
                                         "Per-Step Top1": " ".join(per_step)})
