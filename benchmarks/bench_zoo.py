@@ -1,0 +1,156 @@
+"""Zoo benchmark: quantize every torchvision classifier (random weights) and report its coverage.
+
+For each name in `torchvision.models.list_models(module=torchvision.models)` (the classifiers): build it
+with random weights, draw m synthetic images of a small size the model accepts, and run 4-bit GPFQ
+through `quantize_network` in fixed calibration (fresh where fx cannot run the model). Each model runs
+in its own process under a time cap. The table (model, calibration, layers, matmul weights quantized,
+parameters quantized/total, seconds, max relative error, status) and a summary line go to stdout and to
+benchmarks/results/zoo.md, a row at a time, so a stopped run keeps what it measured.
+
+    python benchmarks/bench_zoo.py                        # every classifier, 60 s cap each
+    python benchmarks/bench_zoo.py --cap 30 --models resnet18 vit_b_32
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SyntheticImages, report  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo.md"
+# Input sizes below the default for the models whose architecture needs it (else --size).
+SIZES = {"maxvit_t": 224, "inception_v3": 96}
+
+
+def build(name: str, size: int):
+    """(model, image size): ViTs are built for the small image size (their position embedding depends on it)."""
+    from torchvision import models
+    kwargs = {}
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        size = max(patch * 2, size // patch * patch)
+        kwargs["image_size"] = size
+    return models.get_model(name, weights=None, **kwargs).eval(), SIZES.get(name, size)
+
+
+def child(name, size, m, threads):
+    from gpfq.data import CalibrationStream
+    from gpfq.network import quantize_network, settings_for
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, size = build(name, size)
+    settings = lambda index, layer_name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
+                                                             1.0, 1.0)
+    start = time.perf_counter()
+    calibration = "fixed"
+    while True:
+        stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)
+        try:
+            _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
+                                          log=lambda *a: None)
+            break
+        except ValueError as error:
+            if calibration == "fresh" or "calibration='fresh'" not in str(error):
+                raise
+            calibration = "fresh"
+    coverage = reports.coverage
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    matmul = len(coverage.quantized) + len(coverage.chosen_float) + len(coverage.unsupported)
+    report({"calibration": calibration, "size": size, "layers": len(reports),
+            "weights": f"{len(coverage.quantized)}/{matmul}",
+            "parameters": f"{coverage._total(coverage.quantized)}/{total}",
+            "float_matmul": [name for name, _, _ in coverage.unsupported],
+            "seconds": time.perf_counter() - start,
+            "max_error": max((r.relative_error for r in reports), default=0.0)})
+
+
+def parameter_count(name: str):
+    """The parameter count torchvision's weight metadata gives (no model built), or None."""
+    from torchvision import models
+    try:
+        return models.get_model_weights(name).DEFAULT.meta["num_params"]
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def run_one(name, args) -> dict:
+    count = parameter_count(name)
+    if count is not None and count > args.max_parameters:
+        return {"status": f"skipped: {count / 1e6:.0f} M parameters (over --max_parameters)", "seconds": 0.0}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--size", str(args.size),
+               "--m", str(args.m), "--threads", str(args.threads)]
+    start = time.time()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.cap,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    except subprocess.TimeoutExpired:
+        return {"status": f"over the {args.cap:.0f} s cap", "seconds": time.time() - start}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        return {"status": f"error: {last[:160]}", "seconds": time.time() - start}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["status"] = "ok" if not result["float_matmul"] else "float: " + " ".join(result["float_matmul"][:3])
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", type=float, default=60.0, help="seconds per model (its own process)")
+    parser.add_argument("--m", type=int, default=4, help="calibration images")
+    parser.add_argument("--size", type=int, default=64, help="image side (larger where a model needs it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    parser.add_argument("--max_parameters", type=float, default=150e6, help="skip larger models (not built)")
+    parser.add_argument("--models", nargs="*", help="a subset (default: every classifier)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the Markdown table")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child, args.size, args.m, args.threads)
+    import torchvision
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    head = (f"# bench_zoo: {len(names)} torchvision classifiers, random weights, 4-bit GPFQ, m={args.m}, "
+            f"synthetic {args.size}×{args.size} images (larger where needed), cap {args.cap:.0f} s per model, "
+            f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}\n\n"
+            "| model | calibration | image | layers | matmul weights quantized | parameters quantized/total "
+            "| seconds | max rel. error | status |\n|---|---|---|---|---|---|---|---|---|\n")
+    print(head, end="", flush=True)
+    with open(args.output, "w") as out:
+        out.write(head)
+        out.flush()
+        results = {}
+        for name in names:
+            result = results[name] = run_one(name, args)
+            line = (f"| {name} | {result.get('calibration', '')} | {result.get('size', '')} | "
+                    f"{result.get('layers', '')} | {result.get('weights', '')} | {result.get('parameters', '')} | "
+                    f"{result['seconds']:.1f} | "
+                    f"{format(result['max_error'], '.4f') if 'max_error' in result else ''} | {result['status']} |\n")
+            print(line, end="", flush=True)
+            out.write(line)
+            out.flush()
+        ok = [n for n, r in results.items() if r["status"] == "ok"]
+        full = [n for n in ok if results[n]["weights"].split("/")[0] == results[n]["weights"].split("/")[1]]
+        capped = [n for n, r in results.items() if r["status"].startswith("over")]
+        failed = [n for n, r in results.items() if r["status"].startswith("error")]
+        skipped = [n for n, r in results.items() if r["status"].startswith("skipped")]
+        partial = [n for n, r in results.items() if r["status"].startswith("float")]
+        summary = (f"\nSummary: {len(ok)} of {len(names)} classifiers quantized within the {args.cap:.0f} s cap, "
+                   f"{len(full)} of them with every matmul weight quantized; {len(partial)} with float matmul "
+                   f"weights{' (' + ', '.join(partial) + ')' if partial else ''}; {len(capped)} over the cap"
+                   f"{' (' + ', '.join(capped) + ')' if capped else ''}; {len(skipped)} skipped as larger than "
+                   f"{args.max_parameters / 1e6:.0f} M parameters{' (' + ', '.join(skipped) + ')' if skipped else ''}; "
+                   f"{len(failed)} errors"
+                   f"{' (' + ', '.join(failed) + ')' if failed else ''}.\n")
+        print(summary, end="")
+        out.write(summary)
+
+
+if __name__ == "__main__":
+    main()
