@@ -1,4 +1,4 @@
-"""Issue 7: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
+"""Reliability: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
 
 Runs of the embedded default use tiny m and, to fit the test budget, evaluate on the first
 EVAL_IMAGES Fashion-MNIST test images (gpfq.experiment.evaluation_set is narrowed; the code
