@@ -76,6 +76,10 @@ def plain_default(default_runs, make_context):
     return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long run (a whole default experiment); deselect with -m 'not slow'")
+
+
 PHOTOS = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled colour photos: one class each
 
 
