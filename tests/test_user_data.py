@@ -272,6 +272,7 @@ def test_which_model_goes_with_which_data(model_file, photo_folder, model, datas
             check()
 
 
+@pytest.mark.slow
 def test_user_model_on_fashion_mnist_end_to_end(model_file, tmp_path, monkeypatch):
     from torch.utils.data import Subset
     full = experiment.evaluation_set
@@ -281,6 +282,7 @@ def test_user_model_on_fashion_mnist_end_to_end(model_file, tmp_path, monkeypatc
     assert len(list((tmp_path / "models" / "nets.fashion").glob("*.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_my_model_script_end_to_end(photo_folder, tmp_path):
     """The documented command: the example factory on an ImageFolder, from the repo root, logs a row."""
     command = [sys.executable, "quantization_scripts/quantize.py", "--model", MY_MODEL, "--dataset", "imagefolder",
