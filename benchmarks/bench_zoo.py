@@ -7,7 +7,7 @@ in its own process under a time cap. The table (model, calibration, layers, matm
 parameters quantized/total, seconds, max relative error, status) and a summary line go to stdout and to
 benchmarks/results/zoo.md, a row at a time, so a stopped run keeps what it measured.
 
-    python benchmarks/bench_zoo.py                        # every classifier, 60 s cap each
+    python benchmarks/bench_zoo.py                        # every classifier, 60 s cap each, 32×32 images
     python benchmarks/bench_zoo.py --cap 30 --models resnet18 vit_b_32
 """
 import argparse
@@ -39,12 +39,26 @@ def build(name: str, size: int):
     return models.get_model(name, weights=None, **kwargs).eval(), SIZES.get(name, size)
 
 
+def accepted_size(model, size: int) -> int:
+    """The first of size, 64, 224 that the model runs on."""
+    for side in dict.fromkeys((size, max(size, 64), 224)):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, side, side))
+            return side
+        except Exception:  # too small for its pooling / windows: try the next size
+            continue
+    return 224
+
+
 def child(name, size, m, threads):
     from gpfq.data import CalibrationStream
     from gpfq.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, size = build(name, size)
+    if name not in SIZES and not name.startswith("vit_"):
+        size = accepted_size(model, size)
     settings = lambda index, layer_name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
                                                              1.0, 1.0)
     start = time.perf_counter()
@@ -103,7 +117,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per model (its own process)")
     parser.add_argument("--m", type=int, default=4, help="calibration images")
-    parser.add_argument("--size", type=int, default=64, help="image side (larger where a model needs it)")
+    parser.add_argument("--size", type=int, default=32, help="image side (larger where a model needs it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
     parser.add_argument("--max_parameters", type=float, default=150e6, help="skip larger models (not built)")
     parser.add_argument("--models", nargs="*", help="a subset (default: every classifier)")
