@@ -532,6 +532,14 @@ def write_weight(model: nn.Module, layer: Layer, flat: torch.Tensor) -> None:
         parameter.copy_(flat.reshape(parameter.shape))
 
 
+def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the layer called `name` (see `Layer.name`): a module's `weight`, or a parameter."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_submodule(name).weight
+
+
 def owner_module(model: nn.Module, layer: Layer) -> nn.Module:
     """The module that holds `layer`'s weight in `model`."""
     return model.get_submodule(_owner(layer.parameter)[0])
