@@ -7,9 +7,6 @@ grid (the ad hoc options too); each point appends one row to the log of every op
 logs/Quantization_Log_Bias_Correct.csv, Quantization_Log_Skip.csv, Quantization_Log_Mixed_Precision.csv.
 Each model goes to models/<model_name>/adhoc_… with a JSON sidecar.
 """
-import sys
-from pathlib import Path
-
 # ------------------------------------------------------------------ hyperparameters
 model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
 dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
@@ -69,7 +66,10 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import gpfq  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq import adhoc
     from gpfq.experiment import main
     main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,

@@ -9,12 +9,10 @@ float as a reference line; --method, --granularity choose the rows) and <model>_
 --where COLUMN=VALUE keeps only matching rows (repeatable).
 """
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, select  # noqa: E402
+from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, select
 
 
 def main(argv=None):

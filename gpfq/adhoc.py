@@ -1,7 +1,7 @@
 """Ad hoc improvements over plain GPFQ (notes §4): bias correction, float layers, mixed precision.
 
-All three are built on `network.quantize_network`:
-- layers left float (`skip_layers`) and bits per layer (`bits_map`) go through its `settings_of` hook;
+All three are one call of `gpfq.quantize`:
+- layers left float (`skip_layers`) and bits per layer (`bits_map`) are its `layers` choices;
 - bias correction of every quantized layer goes through its `after_layer` hook, so later layers are
   quantized with the corrected network's inputs X̃.
 
@@ -31,9 +31,10 @@ from torch import nn
 
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
 from .data import CalibrationStream
-from .experiment import display_path, method_options
+from .api import quantize as quantize_model
+from .experiment import display_path
 from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
-from .network import LayerReport, quantize_network
+from .network import LayerReport
 from .paths import MODEL_DIR, REPO_ROOT
 
 BIAS_CORRECTIONS = (None, "last", "last_float", "all")
@@ -42,6 +43,8 @@ FLOAT_BITS = 32  # what a float weight costs in the average bits per weight
 BIAS_SEED_OFFSET = 1_000_003  # the bias-correction stream is seeded with seed + this
 # Keys of the ad hoc header that expand into the grid (beside the plain ones).
 GRID_KEYS = ("bias_correction", "bias_batch_size", "skip_layers", "bits_map")
+# Every key the ad hoc header adds to the plain one.
+HEADER_KEYS = GRID_KEYS + ("saved_model",)
 # How a saved model was quantized: read from its sidecar, replacing the header's values.
 SAVED_KEYS = ("model_name", "dataset", "weights", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar",
               "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "alphabet_granularity", "fold_batchnorm",
@@ -254,26 +257,23 @@ def quantize(context):
             for report in reports:  # execution order: each with X̃ from the already corrected layers
                 correct_bias(analog_model, model, report.name, corrections.draw(p["bias_batch_size"]), device, log)
     else:
-        bits_of = bits_per_layer(names, p.get("bits_map") or {}, p["bits"])
+        bits_per_layer(names, p.get("bits_map") or {}, p["bits"])  # every entry matches a layer
         left_float = skipped_indices(p.get("skip_layers"), len(names))
         if mode == "last_float":
             left_float.add(len(names) - 1)
-
-        def settings_of(index, name, layer):
-            """The header's settings (method, alphabet, engine, …) with this layer's bits, or None: float."""
-            if index in left_float:
-                return None
-            return dataclasses.replace(context.settings_of(index, name, layer), bits=bits_of[name])
+        # bits per layer (the last matching entry wins), then the float layers, which win over bits
+        layers = {key: {"bits": bits} for key, bits in (p.get("bits_map") or {}).items()}
+        for index in sorted(left_float):
+            layers.pop(index, None)  # re-inserted last, so no bits entry comes after it
+            layers[index] = None
 
         def after_layer(step):
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
                          corrections.draw(p["bias_batch_size"]), device, log)
 
-        model, reports = quantize_network(analog_model, context.stream(), settings_of, p["batch_size"],
-                                          p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                          p.get("patch_stride", "kernel"), device, log=log,
-                                          after_layer=after_layer if mode == "all" else None,
-                                          calibration=method_options(p)["calibration"], keep_rows=False)
+        result = quantize_model(analog_model, context.stream(), context.config, device=device, layers=layers,
+                                after_layer=after_layer if mode == "all" else None, log=log)
+        model, reports = result.model, result.reports
     if mode in ("last", "last_float"):
         correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
 

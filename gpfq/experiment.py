@@ -25,28 +25,24 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .evaluate import evaluate
 from .capture import check_model_finite, layers_in_execution_order
 from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
-from .engine import ENGINES
-from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
-                      zero_fraction)
-from .variants import THRESHOLDINGS
+from . import api
+from .config import GRID_FIELDS, QuantConfig
+from .network import check_layer_indices, reports_as_dicts, zero_fraction
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
 # Keys whose list values expand into a grid (a scalar is a one-point axis).
-GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
-             "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
-             "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
-             "gptq_act_order", "engine", "calibration")
-# Method and procedure options a header may leave out (older headers, other variants): their defaults.
-METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sparsity_threshold": 0.0,
-                   "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False,
-                   "engine": "auto", "calibration": "fresh"}
+# The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
+GRID_KEYS = ("model_name",) + GRID_FIELDS
+# Header keys that are not quantization hyperparameters, and the log column of those that have one.
+RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author"}
+RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
+            "log_dir", "model_dir", "data_dir")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
@@ -110,65 +106,17 @@ def validate(point: dict) -> None:
     def fail(message):
         raise ValueError(f"bad hyperparameter: {message}")
 
-    bits = point["bits"]
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        fail(f"bits must be a positive integer, got {bits!r}")
-    for key in ("mlp_scalar", "cnn_scalar"):
-        value = point[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            fail(f"{key} must be a number > 0, got {value!r}")
-    for key in ("mlp_percentile", "cnn_percentile", "retain_rate"):
-        value = point[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            fail(f"{key} must be in (0, 1], got {value!r}")
-    m = point["batch_size"]
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        fail(f"batch_size (m) must be an integer ≥ 1, got {m!r}")
-    seed = point.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        fail(f"seed must be an integer, got {seed!r}")
+    QuantConfig.from_point(point)  # the quantization hyperparameters
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
-    for key in ("include_0", "resume"):
-        if not isinstance(point.get(key, False), bool):
-            fail(f"{key} must be True or False, got {point[key]!r}")
-    if point["method"] not in METHODS:
-        fail(f"method must be one of {METHODS}, got {point['method']!r}")
-    if point["alphabet"] not in ALPHABET_KINDS:
-        fail(f"alphabet must be one of {ALPHABET_KINDS}, got {point['alphabet']!r}")
-    options = method_options(point)
-    if options["alphabet_granularity"] not in GRANULARITIES:
-        fail(f"alphabet_granularity must be one of {GRANULARITIES}, got {options['alphabet_granularity']!r}")
-    for key in ("fold_batchnorm", "gptq_act_order"):
-        if not isinstance(options[key], bool):
-            fail(f"{key} must be True or False, got {options[key]!r}")
-    value = options["sparsity_threshold"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        fail(f"sparsity_threshold (λ, relative to the alphabet's largest level) must be a number ≥ 0, got {value!r}")
-    if options["thresholding"] not in THRESHOLDINGS:
-        fail(f"thresholding must be one of {THRESHOLDINGS}, got {options['thresholding']!r}")
-    if point["method"] == "sparse_gpfq" and point["alphabet"] == "gpfq2022" and not point["include_0"]:
-        fail("sparse_gpfq needs the level 0 in the alphabet: set include_0 = True (or another alphabet)")
-    value = options["gptq_block_size"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        fail(f"gptq_block_size must be an integer ≥ 1, got {value!r}")
-    value = options["gptq_damping"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        fail(f"gptq_damping must be a number ≥ 0, got {value!r}")
+    if not isinstance(point.get("resume", False), bool):
+        fail(f"resume must be True or False, got {point['resume']!r}")
     if point["dataset"] not in DATASETS:
         fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
     threads = point.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
-    if options["engine"] not in ENGINES:
-        fail(f"engine must be one of {ENGINES}, got {options['engine']!r}")
-    if options["calibration"] not in CALIBRATIONS:
-        fail(f"calibration must be one of {CALIBRATIONS}, got {options['calibration']!r}")
-    if point.get("patch_stride", "kernel") not in ("kernel", "layer"):
-        fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
-        fail(f"ignore_layers must be a list of layer indices, got {point['ignore_layers']!r}")
     check_model_name(point["model_name"])
     if is_embedded(point["model_name"]) != (point["dataset"] == EMBEDDED_DATASET):
         fail(f"model {point['model_name']!r} does not go with dataset {point['dataset']!r}: the embedded models "
@@ -256,7 +204,7 @@ def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
     if point["weights"] == "DEFAULT" and published_accuracy(point["model_name"]) is not None:
         return published_accuracy(point["model_name"])
-    folded = method_options(point)["fold_batchnorm"]
+    folded = QuantConfig.from_point(point).fold_batchnorm
     return resources.get(("float", point["model_name"], str(point["weights"]), folded),
                          lambda: evaluate(model, loader_of(), device=device, desc="float model"))
 
@@ -282,39 +230,10 @@ class Context:
         return evaluation_loader(self.evaluation, self.point.get("eval_batch_size", 256),
                                  self.point.get("num_workers", 0))
 
-    def settings_of(self, index, name, layer):
-        """The header's settings for every layer (CNN values for Conv2d, MLP values for Linear)."""
-        p = self.point
-        options = method_options(p)
-        return settings_for(layer, p["bits"], p["method"], p["alphabet"], p["include_0"], p["mlp_scalar"],
-                            p["cnn_scalar"], p["mlp_percentile"], p["cnn_percentile"],
-                            granularity=options["alphabet_granularity"], seed=layer_seed(p["seed"], index),
-                            threshold=options["sparsity_threshold"], thresholding=options["thresholding"],
-                            block_size=options["gptq_block_size"], damping=options["gptq_damping"],
-                            act_order=options["gptq_act_order"], engine=options["engine"])
-
-
-def method_options(point: dict) -> dict:
-    """The point's method options, defaults filled in for those its header lacks."""
-    return {key: point.get(key, default) for key, default in METHOD_DEFAULTS.items()}
-
-
-def layer_seed(seed: int, index: int) -> int:
-    """Seed of layer `index`'s stochastic rounding: distinct per layer, fixed by the point's seed."""
-    return seed * 1_000_003 + index
-
-
-def method_description(point: dict) -> str:
-    """The options that matter for the point's method, for the log's Method Options column."""
-    options = method_options(point)
-    if point["method"] == "gptq":
-        return (f"block {options['gptq_block_size']}, damping {options['gptq_damping']}"
-                f"{', act-order' if options['gptq_act_order'] else ''}")
-    if point["method"] == "sparse_gpfq":
-        return f"{options['thresholding']} threshold {options['sparsity_threshold']}"
-    if point["method"] == "spfq":
-        return "stochastic rounding"
-    return ""
+    @property
+    def config(self) -> QuantConfig:
+        """The point's quantization hyperparameters."""
+        return QuantConfig.from_point(self.point)
 
 
 def load_inputs(point: dict, resources: Resources):
@@ -368,7 +287,7 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
     torch.manual_seed(point["seed"])
     calibration, evaluation, analog_model = load_inputs(point, resources)
     check_batch_size("batch_size", point["batch_size"], calibration)
-    if method_options(point)["fold_batchnorm"]:
+    if QuantConfig.from_point(point).fold_batchnorm:
         def folded():
             model, pairs = fold_batchnorm(analog_model)
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
@@ -382,28 +301,15 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
 
 def plain_quantize(context: Context):
     """The paper's GPFQ: every layer with the header's settings. Returns (model, reports, {})."""
-    p = context.point
-    model, reports = quantize_network(context.analog_model, context.stream(), context.settings_of, p["batch_size"],
-                                      p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                      p.get("patch_stride", "kernel"), context.device, log=context.log,
-                                      calibration=method_options(p)["calibration"])
-    return model, reports, {}
+    result = api.quantize(context.analog_model, context.stream(), context.config, device=context.device, log=context.log)
+    return result.model, result.reports, {}
 
 
 def point_columns(point: dict) -> dict:
     """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
-    return {
-        "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
-        "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
-        "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
-        "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
-        "Method": point["method"], "Alphabet": point["alphabet"],
-        "Alphabet Granularity": method_options(point)["alphabet_granularity"],
-        "Method Options": method_description(point), "Fold BatchNorm": method_options(point)["fold_batchnorm"],
-        "Patch Stride": point.get("patch_stride", "kernel"),
-        "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
-        "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
-    }
+    columns = {"Model Name": point["model_name"], "Dataset": point["dataset"]}
+    columns.update(QuantConfig.from_point(point).log_columns())
+    return columns
 
 
 def log_names_of(point: dict, log_name) -> list:
@@ -424,15 +330,16 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
-    log(f"== {point['model_name']} {point['method']} {method_description(point)} {point['bits']} bits, "
+    config = context.config
+    log(f"== {point['model_name']} {point['method']} {config.method_description()} {point['bits']} bits, "
         f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
-        f"{method_options(point)['alphabet_granularity']} alphabets, seed {point['seed']}")
+        f"{config.alphabet_granularity} alphabets, seed {point['seed']}")
     start = time.time()
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
     stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}"
-            f"_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}"
+            f"_{config.alphabet_granularity}_b{point['bits']}_m{point['batch_size']}"
             f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}

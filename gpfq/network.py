@@ -84,7 +84,7 @@ class LayerStep:
     """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
 
     When the layer was streamed, the rows were never kept (None) and `statistics` holds their
-    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `quantize_network(keep_rows=True)` keeps rows.
+    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `_quantize_network(keep_rows=True)` keeps rows.
     """
     report: LayerReport
     analog_layer: nn.Module
@@ -267,7 +267,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
-def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET):

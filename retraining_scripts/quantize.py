@@ -9,9 +9,6 @@ Any name can be overridden on the command line, e.g. `python3 quantize.py --bits
 List values expand into a grid; each point appends one row to logs/Quantization_Log_Retrain.csv and saves
 its model to models/<model_name>/retrain_… with a JSON sidecar.
 """
-import sys
-from pathlib import Path
-
 # ------------------------------------------------------------------ hyperparameters
 model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
 dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
@@ -72,7 +69,10 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               data_dir=None)
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import gpfq  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq import retrain
     from gpfq.experiment import main
     from gpfq.logs import RETRAIN_LOG

@@ -1,0 +1,162 @@
+"""QuantConfig: every quantization hyperparameter, in one typed place.
+
+A field's name is the scripts' header key, its default the scripts' default, and its metadata says
+where it goes in the result logs (`column`), whether a list of values in a header expands into a
+grid (`grid`), and whether `gpfq.quantize(layers=…)` may change it for single layers (`per_layer`).
+Adding an option: add a field here (with its check in `__post_init__`), then use it where it acts.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+from .alphabet import ALPHABET_KINDS, GRANULARITIES
+from .engine import ENGINES
+from .network import CALIBRATIONS, METHODS
+from .variants import THRESHOLDINGS
+
+PATCH_STRIDES = ("kernel", "layer")
+METHOD_OPTIONS = "Method Options"  # one log column describing the options of the point's method
+
+
+def option(default, column, grid=True, per_layer=True):
+    return field(default=default, metadata={"column": column, "grid": grid, "per_layer": per_layer})
+
+
+def _fail(message):
+    raise ValueError(f"bad hyperparameter: {message}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a network is quantized (the paper's GPFQ at 4 bits by default).
+
+    Conv2d layers take the cnn_* scalar and percentile, Linear layers the mlp_* ones: each layer's
+    alphabet radius is scalar · (mean over neurons of the `percentile` quantile of |w|).
+    """
+    method: str = option("gpfq", "Method")  # gpfq, msq, gptq, spfq, sparse_gpfq
+    bits: int = option(4, "Bits")
+    batch_size: int = option(512, "Quantization Batch Size", per_layer=False)  # m: calibration images per layer
+    mlp_scalar: float = option(1.3, "MLP_Alphabet_Scalar")
+    cnn_scalar: float = option(1.3, "CNN_Alphabet_Scalar")
+    mlp_percentile: float = option(1.0, "MLP_Percentile")
+    cnn_percentile: float = option(1.0, "CNN_Percentile")
+    alphabet: str = option("gpfq2022", "Alphabet")  # gpfq2022, midtread, strict
+    include_0: bool = option(True, "Include 0")
+    retain_rate: float = option(0.25, "Retain_rate", per_layer=False)  # conv layers: fraction of patches kept
+    seed: int = option(0, "Seed", per_layer=False)
+    alphabet_granularity: str = option("layer", "Alphabet Granularity")  # one radius per layer or channel
+    fold_batchnorm: bool = option(False, "Fold BatchNorm", per_layer=False)
+    sparsity_threshold: float = option(0.0, METHOD_OPTIONS)  # sparse_gpfq: λ / the largest level
+    thresholding: str = option("soft", METHOD_OPTIONS)  # sparse_gpfq: soft (L1) or hard (L0)
+    gptq_block_size: int = option(128, METHOD_OPTIONS)
+    gptq_damping: float = option(0.01, METHOD_OPTIONS)
+    gptq_act_order: bool = option(False, METHOD_OPTIONS)
+    engine: str = option("auto", "Engine")  # GPFQ: auto, residual, gram, columns
+    calibration: str = option("fresh", "Calibration", per_layer=False)  # fresh (m new images per layer), fixed
+    patch_stride: str = option("kernel", "Patch Stride", grid=False, per_layer=False)  # kernel, layer
+    ignore_layers: tuple = option((), "Ignore Layers", grid=False, per_layer=False)  # indices left float
+
+    def __post_init__(self):
+        if isinstance(self.ignore_layers, list):
+            object.__setattr__(self, "ignore_layers", tuple(self.ignore_layers))
+        if not _is_int(self.bits) or self.bits < 1:
+            _fail(f"bits must be a positive integer, got {self.bits!r}")
+        for key in ("mlp_scalar", "cnn_scalar"):
+            value = getattr(self, key)
+            if not _is_number(value) or not value > 0:
+                _fail(f"{key} must be a number > 0, got {value!r}")
+        for key in ("mlp_percentile", "cnn_percentile", "retain_rate"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 < value <= 1:
+                _fail(f"{key} must be in (0, 1], got {value!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            _fail(f"batch_size (m) must be an integer ≥ 1, got {self.batch_size!r}")
+        if not _is_int(self.seed):
+            _fail(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.include_0, bool):
+            _fail(f"include_0 must be True or False, got {self.include_0!r}")
+        if self.method not in METHODS:
+            _fail(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.alphabet not in ALPHABET_KINDS:
+            _fail(f"alphabet must be one of {ALPHABET_KINDS}, got {self.alphabet!r}")
+        if self.alphabet_granularity not in GRANULARITIES:
+            _fail(f"alphabet_granularity must be one of {GRANULARITIES}, got {self.alphabet_granularity!r}")
+        for key in ("fold_batchnorm", "gptq_act_order"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if not _is_number(self.sparsity_threshold) or not self.sparsity_threshold >= 0:
+            _fail(f"sparsity_threshold (λ, relative to the alphabet's largest level) must be a number ≥ 0, "
+                  f"got {self.sparsity_threshold!r}")
+        if self.thresholding not in THRESHOLDINGS:
+            _fail(f"thresholding must be one of {THRESHOLDINGS}, got {self.thresholding!r}")
+        if self.method == "sparse_gpfq" and self.alphabet == "gpfq2022" and not self.include_0:
+            _fail("sparse_gpfq needs the level 0 in the alphabet: set include_0 = True (or another alphabet)")
+        if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
+            _fail(f"gptq_block_size must be an integer ≥ 1, got {self.gptq_block_size!r}")
+        if not _is_number(self.gptq_damping) or not self.gptq_damping >= 0:
+            _fail(f"gptq_damping must be a number ≥ 0, got {self.gptq_damping!r}")
+        if self.engine not in ENGINES:
+            _fail(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.calibration not in CALIBRATIONS:
+            _fail(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.patch_stride not in PATCH_STRIDES:
+            _fail(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
+        if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
+            _fail(f"ignore_layers must be a list of layer indices, got {list_or_value(self.ignore_layers)!r}")
+
+    @classmethod
+    def from_point(cls, point: dict) -> "QuantConfig":
+        """The config of a header or grid point (a dict with header keys); keys it lacks take the defaults."""
+        values = {name: point[name] for name in FIELDS if name in point}
+        if values.get("ignore_layers", ()) is None:
+            values["ignore_layers"] = ()
+        return cls(**values)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def method_description(self) -> str:
+        """The options that matter for the method, for the log's Method Options column."""
+        if self.method == "gptq":
+            return (f"block {self.gptq_block_size}, damping {self.gptq_damping}"
+                    f"{', act-order' if self.gptq_act_order else ''}")
+        if self.method == "sparse_gpfq":
+            return f"{self.thresholding} threshold {self.sparsity_threshold}"
+        if self.method == "spfq":
+            return "stochastic rounding"
+        return ""
+
+    def log_columns(self) -> dict:
+        """{log column: value} of every field (the method options share one column)."""
+        columns = {}
+        for item in dataclasses.fields(self):
+            column = item.metadata["column"]
+            value = getattr(self, item.name)
+            if column == METHOD_OPTIONS:
+                value = self.method_description()
+            elif item.name == "ignore_layers":
+                value = " ".join(str(i) for i in value)
+            columns[column] = value
+        return columns
+
+
+def list_or_value(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+FIELDS = tuple(item.name for item in dataclasses.fields(QuantConfig))
+GRID_FIELDS = tuple(item.name for item in dataclasses.fields(QuantConfig) if item.metadata["grid"])
+PER_LAYER_FIELDS = tuple(item.name for item in dataclasses.fields(QuantConfig) if item.metadata["per_layer"])
+CONFIG_COLUMNS = tuple(dict.fromkeys(item.metadata["column"] for item in dataclasses.fields(QuantConfig)))
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of layer `index`'s stochastic rounding: distinct per layer, fixed by the config's seed."""
+    return seed * 1_000_003 + index
