@@ -70,8 +70,6 @@ if __name__ == "__main__":
         import gpfq  # noqa: F401
     except ModuleNotFoundError:
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
-    from gpfq import adhoc
+    from gpfq.adhoc import ADHOC
     from gpfq.experiment import main
-    main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
-         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc",
-         validate_model=adhoc.validate_model, variant_columns=adhoc.variant_columns)
+    main(HEADER, variant=ADHOC)

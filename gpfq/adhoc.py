@@ -32,11 +32,27 @@ from torch import nn
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
 from .data import CalibrationStream
 from .api import quantize as quantize_model
-from .experiment import display_path
-from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
+from .experiment import Variant
+from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 from .network import LayerReport
 from .paths import MODEL_DIR, REPO_ROOT
+from .storage import display_path
 
+# One row goes to the log of every option it switches on, so the three logs share one column set; each
+# puts its own columns first. The bias-correction log keeps the original's place for "Bias Correction
+# Batch Size" (right after the batch size).
+BIAS_LOG = "Quantization_Log_Bias_Correct.csv"
+SKIP_LOG = "Quantization_Log_Skip.csv"
+MIXED_LOG = "Quantization_Log_Mixed_Precision.csv"
+_BATCH = PAPER_COLUMNS.index("Quantization Batch Size") + 1
+LOGS = {
+    BIAS_LOG: (PAPER_COLUMNS[:_BATCH] + ["Bias Correction Batch Size"] + PAPER_COLUMNS[_BATCH:]
+               + ["Bias Correction", "Skip Layers", "Bits Map", "Average Bits", "Source Model"] + EXTRA_COLUMNS),
+    SKIP_LOG: (PAPER_COLUMNS + ["Skip Layers", "Bias Correction", "Bias Correction Batch Size", "Bits Map",
+                                "Average Bits", "Source Model"] + EXTRA_COLUMNS),
+    MIXED_LOG: (PAPER_COLUMNS + ["Bits Map", "Average Bits", "Skip Layers", "Bias Correction",
+                                 "Bias Correction Batch Size", "Source Model"] + EXTRA_COLUMNS),
+}
 BIAS_CORRECTIONS = (None, "last", "last_float", "all")
 SKIP_CHOICES = (None, "first", "last", "both")
 FLOAT_BITS = 32  # what a float weight costs in the average bits per weight
@@ -303,3 +319,8 @@ def validate_model(point: dict, facts) -> None:
 def format_bits_map(bits_map) -> str:
     """A bits map as the log shows it: 'key=bits' pairs, e.g. '0=8 -1=8' or 'stages.2.*=4'."""
     return " ".join(f"{key}={bits}" for key, bits in (bits_map or {}).items())
+
+
+ADHOC = Variant(name="adhoc", quantize=quantize, logs=LOGS, log_names=log_names, header_keys=HEADER_KEYS,
+                grid_keys=GRID_KEYS, columns=variant_columns, result_columns=frozenset({"Average Bits"}),
+                resolve_point=resolve_point, validate_point=validate_point, validate_model=validate_model)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .engine import ENGINES
 from .network import CALIBRATIONS, METHODS
-from .variants import THRESHOLDINGS
+from .rounding import THRESHOLDINGS
 
 PATCH_STRIDES = ("kernel", "layer")
 METHOD_OPTIONS = "Method Options"  # one log column describing the options of the point's method

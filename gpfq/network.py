@@ -34,10 +34,11 @@ from tqdm import tqdm
 from .alphabet import channel_alphabets, make_alphabet, row_radii
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
-from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from .gptq import gptq, gptq_from_gram
-from .quantizer import gpfq_columns, msq, relative_error
-from .variants import ThresholdedRounding, sparse_gpfq, spfq, spfq_rounding
+from .quantizer import msq, relative_error
+from .rounding import ThresholdedRounding, spfq_rounding
+from .variants import gpfq_walk, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -99,9 +100,7 @@ class LayerStep:
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    if settings.engine == "columns":
-        return gpfq_columns(weight, analog, quantized, alphabet)
-    return gpfq_blocked(weight, analog, quantized, alphabet, form=settings.engine)
+    return gpfq_walk(weight, analog, quantized, alphabet, engine=settings.engine)
 
 
 def _msq(weight, analog, quantized, alphabet, settings):

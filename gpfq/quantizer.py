@@ -14,43 +14,49 @@ For each neuron w, with u_0 = 0 and t = 1 … N0:
 
 `gpfq_reference` is that loop written out neuron by neuron: the executable
 specification. `gpfq_columns` runs the same loop over all neurons (and groups) at
-once. The 2022 code's shortcut (return Q_A(w_t) when |<X̃_t, u_{t-1}>| < 1e-10) is
+once. Both take the rounding rule Q_A as `rounding=` (`gpfq.rounding`: nearest for GPFQ,
+stochastic for SPFQ, thresholded for sparse GPFQ), so every method of the family has one
+reference and one per-column loop. The 2022 code's shortcut (return Q_A(w_t) when |<X̃_t, u_{t-1}>| < 1e-10) is
 not kept: it only matters when the residual is exactly orthogonal to X̃_t.
 """
 import torch
 
 from .alphabet import round_to_alphabet
+from .rounding import nearest_rounding, nearest_scalar
 
 
-def gpfq_reference(weight, analog_input, quantized_input, alphabet):
+def gpfq_reference(weight, analog_input, quantized_input, alphabet, rounding=nearest_scalar):
     """Neuron-by-neuron, column-by-column GPFQ in float64 (the specification).
 
-    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0) -> Q (N1, N0).
+    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0), alphabet (L,) or (N1, L) -> Q (N1, N0).
+    rounding(argument, levels (L,) float64, neuron i, column t) -> level: a scalar rule of `gpfq.rounding`
+    (default: the nearest level, ties to the smaller one).
     """
     W = weight.detach().double()
     X = analog_input.detach().double()
     Xq = quantized_input.detach().double()
-    levels = alphabet.double()
     n_neurons, n_inputs = W.shape
     Q = torch.zeros_like(W)
     for i in range(n_neurons):
+        levels = (alphabet if alphabet.dim() == 1 else alphabet[i]).double()
         u = torch.zeros(X.shape[0], dtype=torch.float64)
         for t in range(n_inputs):
-            norm2 = torch.dot(Xq[:, t], Xq[:, t])
+            norm2 = float(torch.dot(Xq[:, t], Xq[:, t]))
             target = u + W[i, t] * X[:, t]
-            argument = torch.dot(Xq[:, t], target) / norm2 if norm2 > 0 else torch.tensor(0.0, dtype=torch.float64)
-            q = levels[torch.argmin((levels - argument).abs())]  # first minimum: ties go to the smaller level
+            argument = float(torch.dot(Xq[:, t], target)) / norm2 if norm2 > 0 else 0.0
+            q = rounding(argument, levels, i, t)
             Q[i, t] = q
             u = target - q * Xq[:, t]
     return Q
 
 
-def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32):
+def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32, rounding=nearest_rounding):
     """GPFQ over all neurons and groups at once, one input column per step.
 
-    weight (G, N1, N0), analog_input (G, m, N0), quantized_input (G, m, N0) -> Q (G, N1, N0),
-    in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so far,
-    shape (G, N1, m).
+    weight (G, N1, N0), analog_input (G, m, N0), quantized_input (G, m, N0), alphabet (L,) or (G, N1, L)
+    -> Q (G, N1, N0), in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so
+    far, shape (G, N1, m). rounding(argument (G, N1), alphabet, t) -> q: a vectorized rule of
+    `gpfq.rounding` (default: nearest).
     """
     # Column-major copies, so that column t of W, X and X̃ is one contiguous read.
     weight_t = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
@@ -69,7 +75,7 @@ def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.fl
         residual.addcmul_(weight_t[:, t].unsqueeze(2), analog_t[:, t].unsqueeze(1))  # u + w_t X_t
         argument = torch.bmm(residual, xq_t).squeeze(2) / safe_norms2[:, t].unsqueeze(1)  # (G, N1)
         argument.masked_fill_(zero_column[:, t].unsqueeze(1), 0.0)
-        q = round_to_alphabet(argument, levels)
+        q = rounding(argument, levels, t)
         quantized_weight_t[:, t] = q
         residual.sub_(q.unsqueeze(2) * xq_t.transpose(1, 2))
     Q = quantized_weight_t.transpose(1, 2)

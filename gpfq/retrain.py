@@ -21,9 +21,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .evaluate import evaluate
 from .api import quantize as quantize_model
+from .evaluate import evaluate
+from .experiment import Variant
+from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 
+RETRAIN_LOG = "Quantization_Log_Retrain.csv"
+LOGS = {RETRAIN_LOG: PAPER_COLUMNS + [
+    "Retrain Start", "Retrain Samples", "Retrain Batch Size", "Retrain Epochs", "Retrain Learning Rate",
+    "Retrain Weight Decay", "Retrain BatchNorm", "Retrain Seconds", "Per-Step Top1"] + EXTRA_COLUMNS}
 BATCHNORM_MODES = ("frozen", "update")
 RETRAIN_SEED_OFFSET = 2_000_003  # the retraining images and their order are seeded with seed + this
 # Keys of the retraining header that expand into the grid (beside the plain ones).
@@ -156,3 +162,8 @@ def variant_columns(point: dict) -> dict:
         "Retrain Learning Rate": point["retrain_lr"], "Retrain Weight Decay": point["retrain_weight_decay"],
         "Retrain BatchNorm": point["retrain_batchnorm"],
     }
+
+
+RETRAIN = Variant(name="retrain", quantize=quantize, logs=LOGS, header_keys=HEADER_KEYS, grid_keys=GRID_KEYS,
+                  columns=variant_columns, result_columns=frozenset({"Retrain Seconds", "Per-Step Top1"}),
+                  validate_point=validate_point)

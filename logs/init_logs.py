@@ -7,8 +7,9 @@ An existing log is never deleted: it is renamed <name>_<YYYYmmdd-HHMMSS>.csv fir
 import sys
 from pathlib import Path
 
-from gpfq.logs import LOG_COLUMNS, init_log
+from gpfq.logs import init_log
 from gpfq.paths import LOG_DIR
+from gpfq.procedures import LOG_COLUMNS
 
 
 def main(log_dir=LOG_DIR):

@@ -73,8 +73,6 @@ if __name__ == "__main__":
         import gpfq  # noqa: F401
     except ModuleNotFoundError:
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
-    from gpfq import retrain
     from gpfq.experiment import main
-    from gpfq.logs import RETRAIN_LOG
-    main(HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
-         grid_keys=retrain.GRID_KEYS, variant="retrain", variant_columns=retrain.variant_columns)
+    from gpfq.retrain import RETRAIN
+    main(HEADER, variant=RETRAIN)

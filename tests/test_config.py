@@ -6,22 +6,25 @@ import re
 import pytest
 from conftest import script_header
 
-from gpfq import QuantConfig, adhoc, retrain
+from gpfq import QuantConfig
+from gpfq.adhoc import ADHOC
 from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
-from gpfq.experiment import GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
-from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, RETRAIN_LOG
+from gpfq.experiment import PLAIN
+from gpfq.header import GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
+from gpfq.logs import RESULT_COLUMNS
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.retrain import RETRAIN
 from gpfq.paths import REPO_ROOT
 
-SCRIPTS = {"quantization_scripts": (), "adhoc_quantization_scripts": adhoc.HEADER_KEYS,
-           "retraining_scripts": retrain.HEADER_KEYS}
+SCRIPTS = {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
-def test_every_header_key_is_a_field_a_run_key_or_the_variants(folder):
+def test_every_header_key_is_a_field_a_run_key_or_the_procedures(folder):
     header = script_header(folder)
     assert set(FIELDS) <= set(header)  # every script can set every hyperparameter
-    assert set(header) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder])
-    assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder])
+    assert set(header) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
+    assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder].header_keys)
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
@@ -39,20 +42,22 @@ def test_header_defaults_are_the_config_defaults(folder):
 
 def test_log_columns_come_from_the_config_and_the_run_keys():
     point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
-    assert list(point_columns(point)) == list(RUN_COLUMNS.values())[:2] + list(CONFIG_COLUMNS)
+    assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS)
+    assert {"Model Name", "Dataset"} <= set(RUN_COLUMNS.values())
     for name, columns in LOG_COLUMNS.items():
         assert set(CONFIG_COLUMNS) <= set(columns), name
-    plain = [c for c in LOG_COLUMNS[PLAIN_LOG] if c not in RESULT_COLUMNS]
-    assert set(plain) == set(CONFIG_COLUMNS) | {"Model Name", "Dataset"}
 
 
-@pytest.mark.parametrize("folder,module", [("adhoc_quantization_scripts", adhoc), ("retraining_scripts", retrain)])
-def test_variant_logs_hold_exactly_the_config_run_and_variant_columns(folder, module):
-    point = expand_grid(parse_overrides(script_header(folder), []), module.GRID_KEYS)[0]
-    filled = set(point_columns(point)) | set(module.variant_columns(point))
-    names = adhoc.log_names(dict(point, skip_layers="first", bits_map={0: 8})) if module is adhoc else [RETRAIN_LOG]
-    for name in names:
-        assert {c for c in LOG_COLUMNS[name] if c not in RESULT_COLUMNS} == filled - RESULT_COLUMNS, name
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_logs_hold_exactly_the_config_run_and_procedure_columns(folder):
+    """Every column of every log is a result, or is filled from the point (config, run keys, procedure)."""
+    procedure = SCRIPTS[folder]
+    point = expand_grid(parse_overrides(script_header(folder), []), procedure.grid_keys)[0]
+    filled = set(point_columns(point)) | set(procedure.own_columns(point))
+    results = RESULT_COLUMNS | procedure.result_columns
+    for name, columns in procedure.logs.items():
+        assert {c for c in columns if c not in results} == filled - results, name
+        assert set(columns) >= filled, name
 
 
 def test_grid_axes_keep_their_order():

@@ -285,14 +285,14 @@ def test_bad_engine_and_calibration_are_rejected_by_validation():
         validate(dict(point, calibration="once"))
 
 
-# ---------------------------------------------------------------- other rounding rules (gpfq.variants)
+# ---------------------------------------------------------------- other rounding rules (gpfq.rounding)
 @pytest.mark.parametrize("per_neuron", [False, True])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("rule", ["stochastic", "soft", "hard"])
 def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled, per_neuron):
     """Several blocks (B = 8 over N0 = 45), so each block reads its own columns' uniforms."""
-    from gpfq.variants import (StochasticRounding, StochasticScalar, ThresholdedRounding, ThresholdedScalar,
-                               gpfq_rounded, gpfq_rounded_reference, seeded_uniforms)
+    from gpfq.rounding import (StochasticRounding, StochasticScalar, ThresholdedRounding, ThresholdedScalar,
+                               seeded_uniforms)
     weight, analog, quantized, alphabet = _layer(2, 70, 45, 6, seed=11, per_neuron=per_neuron, bits=3)
     uniforms = seeded_uniforms(weight.shape, 3)
     if rule == "stochastic":
@@ -303,12 +303,12 @@ def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled,
         result = gpfq_blocked(weight.double(), analog, quantized, alphabet, form=form, block_size=8,
                               dtype=torch.float64, compiled=compiled, rounding=rounding)
         for g in range(2):
-            expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g],
-                                              alphabet[g] if per_neuron else alphabet, scalar(g))
+            expected = gpfq_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_neuron else alphabet,
+                                      scalar(g))
             assert torch.equal(result[g], expected)
     # float32, the network's dtype: as the per-column loop with the same rule
     float_rounding = StochasticRounding(uniforms.float()) if rule == "stochastic" else rounding
-    expected = gpfq_rounded(weight, analog, quantized, alphabet, float_rounding)
+    expected = gpfq_columns(weight, analog, quantized, alphabet, rounding=float_rounding)
     result = gpfq_blocked(weight, analog, quantized, alphabet, block_size=8, compiled=compiled,
                           rounding=float_rounding)
     _assert_same_as_columns(result, expected, weight, analog, quantized)

@@ -2,7 +2,7 @@
 import pytest
 
 from gpfq.figures import plot_top1_against_bits, plot_top1_against_m, read_logs, top1_against_bits, top1_against_m
-from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
+from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
 
 # (method, granularity, options, bits, m, seed, top-1)
 RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0.84),
@@ -15,11 +15,11 @@ RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0
 def log(tmp_path):
     path = tmp_path / PLAIN_LOG
     for method, granularity, options, bits, m, seed, top1 in RUNS:
-        row = {column: "" for column in LOG_COLUMNS[PLAIN_LOG]}
+        row = {column: "" for column in PLAIN_COLUMNS}
         row.update({"Model Name": "toy", "Quantization Batch Size": m, "Original Top1 Accuracy": 0.92,
                     "Quantized Top1 Accuracy": top1, "Bits": bits, "Seed": seed, "Method": method,
                     "Alphabet Granularity": granularity, "Method Options": options, "Fold BatchNorm": False})
-        append_row(path, row, LOG_COLUMNS[PLAIN_LOG])
+        append_row(path, row, PLAIN_COLUMNS)
     return path
 
 

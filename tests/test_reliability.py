@@ -31,8 +31,11 @@ from gpfq.alphabet import ALPHABET_KINDS, make_alphabet
 from gpfq.capture import NonFiniteError
 from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, calibration_set
 from gpfq.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
-from gpfq.logs import (BIAS_LOG, LOG_COLUMNS, MIXED_LOG, PLAIN_LOG, RESULT_COLUMNS, RETRAIN_LOG, SKIP_LOG,
-                       ForeignLogError, append_row, read_rows)
+from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.experiment import PLAIN, Variant
+from gpfq.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.models import WeightsUnavailableError, load_model
 from gpfq.engine import ENGINES
 from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, _quantize_network
@@ -252,7 +255,7 @@ def test_variant_model_checks_see_layers_and_sizes_before_work(tmp_path, no_work
         seen.append((facts.layer_names, facts.calibration_size, facts.evaluation_size))
         raise ValueError("bad hyperparameter: bits_map entry 'stages.9.*' matches no layer")
     with pytest.raises(ValueError, match="stages.9"):
-        main(HEADER, out_dirs(tmp_path), validate_model=validate_model)
+        main(HEADER, out_dirs(tmp_path), variant=Variant(validate_model=validate_model))
     names, calibration_size, evaluation_size = seen[0]
     assert len(names) == 10 and names[0] == "stem.0" and names[-1] == "fc"
     assert (calibration_size, evaluation_size) == (60000, 10000)
@@ -283,14 +286,14 @@ def _first_point(folder: str) -> dict:
 
 
 @pytest.mark.parametrize("log_name,folder,variant", [
-    (PLAIN_LOG, "quantization_scripts", None), (BIAS_LOG, "adhoc_quantization_scripts", adhoc),
-    (SKIP_LOG, "adhoc_quantization_scripts", adhoc), (MIXED_LOG, "adhoc_quantization_scripts", adhoc),
-    (RETRAIN_LOG, "retraining_scripts", retrain)])
+    (PLAIN_LOG, "quantization_scripts", PLAIN), (BIAS_LOG, "adhoc_quantization_scripts", ADHOC),
+    (SKIP_LOG, "adhoc_quantization_scripts", ADHOC), (MIXED_LOG, "adhoc_quantization_scripts", ADHOC),
+    (RETRAIN_LOG, "retraining_scripts", RETRAIN)])
 def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder, variant):
     """`resume` can tell every variant's points apart: each column is filled from the point or is a result."""
     columns = LOG_COLUMNS[log_name]
-    identity = point_identity(_first_point(folder), columns, variant and variant.variant_columns)
-    assert set(identity) == set(columns) - RESULT_COLUMNS
+    identity = point_identity(_first_point(folder), columns, variant)
+    assert set(identity) == set(columns) - RESULT_COLUMNS - variant.result_columns
     assert {"Bits", "Seed", "Method"} <= set(identity) and not {"Quantized Top1 Accuracy", "Date"} & set(identity)
 
 
@@ -349,9 +352,9 @@ CONCURRENT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from gpfq.experiment import save_model
-    from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
+    from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
     tag, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    columns = LOG_COLUMNS[PLAIN_LOG]
+    columns = PLAIN_COLUMNS
     (out / f"ready-{{tag}}").touch()
     while not (out / "go").exists():  # both processes start together
         time.sleep(0.005)
@@ -505,17 +508,18 @@ def test_resume_identity_is_the_hyperparameter_columns(tmp_path, monkeypatch):
     assert pending_points([point] + others, tmp_path) == others
     assert pending_points([dict(point, author="someone else")], tmp_path) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
-    monkeypatch.setitem(LOG_COLUMNS, "Variant_Log.csv", COLUMNS + ["Warmup Steps"])
-    append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), LOG_COLUMNS["Variant_Log.csv"])
+    logs = {PLAIN_LOG: COLUMNS, "Variant_Log.csv": COLUMNS + ["Warmup Steps"]}
+    append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), logs["Variant_Log.csv"])
     with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
-        pending_points([point], tmp_path, "Variant_Log.csv")
+        pending_points([point], tmp_path, Variant(logs=logs, log_names=lambda p: "Variant_Log.csv"))
     warmup = lambda p: {"Warmup Steps": p.get("warmup_steps", 100)}  # noqa: E731
-    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, "Variant_Log.csv",
-                          warmup) == [dict(point, warmup_steps=50)]
+    variant = Variant(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup)
+    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
     # a point whose row goes to two logs is done only when both have it
     both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p["seed"] == 0 else [PLAIN_LOG]  # noqa: E731
-    assert pending_points([point], tmp_path, both, warmup) == []
-    assert pending_points([dict(point, warmup_steps=50)], tmp_path, both, warmup) == [dict(point, warmup_steps=50)]
+    variant = Variant(logs=logs, log_names=both, columns=warmup)
+    assert pending_points([point], tmp_path, variant) == []
+    assert pending_points([dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
     # parse_overrides: `--resume` alone means True, on any header
     assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
     assert parse_overrides({"bits": 4}, [])["resume"] is False
