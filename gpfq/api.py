@@ -54,7 +54,7 @@ def _inputs_of(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-class LoaderStream:
+class LoaderStream(CalibrationStream):
     """Calibration images taken in order from a user's DataLoader (cycled when it runs out).
 
     Each layer's `chunks(m)` continues where the previous one stopped, so with fresh calibration
@@ -65,8 +65,10 @@ class LoaderStream:
         self.loader = loader
         self._iterator = None
         self._pending = []
-        first = _inputs_of(next(iter(loader)))
-        self.dataset = [(first[0],)]  # what `dataset[0][0]` (an example image) reads
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("the calibration DataLoader yields no batches")
+        self.dataset = [(_inputs_of(first)[0],)]  # what `dataset[0][0]` (an example image) reads
 
     def _next_chunk(self):
         for attempt in range(2):
@@ -77,19 +79,6 @@ class LoaderStream:
             except StopIteration:
                 self._iterator = None
         raise ValueError("the calibration DataLoader yields no batches")
-
-    def draw(self, m: int) -> list:
-        return list(self.chunks(m))
-
-    def chunks(self, m: int):
-        count = 0
-        while count < m:
-            chunk = self._pending.pop(0) if self._pending else self._next_chunk()
-            take = min(m - count, chunk.shape[0])
-            if take < chunk.shape[0]:
-                self._pending.insert(0, chunk[take:])
-            count += take
-            yield chunk[:take]
 
 
 def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):

@@ -17,8 +17,10 @@ PATCH_STRIDES = ("kernel", "layer")
 METHOD_OPTIONS = "Method Options"  # one log column describing the options of the point's method
 
 
-def option(default, column, grid=True, per_layer=True):
-    return field(default=default, metadata={"column": column, "grid": grid, "per_layer": per_layer})
+def option(default, column, grid=True, per_layer=True, choices=None):
+    """A field: its log column, whether it is a grid axis and may differ per layer, its allowed values."""
+    return field(default=default, metadata={"column": column, "grid": grid, "per_layer": per_layer,
+                                            "choices": choices})
 
 
 def _fail(message):
@@ -40,26 +42,28 @@ class QuantConfig:
     Conv2d layers take the cnn_* scalar and percentile, Linear layers the mlp_* ones: each layer's
     alphabet radius is scalar · (mean over neurons of the `percentile` quantile of |w|).
     """
-    method: str = option("gpfq", "Method")  # gpfq, msq, gptq, spfq, sparse_gpfq
+    method: str = option("gpfq", "Method", choices=METHODS)  # gpfq, msq, gptq, spfq, sparse_gpfq
     bits: int = option(4, "Bits")
     batch_size: int = option(512, "Quantization Batch Size", per_layer=False)  # m: calibration images per layer
     mlp_scalar: float = option(1.3, "MLP_Alphabet_Scalar")
     cnn_scalar: float = option(1.3, "CNN_Alphabet_Scalar")
     mlp_percentile: float = option(1.0, "MLP_Percentile")
     cnn_percentile: float = option(1.0, "CNN_Percentile")
-    alphabet: str = option("gpfq2022", "Alphabet")  # gpfq2022, midtread, strict
+    alphabet: str = option("gpfq2022", "Alphabet", choices=ALPHABET_KINDS)  # gpfq2022, midtread, strict
     include_0: bool = option(True, "Include 0")
     retain_rate: float = option(0.25, "Retain_rate", per_layer=False)  # conv layers: fraction of patches kept
     seed: int = option(0, "Seed", per_layer=False)
-    alphabet_granularity: str = option("layer", "Alphabet Granularity")  # one radius per layer or channel
+    # one alphabet radius per layer (the paper) or per output channel
+    alphabet_granularity: str = option("layer", "Alphabet Granularity", choices=GRANULARITIES)
     fold_batchnorm: bool = option(False, "Fold BatchNorm", per_layer=False)
     sparsity_threshold: float = option(0.0, METHOD_OPTIONS)  # sparse_gpfq: λ / the largest level
-    thresholding: str = option("soft", METHOD_OPTIONS)  # sparse_gpfq: soft (L1) or hard (L0)
+    thresholding: str = option("soft", METHOD_OPTIONS, choices=THRESHOLDINGS)  # sparse_gpfq: soft (L1), hard (L0)
     gptq_block_size: int = option(128, METHOD_OPTIONS)
     gptq_damping: float = option(0.01, METHOD_OPTIONS)
     gptq_act_order: bool = option(False, METHOD_OPTIONS)
-    engine: str = option("auto", "Engine")  # GPFQ: auto, residual, gram, columns
-    calibration: str = option("fresh", "Calibration", per_layer=False)  # fresh (m new images per layer), fixed
+    engine: str = option("auto", "Engine", choices=ENGINES)  # GPFQ: auto, residual, gram, columns
+    # fresh (the paper: m new images per layer) or fixed (one set of m images for every layer)
+    calibration: str = option("fresh", "Calibration", per_layer=False, choices=CALIBRATIONS)
     patch_stride: str = option("kernel", "Patch Stride", grid=False, per_layer=False)  # kernel, layer
     ignore_layers: tuple = option((), "Ignore Layers", grid=False, per_layer=False)  # indices left float
 
@@ -80,32 +84,21 @@ class QuantConfig:
             _fail(f"batch_size (m) must be an integer ≥ 1, got {self.batch_size!r}")
         if not _is_int(self.seed):
             _fail(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.include_0, bool):
-            _fail(f"include_0 must be True or False, got {self.include_0!r}")
-        if self.method not in METHODS:
-            _fail(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.alphabet not in ALPHABET_KINDS:
-            _fail(f"alphabet must be one of {ALPHABET_KINDS}, got {self.alphabet!r}")
-        if self.alphabet_granularity not in GRANULARITIES:
-            _fail(f"alphabet_granularity must be one of {GRANULARITIES}, got {self.alphabet_granularity!r}")
-        for key in ("fold_batchnorm", "gptq_act_order"):
-            if not isinstance(getattr(self, key), bool):
-                _fail(f"{key} must be True or False, got {getattr(self, key)!r}")
+        for item in dataclasses.fields(self):  # the choices and the switches
+            value, choices = getattr(self, item.name), item.metadata["choices"]
+            if choices is not None and value not in choices:
+                _fail(f"{item.name} must be one of {choices}, got {value!r}")
+            if item.type is bool and not isinstance(value, bool):
+                _fail(f"{item.name} must be True or False, got {value!r}")
         if not _is_number(self.sparsity_threshold) or not self.sparsity_threshold >= 0:
             _fail(f"sparsity_threshold (λ, relative to the alphabet's largest level) must be a number ≥ 0, "
                   f"got {self.sparsity_threshold!r}")
-        if self.thresholding not in THRESHOLDINGS:
-            _fail(f"thresholding must be one of {THRESHOLDINGS}, got {self.thresholding!r}")
         if self.method == "sparse_gpfq" and self.alphabet == "gpfq2022" and not self.include_0:
             _fail("sparse_gpfq needs the level 0 in the alphabet: set include_0 = True (or another alphabet)")
         if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
             _fail(f"gptq_block_size must be an integer ≥ 1, got {self.gptq_block_size!r}")
         if not _is_number(self.gptq_damping) or not self.gptq_damping >= 0:
             _fail(f"gptq_damping must be a number ≥ 0, got {self.gptq_damping!r}")
-        if self.engine not in ENGINES:
-            _fail(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.calibration not in CALIBRATIONS:
-            _fail(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if self.patch_stride not in PATCH_STRIDES:
             _fail(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
         if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
