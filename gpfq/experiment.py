@@ -32,7 +32,9 @@ from .logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_lo
 from .models import load_model, published_accuracy
 from .network import check_layer_indices, reports_as_dicts, zero_fraction
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR
+from .preprocessing import check_model_takes, image_folder_sets
 from .storage import check_writable, code_revision, display_path, save_model, write_record  # noqa: F401
+from .user_models import model_folder
 
 
 # ---------------------------------------------------------------- running
@@ -50,7 +52,8 @@ class Resources:
 
 def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
-    if point["weights"] == "DEFAULT" and published_accuracy(point["model_name"]) is not None:
+    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet"
+            and published_accuracy(point["model_name"]) is not None):
         return published_accuracy(point["model_name"])
     folded = QuantConfig.from_point(point).fold_batchnorm
     return resources.get(("float", point["model_name"], str(point["weights"]), folded),
@@ -87,12 +90,17 @@ class Context:
 def load_inputs(point: dict, resources: Resources):
     """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
+    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
+                                 lambda: load_model(point["model_name"], point["weights"]))
+    if point["dataset"] == "imagefolder":  # prepared as the model declares (gpfq.preprocessing)
+        calibration, evaluation = resources.get(
+            ("imagefolder", str(data_dir), point["model_name"], point.get("image_size")),
+            lambda: image_folder_sets(point["model_name"], analog_model, data_dir, point.get("image_size")))
+        return calibration, evaluation, analog_model
     calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
                                 lambda: calibration_set(point["dataset"], data_dir))
     evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
                                lambda: evaluation_set(point["dataset"], data_dir))
-    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
-                                 lambda: load_model(point["model_name"], point["weights"]))
     return calibration, evaluation, analog_model
 
 
@@ -120,6 +128,7 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
         check_batch_size("batch_size", point["batch_size"], calibration)
 
         def checked_layers():
+            check_model_takes(point["model_name"], model, point["dataset"], calibration)
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             check_model_finite(model, example)
             return layers_in_execution_order(model, example)
@@ -195,7 +204,7 @@ PLAIN = Variant()
 
 def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write) -> dict:
     """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row."""
-    model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
+    model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
     config = context.config
@@ -293,7 +302,7 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
     model_dir = Path(config.get("model_dir") or MODEL_DIR)
     check_writable(log_dir, "log_dir")
     check_writable(model_dir, "model_dir")
-    for name in dict.fromkeys(p["model_name"] for p in points):  # models/<model_name>/, where they are saved
+    for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
         if (model_dir / name).exists():
             check_writable(model_dir / name, "model_dir")
     log_names = list(dict.fromkeys(n for point in points for n in variant.log_names_of(point)))

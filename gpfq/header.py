@@ -12,20 +12,20 @@ import itertools
 import torch
 
 from .config import GRID_FIELDS, QuantConfig
-from .data import DATASETS
-from .models import EMBEDDED_DATASET, check_model_name, is_embedded
+from .data import DATASETS, dataset_label
+from .preprocessing import check_model_and_data
 
 # The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
 GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
 RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir")
+            "log_dir", "model_dir", "data_dir", "image_size")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False}
+COMMON_DEFAULTS = {"resume": False, "image_size": None}
 
 
 def parse_overrides(header: dict, argv=None) -> dict:
@@ -94,10 +94,7 @@ def validate(point: dict) -> None:
     threads = point.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
-    check_model_name(point["model_name"])
-    if is_embedded(point["model_name"]) != (point["dataset"] == EMBEDDED_DATASET):
-        fail(f"model {point['model_name']!r} does not go with dataset {point['dataset']!r}: the embedded models "
-             f"run on {EMBEDDED_DATASET}, torchvision's on imagenet")
+    check_model_and_data(point["model_name"], point["dataset"], point.get("image_size"), point.get("data_dir"))
     device = str(point.get("device", "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
@@ -105,6 +102,7 @@ def validate(point: dict) -> None:
 
 def point_columns(point: dict) -> dict:
     """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
-    columns = {"Model Name": point["model_name"], "Dataset": point["dataset"]}
+    columns = {"Model Name": point["model_name"],
+               "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size"))}
     columns.update(QuantConfig.from_point(point).log_columns())
     return columns
