@@ -10,7 +10,7 @@ from gpfq import QuantConfig
 from gpfq.adhoc import ADHOC
 from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
 from gpfq.experiment import PLAIN
-from gpfq.header import GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
+from gpfq.header import COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
 from gpfq.logs import RESULT_COLUMNS
 from gpfq.procedures import LOG_COLUMNS
 from gpfq.retrain import RETRAIN
@@ -23,7 +23,7 @@ SCRIPTS = {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "
 def test_every_header_key_is_a_field_a_run_key_or_the_procedures(folder):
     header = script_header(folder)
     assert set(FIELDS) <= set(header)  # every script can set every hyperparameter
-    assert set(header) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
+    assert set(header) | set(COMMON_DEFAULTS) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
     assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder].header_keys)
 
 
