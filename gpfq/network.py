@@ -256,7 +256,9 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
             rows = x.shape[0] // analog.shape[0] * n_images
             form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
             if form == "gram" and settings.method in STATISTICS_METHODS and not keep_rows:
-                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
+                # Qronos's ridge (1e-6 · λ_max by default) is below float32's resolution of the sums: form them in float64
+                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device,
+                                            dtype=torch.float64 if settings.method == "qronos" else torch.float32)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
         else:

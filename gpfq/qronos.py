@@ -126,7 +126,8 @@ def qronos_from_gram(weight, cross, quantized_gram, alphabet, damping: float = D
 
 def qronos(weight, analog_input, quantized_input, alphabet, damping: float = DEFAULT_DAMPING,
            block_size: int = DEFAULT_BLOCK_SIZE, dtype=torch.float32):
-    """`qronos_from_gram` from rows (G, m, N0); the Grams are formed in float64."""
+    """`qronos_from_gram` from rows (G, m, N0); the Grams are formed in float64 (with m < N0 the default ridge,
+    1e-6 · λ_max, is below float32's resolution of X̃ᵀX̃; the network streams Qronos's sums in float64 too)."""
     X = analog_input.detach().double()
     Xq = quantized_input.detach().double()
     Xq_t = Xq.transpose(1, 2)

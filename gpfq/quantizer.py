@@ -42,17 +42,17 @@ def check_first_column(first_column: str) -> None:
 def gpfq_reference(weight, analog_input, quantized_input, alphabet, first_column="paper"):
     """Neuron-by-neuron, column-by-column GPFQ in float64 (the specification).
 
-    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0) -> Q (N1, N0).
-    first_column: "paper" or "code2022" (the 2022 code's shortcut, see the module docstring).
+    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0), alphabet (L,) or one per neuron (N1, L)
+    -> Q (N1, N0). first_column: "paper" or "code2022" (the 2022 code's shortcut, see the module docstring).
     """
     check_first_column(first_column)
     W = weight.detach().double()
     X = analog_input.detach().double()
     Xq = quantized_input.detach().double()
-    levels = alphabet.double()
     n_neurons, n_inputs = W.shape
     Q = torch.zeros_like(W)
     for i in range(n_neurons):
+        levels = (alphabet if alphabet.dim() == 1 else alphabet[i]).double()
         u = torch.zeros(X.shape[0], dtype=torch.float64)
         for t in range(n_inputs):
             norm2 = torch.dot(Xq[:, t], Xq[:, t])
