@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors
 
-LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ"}
+LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 
 
 def main(argv=None):

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
-from .data import CalibrationStream
 from .api import quantize as quantize_model
+from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
+from .config import FIELDS
+from .data import CalibrationStream
 from .experiment import Variant
 from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 from .network import LayerReport
@@ -62,11 +63,7 @@ GRID_KEYS = ("bias_correction", "bias_batch_size", "skip_layers", "bits_map")
 # Every key the ad hoc header adds to the plain one.
 HEADER_KEYS = GRID_KEYS + ("saved_model",)
 # How a saved model was quantized: read from its sidecar, replacing the header's values.
-SAVED_KEYS = ("model_name", "dataset", "weights", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar",
-              "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "alphabet_granularity", "fold_batchnorm",
-              "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping", "gptq_act_order",
-              "retain_rate", "patch_stride", "ignore_layers", "engine", "calibration", "seed", "skip_layers",
-              "bits_map")
+SAVED_KEYS = ("model_name", "dataset", "weights") + FIELDS + ("skip_layers", "bits_map")
 
 
 # ---------------------------------------------------------------- hyperparameters

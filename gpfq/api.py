@@ -164,7 +164,9 @@ def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSe
                         granularity=config.alphabet_granularity, seed=layer_seed(config.seed, index),
                         threshold=config.sparsity_threshold, thresholding=config.thresholding,
                         block_size=config.gptq_block_size, damping=config.gptq_damping,
-                        act_order=config.gptq_act_order, engine=config.engine)
+                        act_order=config.gptq_act_order, engine=config.engine,
+                        first_column=config.gpfq_first_column, column_order=config.column_order,
+                        qronos_damping=config.qronos_damping)
 
 
 # ---------------------------------------------------------------- the network

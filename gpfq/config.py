@@ -9,8 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
+from .column_order import COLUMN_ORDERS
 from .engine import ENGINES
 from .network import CALIBRATIONS, METHODS
+from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING
+from .quantizer import FIRST_COLUMN_RULES
 from .rounding import THRESHOLDINGS
 
 PATCH_STRIDES = ("kernel", "layer")
@@ -42,7 +45,7 @@ class QuantConfig:
     Conv2d layers take the cnn_* scalar and percentile, Linear layers the mlp_* ones: each layer's
     alphabet radius is scalar · (mean over neurons of the `percentile` quantile of |w|).
     """
-    method: str = option("gpfq", "Method", choices=METHODS)  # gpfq, msq, gptq, spfq, sparse_gpfq
+    method: str = option("gpfq", "Method", choices=METHODS)  # gpfq, msq, gptq, spfq, sparse_gpfq, qronos
     bits: int = option(4, "Bits")
     batch_size: int = option(512, "Quantization Batch Size", per_layer=False)  # m: calibration images per layer
     mlp_scalar: float = option(1.3, "MLP_Alphabet_Scalar")
@@ -64,6 +67,11 @@ class QuantConfig:
     engine: str = option("auto", "Engine", choices=ENGINES)  # GPFQ: auto, residual, gram, columns
     # fresh (the paper: m new images per layer) or fixed (one set of m images for every layer)
     calibration: str = option("fresh", "Calibration", per_layer=False, choices=CALIBRATIONS)
+    # gpfq: "paper", or "code2022" (the 2022 code: Q_A(w_t) when |<X̃_t, u>| < 1e-10)
+    gpfq_first_column: str = option("paper", METHOD_OPTIONS, choices=FIRST_COLUMN_RULES)
+    # gpfq, spfq, sparse_gpfq, qronos: "natural" or "act_order" (decreasing ||X̃_t||²)
+    column_order: str = option("natural", METHOD_OPTIONS, choices=COLUMN_ORDERS)
+    qronos_damping: float = option(QRONOS_DAMPING, METHOD_OPTIONS)  # qronos: ridge λ = damping · λ_max(X̃ᵀX̃)
     patch_stride: str = option("kernel", "Patch Stride", grid=False, per_layer=False)  # kernel, layer
     ignore_layers: tuple = option((), "Ignore Layers", grid=False, per_layer=False)  # indices left float
 
@@ -97,8 +105,10 @@ class QuantConfig:
             _fail("sparse_gpfq needs the level 0 in the alphabet: set include_0 = True (or another alphabet)")
         if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
             _fail(f"gptq_block_size must be an integer ≥ 1, got {self.gptq_block_size!r}")
-        if not _is_number(self.gptq_damping) or not self.gptq_damping >= 0:
-            _fail(f"gptq_damping must be a number ≥ 0, got {self.gptq_damping!r}")
+        for key in ("gptq_damping", "qronos_damping"):
+            value = getattr(self, key)
+            if not _is_number(value) or not value >= 0:
+                _fail(f"{key} must be a number ≥ 0, got {value!r}")
         if self.patch_stride not in PATCH_STRIDES:
             _fail(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
         if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
@@ -120,10 +130,16 @@ class QuantConfig:
         if self.method == "gptq":
             return (f"block {self.gptq_block_size}, damping {self.gptq_damping}"
                     f"{', act-order' if self.gptq_act_order else ''}")
+        order = ", act-order" if self.column_order == "act_order" else ""
         if self.method == "sparse_gpfq":
-            return f"{self.thresholding} threshold {self.sparsity_threshold}"
+            return f"{self.thresholding} threshold {self.sparsity_threshold}{order}"
         if self.method == "spfq":
-            return "stochastic rounding"
+            return f"stochastic rounding{order}"
+        if self.method == "qronos":
+            return f"damping {self.qronos_damping}{order}"
+        if self.method == "gpfq":
+            first = "first column code2022" if self.gpfq_first_column == "code2022" else ""
+            return ", ".join(part for part in (first, order[2:]) if part)
         return ""
 
     def log_columns(self) -> dict:

@@ -27,7 +27,7 @@ from .data import CalibrationStream, calibration_set, evaluation_loader, evaluat
 from .evaluate import evaluate
 from .folding import fold_batchnorm
 from .header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
-                     expand_grid, parse_overrides, point_columns, validate)
+                     expand_grid, method_description, parse_overrides, point_columns, validate)
 from .logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from .models import load_model, published_accuracy
 from .network import check_layer_indices, reports_as_dicts, zero_fraction

@@ -100,6 +100,11 @@ def validate(point: dict) -> None:
         fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
 
 
+def method_description(point: dict) -> str:
+    """The options that matter for the point's method (the log's Method Options column)."""
+    return QuantConfig.from_point(point).method_description()
+
+
 def point_columns(point: dict) -> dict:
     """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
     columns = {"Model Name": point["model_name"],

@@ -11,12 +11,15 @@ from .quantizer import gpfq_columns
 from .rounding import ThresholdedRounding, nearest_rounding, spfq_rounding
 
 
-def gpfq_walk(weight, analog_input, quantized_input, alphabet, rounding=None, engine="auto", dtype=torch.float32):
+def gpfq_walk(weight, analog_input, quantized_input, alphabet, rounding=None, engine="auto", dtype=torch.float32,
+              first_column="paper"):
     """GPFQ with `rounding` (None: nearest): the per-column loop for engine 'columns', else the blocked
-    engine in the form `engine` ('auto', 'residual', 'gram')."""
+    engine in the form `engine` ('auto', 'residual', 'gram'). first_column: as `quantizer.gpfq_columns`."""
     if engine == "columns":
-        return gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype, rounding or nearest_rounding)
-    return gpfq_blocked(weight, analog_input, quantized_input, alphabet, form=engine, dtype=dtype, rounding=rounding)
+        return gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype, rounding or nearest_rounding,
+                            first_column=first_column)
+    return gpfq_blocked(weight, analog_input, quantized_input, alphabet, form=engine, dtype=dtype, rounding=rounding,
+                        first_column=first_column)
 
 
 def spfq(weight, analog_input, quantized_input, alphabet, seed: int, dtype=torch.float32, engine="auto"):

@@ -65,7 +65,8 @@ def test_grid_axes_keep_their_order():
     assert GRID_KEYS == ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
                          "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
                          "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
-                         "gptq_act_order", "engine", "calibration")
+                         "gptq_act_order", "engine", "calibration", "gpfq_first_column", "column_order",
+                         "qronos_damping")
     assert GRID_KEYS[1:] == GRID_FIELDS
 
 
