@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from gpfq.data import CalibrationStream
 from gpfq.models import load_model
-from gpfq.network import LayerSettings, quantize_network
+from gpfq.network import LayerSettings, _quantize_network
 
 # sha256 over the quantized state dict's tensors (name order), recorded at revision 3ae1224.
 RECORDED = {
@@ -38,7 +38,7 @@ def quantized_resnet18(calibration: str):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        quantized, reports = quantize_network(model, CalibrationStream(images, seed=0, chunk_size=3),
+        quantized, reports = _quantize_network(model, CalibrationStream(images, seed=0, chunk_size=3),
                                               lambda i, n, layer: settings, batch_size=4, retain_rate=0.25,
                                               seed=0, log=lambda *_: None, calibration=calibration)
     finally:
