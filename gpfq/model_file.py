@@ -119,7 +119,7 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
               "sha256": {name: _sha256(t) for name, t in tensors.items()}}
     from safetensors.torch import save
     data = save(tensors, metadata={HEADER_KEY: json.dumps(header, default=str)})
-    _write_new(path, data)
+    write_new_file(path, data)
     return size_report(entries, path.stat().st_size, float_bytes)
 
 
@@ -130,7 +130,7 @@ def size_report(entries: dict, file_bytes: int, float_bytes: int) -> SizeReport:
     return SizeReport(count, levels, mean("stored_bits"), mean("entropy"), file_bytes, float_bytes)
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes) -> None:
     """Write `data` to a hidden temporary file, flush it to disk, then hard-link it to `path` (which fails,
     leaving no partial file, if `path` exists)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +269,12 @@ def load_quantized(path, architecture: nn.Module = None) -> nn.Module:
     Checks the format version, the checksums, codes below L, and every tensor's name and shape against the
     architecture (QuantizedFileError naming them).
     """
+    return model_of(read_quantized(path), architecture, path)
+
+
+def model_of(quantized: QuantizedFile, architecture: nn.Module = None, path="the file") -> nn.Module:
+    """`load_quantized` for a file already read."""
     from .capture import QUANTIZABLE
-    quantized = read_quantized(path)
     model = build_architecture(quantized.header) if architecture is None else copy.deepcopy(architecture)
     own = model.state_dict()
     for key, value in quantized.state_dict.items():  # layers that gained a bias (bias correction)
