@@ -31,6 +31,7 @@ from torch import nn
 
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
 from .data import CalibrationStream
+from .deploy import quantized_path, with_alphabets_from
 from .experiment import display_path, method_options
 from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
 from .network import LayerReport, quantize_network
@@ -242,6 +243,8 @@ def quantize(context):
     if p.get("saved_model"):
         model = load_saved_model(analog_model, p["saved_model"]).to(device)
         reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
+        # the codebooks of the source's quantized model file, so the bias-corrected model has one too
+        reports = with_alphabets_from(reports, quantized_path(p["saved_model"]))
         log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
         if mode == "last_float":
             with torch.no_grad():  # restore the last layer to the float model's weights and bias

@@ -11,6 +11,8 @@ log are skipped. An interrupted grid keeps every finished row and model.
 """
 import argparse
 import ast
+import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
+from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .evaluate import evaluate
 from .capture import check_model_finite, layers_in_execution_order
@@ -51,7 +54,7 @@ METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sp
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False}
+COMMON_DEFAULTS = {"resume": False, "export_onnx": False}
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -130,9 +133,12 @@ def validate(point: dict) -> None:
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
-    for key in ("include_0", "resume"):
+    for key in ("include_0", "resume", "export_onnx"):
         if not isinstance(point.get(key, False), bool):
             fail(f"{key} must be True or False, got {point[key]!r}")
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if point.get("export_onnx") and missing:
+        fail(f"export_onnx needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
     if point["method"] not in METHODS:
         fail(f"method must be one of {METHODS}, got {point['method']!r}")
     if point["alphabet"] not in ALPHABET_KINDS:
@@ -439,10 +445,13 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
     model_path = save_model(quantized_model, record, model_dir, stem)
     log(f"saved {model_path}")
+    quantized_file, size = save_beside(quantized_model, reports, model_path, point,
+                                       context.calibration[0][0].shape, log)
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
+    record["quantized_model_file"] = dict(path=str(quantized_file), **dataclasses.asdict(size)) if size else None
     write_record(model_path.with_suffix(".json"), record)
     row = point_columns(point)
     row.update(variant_columns(point) if variant_columns is not None else {})
@@ -453,12 +462,15 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
     })
     row.update(extra)
     for log_path in log_paths:
         append_row(log_path, row, LOG_COLUMNS[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
+    if point.get("export_onnx") and quantized_file is not None:
+        export_beside(quantized_file, log)
     return row
 
 

@@ -21,6 +21,8 @@ EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
     "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
     "Date",
+    # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
 LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
@@ -31,6 +33,7 @@ RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
     "Average Bits", "Retrain Seconds", "Per-Step Top1",
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
 }
 
 # Ad hoc variant (adhoc_quantization_scripts/): one row goes to the log of every option it switches on, so
