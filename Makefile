@@ -5,9 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test clean-venv
+.PHONY: setup setup-onnx data demo test clean-venv
 
 setup: $(VENV)/.installed
+
+# the optional ONNX extra (export and ONNX Runtime); `make test` installs it so its tests run
+setup-onnx: $(VENV)/.installed-onnx
+
+$(VENV)/.installed-onnx: requirements-onnx.txt $(VENV)/.installed
+	$(PY) -m pip install -r requirements-onnx.txt
+	touch $@
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +34,7 @@ data:
 demo: setup data
 	cd quantization_scripts && ../$(PY) quantize.py
 
-test: setup data
+test: setup setup-onnx data
 	$(PY) -m pytest -q tests
 
 clean-venv:
