@@ -110,7 +110,9 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
         tensors[key + CODEBOOK] = codebook
         entries[key] = {"shape": list(weight.shape), "dtype": _dtype_name(weight.dtype), "levels": levels,
                         "stored_bits": bits, "count": weight.numel(), "entropy": code_entropy(codes, levels),
-                        "granularity": "layer" if codebook.dim() == 1 else "channel"}
+                        "granularity": "layer" if codebook.dim() == 1 else "channel",
+                        "bytes": tensors[key + CODES].numel() + codebook.numel() * codebook.element_size(),
+                        "float_bytes": weight.numel() * weight.element_size()}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "model": {"model_name": model_name, "input_shape": list(input_shape) if input_shape else None,
                         "fold_batchnorm": bool(fold_batchnorm)},
@@ -303,3 +305,4 @@ def _submodule(model, name):
         return model.get_submodule(name)
     except AttributeError:
         return None
+

@@ -242,3 +242,15 @@ def test_wrong_architecture_is_refused(saved):
 
 def test_every_method_is_in_the_cases():
     assert {case[0] for case in CASES} == set(METHODS)
+
+
+def test_describe_reports_each_layer(saved, capsys):
+    from gpfq.describe import main
+    path, model, _ = saved
+    assert main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fc = next(line for line in lines if line.startswith("fc.weight")).split()
+    # fc: 10×64 weights, 17 levels (4-bit gpfq2022), 5 stored bits: ⌈640·5/8⌉ code bytes + 17 float32 levels
+    assert fc[-6:] == ["17", "layer", "5", fc[-3], str(400 + 17 * 4), str(640 * 4)]
+    assert 0 < float(fc[-3]) < 5
+    assert main([str(path.parent / "missing.safetensors")]) == 1
