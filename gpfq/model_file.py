@@ -242,7 +242,7 @@ def _expand(path, key, entry, packed, codebook):
 
 # ---------------------------------------------------------------- loading into a model
 def build_architecture(header: dict) -> nn.Module:
-    """The float architecture a file's header names (gpfq.models: embedded or torchvision), folded if it was."""
+    """The float architecture a file's header names (embedded, torchvision or a user factory), folded if it was."""
     from . import models
     name = (header.get("model") or {}).get("model_name")
     if not isinstance(name, str):
@@ -253,11 +253,11 @@ def build_architecture(header: dict) -> nn.Module:
     except ValueError as error:
         raise QuantizedFileError(f"{error}; pass the architecture: gpfq.load_quantized(path, architecture=model)"
                                  ) from None
-    if models.is_embedded(name):
-        model = models.EMBEDDED_MODELS[name]()
-    else:
+    if models.is_torchvision(name):  # built as for its pretrained weights (GoogLeNet, Inception differ)
         from torchvision import models as tv
         model = tv.get_model(name, weights=None, **models._architecture_kwargs(name))
+    else:  # embedded models and user factories
+        model = models.load_model(name, "random")
     if header["model"].get("fold_batchnorm"):
         from .folding import fold_batchnorm
         model, _ = fold_batchnorm(model)
