@@ -87,7 +87,7 @@ def _quantize(fashion, method="gpfq", alphabet="gpfq2022", granularity="layer", 
 
 CASES = [("gpfq", "gpfq2022", "layer", {}), ("gpfq", "strict", "channel", {}), ("msq", "midtread", "layer", {}),
          ("gptq", "strict", "layer", {}), ("spfq", "gpfq2022", "channel", {}),
-         ("sparse_gpfq", "midtread", "channel", {"threshold": 0.1})]
+         ("sparse_gpfq", "midtread", "channel", {"threshold": 0.1}), ("qronos", "gpfq2022", "channel", {})]
 
 
 @pytest.mark.parametrize("method, alphabet, granularity, options", CASES)
