@@ -9,17 +9,18 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(VENV)/.installed
 
-# the optional ONNX extra (export and ONNX Runtime); `make test` installs it so its tests run
-setup-onnx: $(VENV)/.installed-onnx
-
-$(VENV)/.installed-onnx: requirements-onnx.txt $(VENV)/.installed
-	$(PY) -m pip install -r requirements-onnx.txt
-	touch $@
-
-$(VENV)/.installed: requirements.txt
+# The package itself, editable (scripts and tests import gpfq from this checkout), with the test tools.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# The optional ONNX extra (export and ONNX Runtime): `make test` installs it, so its tests run.
+setup-onnx: $(VENV)/.installed-onnx
+
+$(VENV)/.installed-onnx: $(VENV)/.installed
+	$(PY) -m pip install -e ".[dev,onnx]"
 	touch $@
 
 # Fashion-MNIST from Debian's package where the machine allows (root or sudo);

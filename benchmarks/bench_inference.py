@@ -29,15 +29,12 @@ from benchmarks.common import SyntheticImages  # noqa: E402
 
 def quantized_model(model, input_shape, alphabet, folder, name):
     """Round-to-nearest 4-bit quantization of `model`; returns (model, .safetensors path, .pt path)."""
-    from gpfq.data import CalibrationStream
-    from gpfq.model_file import save_quantized
-    from gpfq.network import quantize_network, settings_for
-    stream = CalibrationStream(SyntheticImages(8, input_shape), seed=0, chunk_size=8)
-    settings_of = lambda index, _name, layer: settings_for(layer, 4, "msq", alphabet, True, 1.0, 1.0,  # noqa: E731
-                                                            1.0, 1.0)
-    quantized, reports = quantize_network(model, stream, settings_of, 4, 0.25, 0, log=lambda *_: None)
+    import gpfq
+    config = gpfq.QuantConfig(method="msq", bits=4, alphabet=alphabet, batch_size=4, mlp_scalar=1.0, cnn_scalar=1.0)
+    result = gpfq.quantize(model, SyntheticImages(8, input_shape), config, log=lambda *_: None)
+    quantized, reports = result.model, result.reports
     safetensors_path = folder / f"{name}_{alphabet}.safetensors"
-    save_quantized(quantized, reports, safetensors_path, model_name=name, input_shape=input_shape)
+    gpfq.save_quantized(quantized, result, safetensors_path, model_name=name, input_shape=input_shape)
     pt_path = folder / f"{name}_{alphabet}.pt"
     torch.save(quantized.state_dict(), pt_path)
     return quantized, safetensors_path, pt_path

@@ -87,8 +87,8 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
                    input_shape=None, fold_batchnorm: bool = False) -> SizeReport:
     """Write `model`'s quantized weights as packed codes, and everything else as it is, to `path`.
 
-    result: the quantization's result (with .reports) or its list of LayerReports; each report carries
-    its layer's alphabet. model_name/input_shape/fold_batchnorm let `load_quantized` rebuild the
+    result: the quantization's result (gpfq.quantize's QuantizedResult: its reports and config) or a list
+    of LayerReports; each report carries its layer's alphabet. model_name/input_shape/fold_batchnorm let `load_quantized` rebuild the
     architecture and `export_onnx` trace it; hyperparameters are recorded as they are. The file is
     written completely under a temporary name and then claimed in one step; an existing file is never
     overwritten (FileExistsError). Returns the SizeReport.
@@ -96,6 +96,9 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
     path = Path(path)
     reports = _reports_of(result)
     coded = coded_layers(model, reports)
+    config = getattr(result, "config", None)
+    if hyperparameters is None and is_dataclass(config):
+        hyperparameters = asdict(config)
     tensors, entries, float_bytes = {}, {}, 0
     for key, value in model.state_dict().items():
         value = value.detach().cpu()

@@ -9,10 +9,10 @@ import torch
 from gpfq.alphabet import make_alphabet
 from gpfq.codes import (NotOnAlphabetError, code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits,
                         unpack_codes)
-from gpfq.data import CalibrationStream
+import gpfq
 from gpfq.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
 from gpfq.models import load_model
-from gpfq.network import METHODS, quantize_network, settings_for
+from gpfq.network import METHODS
 
 pytest.importorskip("safetensors", reason="the quantized model file is a safetensors file (pip install safetensors)")
 
@@ -77,17 +77,15 @@ def fashion():
 
 def _quantize(fashion, method="gpfq", alphabet="gpfq2022", granularity="layer", bits=3, m=32, **options):
     calibration, model = fashion
-
-    def settings_of(index, name, layer):
-        return settings_for(layer, bits, method, alphabet, True, 1.3, 1.3, 1.0, 1.0, granularity=granularity,
-                            seed=index, **options)
-    return quantize_network(model, CalibrationStream(calibration, 0, chunk_size=256), settings_of, m, 0.25, 0,
-                            log=lambda *_: None)
+    config = gpfq.QuantConfig(method=method, bits=bits, alphabet=alphabet, alphabet_granularity=granularity,
+                              batch_size=m, **options)
+    result = gpfq.quantize(model, calibration, config, log=lambda *_: None)
+    return result.model, result.reports
 
 
 CASES = [("gpfq", "gpfq2022", "layer", {}), ("gpfq", "strict", "channel", {}), ("msq", "midtread", "layer", {}),
          ("gptq", "strict", "layer", {}), ("spfq", "gpfq2022", "channel", {}),
-         ("sparse_gpfq", "midtread", "channel", {"threshold": 0.1}), ("qronos", "gpfq2022", "channel", {})]
+         ("sparse_gpfq", "midtread", "channel", {"sparsity_threshold": 0.1}), ("qronos", "gpfq2022", "channel", {})]
 
 
 @pytest.mark.parametrize("method, alphabet, granularity, options", CASES)
@@ -254,3 +252,16 @@ def test_describe_reports_each_layer(saved, capsys):
     assert fc[-6:] == ["17", "layer", "5", fc[-3], str(400 + 17 * 4), str(640 * 4)]
     assert 0 < float(fc[-3]) < 5
     assert main([str(path.parent / "missing.safetensors")]) == 1
+
+
+def test_the_public_api_round_trip(fashion, tmp_path):
+    import gpfq
+    calibration, model = fashion
+    images = torch.stack([calibration[i][0] for i in range(64)])
+    result = gpfq.quantize(model, images, gpfq.QuantConfig(bits=3, batch_size=32, alphabet="strict"))
+    size = gpfq.save_quantized(result.model, result, tmp_path / "api.safetensors", model_name="fashion_resnet")
+    loaded = gpfq.load_quantized(tmp_path / "api.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), loaded.state_dict().values()))
+    header = gpfq.read_quantized(tmp_path / "api.safetensors").header
+    assert header["hyperparameters"]["alphabet"] == "strict" and header["hyperparameters"]["bits"] == 3
+    assert size.levels == "8" and size.stored_bits == 3

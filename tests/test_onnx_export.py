@@ -10,10 +10,10 @@ ort = pytest.importorskip("onnxruntime", reason="running the export needs onnxru
 
 import onnx  # noqa: E402
 
-from gpfq.data import CalibrationStream, calibration_set, evaluation_set  # noqa: E402
+import gpfq  # noqa: E402
+from gpfq.data import calibration_set, evaluation_set  # noqa: E402
 from gpfq.model_file import load_quantized, read_quantized, save_quantized  # noqa: E402
 from gpfq.models import load_model  # noqa: E402
-from gpfq.network import quantize_network, settings_for  # noqa: E402
 from gpfq.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid  # noqa: E402
 from gpfq.alphabet import channel_alphabets, make_alphabet  # noqa: E402
 
@@ -25,10 +25,10 @@ EXPECTED_KIND = {("gpfq2022", "layer", 3): "gather-uint4", ("strict", "channel",
 
 
 def _quantize(model, calibration, choose):
-    def settings_of(index, name, layer):
-        alphabet, granularity, bits = choose(index)
-        return settings_for(layer, bits, "gpfq", alphabet, True, 1.3, 1.3, 1.0, 1.0, granularity=granularity)
-    return quantize_network(model, CalibrationStream(calibration, 0), settings_of, 64, 0.25, 0, log=lambda *_: None)
+    """GPFQ (m = 64) with layer i's alphabet, granularity and bits from choose(i) (the default model has 10 layers)."""
+    layers = {i: dict(zip(("alphabet", "alphabet_granularity", "bits"), choose(i))) for i in range(10)}
+    result = gpfq.quantize(model, calibration, gpfq.QuantConfig(batch_size=64), layers=layers, log=lambda *_: None)
+    return result.model, result.reports
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import torch
 from gpfq import adhoc, retrain
 from gpfq.alphabet import GRANULARITIES
 from gpfq.codes import encode, layer_codebook
-from gpfq.data import CalibrationStream
+import gpfq
 from gpfq.model_file import load_quantized, save_quantized
-from gpfq.network import METHODS, quantize_network, settings_for
+from gpfq.network import METHODS
 
 BITS = 3
 
@@ -31,12 +31,10 @@ def _check_strict(model, reports, bits_of=lambda report: BITS):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_and_granularity(default_data, method, granularity):
     calibration, _, model = default_data
-
-    def settings_of(index, name, layer):
-        return settings_for(layer, BITS, method, "strict", True, 1.3, 1.3, 1.0, 1.0, granularity=granularity,
-                            seed=index, threshold=0.05)
-    quantized, reports = quantize_network(model, CalibrationStream(calibration, 0), settings_of, 32, 0.25, 0,
-                                          log=lambda *_: None)
+    config = gpfq.QuantConfig(method=method, bits=BITS, alphabet="strict", alphabet_granularity=granularity,
+                              batch_size=32, sparsity_threshold=0.05)
+    result = gpfq.quantize(model, calibration, config, log=lambda *_: None)
+    quantized, reports = result.model, result.reports
     _check_strict(quantized, reports)
 
 
