@@ -27,13 +27,14 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
+from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
                       layer_rows, owner_module, trace_graph, write_weight)
@@ -85,6 +86,11 @@ class LayerReport:
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
     streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
     rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
+    stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
+    code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
+    parameter: str = ""  # the weight's parameter name ('layer1.0.conv1.weight', '…in_proj_weight')
+    # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
+    alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -107,8 +113,8 @@ class LayerStep:
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    rule = lambda w, x, xq: gpfq_walk(w, x, xq, alphabet, engine=settings.engine,  # noqa: E731
-                                      first_column=settings.first_column)
+    def rule(w, x, xq):
+        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
     return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
@@ -226,8 +232,7 @@ def collect_rows(analog_model, quantized_model, layer, chunks, retain_rate, gene
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
-    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else
-    the method's name;
+    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
     else the method's name."""
     if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
         streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
@@ -370,13 +375,20 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             n_rows, width = analog_rows.shape
         write_weight(quantized_model, layer, quantized_weight)
         zeros = int((quantized_weight == 0).sum())
+        stored = quantized_model.get_parameter(layer.parameter)
+        stored = stored.t() if layer.input_major else stored  # (N1, …): a row per output, like the alphabet
+        codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
         report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
-                             streamed=statistics is not None, rule_seconds=rule_seconds)
+                             streamed=statistics is not None, rule_seconds=rule_seconds,
+                             stored_bits=stored_bits(alphabet.shape[-1]),
+                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
+                             parameter=layer.parameter)
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''}: "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
+            f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
         if after_layer is not None:
             after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
@@ -413,7 +425,8 @@ def check_layer_indices(key: str, indices, names: list) -> None:
 
 
 def reports_as_dicts(reports) -> list:
-    return [asdict(r) for r in reports]
+    """The reports as JSON-ready dicts (without the alphabet tensors)."""
+    return [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
 
 
 def zero_fraction(reports) -> float:
