@@ -201,9 +201,13 @@ def main(argv=None):
         runnable.sort(key=lambda n: parameter_count(n) or 0)  # small first: a stopped run has the most rows
         for result in list(results.values()):
             write_row(out, result)
-        for result in run_all(runnable, args):
-            results[result["name"]] = result
-            write_row(out, result)
+        stopped = ""
+        try:
+            for result in run_all(runnable, args):
+                results[result["name"]] = result
+                write_row(out, result)
+        except KeyboardInterrupt:  # Ctrl-C: the summary of the models measured so far
+            stopped = f" Stopped (interrupted) after {len(results)} of {len(names)} models."
         ok = [n for n, r in results.items() if r["status"] == "ok"]
         full = [n for n in ok if results[n]["weights"].split("/")[0] == results[n]["weights"].split("/")[1]]
         capped = [n for n, r in results.items() if r["status"].startswith("over")]
@@ -216,7 +220,7 @@ def main(argv=None):
                    f"{' (' + ', '.join(capped) + ')' if capped else ''}; {len(skipped)} skipped as larger than "
                    f"{args.max_parameters / 1e6:.0f} M parameters{' (' + ', '.join(skipped) + ')' if skipped else ''}; "
                    f"{len(failed)} errors"
-                   f"{' (' + ', '.join(failed) + ')' if failed else ''}.\n")
+                   f"{' (' + ', '.join(failed) + ')' if failed else ''}.{stopped}\n")
         print(summary, end="")
         out.write(summary)
 

@@ -376,7 +376,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         write_weight(quantized_model, layer, quantized_weight)
         zeros = int((quantized_weight == 0).sum())
         stored = quantized_model.get_parameter(layer.parameter)
-        stored = stored.t().contiguous() if layer.input_major else stored  # (N1, …): a row per output, like the alphabet
+        stored = stored.t().contiguous() if layer.input_major else stored  # (N1, …): a row per output
         codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
         report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
