@@ -305,3 +305,15 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
         levels = torch.unique(quantized.get_submodule(name).weight)
         assert len(levels) <= 17, name  # on a 4-bit alphabet (2^4 + 1 levels)
         assert not torch.equal(quantized.get_submodule(name).weight, analog.get_submodule(name).weight)
+
+
+@pytest.mark.slow
+def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
+    pytest.importorskip("timm", reason="timm is optional; requirements-dev installs it")
+    rows = run_main(["--model", "timm:resnet18", "--weights", "random", "--dataset", "imagefolder", "--data_dir",
+                     str(photo_folder), "--image_size", "64", "--batch_size", "4"], tmp_path)
+    assert rows[0]["Dataset"] == f"imagefolder:{photo_folder.resolve()}@64"
+    saved = list((tmp_path / "models" / "timm_resnet18").glob("*.pt"))
+    assert len(saved) == 1
+    record = (saved[0].with_suffix(".json")).read_text()
+    assert record.count('"relative_error"') == 21  # every Conv2d and Linear of timm's resnet18
