@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors  # noqa: E402
 
-LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ"}
+LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 
 
 def main(argv=None):

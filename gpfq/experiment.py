@@ -38,17 +38,21 @@ from .engine import ENGINES
 from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
                       zero_fraction)
 from .variants import THRESHOLDINGS
+from .column_order import COLUMN_ORDERS
+from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING
+from .quantizer import FIRST_COLUMN_RULES
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
 # Keys whose list values expand into a grid (a scalar is a one-point axis).
 GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
              "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
              "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
-             "gptq_act_order", "engine", "calibration")
+             "gptq_act_order", "engine", "calibration", "gpfq_first_column", "column_order", "qronos_damping")
 # Method and procedure options a header may leave out (older headers, other variants): their defaults.
 METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sparsity_threshold": 0.0,
                    "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False,
-                   "engine": "auto", "calibration": "fresh"}
+                   "engine": "auto", "calibration": "fresh", "gpfq_first_column": "paper", "column_order": "natural",
+                   "qronos_damping": QRONOS_DAMPING}
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
@@ -163,6 +167,13 @@ def validate(point: dict) -> None:
     threads = point.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
+    if options["gpfq_first_column"] not in FIRST_COLUMN_RULES:
+        fail(f"gpfq_first_column must be one of {FIRST_COLUMN_RULES}, got {options['gpfq_first_column']!r}")
+    if options["column_order"] not in COLUMN_ORDERS:
+        fail(f"column_order must be one of {COLUMN_ORDERS}, got {options['column_order']!r}")
+    value = options["qronos_damping"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        fail(f"qronos_damping must be a number ≥ 0, got {value!r}")
     if options["engine"] not in ENGINES:
         fail(f"engine must be one of {ENGINES}, got {options['engine']!r}")
     if options["calibration"] not in CALIBRATIONS:
@@ -291,7 +302,9 @@ class Context:
                             granularity=options["alphabet_granularity"], seed=layer_seed(p["seed"], index),
                             threshold=options["sparsity_threshold"], thresholding=options["thresholding"],
                             block_size=options["gptq_block_size"], damping=options["gptq_damping"],
-                            act_order=options["gptq_act_order"], engine=options["engine"])
+                            act_order=options["gptq_act_order"], engine=options["engine"],
+                            first_column=options["gpfq_first_column"], column_order=options["column_order"],
+                            qronos_damping=options["qronos_damping"])
 
 
 def method_options(point: dict) -> dict:
@@ -310,10 +323,16 @@ def method_description(point: dict) -> str:
     if point["method"] == "gptq":
         return (f"block {options['gptq_block_size']}, damping {options['gptq_damping']}"
                 f"{', act-order' if options['gptq_act_order'] else ''}")
+    order = ", act-order" if options["column_order"] == "act_order" else ""
     if point["method"] == "sparse_gpfq":
-        return f"{options['thresholding']} threshold {options['sparsity_threshold']}"
+        return f"{options['thresholding']} threshold {options['sparsity_threshold']}{order}"
     if point["method"] == "spfq":
-        return "stochastic rounding"
+        return f"stochastic rounding{order}"
+    if point["method"] == "qronos":
+        return f"damping {options['qronos_damping']}{order}"
+    if point["method"] == "gpfq":
+        first = "first column code2022" if options["gpfq_first_column"] == "code2022" else ""
+        return ", ".join(part for part in (first, order[2:]) if part)
     return ""
 
 
