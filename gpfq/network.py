@@ -35,11 +35,12 @@ from .alphabet import channel_alphabets, make_alphabet, row_radii
 from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
-from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from .gptq import gptq, gptq_from_gram
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
-from .quantizer import gpfq_columns, msq, relative_error
-from .variants import ThresholdedRounding, sparse_gpfq, spfq, spfq_rounding
+from .quantizer import msq, relative_error
+from .rounding import ThresholdedRounding, spfq_rounding
+from .variants import gpfq_walk, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -89,7 +90,7 @@ class LayerStep:
     """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
 
     When the layer was streamed, the rows were never kept (None) and `statistics` holds their
-    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `quantize_network(keep_rows=True)` keeps rows.
+    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `_quantize_network(keep_rows=True)` keeps rows.
     """
     report: LayerReport
     analog_layer: nn.Module
@@ -104,11 +105,8 @@ class LayerStep:
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    if settings.engine == "columns":
-        rule = lambda w, x, xq: gpfq_columns(w, x, xq, alphabet, first_column=settings.first_column)  # noqa: E731
-    else:
-        rule = lambda w, x, xq: gpfq_blocked(w, x, xq, alphabet, form=settings.engine,  # noqa: E731
-                                             first_column=settings.first_column)
+    rule = lambda w, x, xq: gpfq_walk(w, x, xq, alphabet, engine=settings.engine,  # noqa: E731
+                                      first_column=settings.first_column)
     return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
@@ -296,7 +294,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
-def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET):
