@@ -317,3 +317,16 @@ def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
     assert len(saved) == 1
     record = (saved[0].with_suffix(".json")).read_text()
     assert record.count('"relative_error"') == 21  # every Conv2d and Linear of timm's resnet18
+
+
+def test_published_accuracy_only_on_imagenet(monkeypatch):
+    """torchvision's published ImageNet accuracy stands for its own weights on ImageNet only; on an image folder
+    the float model is measured."""
+    from gpfq.header import expand_grid, parse_overrides
+    from gpfq.models import published_accuracy
+    monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: (0.25, 0.5))
+    point = expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0]
+    measured = lambda p: experiment.float_accuracy(p, None, experiment.Resources(), lambda: None, "cpu")  # noqa
+    assert measured(point) == published_accuracy("resnet18") != (0.25, 0.5)
+    assert measured(dict(point, dataset="imagefolder")) == (0.25, 0.5)
+    assert measured(dict(point, weights="random")) == (0.25, 0.5)
