@@ -23,6 +23,8 @@ EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
     "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
     "Date",
+    # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
 PLAIN_COLUMNS = PAPER_COLUMNS + EXTRA_COLUMNS
@@ -32,6 +34,7 @@ PLAIN_COLUMNS = PAPER_COLUMNS + EXTRA_COLUMNS
 RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
 }
 
 
