@@ -5,21 +5,24 @@ same layer loop. For each layer:
 
 - the layer's m calibration images are drawn exactly as one process draws them (same seed, same
   order), and rank r takes the contiguous share [r·m/W, (r+1)·m/W) of them (`ShardedStream`);
-- each rank runs its share through both networks, forms its rows with the patch indices one
-  process would give those images, and adds them into float64 `GramStatistics`;
-- the sums are all-reduced, so every rank holds the statistics of all m images;
-- the layer rule runs on the summed statistics: on rank 0, which broadcasts Q ('rank0', the
-  default), or on every rank ('every'). `bench_distributed.py` measures both.
+- each rank runs its share through both networks and forms its rows with the patch indices one
+  process would give those images;
+- the layer takes the form one process would give it (`network.layer_form` on all m images'
+  rows). A streamed layer (the Gram form) adds the rows into float64 `GramStatistics`, which are
+  all-reduced, so every rank holds the sums of all m images. A layer computed from rows (the
+  residual form, GPTQ from rows, the per-column loop, or `after_layer` hooks that asked for rows)
+  gathers every rank's rows in rank order, which is the single-process row order: the residual
+  form is chosen exactly where rows are small next to N0², so their gather is also the cheaper
+  message;
+- the layer rule runs on rank 0, which broadcasts Q ('rank0', the default), or on every rank
+  ('every'). `benchmarks/bench_distributed.py` measures both.
 
-A layer whose method has no rule from sums (the per-column loop, engine 'columns'), or whose
-`after_layer` hook asked for rows (`keep_rows=True`), gathers every rank's rows instead, in rank
-order, which is the single-process row order.
-
-What is exact: the draw, the patch indices and every rank's rows are those of one process. The
-sums are not bit for bit: float64 addition in another order (chunks per rank, then the
-all-reduce) rounds differently, so a weight whose GPFQ argument lies within rounding of a
-midpoint between two levels can round the other way. With 2 ranks whose shares are one chunk
-each, the sums (and so Q) are bit for bit those of one process with that chunk size.
+What is exact: the draw, the patch indices and every rank's rows are those of one process (with
+the same thread count), so gathered layers give one process's Q. Summed layers are not bit for
+bit: float64 addition in another order (chunks per rank, then the all-reduce) rounds differently,
+so a weight whose argument lies within rounding of a midpoint between two levels can round the
+other way, and later layers see that. With 2 ranks whose shares are one chunk each, the sums
+(a + b on both sides) and so Q are bit for bit those of one process with that chunk size.
 
 Faults: every collective is labelled and recorded in the rendezvous store, so when one fails
 (a peer died, or did not answer within the process group's timeout) the message names the rank
@@ -287,20 +290,20 @@ class Shard:
             dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
-    def gather_layer(self, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
-                     streamed: bool, label: str):
+    def gather_layer(self, layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label):
         """The distributed `network.gather_layer`: (analog_rows, quantized_rows, statistics) of all m images.
 
         input_pairs: (X input, X̃ input) chunks of this rank's share of the `n_images` images.
-        streamed: sum into GramStatistics and all-reduce them (rows None); else gather the rows.
-        The patch generator advances over the other ranks' images, so every image gets the
-        patch indices one process would give it.
+        streams(rows) -> bool, asked at the first chunk with the layer's total row count (the same on
+        every rank): True sums the rows into GramStatistics, which are all-reduced (rows None);
+        False gathers every rank's rows (statistics None). The patch generator advances over the
+        other ranks' images, so every image gets the patch indices one process would give it.
         """
         lo, hi = self.span(n_images)
         flat = flat_weight(layer)
         weight = grouped(layer, flat)
         n_groups, _, n_inputs = weight.shape
-        statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=weight.device) if streamed else None
+        statistics, streamed = None, None
         analog_parts, quantized_parts, shape = [], [], None
         with self.step(f"{label}: forward passes and rows"):
             for analog, quantized in input_pairs:
@@ -308,7 +311,11 @@ class Shard:
                     shape = analog.shape
                     _skip_patches(layer, shape, lo, retain_rate, generator, patch_stride)
                 x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
-                if statistics is not None:
+                if streamed is None:
+                    streamed = streams(x.shape[0] // analog.shape[0] * n_images)
+                    if streamed:
+                        statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
+                if streamed:
                     statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
                 else:
                     analog_parts.append(x)
@@ -316,7 +323,7 @@ class Shard:
             if shape is None:
                 raise ValueError(f"rank {self.rank} received no calibration images for {label}")
             _skip_patches(layer, shape, n_images - hi, retain_rate, generator, patch_stride)
-        if statistics is not None:
+        if streamed:
             return None, None, self.all_reduce_statistics(statistics, label)
         analog_rows = self.gather_rows(torch.cat(analog_parts), f"{label}: X")
         quantized_rows = self.gather_rows(torch.cat(quantized_parts), f"{label}: X̃")

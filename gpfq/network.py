@@ -248,22 +248,27 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
 
 
 def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
-                      keep_rows, label):
+                      keep_rows, label, rows_budget=DEFAULT_ROWS_BUDGET):
     """`gather_layer` across ranks: input_pairs hold this rank's share of the `n_images` images.
 
-    Methods with a rule from sums stream (the Gram form, whatever the engine asks: the residual form
-    would need every rank's rows) and the sums are all-reduced; the per-column loop (engine
-    'columns') and `keep_rows` gather the rows of every rank instead.
+    The layer takes the form one process would (`layer_form` on all m images' rows): a streamed
+    layer's sums are all-reduced; a layer computed from rows (the residual form, GPTQ from rows, the
+    per-column loop, or `keep_rows`) gathers every rank's rows, in the single-process order. MSQ needs
+    neither and streams, for its relative error.
     """
-    streamed = settings.method in STATISTICS_METHODS and not keep_rows and settings.engine != "columns"
+    flat = flat_weight(layer)
+    n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
+
+    def streams(rows):
+        if keep_rows or settings.method not in STATISTICS_METHODS:
+            return False
+        return settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups,
+                                                      rows_budget) == "gram"
+
     analog_rows, quantized_rows, statistics = shard.gather_layer(
-        layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride, streamed, label)
-    if statistics is not None:
-        form = "gram" if settings.method in GPFQ_FAMILY or settings.method == "gptq" else settings.method
-    else:
-        flat = flat_weight(layer)
-        n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
-        form = layer_form(settings, analog_rows.shape[0], n_inputs, n_neurons, n_groups)
+        layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)
+    rows = statistics.rows if statistics is not None else analog_rows.shape[0]
+    form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
     return analog_rows, quantized_rows, statistics, form
 
 
@@ -352,7 +357,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if shard.active:
             analog_rows, quantized_rows, statistics, form = distributed_layer(
                 shard, layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
-                f"layer {index + 1} ({name})")
+                f"layer {index + 1} ({name})", rows_budget)
         else:
             analog_rows, quantized_rows, statistics, form = gather_layer(
                 layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,

@@ -25,20 +25,18 @@ def default_settings(engine="auto", method="gpfq", bits=4):
     from gpfq.network import settings_for
 
     def settings_of(index, name, layer):
-        return settings_for(layer, bits, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0, engine=engine)
+        return settings_for(layer, bits, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0, engine=engine,
+                            seed=1000 + index)
     return settings_of
 
 
-def quantize_default(m: int, chunk_size: int, engine="auto", shard=None, method="gpfq", calibration="fresh",
-                     rule=None):
+def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", calibration="fresh", shard=None,
+                     calibration_set=None):
     """Quantize fashion_resnet (seed 0, retain_rate 0.25) with the default settings; returns
-    (model, reports, {layer name: (Q, summed statistics as float64 tensors)})."""
-    from gpfq.data import CalibrationStream, calibration_set
+    {"layers": {layer name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [relative error]}."""
+    from gpfq.data import CalibrationStream, calibration_set as load_calibration
     from gpfq.models import load_model
     from gpfq.network import quantize_network
-    if rule is not None:
-        from gpfq import distributed
-        shard = distributed.Shard(rule=rule)
     layers = {}
 
     def keep(step):
@@ -46,23 +44,37 @@ def quantize_default(m: int, chunk_size: int, engine="auto", shard=None, method=
         sums = None if s is None else (s.cross.clone(), s.quantized_gram.clone(), s.analog_output_norm2.clone())
         layers[step.report.name] = (step.quantized_weight.clone(), sums)
 
-    stream = CalibrationStream(calibration_set("fashion_mnist"), 0, chunk_size=chunk_size)
-    model, reports = quantize_network(load_model("fashion_resnet"), stream, default_settings(engine, method), m,
-                                      0.25, 0, after_layer=keep, keep_rows=False, log=lambda *a: None,
+    data = load_calibration("fashion_mnist") if calibration_set is None else calibration_set
+    stream = CalibrationStream(data, 0, chunk_size=chunk_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every rank runs: float sums of products depend on the thread count
+    try:
+        _, reports = quantize_network(load_model("fashion_resnet"), stream, default_settings(engine, method), m, 0.25,
+                                      0, after_layer=keep, keep_rows=False, log=lambda *a: None,
                                       calibration=calibration, shard=shard)
-    return model, reports, layers
+    finally:
+        torch.set_num_threads(threads)
+    return {"layers": layers, "errors": [r.relative_error for r in reports], "forms": [r.form for r in reports]}
 
 
-def quantize_worker(rank, world_size, port, m, chunk_size, out, engine="auto", method="gpfq", calibration="fresh",
-                    rule="rank0"):
-    """One rank of a distributed quantization of the default model; rank 0 saves Q and sums to `out`."""
+def quantize_worker(rank, world_size, port, runs, out, rule="rank0"):
+    """One rank: quantize the default model for each run (kwargs of quantize_default); saves
+    [result per run] to <out>.rank<r>, and the communication time."""
+    from gpfq import distributed
+    from gpfq.data import calibration_set
     join(rank, world_size, port)
     try:
-        _, reports, layers = quantize_default(m, chunk_size, engine, method=method, calibration=calibration,
-                                              rule=rule)
-        if rank == 0:
-            torch.save({"layers": layers, "reports": [r.relative_error for r in reports]}, out)
-        elif rank == 1:
-            torch.save({"layers": layers}, str(out) + ".rank1")
+        shard = distributed.Shard(rule=rule)
+        data = calibration_set("fashion_mnist")
+        results = [quantize_default(**run, shard=shard, calibration_set=data) for run in runs]
+        torch.save(results, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, runs, out, rule="rank0") -> list:
+    """Start `world_size` gloo ranks on this machine (spawn) doing `runs`; every rank's results."""
+    import torch.multiprocessing as mp
+    mp.start_processes(quantize_worker, args=(world_size, free_port(), runs, out, rule), nprocs=world_size,
+                       start_method="spawn")
+    return [torch.load(f"{out}.rank{rank}") for rank in range(world_size)]
