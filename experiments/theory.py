@@ -1,4 +1,4 @@
-"""The paper's single-layer theory, checked on Gaussian data (notes §7).
+"""The paper's single-layer theory, checked on Gaussian data (docs/theory.md).
 
     python3 experiments/theory.py                      # m = 256, N0 = m/4 … 16m, 5 trials
     python3 experiments/theory.py --m 64 --trials 3    # quicker

@@ -1,4 +1,4 @@
-"""Ad hoc improvements over plain GPFQ (notes §4): bias correction, float layers, mixed precision.
+"""Ad hoc improvements over plain GPFQ (docs/variants.md): bias correction, float layers, mixed precision.
 
 All three are built on `network.quantize_network`:
 - layers left float (`skip_layers`) and bits per layer (`bits_map`) go through its `settings_of` hook;

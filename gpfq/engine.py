@@ -2,7 +2,7 @@
 
 Shapes follow `gpfq.quantizer`: weight W (G, N1, N0), analog rows X (G, m, N0),
 quantized rows X̃ (G, m, N0), G = groups. For input column t and every neuron w
-(notes §1), with d_t = ||X̃_t||²,
+(docs/engine.md), with d_t = ||X̃_t||²,
 
     q_t = Q_A( (Σ_{j≤t} <X̃_t, X_j> w_j − Σ_{j<t} <X̃_t, X̃_j> q_j) / d_t )     (0 if d_t = 0)
 

@@ -1,6 +1,6 @@
 """GPFQ's in-block sequential step: round a block's columns in order, each correcting the later ones.
 
-For a block of B columns (notes §1, `gpfq.engine`), given per group the arguments' numerators
+For a block of B columns (docs/engine.md, `gpfq.engine`), given per group the arguments' numerators
 a (B, N1), which already hold everything from the columns before the block, and the block's Gram
 H = X̃_bᵀX̃_b (B, B), with d_t = H[t, t]:
 

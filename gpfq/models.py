@@ -1,4 +1,5 @@
-"""Models: torchvision's ImageNet classifiers by name, and the small embedded defaults.
+"""Models: torchvision's ImageNet classifiers by name, the small embedded defaults, and the user's own
+(a factory in a module or file, or a timm model: gpfq.user_models).
 
 The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
 MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
@@ -15,10 +16,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .paths import PRETRAINED_DIR
-
-
-class WeightsUnavailableError(FileNotFoundError):
-    """Pretrained weights could neither be found locally nor downloaded."""
+from .user_models import (WeightsUnavailableError, build_user_model, check_user_model, is_user_model,
+                          load_state_dict_file)
 
 
 class FashionResNet(nn.Module):
@@ -85,13 +84,23 @@ def torchvision_names() -> list:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError for a name that is neither embedded nor a torchvision classifier."""
+    """Raise ValueError for a name that is neither embedded, a torchvision classifier, nor a user model."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
     if is_embedded(name):
+        return
+    if is_user_model(name):
+        check_user_model(name)
         return
     names = torchvision_names()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)} "
-                         f"or a torchvision classifier ({', '.join(names[:8])}, …)")
+        raise ValueError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)}, "
+                         f"a torchvision classifier ({', '.join(names[:8])}, …), 'package.module:factory', "
+                         f"'path/to/file.py:factory' or 'timm:<name>'")
+
+
+def is_torchvision(name) -> bool:
+    return isinstance(name, str) and not is_embedded(name) and not is_user_model(name)
 
 
 def _torchvision_weights(name: str):
@@ -107,7 +116,7 @@ def weights_cache_path(name: str) -> Path:
 
 def published_accuracy(name: str):
     """torchvision's published ImageNet (top-1, top-5) as fractions, or None if it has none."""
-    if is_embedded(name):
+    if not is_torchvision(name):
         return None
     try:
         metrics = _torchvision_weights(name).meta["_metrics"]["ImageNet-1K"]
@@ -121,9 +130,11 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
 
     weights: 'DEFAULT' (the embedded model's shipped weights, or torchvision's ImageNet weights,
     downloaded into the torch.hub cache when missing), 'random' (untrained), or the path of
-    a local state-dict file.
+    a local state-dict file. User models (factories, timm): gpfq.user_models.build_user_model.
     """
     check_model_name(name)
+    if is_user_model(name):
+        return build_user_model(name, weights)
     if is_embedded(name):
         model = EMBEDDED_MODELS[name]()
         if weights == "DEFAULT":
@@ -138,11 +149,7 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
             model.load_state_dict(_download_torchvision_weights(name))
             return model.eval()
     if weights != "random":
-        path = Path(weights)
-        if not path.exists():
-            raise WeightsUnavailableError(f"weights file {path} not found; weights is 'DEFAULT', 'random' or the "
-                                          f"path of a state-dict file")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_state_dict_file(weights))
     return model.eval()
 
 

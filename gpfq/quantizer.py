@@ -1,4 +1,4 @@
-"""The GPFQ rule for one layer (notes §1), and round-to-nearest (MSQ) beside it.
+"""The GPFQ rule for one layer (docs/theory.md), and round-to-nearest (MSQ) beside it.
 
 Shapes: a layer is given as ``groups`` independent problems (1 for Linear and
 ordinary convolutions, C_in/… for grouped and depthwise ones):

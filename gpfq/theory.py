@@ -1,4 +1,4 @@
-"""The single-layer theory check (notes §7): GPFQ's error decays like 1/N0, round-to-nearest's does not.
+"""The single-layer theory check (docs/theory.md): GPFQ's error decays like 1/N0, round-to-nearest's does not.
 
 One layer on Gaussian data: X (m × N0) i.i.d. N(0, 1), X̃ = X, weights uniform on [−1, 1],
 the layer's alphabet (radius = mean over neurons of max |w|). For each N0 and trial, the

@@ -1,4 +1,4 @@
-"""The single-layer theory (notes §7) on Gaussian data: GPFQ's error falls like 1/N0 once N0 ≫ m,
+"""The single-layer theory (docs/theory.md) on Gaussian data: GPFQ's error falls like 1/N0 once N0 ≫ m,
 round-to-nearest's does not."""
 import pytest
 
