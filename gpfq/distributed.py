@@ -78,9 +78,13 @@ def launch(device="cpu") -> "Shard":
     seconds = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_SECONDS))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if dist.get_rank() != 0:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # one progress display: rank 0's
     return current()
+
+
+def threads_per_rank() -> int:
+    """Torch threads for this process: the machine's cores shared among the ranks on it (torchrun's
+    LOCAL_WORLD_SIZE), all of them for one process."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _exit_on_sigterm(signum, frame):
@@ -223,8 +227,9 @@ class Shard:
     # ------------------------------------------------------------ agreement
     @contextlib.contextmanager
     def step(self, label: str):
-        """Run the enclosed local work; then every rank learns whether any rank failed in it, and if one
-        did, every rank raises the same DistributedError (the failing rank chains its own error)."""
+        """Run the enclosed local work; then every rank learns whether any rank failed in it. A rank that
+        failed raises its own error; the others raise a DistributedError naming the first rank that failed
+        and its message. So no rank is left waiting in a later collective."""
         if not self.active:
             yield
             return
@@ -236,9 +241,11 @@ class Shard:
         messages = self.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}",
                                           f"{label} (checking every rank finished it)")
         failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+        if failure is not None:  # this rank's own error (bad input fails the same way on every rank)
+            raise failure
         if failed:
             rank, text = failed[0]
-            raise DistributedError(f"rank {rank} of {self.world_size} failed in {label}: {text}") from failure
+            raise DistributedError(f"rank {rank} of {self.world_size} failed in {label}: {text}")
 
     def check_same(self, settings: dict, label: str = "comparing the ranks' settings") -> None:
         """DistributedError on every rank, naming the ranks and keys, unless every rank has the same

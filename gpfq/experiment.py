@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .alphabet import ALPHABET_KINDS, GRANULARITIES
 from .data import DATASETS, CalibrationStream, calibration_set, dataset_label, evaluation_loader, evaluation_set
 from .evaluate import evaluate
@@ -444,14 +444,30 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
             f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
+    shard = distributed.current()  # several ranks: only rank 0 writes, the others learn the path
+    record["world_size"], record["backend"] = shard.world_size, shard.backend or "none"
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
-    model_path = save_model(quantized_model, record, model_dir, stem)
+    with shard.step("saving the quantized model (rank 0)"):
+        model_path = save_model(quantized_model, record, model_dir, stem) if shard.writer else None
+    model_path = shard.broadcast_object(model_path, "sharing the model's path") if shard.active else model_path
     log(f"saved {model_path}")
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
-    write_record(model_path.with_suffix(".json"), record)
+    with shard.step("writing the record and the log row (rank 0)"):
+        if shard.writer:
+            write_record(model_path.with_suffix(".json"), record)
+        row = _logged_row(point, variant_columns, context, top1, top5, reports, seconds, model_path, record, extra,
+                          shard)
+        for log_path in log_paths if shard.writer else []:
+            append_row(log_path, row, LOG_COLUMNS[log_path.name])
+    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
+    return row
+
+
+def _logged_row(point, variant_columns, context, top1, top5, reports, seconds, model_path, record, extra, shard):
     row = point_columns(point)
     row.update(variant_columns(point) if variant_columns is not None else {})
     row.update({
@@ -460,13 +476,9 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
         "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
-        "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "Date": time.strftime("%Y-%m-%d %H:%M:%S"), "World Size": shard.world_size, "Backend": record["backend"],
     })
     row.update(extra)
-    for log_path in log_paths:
-        append_row(log_path, row, LOG_COLUMNS[log_path.name])
-    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
 
 
@@ -544,43 +556,60 @@ def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, v
     into each row and used, with `point_columns`, to recognise a logged point (`resume`).
     """
     config = parse_overrides(header, argv)
-    points = expand_grid(config, grid_keys)
-    if resolve_point is not None:
-        points = [resolve_point(point) for point in points]
-    for point in points:  # every point checked before any work starts
-        validate(point)
-        if validate_point is not None:
-            validate_point(point)
+    # Under torchrun: join the process group, and compare a hash of the settings on every rank before any work.
+    shard = distributed.launch(config.get("device", "cpu"))
+    shard.check_same(config)
+    say = print if shard.writer else _quiet
+    with shard.step("checking the hyperparameters"):
+        points = expand_grid(config, grid_keys)
+        if resolve_point is not None:
+            points = [resolve_point(point) for point in points]
+        for point in points:  # every point checked before any work starts
+            validate(point)
+            if validate_point is not None:
+                validate_point(point)
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     model_dir = Path(config.get("model_dir") or MODEL_DIR)
-    check_writable(log_dir, "log_dir")
-    check_writable(model_dir, "model_dir")
-    for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
-        if (model_dir / name).exists():
-            check_writable(model_dir / name, "model_dir")
     log_names = list(dict.fromkeys(n for point in points for n in log_names_of(point, log_name)))
-    for name in log_names:
-        check_log(log_dir / name, LOG_COLUMNS[name])
-    if config["resume"]:
-        total = len(points)
-        points = pending_points(points, log_dir, log_name, variant_columns)
-        print(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
-              f"running the other {len(points)}")
+    with shard.step("checking the result folders and logs (rank 0)"):
+        if shard.writer:  # only rank 0 writes, so only its folders and logs matter
+            check_writable(log_dir, "log_dir")
+            check_writable(model_dir, "model_dir")
+            for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
+                if (model_dir / name).exists():
+                    check_writable(model_dir / name, "model_dir")
+            for name in log_names:
+                check_log(log_dir / name, LOG_COLUMNS[name])
+            if config["resume"]:
+                total = len(points)
+                points = pending_points(points, log_dir, log_name, variant_columns)
+                say(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
+                    f"running the other {len(points)}")
+    if config["resume"] and shard.active:
+        points = shard.broadcast_object(points, "sharing the grid points still to run")
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
-    torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
+    torch.set_num_threads(config.get("num_threads") or distributed.threads_per_rank())
     resources = Resources()
-    preflight(points, resources, validate_model)
+    with shard.step("loading the data and the models"):
+        preflight(points, resources, validate_model)
     rows, number = [], 0
     try:
         for number, point in enumerate(points, 1):
             if len(points) > 1:
-                print(f"\n### grid point {number}/{len(points)}")
-            rows.append(run_point(point, resources, log_name, quantize, variant=variant,
-                                  variant_columns=variant_columns))
+                say(f"\n### grid point {number}/{len(points)}")
+            rows.append(run_point(point, resources, log_name, quantize, log=tqdm.write if shard.writer else _quiet,
+                                  variant=variant, variant_columns=variant_columns))
+    except Exception as error:
+        shard.record_error(error)  # where the other ranks' diagnosis finds it
+        raise
     except KeyboardInterrupt:
         print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
               f"{', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
               f"command with --resume to go on.", file=sys.stderr)
         raise SystemExit(130) from None
     return rows
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0: rank 0 speaks for all."""

@@ -20,7 +20,7 @@ PAPER_COLUMNS = [
 EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
     "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
-    "Date",
+    "Date", "World Size", "Backend",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
 LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
@@ -31,6 +31,8 @@ RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
     "Average Bits", "Retrain Seconds", "Per-Step Top1",
+    # How many processes ran it: a grid interrupted on 2 ranks resumes on 4 (results agree to rounding).
+    "World Size", "Backend",
 }
 
 # Ad hoc variant (adhoc_quantization_scripts/): one row goes to the log of every option it switches on, so

@@ -78,3 +78,34 @@ def run_ranks(world_size: int, runs, out, rule="rank0") -> list:
     mp.start_processes(quantize_worker, args=(world_size, free_port(), runs, out, rule), nprocs=world_size,
                        start_method="spawn")
     return [torch.load(f"{out}.rank{rank}") for rank in range(world_size)]
+
+
+def start_script_ranks(world_size: int, argv_of, env=None, prelude: str = "", script="quantization_scripts"):
+    """Start `world_size` processes of <script>/quantize.py with the environment torchrun gives its workers
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), without torchrun's agent, so each rank's exit and
+    output are its own. argv_of(rank) -> the rank's command-line arguments; `prelude`: Python run first
+    in every rank (it sees RANK). Returns the Popen objects."""
+    import subprocess
+    import sys
+    from gpfq.paths import REPO_ROOT
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        rank_env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(env or {}))
+        code = (f"import os, runpy, sys\n{prelude}\n"
+                f"sys.argv = [{str(REPO_ROOT / script / 'quantize.py')!r}] + {list(map(str, argv_of(rank)))!r}\n"
+                f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+        processes.append(subprocess.Popen([sys.executable, "-c", code], env=rank_env, cwd=REPO_ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def finish(processes, timeout=300):
+    """(return code, stdout + stderr) of each process, in rank order."""
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out + err))
+    return results
