@@ -163,7 +163,8 @@ class Shard:
 
     def _diagnose(self, label: str, error: Exception) -> str:
         """Which rank stopped: one that recorded an error, else one behind this rank's collective count."""
-        cause = f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        text = str(error).splitlines()[0] if str(error) else ""
+        cause = f"({type(error).__name__}: {text.split('. ')[0][-200:]})"  # gloo's first sentence says what broke
         here = f"rank {self.rank} of {self.world_size}: {label} failed"
         if self._store is None:
             return f"{here}: a rank died or did not answer {cause}"

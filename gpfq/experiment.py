@@ -455,19 +455,9 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
-    with shard.step("writing the record and the log row (rank 0)"):
+    with shard.step("writing the record (rank 0)"):
         if shard.writer:
             write_record(model_path.with_suffix(".json"), record)
-        row = _logged_row(point, variant_columns, context, top1, top5, reports, seconds, model_path, record, extra,
-                          shard)
-        for log_path in log_paths if shard.writer else []:
-            append_row(log_path, row, LOG_COLUMNS[log_path.name])
-    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {', '.join(str(p) for p in log_paths)}")
-    return row
-
-
-def _logged_row(point, variant_columns, context, top1, top5, reports, seconds, model_path, record, extra, shard):
     row = point_columns(point)
     row.update(variant_columns(point) if variant_columns is not None else {})
     row.update({
@@ -479,6 +469,11 @@ def _logged_row(point, variant_columns, context, top1, top5, reports, seconds, m
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"), "World Size": shard.world_size, "Backend": record["backend"],
     })
     row.update(extra)
+    with shard.step("appending the log row (rank 0)"):
+        for log_path in log_paths if shard.writer else []:
+            append_row(log_path, row, LOG_COLUMNS[log_path.name])
+    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
 
 
