@@ -9,10 +9,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The package itself, editable (scripts and tests import gpfq from this checkout), with the test tools.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
 # Fashion-MNIST from Debian's package where the machine allows (root or sudo);

@@ -397,24 +397,32 @@ class _Positions(Dataset):
 
 
 class ShardedStream:
-    """This rank's share of a CalibrationStream's draws.
+    """This rank's share of a calibration stream's draws.
 
-    `chunks(m)` draws the same m dataset indices the stream would (the same seeded shuffle,
-    continued across layers), keeps this rank's contiguous share and loads only those images,
-    in chunks of the stream's chunk size.
+    For a CalibrationStream, `chunks(m)` draws the same m dataset indices the stream would (the same
+    seeded shuffle, continued across layers), keeps this rank's contiguous share and loads only those
+    images, in chunks of the stream's chunk size. Any other stream (a user's DataLoader, with its own
+    order) is drawn in full on every rank and cut to the share, so loading is not divided.
     """
 
-    def __init__(self, stream: CalibrationStream, shard: Shard):
+    def __init__(self, stream, shard: Shard):
+        self.stream = stream
         self.dataset = stream.dataset
-        self.chunk_size = stream.chunk_size
-        self.num_workers = stream.num_workers
         self.shard = shard
-        self.positions = CalibrationStream(_Positions(len(stream.dataset)), 0, chunk_size=stream.chunk_size)
-        self.positions.generator.set_state(stream.generator.get_state())
+        self.positions = None
+        if isinstance(stream, CalibrationStream):
+            self.chunk_size = stream.chunk_size
+            self.num_workers = stream.num_workers
+            self.positions = CalibrationStream(_Positions(len(stream.dataset)), 0, chunk_size=stream.chunk_size)
+            self.positions.generator.set_state(stream.generator.get_state())
 
     def chunks(self, m: int):
-        order = torch.cat(list(self.positions.chunks(m)))
         lo, hi = self.shard.span(m)
+        if self.positions is None:
+            images = torch.cat(list(self.stream.chunks(m)))[lo:hi]
+            yield from images.split(max(1, getattr(self.stream, "chunk_size", 256)))
+            return
+        order = torch.cat(list(self.positions.chunks(m)))
         loader = DataLoader(Subset(self.dataset, order[lo:hi].tolist()), batch_size=self.chunk_size,
                             num_workers=self.num_workers)
         for batch in loader:

@@ -7,9 +7,9 @@ An existing log is never deleted: it is renamed <name>_<YYYYmmdd-HHMMSS>.csv fir
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.logs import LOG_COLUMNS, init_log  # noqa: E402
-from gpfq.paths import LOG_DIR  # noqa: E402
+from gpfq.logs import init_log
+from gpfq.paths import LOG_DIR
+from gpfq.procedures import LOG_COLUMNS
 
 
 def main(log_dir=LOG_DIR):

@@ -8,20 +8,17 @@ test accuracy).
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.data import fashion_mnist, evaluation_loader  # noqa: E402
-from gpfq.evaluate import evaluate  # noqa: E402
-from gpfq.models import EMBEDDED_MODELS  # noqa: E402
-from gpfq.paths import PRETRAINED_DIR  # noqa: E402
+from gpfq.data import fashion_mnist, evaluation_loader
+from gpfq.evaluate import evaluate
+from gpfq.models import EMBEDDED_MODELS
+from gpfq.paths import PRETRAINED_DIR
 
 
 def train(name: str, epochs: int, seed: int, batch_size: int, lr: float, device: str = "cpu") -> dict:

@@ -20,23 +20,17 @@ def join(rank: int, world_size: int, port: int, timeout: float = 60.0) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
 
 
-def default_settings(engine="auto", method="gpfq", bits=4):
-    """settings_of for the plain script's default header (C = 1.3, percentile 1, gpfq2022 with 0)."""
-    from gpfq.network import settings_for
-
-    def settings_of(index, name, layer):
-        return settings_for(layer, bits, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0, engine=engine,
-                            seed=1000 + index)
-    return settings_of
-
-
 def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", calibration="fresh", shard=None,
                      calibration_set=None):
-    """Quantize fashion_resnet (seed 0, retain_rate 0.25) with the default settings; returns
-    {"layers": {layer name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [relative error]}."""
+    """Quantize fashion_resnet with gpfq.QuantConfig's defaults (the plain script's: 4 bits, C = 1.3, seed 0,
+    retain_rate 0.25) at m images per layer, chunks of `chunk_size`, one torch thread. With `shard`, through
+    the network loop with that Shard; else through gpfq.quantize (which finds an initialized process group).
+    Returns {"layers": {name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [...], "forms": [...]}."""
+    import gpfq
+    from gpfq.api import layer_settings
     from gpfq.data import CalibrationStream, calibration_set as load_calibration
     from gpfq.models import load_model
-    from gpfq.network import quantize_network
+    from gpfq.network import _quantize_network
     layers = {}
 
     def keep(step):
@@ -46,25 +40,31 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
 
     data = load_calibration("fashion_mnist") if calibration_set is None else calibration_set
     stream = CalibrationStream(data, 0, chunk_size=chunk_size)
+    config = gpfq.QuantConfig(batch_size=m, engine=engine, method=method, calibration=calibration)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every rank runs: float sums of products depend on the thread count
     try:
-        _, reports = quantize_network(load_model("fashion_resnet"), stream, default_settings(engine, method), m, 0.25,
-                                      0, after_layer=keep, keep_rows=False, log=lambda *a: None,
-                                      calibration=calibration, shard=shard)
+        if shard is None:
+            reports = gpfq.quantize(load_model("fashion_resnet"), stream, config, after_layer=keep,
+                                    log=lambda *a: None).reports
+        else:
+            _, reports = _quantize_network(load_model("fashion_resnet"), stream,
+                                           lambda index, name, layer: layer_settings(config, index, layer), m,
+                                           config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
+                                           log=lambda *a: None, calibration=calibration, shard=shard)
     finally:
         torch.set_num_threads(threads)
     return {"layers": layers, "errors": [r.relative_error for r in reports], "forms": [r.form for r in reports]}
 
 
-def quantize_worker(rank, world_size, port, runs, out, rule="rank0"):
-    """One rank: quantize the default model for each run (kwargs of quantize_default); saves
-    [result per run] to <out>.rank<r>, and the communication time."""
+def quantize_worker(rank, world_size, port, runs, out, rule=None):
+    """One rank: quantize the default model for each run (kwargs of quantize_default), through gpfq.quantize
+    in the process group (rule None) or with Shard(rule=rule); saves [result per run] to <out>.rank<r>."""
     from gpfq import distributed
     from gpfq.data import calibration_set
     join(rank, world_size, port)
     try:
-        shard = distributed.Shard(rule=rule)
+        shard = None if rule is None else distributed.Shard(rule=rule)
         data = calibration_set("fashion_mnist")
         results = [quantize_default(**run, shard=shard, calibration_set=data) for run in runs]
         torch.save(results, f"{out}.rank{rank}")
@@ -72,7 +72,7 @@ def quantize_worker(rank, world_size, port, runs, out, rule="rank0"):
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, runs, out, rule="rank0") -> list:
+def run_ranks(world_size: int, runs, out, rule=None) -> list:
     """Start `world_size` gloo ranks on this machine (spawn) doing `runs`; every rank's results."""
     import torch.multiprocessing as mp
     mp.start_processes(quantize_worker, args=(world_size, free_port(), runs, out, rule), nprocs=world_size,

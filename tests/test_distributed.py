@@ -60,8 +60,9 @@ def sums_agree(a, b):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """2 gloo ranks (Q on rank 0, broadcast), m = 64 in chunks of 32: GPFQ (engine 'auto': rows gathered for
-    the residual form, sums all-reduced for the Gram form) fresh and fixed, GPTQ from sums."""
+    """2 gloo ranks calling gpfq.quantize in their process group (Q on rank 0, broadcast), m = 64 in chunks
+    of 32: GPFQ (engine 'auto': rows gathered for the residual form, sums all-reduced for the Gram form)
+    fresh and fixed, GPTQ from sums."""
     runs = [dict(m=M, chunk_size=32), dict(m=M, chunk_size=32, calibration="fixed"),
             dict(m=M, chunk_size=32, engine="gram", method="gptq")]
     return runs, run_ranks(2, runs, tmp_path_factory.mktemp("two_ranks") / "q")
