@@ -78,8 +78,8 @@ def rank_main(rank, world_size, port, m, rule, out):
     communication = []
     start = time.perf_counter()
     _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, log=lambda *a: None, keep_rows=False,
-                                  after_layer=lambda step: communication.append(shard.communication_seconds),
-                                  shard=shard)
+                                   after_layer=lambda step: communication.append(shard.communication_seconds),
+                                   shard=shard)
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "communication_seconds": shard.communication_seconds, "where": where,
               "rule_seconds": sum(r.rule_seconds for r in reports), "forms": sorted({r.form for r in reports}),
