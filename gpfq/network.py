@@ -106,8 +106,8 @@ class LayerStep:
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    rule = lambda w, x, xq: gpfq_walk(w, x, xq, alphabet, engine=settings.engine,  # noqa: E731
-                                      first_column=settings.first_column)
+    def rule(w, x, xq):
+        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
     return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
@@ -229,8 +229,7 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
-    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else
-    the method's name;
+    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
     else the method's name."""
     if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
         streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
