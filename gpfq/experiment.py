@@ -12,7 +12,7 @@ finished row and model.
 """
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +23,7 @@ from . import __version__, api, distributed
 from .capture import check_model_finite, layers_in_execution_order
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
 from .evaluate import evaluate
 from .folding import fold_batchnorm
 from .header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
@@ -223,13 +224,19 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     record["world_size"], record["backend"] = shard.world_size, shard.backend or "none"
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
     with shard.step("saving the quantized model (rank 0)"):
-        model_path = save_model(quantized_model, record, model_dir, stem) if shard.writer else None
-    model_path = shard.broadcast_object(model_path, "sharing the model's path") if shard.active else model_path
-    log(f"saved {model_path}")
+        saved = None
+        if shard.writer:
+            model_path = save_model(quantized_model, record, model_dir, stem)
+            log(f"saved {model_path}")
+            saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
+                                                      context.calibration[0][0].shape, log))
+    saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
+    model_path, quantized_file, size = saved
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5}
+    record["quantized_model_file"] = dict(path=str(quantized_file), **asdict(size)) if size else None
     with shard.step("writing the record (rank 0)"):
         if shard.writer:
             write_record(model_path.with_suffix(".json"), record)
@@ -241,7 +248,9 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
         "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
-        "Date": time.strftime("%Y-%m-%d %H:%M:%S"), "World Size": shard.world_size, "Backend": record["backend"],
+        "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
+        "World Size": shard.world_size, "Backend": record["backend"],
     })
     row.update(extra)
     with shard.step("appending the log row (rank 0)"):
@@ -249,6 +258,8 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
             append_row(log_path, row, variant.logs[log_path.name])
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
+    if point.get("export_onnx") and quantized_file is not None and shard.writer:
+        export_beside(quantized_file, log)
     return row
 
 

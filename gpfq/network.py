@@ -25,7 +25,7 @@ Extension points used by the variants:
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
 from . import distributed
+from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
@@ -84,6 +85,10 @@ class LayerReport:
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
     streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
     rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
+    stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
+    code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
+    # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
+    alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -411,13 +416,17 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         with torch.no_grad():
             quantized_layer.weight.copy_(quantized_weight.reshape(layer.weight.shape))
         zeros = int((quantized_weight == 0).sum())
+        codes = encode(quantized_layer.weight, layer_codebook(alphabet, quantized_layer.weight), f"layer {name}")
         report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
-                             streamed=statistics is not None, rule_seconds=rule_seconds)
+                             streamed=statistics is not None, rule_seconds=rule_seconds,
+                             stored_bits=stored_bits(alphabet.shape[-1]),
+                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu())
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''}: "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
+            f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
         if after_layer is not None:
             after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
@@ -434,7 +443,8 @@ def check_layer_indices(key: str, indices, names: list) -> None:
 
 
 def reports_as_dicts(reports) -> list:
-    return [asdict(r) for r in reports]
+    """The reports as JSON-ready dicts (without the alphabet tensors)."""
+    return [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
 
 
 def zero_fraction(reports) -> float:
