@@ -1,15 +1,13 @@
 """Your own model (module:factory, file.py:factory, timm:<name>) and your own images (--dataset imagefolder)."""
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import script_header, write_photo_folder
+from conftest import python_env, script_header, write_photo_folder
 from gpfq import experiment, user_models
 from gpfq.data import DataMissingError, image_folder_classes
 from gpfq.logs import read_rows
@@ -288,8 +286,7 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
     command = [sys.executable, "quantization_scripts/quantize.py", "--model", MY_MODEL, "--dataset", "imagefolder",
                "--data_dir", str(photo_folder), "--batch_size", "8", "--log_dir", str(tmp_path / "logs"),
                "--model_dir", str(tmp_path / "models")]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images prepared with the model's input_size (3, 32, 32)" in done.stdout + done.stderr
     rows = read_rows(tmp_path / "logs" / "Quantization_Log.csv")
