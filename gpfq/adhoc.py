@@ -33,6 +33,7 @@ from .api import quantize as quantize_model
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
 from .config import FIELDS
 from .data import CalibrationStream
+from .deploy import quantized_path, with_alphabets_from
 from .experiment import Variant
 from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 from .network import LayerReport
@@ -258,6 +259,8 @@ def quantize(context):
     if p.get("saved_model"):
         model = load_saved_model(analog_model, p["saved_model"]).to(device)
         reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
+        # the codebooks of the source's quantized model file, so the bias-corrected model has one too
+        reports = with_alphabets_from(reports, quantized_path(p["saved_model"]))
         log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
         if mode == "last_float":
             with torch.no_grad():  # restore the last layer to the float model's weights and bias

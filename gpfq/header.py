@@ -7,6 +7,7 @@ the other keys (RUN_KEYS) say what runs where; a variant adds its own (`experime
 """
 import argparse
 import ast
+import importlib.util
 import itertools
 
 import torch
@@ -20,12 +21,12 @@ GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
 RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir", "image_size")
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False, "image_size": None}
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False}
 
 
 def parse_overrides(header: dict, argv=None) -> dict:
@@ -89,6 +90,11 @@ def validate(point: dict) -> None:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
     if not isinstance(point.get("resume", False), bool):
         fail(f"resume must be True or False, got {point['resume']!r}")
+    if not isinstance(point.get("export_onnx", False), bool):
+        fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if point.get("export_onnx") and missing:
+        fail(f"export_onnx needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
     if point["dataset"] not in DATASETS:
         fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
     threads = point.get("num_threads")
