@@ -52,6 +52,11 @@ TIMEOUT_VARIABLE = "GPFQ_DIST_TIMEOUT"  # seconds; overrides DEFAULT_TIMEOUT_SEC
 LOCAL_KEYS = ("data_dir", "log_dir", "model_dir", "num_workers", "num_threads", "author")
 
 
+# Collectives this process has entered, over every Shard: every rank enters the same sequence, so a rank
+# whose count (in the store) is behind this one's has stopped.
+_COLLECTIVES = [0]
+
+
 class DistributedError(RuntimeError):
     """A rank failed, died or hung, or the ranks were started with different settings."""
 
@@ -113,7 +118,6 @@ class Shard:
         self.group = group
         self.rule = rule
         self.communication_seconds = 0.0
-        self._calls = 0
         if group is False:  # SINGLE
             self.rank, self.world_size, self.backend, self._store = 0, 1, "", None
             return
@@ -140,10 +144,10 @@ class Shard:
 
     # ------------------------------------------------------------ collectives, labelled
     def _mark(self, label: str) -> None:
-        self._calls += 1
+        _COLLECTIVES[0] += 1
         if self._store is not None:
             try:
-                self._store.set(f"gpfq/at/{self.rank}", f"{self._calls}\t{label}")
+                self._store.set(f"gpfq/at/{self.rank}", f"{_COLLECTIVES[0]}\t{label}")
             except Exception:  # noqa: BLE001  a store that is gone shows up in the collective itself
                 pass
 
@@ -182,7 +186,7 @@ class Shard:
                     behind.append((rank, "before its first collective"))
                     continue
                 count, where = self._store.get(key).decode().split("\t", 1)
-                if int(count) < self._calls:
+                if int(count) < _COLLECTIVES[0]:
                     behind.append((rank, f"after '{where}'"))
         except Exception:  # noqa: BLE001  the store itself is unreachable
             return (f"{here}: the rendezvous store is unreachable, so the rank hosting it (rank 0 when started "
