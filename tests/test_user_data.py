@@ -302,6 +302,10 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
         levels = torch.unique(quantized.get_submodule(name).weight)
         assert len(levels) <= 17, name  # on a 4-bit alphabet (2^4 + 1 levels)
         assert not torch.equal(quantized.get_submodule(name).weight, analog.get_submodule(name).weight)
+    import gpfq  # the compact file beside the .pt rebuilds the user model through its factory, bit for bit
+    packed = gpfq.load_quantized(saved[0].with_suffix(".safetensors")).state_dict()
+    assert packed.keys() == quantized.state_dict().keys()
+    assert all(torch.equal(packed[k], v) for k, v in quantized.state_dict().items())
 
 
 @pytest.mark.slow
