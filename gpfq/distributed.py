@@ -349,12 +349,13 @@ class Shard:
         """
         if not self.active or self.rule == "every":
             return compute()
-        quantized = None
-        with self.step(f"{label}: the layer rule on rank 0"):
-            if self.rank == 0:
-                quantized = compute()
-        if quantized is None:
-            quantized = torch.empty_like(like)
+        if self.rank != 0:
+            return self.broadcast_(torch.empty_like(like), f"{label}: broadcast Q")
+        try:  # one collective per layer: a failure here reaches the others through the store and the broken broadcast
+            quantized = compute()
+        except BaseException as error:
+            self.record_error(error)
+            raise
         return self.broadcast_(quantized.contiguous(), f"{label}: broadcast Q")
 
     def agree_on(self, tensor: torch.Tensor, label: str) -> torch.Tensor:
