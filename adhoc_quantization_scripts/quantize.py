@@ -71,7 +71,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gpfq import adhoc
+    from gpfq.cli import run_script
     from gpfq.experiment import main
-    main(HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
-         grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant="adhoc",
-         validate_model=adhoc.validate_model, variant_columns=adhoc.variant_columns)
+    run_script(main, HEADER, log_name=adhoc.log_names, quantize=adhoc.quantize, validate_point=adhoc.validate_point,
+               grid_keys=adhoc.GRID_KEYS, resolve_point=adhoc.resolve_point, variant=adhoc.model_prefix,
+               validate_model=adhoc.validate_model, variant_columns=adhoc.variant_columns)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import BadInputError
 from .threads import single_thread
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -18,7 +19,7 @@ class _StopForward(Exception):
     pass
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(BadInputError, ValueError):
     """A weight, buffer or layer input holds NaN or Inf."""
 
 

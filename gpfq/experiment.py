@@ -25,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .alphabet import ALPHABET_KINDS, GRANULARITIES
+from .alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
 from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .errors import BadInputError, ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
 from .capture import check_model_finite, layers_in_execution_order
 from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
-from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy
+from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy, weights_label
 from .engine import ENGINES
 from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
                       zero_fraction)
@@ -51,7 +52,7 @@ METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sp
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False}
+COMMON_DEFAULTS = {"resume": False, "debug": False}  # debug: known errors show their stack (gpfq.cli)
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -108,11 +109,17 @@ def expand_grid(config: dict, grid_keys=()) -> list:
 def validate(point: dict) -> None:
     """Raise ValueError on the first bad hyperparameter of one grid point (cheap checks only)."""
     def fail(message):
-        raise ValueError(f"bad hyperparameter: {message}")
+        raise bad_hyperparameter(message)
 
+    for key, value in point.items():  # grid keys' lists are expanded by now; what is left takes one value
+        if isinstance(value, (list, tuple)) and key not in LIST_KEYS:
+            fail(f"{key} takes one value, got {len(value)}: {list(value)!r}; it does not expand into a grid "
+                 f"(quote a value that has spaces: --{key} 'a b')")
     bits = point["bits"]
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
         fail(f"bits must be a positive integer, got {bits!r}")
+    if bits > MAX_BITS:
+        fail(f"bits {bits} is more than the alphabets support: at most {MAX_BITS} bits ({2 ** MAX_BITS + 1} levels)")
     for key in ("mlp_scalar", "cnn_scalar"):
         value = point[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -130,7 +137,7 @@ def validate(point: dict) -> None:
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
-    for key in ("include_0", "resume"):
+    for key in ("include_0", "resume", "debug"):
         if not isinstance(point.get(key, False), bool):
             fail(f"{key} must be True or False, got {point[key]!r}")
     if point["method"] not in METHODS:
@@ -331,8 +338,8 @@ def load_inputs(point: dict, resources: Resources):
 
 def check_batch_size(key: str, m: int, calibration) -> None:
     if m > len(calibration):
-        raise ValueError(f"bad hyperparameter: {key} {m} is larger than the calibration set ({len(calibration)} "
-                         f"images)")
+        raise bad_hyperparameter(f"{key} {m} is larger than the calibration set ({len(calibration)} "
+                                 f"images)")
 
 
 @dataclass
@@ -403,6 +410,7 @@ def point_columns(point: dict) -> dict:
         "Patch Stride": point.get("patch_stride", "kernel"),
         "Ignore Layers": " ".join(str(i) for i in point.get("ignore_layers") or []),
         "Engine": method_options(point)["engine"], "Calibration": method_options(point)["calibration"],
+        "Weights": weights_label(point["model_name"], point["weights"]),
     }
 
 
@@ -424,26 +432,45 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
-    log(f"== {point['model_name']} {point['method']} {method_description(point)} {point['bits']} bits, "
-        f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
-        f"{method_options(point)['alphabet_granularity']} alphabets, seed {point['seed']}")
+    own_options = {key: value for key, value in (variant_columns(point) if variant_columns else {}).items()
+                   if value not in ("", None)}
+    log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
+        f"{method_description(point)} {point['bits']} bits, m={point['batch_size']}, "
+        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), {method_options(point)['alphabet_granularity']} "
+        f"alphabets, seed {point['seed']}" + "".join(f", {key} {value}" for key, value in own_options.items()))
     start = time.time()
     quantized_model, reports, extra = quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{variant + '_' if variant else ''}{point['method']}_{point['alphabet']}"
+    prefix = variant(point) if callable(variant) else variant
+    stem = (f"{prefix + '_' if prefix else ''}{point['method']}_{point['alphabet']}"
             f"_{method_options(point)['alphabet_granularity']}_b{point['bits']}_m{point['batch_size']}"
             f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
-    model_path = save_model(quantized_model, record, model_dir, stem)
+    try:
+        model_path = save_model(quantized_model, record, model_dir, stem)
+    except OSError as error:
+        raise ResultWriteError(f"could not save the quantized model in {model_dir} ({os_error_reason(error)}); "
+                               f"nothing of this grid point was written") from error
     log(f"saved {model_path}")
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
+    warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
+    warnings += chance_warnings(top1, output_width(context))
+    for warning in warnings:
+        log(f"WARNING: {warning}")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
-                         "quantized_top1": top1, "quantized_top5": top5}
-    write_record(model_path.with_suffix(".json"), record)
+                         "quantized_top1": top1, "quantized_top5": top5, "warnings": warnings}
+    saved = (f"The quantized model is saved at {model_path}, its record (hyperparameters, per-layer errors) at "
+             f"{model_path.with_suffix('.json')}; top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 "
+             f"{context.original_top5:.4f} -> {top5:.4f}.")
+    try:
+        write_record(model_path.with_suffix(".json"), record)
+    except OSError as error:
+        raise ResultWriteError(f"could not add the results to {model_path.with_suffix('.json')} "
+                               f"({os_error_reason(error)}). {saved}") from error
     row = point_columns(point)
     row.update(variant_columns(point) if variant_columns is not None else {})
     row.update({
@@ -452,20 +479,44 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
         "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
-        "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "Date": time.strftime("%Y-%m-%d %H:%M:%S"), "Warnings": "; ".join(warnings),
     })
     row.update(extra)
     for log_path in log_paths:
-        append_row(log_path, row, LOG_COLUMNS[log_path.name])
+        append_row(log_path, row, LOG_COLUMNS[log_path.name], saved=saved)
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     return row
+
+
+# A final top-1 this close to guessing (1 / number of classes) means the quantized model is broken.
+CHANCE_MARGIN = 0.02
+
+
+@torch.no_grad()
+def output_width(context: Context) -> int:
+    """The number of classes: the float model's output width on one calibration image."""
+    example = context.calibration[0][0].unsqueeze(0).to(context.device)
+    return int(context.analog_model.eval().to(context.device)(example).shape[-1])
+
+
+def chance_warnings(top1: float, n_classes: int) -> list:
+    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes)."""
+    chance = 1.0 / n_classes
+    if top1 <= chance + CHANCE_MARGIN:
+        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of chance "
+                f"({chance:.4f} for {n_classes} classes)"]
+    return []
 
 
 def display_path(path: Path) -> str:
     """A path relative to the repo root when inside it, else absolute."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+class UnwritableFolderError(BadInputError, PermissionError):
+    """A result folder that cannot be written."""
 
 
 def check_writable(folder: Path, key: str = "folder") -> None:
@@ -475,7 +526,7 @@ def check_writable(folder: Path, key: str = "folder") -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise PermissionError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), so "
+        raise UnwritableFolderError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), so "
                               f"results could not be saved there. Fix it, or choose another with --{key} PATH"
                               ) from error
 

@@ -3,7 +3,12 @@
 The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
 MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
 gpfq/pretrained/ (made by scripts/train_default_models.py).
+
+Every model the scripts save loads with `load_model(name, path)`, or `load_saved_model(path)`, which
+reads the name from the JSON sidecar: layers that gained a bias (bias correction, folded BatchNorm)
+get one, and BatchNorm layers folded away become Identity, before the state is loaded strictly.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,10 +19,11 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
+from .errors import BadHyperparameterError, BadInputError
 from .paths import PRETRAINED_DIR
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(BadInputError, FileNotFoundError):
     """Pretrained weights could neither be found locally nor downloaded."""
 
 
@@ -90,8 +96,8 @@ def check_model_name(name: str) -> None:
         return
     names = torchvision_names()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)} "
-                         f"or a torchvision classifier ({', '.join(names[:8])}, …)")
+        raise BadHyperparameterError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)} "
+                                     f"or a torchvision classifier ({', '.join(names[:8])}, …)")
 
 
 def _torchvision_weights(name: str):
@@ -142,8 +148,69 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
         if not path.exists():
             raise WeightsUnavailableError(f"weights file {path} not found; weights is 'DEFAULT', 'random' or the "
                                           f"path of a state-dict file")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_state(model, torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def load_state(model: nn.Module, state: dict) -> nn.Module:
+    """Load a saved state dict into `model` (in place, strictly), fitting the model to what the scripts change:
+    a Conv2d/Linear without a bias whose saved state has one gets a (zero) bias first, and a BatchNorm
+    none of whose entries were saved (folded into its layer) becomes an Identity."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key.endswith(".bias") and key not in own:
+            module = model.get_submodule(key[: -len(".bias")])
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros_like(value), requires_grad=module.weight.requires_grad)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name:
+            entries = [f"{name}.{key}" for key in module.state_dict()]
+            if entries and not any(entry in state for entry in entries):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    model.load_state_dict(state)
+    return model
+
+
+def load_saved_model(path) -> nn.Module:
+    """A model the scripts saved (`models/<model>/….pt`), built from the model name in its JSON sidecar."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
+        raise WeightsUnavailableError(f"{sidecar} not found: load a saved model without its sidecar with "
+                                      f"load_model(name, {str(path)!r})")
+    hyperparameters = json.loads(sidecar.read_text()).get("hyperparameters", {})
+    return load_model(hyperparameters["model_name"], str(path))
+
+
+_SHA256_CACHE = {}
+
+
+def file_sha256(path) -> str:
+    """The sha256 hex digest of a file (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def weights_label(name: str, weights) -> str:
+    """How a log row names a model's weights: 'random'; a file as its name and the first 12 hex digits of
+    its sha256 (the embedded models' shipped 'DEFAULT' file included, so retrained weights differ);
+    torchvision's 'DEFAULT' with the name of its weights file (which carries a hash prefix)."""
+    if weights == "random":
+        return "random"
+    if weights == "DEFAULT" and not is_embedded(name):
+        return f"DEFAULT {os.path.basename(_torchvision_weights(name).url)}"
+    path = PRETRAINED_DIR / f"{name}.pt" if weights == "DEFAULT" else Path(weights)
+    label = "DEFAULT" if weights == "DEFAULT" else path.name
+    return f"{label} sha256:{file_sha256(path)[:12]}" if path.exists() else label
 
 
 def _architecture_kwargs(name: str) -> dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .errors import bad_hyperparameter
 from .evaluate import evaluate
 from .network import quantize_network
 
@@ -34,7 +35,7 @@ GRID_KEYS = ("retrain_start", "retrain_samples", "retrain_batch_size", "retrain_
 def validate_point(point: dict) -> None:
     """The retraining hyperparameters' checks."""
     def fail(message):
-        raise ValueError(f"bad hyperparameter: {message}")
+        raise bad_hyperparameter(message)
 
     def integer(key, low):
         value = point.get(key)

@@ -57,5 +57,6 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gpfq.cli import run_script
     from gpfq.experiment import main
-    main(HEADER)
+    run_script(main, HEADER)

@@ -74,7 +74,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gpfq import retrain
+    from gpfq.cli import run_script
     from gpfq.experiment import main
     from gpfq.logs import RETRAIN_LOG
-    main(HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
+    run_script(main, HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
          grid_keys=retrain.GRID_KEYS, variant="retrain", variant_columns=retrain.variant_columns)
