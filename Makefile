@@ -25,7 +25,7 @@ data:
 	fi
 
 demo: setup data
-	cd quantization_scripts && ../$(PY) quantize.py
+	$(PY) quantization_scripts/quantize.py
 
 test: setup data
 	$(PY) -m pytest -q tests

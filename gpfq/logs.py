@@ -102,6 +102,12 @@ def check_log(path: Path, columns) -> bool:
     return True
 
 
+def holds_only_header(path: Path, columns) -> bool:
+    """True if the log exists and holds exactly our header and nothing else (a fresh log)."""
+    path = Path(path)
+    return path.exists() and path.read_bytes() == _header_line(columns).encode()
+
+
 def _unused_name(path: Path, stamp: str) -> Path:
     candidate = path.with_name(f"{path.stem}_{stamp}{path.suffix}")
     counter = 1
