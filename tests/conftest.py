@@ -74,3 +74,7 @@ def plain_default(default_runs, make_context):
     reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
     model = load_saved_model(context.analog_model, path)
     return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long run (a whole default experiment); deselect with -m 'not slow'")
