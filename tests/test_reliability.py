@@ -268,10 +268,13 @@ def _run_script(folder: str, argv: list, monkeypatch):
     (["--bits_map", "{12: 8}"], "bits_map entries [12] match no layer"),
     (["--bias_batch_size", "70000"], "bias_batch_size 70000 is larger than the calibration set (60000 images)"),
 ])
-def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, argv, message):
-    with pytest.raises(ValueError) as error:
+def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, capsys, argv, message):
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line (gpfq.cli.run_script)
         _run_script("adhoc_quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
-    assert message in str(error.value)
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: bad hyperparameter: ") and message in stderr and stderr.count("\n") == 1
 
 
 def _first_point(folder: str) -> dict:
