@@ -207,7 +207,10 @@ def weights_label(name: str, weights) -> str:
     if weights == "random":
         return "random"
     if weights == "DEFAULT" and not is_embedded(name):
-        return f"DEFAULT {os.path.basename(_torchvision_weights(name).url)}"
+        try:
+            return f"DEFAULT {os.path.basename(_torchvision_weights(name).url)}"
+        except (ValueError, KeyError, AttributeError):  # a model with no torchvision weights of that name
+            return "DEFAULT"
     path = PRETRAINED_DIR / f"{name}.pt" if weights == "DEFAULT" else Path(weights)
     label = "DEFAULT" if weights == "DEFAULT" else path.name
     return f"{label} sha256:{file_sha256(path)[:12]}" if path.exists() else label
