@@ -10,7 +10,8 @@ figures in figures/ with whatever logs/ holds.
 For every model in the logs: <model>_top1_vs_m.png (top-1 against m, one line per bit width,
 float as a reference line; --method, --granularity choose the rows) and <model>_methods.png
 (top-1 against bits, one line per method at one m: --m, else the m with the most rows).
---where COLUMN=VALUE keeps only matching rows (repeatable).
+--where COLUMN=VALUE keeps only matching rows (repeatable). --table prints, per model, a markdown
+table of top-1 at that m (mean ± standard deviation over the logged seeds) instead of drawing.
 """
 import argparse
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, select  # noqa: E402
+from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select  # noqa: E402
 
 DEFAULT_OUT = ROOT / "logs" / "figures"
 
@@ -31,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--granularity", default="layer", choices=("layer", "channel"))
     parser.add_argument("--m", type=int, default=None, help="calibration size of the method comparison")
     parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE")
+    parser.add_argument("--table", action="store_true", help="print the seed-averaged markdown table, draw nothing")
     args = parser.parse_args(argv)
     frame = read_logs(args.log)
     for condition in args.where:
@@ -38,6 +40,11 @@ def main(argv=None):
         if column not in frame:
             parser.error(f"--where {condition}: the logs have no column {column!r}")
         frame = select(frame, **{column: value})
+    if args.table:
+        for model in sorted(frame["Model Name"].unique()):
+            m = args.m if args.m is not None else int(frame.loc[frame["Model Name"] == model, M].mode().max())
+            print(f"{model}, m = {m}\n{seed_table(frame, model, m)}\n")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in sorted(frame["Model Name"].unique()):

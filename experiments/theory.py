@@ -1,4 +1,4 @@
-"""The paper's single-layer theory, checked on Gaussian data (notes §7).
+"""The paper's single-layer theory, checked on Gaussian data (docs/theory.md).
 
     python3 experiments/theory.py                      # m = 256, N0 = m/4 … 16m, 5 trials
     python3 experiments/theory.py --m 64 --trials 3    # quicker
@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors  # noqa: E402
 
-LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ"}
+LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 
 
 def main(argv=None):

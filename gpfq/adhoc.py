@@ -1,4 +1,4 @@
-"""Ad hoc improvements over plain GPFQ (notes §4): bias correction, float layers, mixed precision.
+"""Ad hoc improvements over plain GPFQ (docs/variants.md): bias correction, float layers, mixed precision.
 
 All three are built on `network.quantize_network`:
 - layers left float (`skip_layers`) and bits per layer (`bits_map`) go through its `settings_of` hook;
@@ -36,7 +36,7 @@ from .data import CalibrationStream
 from .errors import bad_hyperparameter
 from .experiment import display_path, method_options
 from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
-from .models import load_state
+from .state_dicts import load_state
 from .network import LayerReport, quantize_network
 from .paths import MODEL_DIR, REPO_ROOT
 
@@ -209,7 +209,7 @@ def correct_bias(analog_model, quantized_model, name: str, chunks, device="cpu",
 
 # ---------------------------------------------------------------- saved models
 def load_saved_model(architecture: nn.Module, path) -> nn.Module:
-    """A copy of `architecture` with the state dict saved at `path` (`gpfq.models.load_state`: layers that
+    """A copy of `architecture` with the state dict saved at `path` (`gpfq.state_dicts.load_state`: layers that
     gained a bias through bias correction get a zero bias first, so the saved state fits)."""
     model = copy.deepcopy(architecture)
     return load_state(model, torch.load(path, map_location="cpu", weights_only=True)).eval()

@@ -1,4 +1,4 @@
-"""Quantization alphabets (notes §2) and rounding to them.
+"""Quantization alphabets (docs/theory.md) and rounding to them.
 
 Every alphabet is a sorted 1-D float tensor of levels. The radius ``rad`` of a
 layer is the mean, over neurons (rows of the reshaped weight), of the

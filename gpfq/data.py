@@ -1,4 +1,4 @@
-"""Datasets: the embedded Fashion-MNIST default and ImageNet (ILSVRC2012).
+"""Datasets: the embedded Fashion-MNIST default, ImageNet (ILSVRC2012), and any ImageFolder.
 
 Every dataset yields (image tensor, label). `calibration_set` is what GPFQ
 draws layer inputs from (a train split); `evaluation_set` is what accuracy is
@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from .errors import BadInputError
 from .paths import DATA_DIR
 
-DATASETS = ("fashion_mnist", "imagenet")
+DATASETS = ("fashion_mnist", "imagenet", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -96,6 +97,23 @@ def imagenet_transform():
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+DEFAULT_IMAGE_SIZE = 224
+
+
+def default_transform(image_size=DEFAULT_IMAGE_SIZE, channels: int = 3, mean=None, std=None):
+    """The preprocessing of a model that declares none: the shorter side resized to ⌊S·256/224⌋, an S×S (or H×W)
+    centre crop, and the ImageNet mean/std (their channel average for one channel)."""
+    from torchvision import transforms
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if mean is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((sum(IMAGENET_MEAN) / 3,) * channels,
+                                                                         (sum(IMAGENET_STD) / 3,) * channels)
+    steps = [transforms.Grayscale(channels)] if channels != 3 else []
+    return transforms.Compose(steps + [
+        transforms.Resize(int(min(height, width) * 256 / 224)), transforms.CenterCrop((height, width)),
+        transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])
+
+
 def _imagenet_missing(root: Path, what: str) -> DataMissingError:
     return DataMissingError(
         f"ImageNet {what} not found under {root}. Put ILSVRC2012 there as data/README.md describes: "
@@ -153,12 +171,70 @@ def _flat_imagenet_val(root: Path, transform) -> LabelledImages:
     return LabelledImages([(str(p), class_index[w]) for p, w in zip(files, val_wnids)], wnids, transform)
 
 
+def _image_files(folder: Path) -> list:
+    """The image files under `folder` (any depth), sorted, as ImageFolder finds them."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def image_folder_classes(root) -> list:
+    """The class names of an ImageFolder dataset: root/train/<class>/<image>, root/val/<class>/<image>.
+
+    DataMissingError, naming what is missing, for: no root, no train/ or val/, no class folders,
+    a class folder of train/ without images, or a class of val/ that train/ does not have.
+    Only folder listings are read (plus the first image of each class).
+    """
+    root = Path(root)
+    layout = (f"--dataset imagefolder reads DIR/train/<class>/<image> (calibration) and DIR/val/<class>/<image> "
+              f"(evaluation) from --data_dir DIR")
+    if not root.is_dir():
+        raise DataMissingError(f"image folder {root} does not exist; {layout}")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataMissingError(f"image folder {root} has no {split}/ folder; {layout}")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataMissingError(f"{root / 'train'} has no class folders (train/<class>/<image>); {layout}")
+    def has_image(folder):
+        return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
+    empty = [c for c in classes if not has_image(root / "train" / c)]
+    if empty:
+        raise DataMissingError(f"class folders of {root / 'train'} without images: {', '.join(empty[:5])}"
+                               f"{' …' if len(empty) > 5 else ''} (image files end in {', '.join(IMAGE_EXTENSIONS)})")
+    foreign = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in classes)
+    if foreign:
+        raise DataMissingError(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(foreign[:5])}; "
+                               f"the labels are the train/ class folders in sorted order")
+    return classes
+
+
+def image_folder(root, split: str, transform, classes=None) -> "LabelledImages":
+    """root/<split>/<class>/<image> labelled by the index of its class in `classes` (train/'s, sorted)."""
+    root = Path(root)
+    classes = image_folder_classes(root) if classes is None else classes
+    samples = [(str(path), label) for label, name in enumerate(classes) if (root / split / name).is_dir()
+               for path in _image_files(root / split / name)]
+    if not samples:
+        raise DataMissingError(f"{root / split} has no images in the class folders {', '.join(classes[:5])}"
+                               f"{' …' if len(classes) > 5 else ''}")
+    return LabelledImages(samples, classes, transform)
+
+
+def dataset_label(name: str, data_dir=None, image_size=None) -> str:
+    """The dataset as the log names it: an ImageFolder with its folder (and image size, when set)."""
+    if name != "imagefolder":
+        return name
+    label = f"imagefolder:{Path(data_dir or DATA_DIR).resolve()}"
+    return label + (f"@{image_size}" if image_size else "")
+
+
 def calibration_set(name: str, data_dir=DATA_DIR):
     """The split GPFQ draws calibration images from."""
     if name == "fashion_mnist":
         return fashion_mnist("train", data_dir)
     if name == "imagenet":
         return imagenet("train", Path(data_dir) / "ILSVRC2012")
+    if name == "imagefolder":  # the model's own preprocessing: gpfq.preprocessing.image_folder_sets
+        return image_folder(data_dir, "train", default_transform())
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
@@ -168,6 +244,8 @@ def evaluation_set(name: str, data_dir=DATA_DIR):
         return fashion_mnist("test", data_dir)
     if name == "imagenet":
         return imagenet("val", Path(data_dir) / "ILSVRC2012")
+    if name == "imagefolder":
+        return image_folder(data_dir, "val", default_transform())
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 

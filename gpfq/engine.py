@@ -2,7 +2,7 @@
 
 Shapes follow `gpfq.quantizer`: weight W (G, N1, N0), analog rows X (G, m, N0),
 quantized rows X̃ (G, m, N0), G = groups. For input column t and every neuron w
-(notes §1), with d_t = ||X̃_t||²,
+(docs/engine.md), with d_t = ||X̃_t||²,
 
     q_t = Q_A( (Σ_{j≤t} <X̃_t, X_j> w_j − Σ_{j<t} <X̃_t, X̃_j> q_j) / d_t )     (0 if d_t = 0)
 
@@ -71,12 +71,13 @@ def default_block_size(form: str, n_neurons: int) -> int:
 
 
 def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=None, dtype=torch.float32,
-                  compiled=None, rounding=None):
+                  compiled=None, rounding=None, first_column="paper"):
     """Blocked GPFQ, residual form. weight (G, N1, N0), rows (G, m, N0), alphabet (L,) or (G, N1, L).
 
     Returns Q (G, N1, N0) in weight's dtype. Keeps U = X Wᵀ − X̃ Qᵀ (G, m, N1) over done columns.
     `compiled`: the in-block step (`gpfq.inblock.block_rounder`; None = the compiled kernel on CPU).
     `rounding`: None (nearest) or a vectorized rule of `gpfq.variants` (SPFQ, sparse GPFQ).
+    `first_column`: "paper" or "code2022" (`gpfq.quantizer`).
     """
     X = analog_input.detach().to(dtype)
     Xq = quantized_input.detach().to(dtype)
@@ -84,7 +85,8 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     n_rows = X.shape[1]
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
     round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
-                                n_neurons, compiled, rounding)
+                                n_neurons, compiled, rounding, first_column)
+    shortcut = first_column == "code2022"
     block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
     # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
     # projection X̃_bᵀU and both in-block Grams, and one product [X_b | X̃_b][W_b | −Q_b]ᵀ updates U.
@@ -105,7 +107,11 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
                 cross = products[:, :, n_neurons:n_neurons + width]  # X̃_bᵀ X_b (G, B, B)
                 # + Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
                 numerators = torch.baddbmm(projection, torch.tril(cross), Wt[:, start:stop])
-                Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:], start)
+                if shortcut:  # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
+                    Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:], start,
+                                                    Wt[:, start:stop], torch.diagonal(cross, dim1=1, dim2=2))
+                else:
+                    Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:], start)
                 block_coefficients = coefficients[:, :2 * width]  # [W_b | −Q_b]ᵀ (G, 2B, N1)
                 block_coefficients[:, :width] = Wt[:, start:stop]
                 torch.neg(Qt[:, start:stop], out=block_coefficients[:, width:])
@@ -114,15 +120,16 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
 
 
 def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32, compiled=None,
-              rounding=None):
+              rounding=None, first_column="paper"):
     """Blocked GPFQ, Gram form. weight (G, N1, N0); cross = X̃ᵀX and quantized_gram = X̃ᵀX̃ (G, N0, N0);
     alphabet (L,) or (G, N1, L). Returns Q (G, N1, N0) in weight's dtype. Needs no rows.
-    `compiled`, `rounding`: as `gpfq_residual`.
+    `compiled`, `rounding`, `first_column`: as `gpfq_residual`.
     """
     n_groups, n_neurons, n_inputs = weight.shape
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
     round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
-                                n_neurons, compiled, rounding)
+                                n_neurons, compiled, rounding, first_column)
+    shortcut = first_column == "code2022"
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
     H = quantized_gram.to(dtype)
@@ -135,7 +142,13 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
             if start > 0:
                 numerators.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
             with single_thread():
-                Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop], start)
+                if shortcut:  # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
+                    Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop], start,
+                                                    Wt[:, start:stop],
+                                                    torch.diagonal(lower_cross[:, start:stop, start:stop],
+                                                                   dim1=1, dim2=2))
+                else:
+                    Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop], start)
     return Qt.transpose(1, 2).to(weight.dtype)
 
 
@@ -219,7 +232,7 @@ def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAU
 
 
 def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", block_size=None,
-                 dtype=torch.float32, compiled=None, rounding=None, chunk_rows=GRAM_CHUNK_ROWS):
+                 dtype=torch.float32, compiled=None, rounding=None, first_column="paper", chunk_rows=GRAM_CHUNK_ROWS):
     """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`.
 
     The Gram form sums the rows `chunk_rows` at a time into float64 (`GramStatistics`), as a stream sums
@@ -228,9 +241,10 @@ def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", b
     n_groups, n_neurons, n_inputs = weight.shape
     form = choose_form(form, analog_input.shape[1], n_inputs, n_neurons, n_groups, rows_budget=math.inf)
     if form == "residual":
-        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, compiled, rounding)
+        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, compiled, rounding,
+                             first_column)
     statistics = GramStatistics(n_groups, n_inputs, dtype=dtype, device=weight.device)
     for start in range(0, analog_input.shape[1], chunk_rows):
         statistics.add(analog_input[:, start:start + chunk_rows], quantized_input[:, start:start + chunk_rows])
     return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype, compiled,
-                     rounding)
+                     rounding, first_column)

@@ -26,33 +26,39 @@ from tqdm import tqdm
 
 from . import __version__
 from .alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
-from .data import DATASETS, CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .data import DATASETS, CalibrationStream, calibration_set, dataset_label, evaluation_loader, evaluation_set
 from .errors import BadInputError, ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
 from .capture import check_model_finite, layers_in_execution_order
 from .folding import fold_batchnorm
 from .logs import LOG_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
-from .models import EMBEDDED_DATASET, check_model_name, is_embedded, load_model, published_accuracy, weights_label
+from .models import load_model, published_accuracy, weights_label
+from .preprocessing import check_model_and_data, check_model_takes, image_folder_sets
+from .user_models import model_folder
 from .engine import ENGINES
 from .network import (CALIBRATIONS, METHODS, check_layer_indices, quantize_network, reports_as_dicts, settings_for,
                       zero_fraction)
 from .variants import THRESHOLDINGS
+from .column_order import COLUMN_ORDERS
+from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING
+from .quantizer import FIRST_COLUMN_RULES
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR, REPO_ROOT
 
 # Keys whose list values expand into a grid (a scalar is a one-point axis).
 GRID_KEYS = ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
              "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
              "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
-             "gptq_act_order", "engine", "calibration")
+             "gptq_act_order", "engine", "calibration", "gpfq_first_column", "column_order", "qronos_damping")
 # Method and procedure options a header may leave out (older headers, other variants): their defaults.
 METHOD_DEFAULTS = {"alphabet_granularity": "layer", "fold_batchnorm": False, "sparsity_threshold": 0.0,
                    "thresholding": "soft", "gptq_block_size": 128, "gptq_damping": 0.01, "gptq_act_order": False,
-                   "engine": "auto", "calibration": "fresh"}
+                   "engine": "auto", "calibration": "fresh", "gpfq_first_column": "paper", "column_order": "natural",
+                   "qronos_damping": QRONOS_DAMPING}
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False, "debug": False}  # debug: known errors show their stack (gpfq.cli)
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "debug": False}  # debug: known errors show their stack (gpfq.cli)
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -168,6 +174,13 @@ def validate(point: dict) -> None:
     threads = point.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
+    if options["gpfq_first_column"] not in FIRST_COLUMN_RULES:
+        fail(f"gpfq_first_column must be one of {FIRST_COLUMN_RULES}, got {options['gpfq_first_column']!r}")
+    if options["column_order"] not in COLUMN_ORDERS:
+        fail(f"column_order must be one of {COLUMN_ORDERS}, got {options['column_order']!r}")
+    value = options["qronos_damping"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        fail(f"qronos_damping must be a number ≥ 0, got {value!r}")
     if options["engine"] not in ENGINES:
         fail(f"engine must be one of {ENGINES}, got {options['engine']!r}")
     if options["calibration"] not in CALIBRATIONS:
@@ -176,10 +189,7 @@ def validate(point: dict) -> None:
         fail(f"patch_stride must be 'kernel' or 'layer', got {point['patch_stride']!r}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in point.get("ignore_layers") or []):
         fail(f"ignore_layers must be a list of layer indices, got {point['ignore_layers']!r}")
-    check_model_name(point["model_name"])
-    if is_embedded(point["model_name"]) != (point["dataset"] == EMBEDDED_DATASET):
-        fail(f"model {point['model_name']!r} does not go with dataset {point['dataset']!r}: the embedded models "
-             f"run on {EMBEDDED_DATASET}, torchvision's on imagenet")
+    check_model_and_data(point["model_name"], point["dataset"], point.get("image_size"), point.get("data_dir"))
     device = str(point.get("device", "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
@@ -261,7 +271,8 @@ class Resources:
 
 def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
-    if point["weights"] == "DEFAULT" and published_accuracy(point["model_name"]) is not None:
+    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet"
+            and published_accuracy(point["model_name"]) is not None):
         return published_accuracy(point["model_name"])
     folded = method_options(point)["fold_batchnorm"]
     return resources.get(("float", point["model_name"], str(point["weights"]), folded),
@@ -298,7 +309,9 @@ class Context:
                             granularity=options["alphabet_granularity"], seed=layer_seed(p["seed"], index),
                             threshold=options["sparsity_threshold"], thresholding=options["thresholding"],
                             block_size=options["gptq_block_size"], damping=options["gptq_damping"],
-                            act_order=options["gptq_act_order"], engine=options["engine"])
+                            act_order=options["gptq_act_order"], engine=options["engine"],
+                            first_column=options["gpfq_first_column"], column_order=options["column_order"],
+                            qronos_damping=options["qronos_damping"])
 
 
 def method_options(point: dict) -> dict:
@@ -317,22 +330,33 @@ def method_description(point: dict) -> str:
     if point["method"] == "gptq":
         return (f"block {options['gptq_block_size']}, damping {options['gptq_damping']}"
                 f"{', act-order' if options['gptq_act_order'] else ''}")
+    order = ", act-order" if options["column_order"] == "act_order" else ""
     if point["method"] == "sparse_gpfq":
-        return f"{options['thresholding']} threshold {options['sparsity_threshold']}"
+        return f"{options['thresholding']} threshold {options['sparsity_threshold']}{order}"
     if point["method"] == "spfq":
-        return "stochastic rounding"
+        return f"stochastic rounding{order}"
+    if point["method"] == "qronos":
+        return f"damping {options['qronos_damping']}{order}"
+    if point["method"] == "gpfq":
+        first = "first column code2022" if options["gpfq_first_column"] == "code2022" else ""
+        return ", ".join(part for part in (first, order[2:]) if part)
     return ""
 
 
 def load_inputs(point: dict, resources: Resources):
     """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
+    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
+                                 lambda: load_model(point["model_name"], point["weights"]))
+    if point["dataset"] == "imagefolder":  # prepared as the model declares (gpfq.preprocessing)
+        calibration, evaluation = resources.get(
+            ("imagefolder", str(data_dir), point["model_name"], point.get("image_size")),
+            lambda: image_folder_sets(point["model_name"], analog_model, data_dir, point.get("image_size")))
+        return calibration, evaluation, analog_model
     calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
                                 lambda: calibration_set(point["dataset"], data_dir))
     evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
                                lambda: evaluation_set(point["dataset"], data_dir))
-    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
-                                 lambda: load_model(point["model_name"], point["weights"]))
     return calibration, evaluation, analog_model
 
 
@@ -360,6 +384,7 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
         check_batch_size("batch_size", point["batch_size"], calibration)
 
         def checked_layers():
+            check_model_takes(point["model_name"], model, point["dataset"], calibration)
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             check_model_finite(model, example)
             return layers_in_execution_order(model, example)
@@ -400,7 +425,9 @@ def plain_quantize(context: Context):
 def point_columns(point: dict) -> dict:
     """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
     return {
-        "Model Name": point["model_name"], "Dataset": point["dataset"], "Quantization Batch Size": point["batch_size"],
+        "Model Name": point["model_name"],
+        "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size")),
+        "Quantization Batch Size": point["batch_size"],
         "Bits": point["bits"], "MLP_Alphabet_Scalar": point["mlp_scalar"], "CNN_Alphabet_Scalar": point["cnn_scalar"],
         "MLP_Percentile": point["mlp_percentile"], "CNN_Percentile": point["cnn_percentile"],
         "Include 0": point["include_0"], "Retain_rate": point["retain_rate"], "Seed": point["seed"],
@@ -429,7 +456,7 @@ def run_point(point: dict, resources: Resources, log_name=PLAIN_LOG, quantize=pl
     variant: a name that starts the saved model's file name (e.g. 'adhoc'), so variants' models stand apart.
     variant_columns(point) -> the variant's own hyperparameter columns (see `main`).
     """
-    model_dir = Path(point.get("model_dir") or MODEL_DIR) / point["model_name"]
+    model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in log_names_of(point, log_name)]
     context = prepare(point, resources, log)
     own_options = {key: value for key, value in (variant_columns(point) if variant_columns else {}).items()
@@ -598,7 +625,7 @@ def main(header: dict, argv=None, log_name=PLAIN_LOG, quantize=plain_quantize, v
     model_dir = Path(config.get("model_dir") or MODEL_DIR)
     check_writable(log_dir, "log_dir")
     check_writable(model_dir, "model_dir")
-    for name in dict.fromkeys(p["model_name"] for p in points):  # models/<model_name>/, where they are saved
+    for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
         if (model_dir / name).exists():
             check_writable(model_dir / name, "model_dir")
     log_names = list(dict.fromkeys(n for point in points for n in log_names_of(point, log_name)))

@@ -44,9 +44,13 @@ def select(frame: pd.DataFrame, **equal) -> pd.DataFrame:
 
 def method_label(row) -> str:
     """What distinguishes a line of the method comparison: method, granularity, options."""
-    label = str(row["Method"]).upper().replace("SPARSE_GPFQ", "sparse GPFQ")
+    label = str(row["Method"]).upper().replace("SPARSE_GPFQ", "sparse GPFQ").replace("QRONOS", "Qronos")
     if row["Method"] == "sparse_gpfq" and row["Method Options"]:
         label += f" ({row['Method Options']})"
+    if row["Method"] != "gptq" and "act-order" in str(row["Method Options"]):  # GPTQ's act-order is its own
+        label += ", act-order"
+    if "first column code2022" in str(row["Method Options"]):
+        label += ", 2022 first column"
     if row["Alphabet Granularity"] == "channel":
         label += ", per channel"
     if row["Fold BatchNorm"]:
@@ -66,6 +70,28 @@ def top1_against_bits(frame: pd.DataFrame, model: str, m: int) -> pd.DataFrame:
     rows = frame[(frame["Model Name"] == model) & (frame[M] == m)]
     labels = rows.apply(method_label, axis=1) if len(rows) else pd.Series(dtype=str)
     return rows.assign(label=labels).groupby(["label", BITS])[TOP1].mean().unstack("label").sort_index()
+
+
+def seed_table(frame: pd.DataFrame, model: str, m: int) -> str:
+    """A markdown table of one model at calibration size m: one row per method label, one column per bit
+    width, each cell the mean top-1 over the logged seeds ± their standard deviation (n = seeds)."""
+    rows = frame[(frame["Model Name"] == model) & (frame[M] == m)]
+    if rows.empty:
+        raise ValueError(f"no rows with m = {m} for model {model!r} in the logs")
+    rows = rows.assign(label=rows.apply(method_label, axis=1))
+    stats = rows.groupby(["label", BITS])[TOP1].agg(["mean", "std", "count"])
+    bits = sorted(rows[BITS].unique())
+    lines = ["| method | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]
+    for label in sorted(rows["label"].unique()):
+        cells = []
+        for b in bits:
+            if (label, b) not in stats.index:
+                cells.append("")
+                continue
+            mean, std, count = stats.loc[(label, b)]
+            cells.append(f"{mean:.4f}" + (f" ± {std:.4f} (n={int(count)})" if count > 1 else " (n=1)"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def float_top1(frame: pd.DataFrame, model: str) -> float:

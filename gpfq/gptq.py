@@ -79,7 +79,17 @@ def gptq_from_gram(weight, quantized_gram, alphabet, block_size: int = 128, damp
     except torch.linalg.LinAlgError as error:
         raise HessianNotPositiveDefinite(f"GPTQ: X̃ᵀX̃ + damping is not positive definite (damping {damping}); "
                                          f"use a larger gptq_damping") from error
-    levels = alphabet.to(device=W.device, dtype=dtype)
+    Q = lazy_batch_rounding(W, U, alphabet.to(device=W.device, dtype=dtype), block_size)
+    restored = torch.empty_like(Q)
+    restored.scatter_(2, order.unsqueeze(1).expand(n_groups, n_neurons, n_inputs), Q)
+    return restored.to(weight.dtype)
+
+
+def lazy_batch_rounding(W, U, levels, block_size: int):
+    """GPTQ's column loop: W (G, N1, N0), modified in place, U (G, N0, N0) the upper Cholesky factor of H⁻¹,
+    levels (L,) or (G, N1, L), all in one dtype. Round column t to nearest, spread its error over the later
+    columns (within the block at once, beyond it one product per block). Returns Q (G, N1, N0)."""
+    n_inputs = W.shape[2]
     Q = torch.empty_like(W)
     for start in range(0, n_inputs, block_size):
         end = min(start + block_size, n_inputs)
@@ -95,9 +105,7 @@ def gptq_from_gram(weight, quantized_gram, alphabet, block_size: int = 128, damp
             errors[:, :, j] = error
         # lazy batch: the block's errors reach every later column in one product
         W[:, :, end:] -= torch.bmm(errors, U[:, start:end, end:])
-    restored = torch.empty_like(Q)
-    restored.scatter_(2, order.unsqueeze(1).expand(n_groups, n_neurons, n_inputs), Q)
-    return restored.to(weight.dtype)
+    return Q
 
 
 def gptq_reference(weight, quantized_input, alphabet, damping: float = 0.01, act_order: bool = False):

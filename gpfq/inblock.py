@@ -1,13 +1,16 @@
 """GPFQ's in-block sequential step: round a block's columns in order, each correcting the later ones.
 
-For a block of B columns (notes §1, `gpfq.engine`), given per group the arguments' numerators
+For a block of B columns (docs/engine.md, `gpfq.engine`), given per group the arguments' numerators
 a (B, N1), which already hold everything from the columns before the block, and the block's Gram
 H = X̃_bᵀX̃_b (B, B), with d_t = H[t, t]:
 
     q_t = Q_A(a_t / d_t − Σ_{j<t} (H[j, t] / d_t) q_j),   t = 0 … B−1   (argument 0 if d_t = 0)
 
 for every neuron, Q_A being nearest rounding or one of GPFQ's other rules (`gpfq.variants`: sparse
-GPFQ's thresholding, SPFQ's stochastic rounding). Two implementations of the same arithmetic
+GPFQ's thresholding, SPFQ's stochastic rounding). With the 2022 code's shortcut (`first_column`
+"code2022", `gpfq.quantizer`), the block also gets its weights w_b (B, N1) and the diagonal c of
+X̃_bᵀX_b: the past part of the numerator, p_t = a_t − c_t w_t − Σ_{j<t} H[j, t] q_j = <X̃_t, u_{t-1}>,
+decides, and where |p_t| < 1e-10 the argument is w_t itself. Two implementations of the same arithmetic
 (corrections subtracted in the order j = 0, 1, …):
 - `round_block_torch`: a few tensor operations per column; any device.
 - the compiled kernel (numba): one call per block; CPU only. Per column the torch version pays
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from .alphabet import alphabet_midpoints, round_with_midpoints
+from .quantizer import SHORTCUT_TOLERANCE, check_first_column
 from .threads import single_thread
 from .variants import StochasticRounding, ThresholdedRounding, largest_level, nearest_rounding
 
@@ -43,25 +47,38 @@ def block_coupling(quantized_gram):
     return inverse, torch.triu(quantized_gram, diagonal=1) * inverse.unsqueeze(1)
 
 
-def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, rounding=None, start=0):
+def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, rounding=None, start=0, weights=None,
+                      cross_diagonal=None):
     """numerators (G, B, N1), quantized_gram (G, B, B), alphabet (L,) or (G, N1, L) -> q (G, B, N1).
 
     Three tensor operations per column (search, gather, update); `midpoints`: the alphabet's, if at hand.
     `rounding`: a vectorized rule rule(argument (G, N1), alphabet, column) (`gpfq.variants`) in place of
     nearest rounding; the block's first column is column `start` of the layer.
+    weights (G, B, N1) and cross_diagonal (G, B) given: the 2022 code's shortcut (module docstring).
     """
     midpoints = alphabet_midpoints(alphabet) if midpoints is None else midpoints
     with single_thread():
         inverse, coupling = block_coupling(quantized_gram)
         arguments = (numerators * inverse.unsqueeze(2)).transpose(0, 1).contiguous()  # (B, G, N1)
         coupling = coupling.permute(1, 2, 0).unsqueeze(-1)  # (B, B, G, 1): [j, t] broadcast over neurons
+        shortcut = weights is not None
+        if shortcut:
+            # p_t = a_t − c_t w_t, then − H[j, t] q_j for each earlier column j (the kernel's order)
+            pasts = (numerators - cross_diagonal.unsqueeze(2) * weights).transpose(0, 1).contiguous()
+            weights_t = weights.transpose(0, 1)
+            gram_t = quantized_gram.permute(1, 2, 0).unsqueeze(-1)  # (B, B, G, 1): H[j, t]
         rounded = []
         for t in range(arguments.shape[0]):
-            q = (round_with_midpoints(arguments[t], alphabet, midpoints) if rounding is None
-                 else rounding(arguments[t], alphabet, start + t))
+            argument = arguments[t]
+            if shortcut:
+                argument = torch.where(pasts[t].abs() < SHORTCUT_TOLERANCE, weights_t[t], argument)
+            q = (round_with_midpoints(argument, alphabet, midpoints) if rounding is None
+                 else rounding(argument, alphabet, start + t))
             rounded.append(q)
             if t + 1 < arguments.shape[0]:
                 arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
+                if shortcut:
+                    pasts[t + 1:].addcmul_(gram_t[t, t + 1:], q, value=-1.0)
         return torch.stack(rounded, dim=1)
 
 
@@ -77,12 +94,13 @@ def _compiled(function):
 if numba is not None:
     @_compiled
     def _round_block_kernel(numerators, quantized_gram, levels, midpoints, rule, thresholds, soft, uniforms,
-                            rounded):
+                            shortcut, weights, cross_diagonal, rounded):
         """Left-looking: row t takes its corrections from the rows already rounded, then is rounded.
 
         numerators and rounded (G, B, N1); quantized_gram (G, B, B); levels (L, R), midpoints (L−1, R)
         with R = 1 (one alphabet) or G·N1 (one per neuron, column g·N1 + n). rule: NEAREST, THRESHOLD
         (thresholds (R,): λ per alphabet, soft or hard, then nearest) or STOCHASTIC (uniforms (G, B, N1)).
+        shortcut: the 2022 code's first-column rule, with weights (G, B, N1) and cross_diagonal (G, B).
         """
         n_groups, n_columns, n_neurons = numerators.shape
         n_levels = levels.shape[0]
@@ -103,6 +121,13 @@ if numba is not None:
                     coupling = quantized_gram[g, j, t] * inverse
                     for n in range(n_neurons):
                         row[n] -= coupling * rounded[g, j, n]
+                if shortcut:
+                    for n in range(n_neurons):
+                        past = numerators[g, t, n] - cross_diagonal[g, t] * weights[g, t, n]
+                        for j in range(t):
+                            past -= quantized_gram[g, j, t] * rounded[g, j, n]
+                        if abs(past) < SHORTCUT_TOLERANCE:
+                            row[n] = weights[g, t, n]
                 if rule == STOCHASTIC:
                     # as variants.stochastic_round: clip to [min A, max A], lower = last level ≤ z (at most
                     # the last but one), up with probability (z − lower)/(upper − lower)
@@ -180,22 +205,31 @@ def compiled_rule(rounding, alphabet):
     return None
 
 
-def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None):
-    """The in-block step for one layer: a function (numerators (G, B, N1), H_bb (G, B, B), start) -> q (G, B, N1),
-    `start` being the block's first column in the layer.
+def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, first_column="paper"):
+    """The in-block step for one layer: a function (numerators (G, B, N1), H_bb (G, B, B), start, weights,
+    cross_diagonal) -> q (G, B, N1), `start` being the block's first column in the layer; weights (G, B, N1)
+    and cross_diagonal (G, B) (the block's w and diag X̃_bᵀX_b) are needed with first_column "code2022".
 
     alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. `rounding`: None
     (nearest) or a vectorized rule of `gpfq.variants`. `compiled`: None picks the numba kernel for CPU
     tensors when numba is installed and knows the rule; True / False force one implementation.
+    first_column: "paper" or "code2022" (`gpfq.quantizer`).
     """
+    check_first_column(first_column)
+    shortcut = first_column == "code2022"
     rounding = None if rounding is nearest_rounding else rounding
     rule = compiled_rule(rounding, alphabet)
     if compiled is None:
         compiled = numba is not None and alphabet.device.type == "cpu" and rule is not None
     if not compiled:
         midpoints = alphabet_midpoints(alphabet)
-        return lambda numerators, quantized_gram, start=0: round_block_torch(numerators, quantized_gram, alphabet,
-                                                                           midpoints, rounding, start)
+
+        def round_block(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
+            if shortcut and weights is None:
+                raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
+            return round_block_torch(numerators, quantized_gram, alphabet, midpoints, rounding, start,
+                                     weights if shortcut else None, cross_diagonal if shortcut else None)
+        return round_block
     if numba is None:
         raise RuntimeError("the compiled in-block kernel needs numba (pip install numba)")
     if alphabet.device.type != "cpu":
@@ -213,14 +247,22 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None):
     uniforms_t = (rounding.uniforms.to(alphabet.dtype).transpose(1, 2).contiguous() if kind == STOCHASTIC
                   else None)
     no_uniforms = np.zeros((1, 1, 1), dtype=levels.dtype)
+    no_weights, no_diagonal = np.zeros((1, 1, 1), dtype=levels.dtype), np.zeros((1, 1), dtype=levels.dtype)
 
-    def round_block_compiled(numerators, quantized_gram, start=0):
+    def round_block_compiled(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
         rounded = torch.empty(numerators.shape, dtype=numerators.dtype)
         uniforms = no_uniforms
         if uniforms_t is not None:
             uniforms = uniforms_t[:, start:start + numerators.shape[1]].contiguous().numpy()
+        block_weights, diagonal = no_weights, no_diagonal
+        if shortcut:
+            if weights is None:
+                raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
+            block_weights = weights.to(numerators.dtype).contiguous().numpy()
+            diagonal = cross_diagonal.to(numerators.dtype).contiguous().numpy()
         _round_block_kernel(numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels,
-                            midpoints, kind, thresholds, soft, uniforms, rounded.numpy())
+                            midpoints, kind, thresholds, soft, uniforms, shortcut, block_weights, diagonal,
+                            rounded.numpy())
         return rounded
 
     return round_block_compiled

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import BadInputError, ResultWriteError, os_error_reason
 
-# The original repository's columns (notes §5), in its order.
+# The original repository's columns, in its order.
 PAPER_COLUMNS = [
     "Model Name", "Dataset", "Quantization Batch Size", "Original Top1 Accuracy", "Quantized Top1 Accuracy",
     "Original Top5 Accuracy", "Quantized Top5 Accuracy", "Bits", "MLP_Alphabet_Scalar", "CNN_Alphabet_Scalar",

@@ -1,4 +1,5 @@
-"""Models: torchvision's ImageNet classifiers by name, and the small embedded defaults.
+"""Models: torchvision's ImageNet classifiers by name, the small embedded defaults, and the user's own
+(a factory in a module or file, or a timm model: gpfq.user_models).
 
 The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
 MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
@@ -19,12 +20,11 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .errors import BadHyperparameterError, BadInputError
+from .errors import BadHyperparameterError
 from .paths import PRETRAINED_DIR
-
-
-class WeightsUnavailableError(BadInputError, FileNotFoundError):
-    """Pretrained weights could neither be found locally nor downloaded."""
+from .state_dicts import load_state
+from .user_models import (WeightsUnavailableError, build_user_model, check_user_model, is_user_model,
+                          load_state_dict_file)
 
 
 class FashionResNet(nn.Module):
@@ -91,13 +91,24 @@ def torchvision_names() -> list:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError for a name that is neither embedded nor a torchvision classifier."""
+    """Raise ValueError for a name that is neither embedded, a torchvision classifier, nor a user model."""
+    if not isinstance(name, str):
+        raise BadHyperparameterError(f"bad hyperparameter: model name must be a string, got {name!r}")
     if is_embedded(name):
+        return
+    if is_user_model(name):
+        check_user_model(name)
         return
     names = torchvision_names()
     if name not in names:
-        raise BadHyperparameterError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)} "
-                                     f"or a torchvision classifier ({', '.join(names[:8])}, …)")
+        raise BadHyperparameterError(f"unknown model {name!r}: use one of the embedded models "
+                                     f"{sorted(EMBEDDED_MODELS)}, a torchvision classifier "
+                                     f"({', '.join(names[:8])}, …), 'package.module:factory', "
+                                     f"'path/to/file.py:factory' or 'timm:<name>'")
+
+
+def is_torchvision(name) -> bool:
+    return isinstance(name, str) and not is_embedded(name) and not is_user_model(name)
 
 
 def _torchvision_weights(name: str):
@@ -113,7 +124,7 @@ def weights_cache_path(name: str) -> Path:
 
 def published_accuracy(name: str):
     """torchvision's published ImageNet (top-1, top-5) as fractions, or None if it has none."""
-    if is_embedded(name):
+    if not is_torchvision(name):
         return None
     try:
         metrics = _torchvision_weights(name).meta["_metrics"]["ImageNet-1K"]
@@ -127,9 +138,11 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
 
     weights: 'DEFAULT' (the embedded model's shipped weights, or torchvision's ImageNet weights,
     downloaded into the torch.hub cache when missing), 'random' (untrained), or the path of
-    a local state-dict file.
+    a local state-dict file. User models (factories, timm): gpfq.user_models.build_user_model.
     """
     check_model_name(name)
+    if is_user_model(name):
+        return build_user_model(name, weights)
     if is_embedded(name):
         model = EMBEDDED_MODELS[name]()
         if weights == "DEFAULT":
@@ -144,32 +157,8 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
             model.load_state_dict(_download_torchvision_weights(name))
             return model.eval()
     if weights != "random":
-        path = Path(weights)
-        if not path.exists():
-            raise WeightsUnavailableError(f"weights file {path} not found; weights is 'DEFAULT', 'random' or the "
-                                          f"path of a state-dict file")
-        load_state(model, torch.load(path, map_location="cpu", weights_only=True))
+        load_state(model, load_state_dict_file(weights))
     return model.eval()
-
-
-def load_state(model: nn.Module, state: dict) -> nn.Module:
-    """Load a saved state dict into `model` (in place, strictly), fitting the model to what the scripts change:
-    a Conv2d/Linear without a bias whose saved state has one gets a (zero) bias first, and a BatchNorm
-    none of whose entries were saved (folded into its layer) becomes an Identity."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key.endswith(".bias") and key not in own:
-            module = model.get_submodule(key[: -len(".bias")])
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None:
-                module.bias = nn.Parameter(torch.zeros_like(value), requires_grad=module.weight.requires_grad)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name:
-            entries = [f"{name}.{key}" for key in module.state_dict()]
-            if entries and not any(entry in state for entry in entries):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    model.load_state_dict(state)
-    return model
 
 
 def load_saved_model(path) -> nn.Module:

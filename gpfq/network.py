@@ -19,7 +19,7 @@ either way), so a layer's peak memory is flat in m.
 Extension points used by the variants:
 - `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
   or returns None to leave the layer float (skip lists, mixed precision);
-- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq);
+- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
 """
@@ -33,11 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
+from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
 from .errors import bad_hyperparameter
 from .gptq import gptq, gptq_from_gram
+from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
 from .quantizer import gpfq_columns, msq, relative_error
 from .variants import ThresholdedRounding, sparse_gpfq, spfq, spfq_rounding
 
@@ -61,6 +63,9 @@ class LayerSettings:
     damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
     act_order: bool = False  # gptq: columns in order of decreasing H_tt
     engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
+    first_column: str = "paper"  # gpfq: "paper" or "code2022" (the 2022 code's shortcut, gpfq.quantizer)
+    column_order: str = "natural"  # GPFQ family and qronos: "natural" or "act_order" (gpfq.column_order)
+    qronos_damping: float = QRONOS_DAMPING  # qronos: λ = damping · λ_max(X̃ᵀX̃) (gpfq.qronos)
 
 
 @dataclass
@@ -124,8 +129,11 @@ class LayerStep:
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
     if settings.engine == "columns":
-        return gpfq_columns(weight, analog, quantized, alphabet)
-    return gpfq_blocked(weight, analog, quantized, alphabet, form=settings.engine)
+        rule = lambda w, x, xq: gpfq_columns(w, x, xq, alphabet, first_column=settings.first_column)  # noqa: E731
+    else:
+        rule = lambda w, x, xq: gpfq_blocked(w, x, xq, alphabet, form=settings.engine,  # noqa: E731
+                                             first_column=settings.first_column)
+    return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
 def _msq(weight, analog, quantized, alphabet, settings):
@@ -133,8 +141,11 @@ def _msq(weight, analog, quantized, alphabet, settings):
 
 
 def _gpfq_from_statistics(weight, statistics, alphabet, settings):
-    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet,
-                     rounding=_gpfq_rule(settings, weight))
+    first_column = settings.first_column if settings.method == "gpfq" else "paper"
+    return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet,
+                                                               rounding=_gpfq_rule(settings, weight),
+                                                               first_column=first_column),
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
 
 
 def _gptq(weight, analog, quantized, alphabet, settings):
@@ -147,12 +158,25 @@ def _gptq_from_statistics(weight, statistics, alphabet, settings):
 
 
 def _spfq(weight, analog, quantized, alphabet, settings):
-    return spfq(weight, analog, quantized, alphabet, settings.seed, engine=settings.engine)
+    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, settings.seed, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
 
 
 def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
-    return sparse_gpfq(weight, analog, quantized, alphabet, settings.threshold, settings.thresholding,
-                       engine=settings.engine)
+    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, settings.threshold,
+                                                           settings.thresholding, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
+
+
+def _qronos(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, settings.qronos_damping),
+                              weight, analog, quantized, settings.column_order)
+
+
+def _qronos_from_statistics(weight, statistics, alphabet, settings):
+    return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet,
+                                                                      settings.qronos_damping),
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
 
 
 def _gpfq_rule(settings, weight):
@@ -166,12 +190,14 @@ def _gpfq_rule(settings, weight):
 
 # name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
 # alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
-LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq}
+LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq,
+                 "qronos": _qronos}
 METHODS = tuple(LAYER_METHODS)
 # Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
 STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
-                      "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics}
+                      "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
+                      "qronos": _qronos_from_statistics}
 # Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
 GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
 
@@ -223,11 +249,12 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
-    for GPTQ 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else 'gptq';
+    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else
+    the method's name;
     else the method's name."""
-    if settings.method == "gptq":
+    if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
         streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
-        return "gram" if streamed else "gptq"
+        return "gram" if streamed else settings.method
     if settings.method not in GPFQ_FAMILY:
         return settings.method
     if settings.engine == "columns":
@@ -255,7 +282,9 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
             rows = x.shape[0] // analog.shape[0] * n_images
             form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
             if form == "gram" and settings.method in STATISTICS_METHODS:
-                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
+                # Qronos's ridge (1e-6 · λ_max by default) is below float32's resolution of the sums: form them in float64
+                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device,
+                                            dtype=torch.float64 if settings.method == "qronos" else torch.float32)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
         if statistics is None or keep_rows:

@@ -1,4 +1,4 @@
-"""The GPFQ rule for one layer (notes §1), and round-to-nearest (MSQ) beside it.
+"""The GPFQ rule for one layer (docs/theory.md), and round-to-nearest (MSQ) beside it.
 
 Shapes: a layer is given as ``groups`` independent problems (1 for Linear and
 ordinary convolutions, C_in/… for grouped and depthwise ones):
@@ -14,44 +14,66 @@ For each neuron w, with u_0 = 0 and t = 1 … N0:
 
 `gpfq_reference` is that loop written out neuron by neuron: the executable
 specification. `gpfq_columns` runs the same loop over all neurons (and groups) at
-once. The 2022 code's shortcut (return Q_A(w_t) when |<X̃_t, u_{t-1}>| < 1e-10) is
-not kept: it only matters when the residual is exactly orthogonal to X̃_t.
+once.
+
+First column (`first_column`): "paper" (default) is the rule above at every column.
+"code2022" adds the shortcut of the code that made the paper's tables:
+
+    if |<X̃_t, u_{t-1}>| < 1e-10:  q_t = Q_A(w_t)
+
+Since u_0 = 0, it fires at every neuron's first column (t = 1), where it rounds w_1
+itself instead of <X̃_1, w_1 X_1>/||X̃_1||²; the two differ whenever X̃_1 ≠ X_1 (e.g.
+X = [[1], [1]], X̃ = 2X, w = 0.4, levels {−1, −0.5, 0, 0.5, 1}: "code2022" gives 0.5,
+"paper" 0). At later columns it fires only when the residual is orthogonal to X̃_t.
 """
 import torch
 
 from .alphabet import round_to_alphabet
 
+FIRST_COLUMN_RULES = ("paper", "code2022")
+SHORTCUT_TOLERANCE = 1e-10  # the 2022 code's |<X̃_t, u_{t-1}>| < 1e-10
 
-def gpfq_reference(weight, analog_input, quantized_input, alphabet):
+
+def check_first_column(first_column: str) -> None:
+    if first_column not in FIRST_COLUMN_RULES:
+        raise ValueError(f"first_column must be one of {FIRST_COLUMN_RULES}, got {first_column!r}")
+
+
+def gpfq_reference(weight, analog_input, quantized_input, alphabet, first_column="paper"):
     """Neuron-by-neuron, column-by-column GPFQ in float64 (the specification).
 
-    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0) -> Q (N1, N0).
+    weight (N1, N0), analog_input (m, N0), quantized_input (m, N0), alphabet (L,) or one per neuron (N1, L)
+    -> Q (N1, N0). first_column: "paper" or "code2022" (the 2022 code's shortcut, see the module docstring).
     """
+    check_first_column(first_column)
     W = weight.detach().double()
     X = analog_input.detach().double()
     Xq = quantized_input.detach().double()
-    levels = alphabet.double()
     n_neurons, n_inputs = W.shape
     Q = torch.zeros_like(W)
     for i in range(n_neurons):
+        levels = (alphabet if alphabet.dim() == 1 else alphabet[i]).double()
         u = torch.zeros(X.shape[0], dtype=torch.float64)
         for t in range(n_inputs):
             norm2 = torch.dot(Xq[:, t], Xq[:, t])
             target = u + W[i, t] * X[:, t]
             argument = torch.dot(Xq[:, t], target) / norm2 if norm2 > 0 else torch.tensor(0.0, dtype=torch.float64)
+            if first_column == "code2022" and abs(float(torch.dot(Xq[:, t], u))) < SHORTCUT_TOLERANCE:
+                argument = W[i, t]
             q = levels[torch.argmin((levels - argument).abs())]  # first minimum: ties go to the smaller level
             Q[i, t] = q
             u = target - q * Xq[:, t]
     return Q
 
 
-def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32):
+def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32, first_column="paper"):
     """GPFQ over all neurons and groups at once, one input column per step.
 
     weight (G, N1, N0), analog_input (G, m, N0), quantized_input (G, m, N0) -> Q (G, N1, N0),
     in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so far,
-    shape (G, N1, m).
+    shape (G, N1, m). first_column: as `gpfq_reference`.
     """
+    check_first_column(first_column)
     # Column-major copies, so that column t of W, X and X̃ is one contiguous read.
     weight_t = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
     analog_t = analog_input.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, m)
@@ -66,9 +88,13 @@ def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.fl
     quantized_weight_t = torch.empty_like(weight_t)
     for t in range(n_inputs):
         xq_t = quantized_t[:, t].unsqueeze(2)  # (G, m, 1)
+        if first_column == "code2022":
+            shortcut = torch.bmm(residual, xq_t).squeeze(2).abs() < SHORTCUT_TOLERANCE  # |<X̃_t, u_{t-1}>| (G, N1)
         residual.addcmul_(weight_t[:, t].unsqueeze(2), analog_t[:, t].unsqueeze(1))  # u + w_t X_t
         argument = torch.bmm(residual, xq_t).squeeze(2) / safe_norms2[:, t].unsqueeze(1)  # (G, N1)
         argument.masked_fill_(zero_column[:, t].unsqueeze(1), 0.0)
+        if first_column == "code2022":
+            argument = torch.where(shortcut, weight_t[:, t], argument)
         q = round_to_alphabet(argument, levels)
         quantized_weight_t[:, t] = q
         residual.sub_(q.unsqueeze(2) * xq_t.transpose(1, 2))

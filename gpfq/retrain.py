@@ -1,4 +1,4 @@
-"""Retraining variant (notes §4): quantize layer by layer in place, fine-tuning what is still float.
+"""Retraining variant (docs/variants.md): quantize layer by layer in place, fine-tuning what is still float.
 
 The network is quantized in place (`quantize_network(..., in_place=True)`), so every layer's X̃ = X:
 its input comes from the network as it is now, earlier layers quantized and later ones fine-tuned.

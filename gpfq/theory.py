@@ -1,4 +1,4 @@
-"""The single-layer theory check (notes §7): GPFQ's error decays like 1/N0, round-to-nearest's does not.
+"""The single-layer theory check (docs/theory.md): GPFQ's error decays like 1/N0, round-to-nearest's does not.
 
 One layer on Gaussian data: X (m × N0) i.i.d. N(0, 1), X̃ = X, weights uniform on [−1, 1],
 the layer's alphabet (radius = mean over neurons of max |w|). For each N0 and trial, the
@@ -11,9 +11,10 @@ import torch
 
 from .alphabet import layer_radius, make_alphabet
 from .gptq import gptq
+from .qronos import qronos
 from .quantizer import gpfq_columns, msq
 
-THEORY_METHODS = ("gpfq", "msq", "gptq")
+THEORY_METHODS = ("gpfq", "msq", "gptq", "qronos")
 
 
 def _quantize(method, weight, data, alphabet):
@@ -24,6 +25,8 @@ def _quantize(method, weight, data, alphabet):
         return msq(weight, alphabet)
     if method == "gptq":
         return gptq(W, X, alphabet, dtype=torch.float64)[0]
+    if method == "qronos":  # with X̃ = X: GPTQ's walk with Qronos's ridge (1e-6 · λ_max instead of 1 % of mean H_tt)
+        return qronos(W, X, X, alphabet, dtype=torch.float64)[0]
     raise ValueError(f"unknown method {method!r}; choose from {THEORY_METHODS}")
 
 

@@ -1,4 +1,4 @@
-"""GPFQ with other rounding rules (notes §4): stochastic GPFQ (SPFQ, order 1) and sparse GPFQ.
+"""GPFQ with other rounding rules (docs/methods.md): stochastic GPFQ (SPFQ, order 1) and sparse GPFQ.
 
 The GPFQ walk is unchanged; only the map from a column's argument
 z = <X̃_t, u_{t-1} + w_t X_t> / ||X̃_t||² to an alphabet level differs:

@@ -78,3 +78,30 @@ def plain_default(default_runs, make_context):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long run (a whole default experiment); deselect with -m 'not slow'")
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled colour photos: one class each
+
+
+def write_photo_folder(root: Path, train_per_class: int = 6, val_per_class: int = 3, crop: int = 96) -> Path:
+    """An ImageFolder of real images: random crop×crop JPEG crops of scikit-image's photos, one class per photo,
+    root/train/<photo>/*.jpg and root/val/<photo>/*.jpg (different crops)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in PHOTOS:
+        photo = getattr(skimage.data, name)()
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                top = int(rng.integers(0, photo.shape[0] - crop))
+                left = int(rng.integers(0, photo.shape[1] - crop))
+                Image.fromarray(photo[top:top + crop, left:left + crop]).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """A tiny ImageFolder of crops of real photos (3 classes; 6 train and 3 val images each)."""
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))

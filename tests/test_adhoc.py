@@ -1,4 +1,4 @@
-"""Ad hoc variant: bias correction, layers left float, mixed precision (issue 3)."""
+"""Ad hoc variant: bias correction, layers left float, mixed precision."""
 import copy
 
 import pytest

@@ -32,7 +32,7 @@ def _layer(n_groups, m, n_inputs, n_neurons, seed, per_neuron=False, bits=4):
 
 
 def _assert_same_as_columns(result, expected, weight, analog, quantized):
-    """The issue's criterion: Q equal on ≥ 99.5 % of entries, relative error within 1e-4."""
+    """The engine's criterion: Q equal on ≥ 99.5 % of entries, relative error within 1e-4."""
     assert result.shape == expected.shape
     assert (result == expected).double().mean().item() >= 0.995
     gap = relative_error(weight, result, analog, quantized) - relative_error(weight, expected, analog, quantized)
@@ -109,7 +109,7 @@ def test_form_choice_follows_the_cost_formulas():
     assert predicted_cost("residual", 4096, 576, 64) == 4096 * 576 * (3 * 64 + 2 * block)
     assert predicted_cost("gram", 4096, 576, 64, n_groups=2) == 2 * (2 * 4096 * 576 ** 2 + 64 * 576 ** 2)
     for m, n_inputs, n_neurons in [(4096, 576, 64), (2048, 1152, 128), (1024, 4608, 512)]:
-        assert choose_form("auto", m, n_inputs, n_neurons) == "residual"  # the issue's shapes: N1 ≪ N0
+        assert choose_form("auto", m, n_inputs, n_neurons) == "residual"  # the benchmark shapes: N1 ≪ N0
     assert choose_form("auto", 8192, 64, 512) == "gram"  # a wide 1×1 conv or Linear layer: N1 ≫ N0
     # rows that exceed the budget are streamed whatever the cost
     assert rows_bytes(10 ** 6, 576) > DEFAULT_ROWS_BUDGET

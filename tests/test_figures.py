@@ -1,7 +1,8 @@
 """The figures' tables from a small hand-made log."""
 import pytest
 
-from gpfq.figures import plot_top1_against_bits, plot_top1_against_m, read_logs, top1_against_bits, top1_against_m
+from gpfq.figures import (plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, top1_against_bits,
+                          top1_against_m)
 from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
 
 # (method, granularity, options, bits, m, seed, top-1)
@@ -44,3 +45,19 @@ def test_method_comparison_has_one_line_per_method_setting(log, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="no rows"):
         plot_top1_against_bits(frame, "toy", tmp_path / "c.png", 512)
+
+
+def test_seed_table_gives_mean_and_spread_per_method_setting(log, tmp_path):
+    path = tmp_path / "more.csv"
+    for method, options, seed, top1 in (("qronos", "damping 1e-06", 0, 0.86), ("qronos", "damping 1e-06", 1, 0.90),
+                                        ("gpfq", "act-order", 0, 0.87)):
+        row = {column: "" for column in LOG_COLUMNS[PLAIN_LOG]}
+        row.update({"Model Name": "toy", "Quantization Batch Size": 64, "Original Top1 Accuracy": 0.92,
+                    "Quantized Top1 Accuracy": top1, "Bits": 3, "Seed": seed, "Method": method,
+                    "Alphabet Granularity": "layer", "Method Options": options, "Fold BatchNorm": False})
+        append_row(path, row, LOG_COLUMNS[PLAIN_LOG])
+    table = seed_table(read_logs([log, path]), "toy", 64).splitlines()
+    assert table[0] == "| method | 3 bits |"
+    # GPFQ: 0.80 and 0.84 (sample standard deviation 0.0283); Qronos: 0.86 and 0.90; act-order GPFQ apart
+    assert table[2:] == ["| GPFQ | 0.8200 ± 0.0283 (n=2) |", "| GPFQ, act-order | 0.8700 (n=1) |",
+                         "| Qronos | 0.8800 ± 0.0283 (n=2) |"]

@@ -1,4 +1,4 @@
-"""Issue 7: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
+"""Reliability: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
 
 Runs of the embedded default use tiny m and, to fit the test budget, evaluate on the first
 EVAL_IMAGES Fashion-MNIST test images (gpfq.experiment.evaluation_set is narrowed; the code
@@ -87,7 +87,7 @@ BAD_HYPERPARAMETERS = [
     (["--batch_size", "0"], "batch_size (m) must be an integer ≥ 1, got 0"),
     (["--batch_size", "60001"], "batch_size 60001 is larger than the calibration set (60000 images)"),
     (["--model", "resnet_nineteen"], "unknown model 'resnet_nineteen'"),
-    (["--dataset", "cifar10"], "dataset must be one of ('fashion_mnist', 'imagenet'), got 'cifar10'"),
+    (["--dataset", "cifar10"], "dataset must be one of ('fashion_mnist', 'imagenet', 'imagefolder'), got 'cifar10'"),
     (["--ignore_layers", "3", "10"], "ignore_layers [10] match no layer; the model has 10 (0 … 9)"),
     (["--ignore_layers", "-11"], "ignore_layers [-11] match no layer"),
     (["--seed", "0.5"], "seed must be an integer, got 0.5"),

@@ -1,4 +1,4 @@
-"""Retraining variant: in-place quantization with fine-tuning of the float layers (issue 4)."""
+"""Retraining variant: in-place quantization with fine-tuning of the float layers."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The single-layer theory (notes §7) on Gaussian data: GPFQ's error falls like 1/N0 once N0 ≫ m,
+"""The single-layer theory (docs/theory.md) on Gaussian data: GPFQ's error falls like 1/N0 once N0 ≫ m,
 round-to-nearest's does not."""
 import pytest
 
@@ -10,8 +10,8 @@ N0_VALUES = (4 * M, 8 * M, 16 * M)
 
 @pytest.fixture(scope="module")
 def errors():
-    rows = gaussian_layer_errors(M, N0_VALUES, trials=3, neurons=8, bits=4, seed=0, methods=("gpfq", "msq"))
-    return {method: mean_errors(rows, method) for method in ("gpfq", "msq")}
+    rows = gaussian_layer_errors(M, N0_VALUES, trials=3, neurons=8, bits=4, seed=0, methods=("gpfq", "msq", "qronos"))
+    return {method: mean_errors(rows, method) for method in ("gpfq", "msq", "qronos")}
 
 
 def test_gpfq_error_decays_like_one_over_n0(errors):
@@ -21,6 +21,12 @@ def test_gpfq_error_decays_like_one_over_n0(errors):
 
 def test_gpfq_at_least_five_times_below_msq_at_16m(errors):
     assert errors["gpfq"][16 * M] * 5 <= errors["msq"][16 * M]
+
+
+def test_qronos_error_decays_and_stays_far_below_msq(errors):
+    """With X̃ = X, Qronos is GPTQ's walk with a small ridge: its error falls with N0 like GPFQ's."""
+    assert fitted_slope(errors["qronos"], 4 * M, 16 * M) <= -0.7
+    assert errors["qronos"][16 * M] * 5 <= errors["msq"][16 * M]
 
 
 def test_msq_error_is_the_uniform_rounding_error(errors):
