@@ -17,16 +17,13 @@ ratios within one run, not across runs.
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.alphabet import layer_radius, make_alphabet  # noqa: E402
-from gpfq.engine import choose_form, gpfq_blocked, predicted_cost  # noqa: E402
-from gpfq.quantizer import gpfq_columns  # noqa: E402
+from gpfq.alphabet import layer_radius, make_alphabet
+from gpfq.engine import choose_form, gpfq_blocked, predicted_cost
+from gpfq.quantizer import gpfq_columns
 
 SHAPES = {"S1": (4096, 576, 64), "S2": (2048, 1152, 128), "S3": (1024, 4608, 512)}  # (m, N0, N1)
 

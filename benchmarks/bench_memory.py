@@ -12,15 +12,13 @@ synthetic 3×56×56 images (91 patch rows per image at retain rate 0.25, so m = 
 """
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child  # noqa: E402
+from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child
 
 SIZES = (512, 4096)
 CHUNK = 64
@@ -28,7 +26,7 @@ CHUNK = 64
 
 def child(engine, m, threads):
     from gpfq.data import CalibrationStream
-    from gpfq.network import quantize_network, settings_for
+    from gpfq.network import _quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
@@ -37,7 +35,7 @@ def child(engine, m, threads):
                                                        1.0, 1.0, engine=engine)
     before = peak_rss_mb()  # torch, the model, the first images: what every run holds anyway
     start = time.perf_counter()
-    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
+    _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
     layer = reports[0]
     report({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "baseline_mb": before,
             "rows": layer.rows, "form": layer.form, "streamed": layer.streamed, "error": layer.relative_error})

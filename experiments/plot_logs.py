@@ -14,12 +14,10 @@ float as a reference line; --method, --granularity choose the rows) and <model>_
 table of top-1 at that m (mean ± standard deviation over the logged seeds) instead of drawing.
 """
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select  # noqa: E402
+from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select
 
 DEFAULT_OUT = ROOT / "logs" / "figures"
 

@@ -9,17 +9,15 @@ relative squared error against N0, with GPFQ's slope fitted on N0 ∈ [4m, 16m])
 """
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors  # noqa: E402
+from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors
 
 LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 

@@ -1,7 +1,7 @@
 """Ad hoc improvements over plain GPFQ (docs/variants.md): bias correction, float layers, mixed precision.
 
-All three are built on `network.quantize_network`:
-- layers left float (`skip_layers`) and bits per layer (`bits_map`) go through its `settings_of` hook;
+All three are one call of `gpfq.quantize`:
+- layers left float (`skip_layers`) and bits per layer (`bits_map`) are its `layers` choices;
 - bias correction of every quantized layer goes through its `after_layer` hook, so later layers are
   quantized with the corrected network's inputs X̃.
 
@@ -31,27 +31,44 @@ import torch
 from torch import nn
 
 from .alphabet import MAX_BITS
+from .api import quantize as quantize_model
 from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
+from .config import FIELDS
 from .data import CalibrationStream
+from .deploy import quantized_path, with_alphabets_from
 from .errors import bad_hyperparameter
-from .experiment import display_path, method_options
-from .logs import BIAS_LOG, MIXED_LOG, SKIP_LOG
+from .experiment import Variant
+from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
+from .network import LayerReport
 from .state_dicts import load_state
-from .network import LayerReport, quantize_network
 from .paths import MODEL_DIR, REPO_ROOT
+from .storage import display_path
 
+# One row goes to the log of every option it switches on, so the three logs share one column set; each
+# puts its own columns first. The bias-correction log keeps the original's place for "Bias Correction
+# Batch Size" (right after the batch size).
+BIAS_LOG = "Quantization_Log_Bias_Correct.csv"
+SKIP_LOG = "Quantization_Log_Skip.csv"
+MIXED_LOG = "Quantization_Log_Mixed_Precision.csv"
+_BATCH = PAPER_COLUMNS.index("Quantization Batch Size") + 1
+LOGS = {
+    BIAS_LOG: (PAPER_COLUMNS[:_BATCH] + ["Bias Correction Batch Size"] + PAPER_COLUMNS[_BATCH:]
+               + ["Bias Correction", "Skip Layers", "Bits Map", "Average Bits", "Source Model"] + EXTRA_COLUMNS),
+    SKIP_LOG: (PAPER_COLUMNS + ["Skip Layers", "Bias Correction", "Bias Correction Batch Size", "Bits Map",
+                                "Average Bits", "Source Model"] + EXTRA_COLUMNS),
+    MIXED_LOG: (PAPER_COLUMNS + ["Bits Map", "Average Bits", "Skip Layers", "Bias Correction",
+                                 "Bias Correction Batch Size", "Source Model"] + EXTRA_COLUMNS),
+}
 BIAS_CORRECTIONS = (None, "last", "last_float", "all")
 SKIP_CHOICES = (None, "first", "last", "both")
 FLOAT_BITS = 32  # what a float weight costs in the average bits per weight
 BIAS_SEED_OFFSET = 1_000_003  # the bias-correction stream is seeded with seed + this
 # Keys of the ad hoc header that expand into the grid (beside the plain ones).
 GRID_KEYS = ("bias_correction", "bias_batch_size", "skip_layers", "bits_map")
+# Every key the ad hoc header adds to the plain one.
+HEADER_KEYS = GRID_KEYS + ("saved_model",)
 # How a saved model was quantized: read from its sidecar, replacing the header's values.
-SAVED_KEYS = ("model_name", "dataset", "weights", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar",
-              "mlp_percentile", "cnn_percentile", "alphabet", "include_0", "alphabet_granularity", "fold_batchnorm",
-              "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping", "gptq_act_order",
-              "retain_rate", "patch_stride", "ignore_layers", "engine", "calibration", "seed", "skip_layers",
-              "bits_map")
+SAVED_KEYS = ("model_name", "dataset", "weights") + FIELDS + ("skip_layers", "bits_map")
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -239,6 +256,8 @@ def quantize(context):
     if p.get("saved_model"):
         model = load_saved_model(analog_model, p["saved_model"]).to(device)
         reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
+        # the codebooks of the source's quantized model file, so the bias-corrected model has one too
+        reports = with_alphabets_from(reports, quantized_path(p["saved_model"]))
         log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
         if mode == "last_float":
             with torch.no_grad():  # restore the last layer to the float model's weights and bias
@@ -251,26 +270,23 @@ def quantize(context):
             for report in reports:  # execution order: each with X̃ from the already corrected layers
                 correct_bias(analog_model, model, report.name, corrections.draw(p["bias_batch_size"]), device, log)
     else:
-        bits_of = bits_per_layer(names, p.get("bits_map") or {}, p["bits"])
+        bits_per_layer(names, p.get("bits_map") or {}, p["bits"])  # every entry matches a layer
         left_float = skipped_indices(p.get("skip_layers"), len(names))
         if mode == "last_float":
             left_float.add(len(names) - 1)
-
-        def settings_of(index, name, layer):
-            """The header's settings (method, alphabet, engine, …) with this layer's bits, or None: float."""
-            if index in left_float:
-                return None
-            return dataclasses.replace(context.settings_of(index, name, layer), bits=bits_of[name])
+        # bits per layer (the last matching entry wins), then the float layers, which win over bits
+        layers = {key: {"bits": bits} for key, bits in (p.get("bits_map") or {}).items()}
+        for index in sorted(left_float):
+            layers.pop(index, None)  # re-inserted last, so no bits entry comes after it
+            layers[index] = None
 
         def after_layer(step):
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
                          corrections.draw(p["bias_batch_size"]), device, log)
 
-        model, reports = quantize_network(analog_model, context.stream(), settings_of, p["batch_size"],
-                                          p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                          p.get("patch_stride", "kernel"), device, log=log,
-                                          after_layer=after_layer if mode == "all" else None,
-                                          calibration=method_options(p)["calibration"], keep_rows=False)
+        result = quantize_model(analog_model, context.stream(), context.config, device=device, layers=layers,
+                                after_layer=after_layer if mode == "all" else None, log=log)
+        model, reports = result.model, result.reports
     if mode in ("last", "last_float"):
         correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
 
@@ -315,3 +331,8 @@ def validate_model(point: dict, facts) -> None:
 def format_bits_map(bits_map) -> str:
     """A bits map as the log shows it: 'key=bits' pairs, e.g. '0=8 -1=8' or 'stages.2.*=4'."""
     return " ".join(f"{key}={bits}" for key, bits in (bits_map or {}).items())
+
+
+ADHOC = Variant(name="adhoc", file_prefix=model_prefix, quantize=quantize, logs=LOGS, log_names=log_names, header_keys=HEADER_KEYS,
+                grid_keys=GRID_KEYS, columns=variant_columns, result_columns=frozenset({"Average Bits"}),
+                resolve_point=resolve_point, validate_point=validate_point, validate_model=validate_model)

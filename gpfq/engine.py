@@ -21,7 +21,7 @@ contribution of earlier blocks, both exact up to floating-point order:
 `choose_form` picks the cheaper one per layer, or the Gram form when the rows would
 not fit in memory. The in-block step is `gpfq.inblock` (compiled on the CPU); it rounds with
 the midpoints of `round_to_alphabet`, so a 1-D alphabet (L,) and per-neuron alphabets
-(G, N1, L) both work, and takes the other rounding rules of `gpfq.variants` (`rounding=`).
+(G, N1, L) both work, and takes the other rounding rules of `gpfq.rounding` (`rounding=`).
 """
 import contextlib
 import math
@@ -76,7 +76,7 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
 
     Returns Q (G, N1, N0) in weight's dtype. Keeps U = X Wᵀ − X̃ Qᵀ (G, m, N1) over done columns.
     `compiled`: the in-block step (`gpfq.inblock.block_rounder`; None = the compiled kernel on CPU).
-    `rounding`: None (nearest) or a vectorized rule of `gpfq.variants` (SPFQ, sparse GPFQ).
+    `rounding`: None (nearest) or a vectorized rule of `gpfq.rounding` (SPFQ, sparse GPFQ).
     `first_column`: "paper" or "code2022" (`gpfq.quantizer`).
     """
     X = analog_input.detach().to(dtype)

@@ -6,7 +6,7 @@ H = X̃_bᵀX̃_b (B, B), with d_t = H[t, t]:
 
     q_t = Q_A(a_t / d_t − Σ_{j<t} (H[j, t] / d_t) q_j),   t = 0 … B−1   (argument 0 if d_t = 0)
 
-for every neuron, Q_A being nearest rounding or one of GPFQ's other rules (`gpfq.variants`: sparse
+for every neuron, Q_A being nearest rounding or one of GPFQ's other rules (`gpfq.rounding`: sparse
 GPFQ's thresholding, SPFQ's stochastic rounding). With the 2022 code's shortcut (`first_column`
 "code2022", `gpfq.quantizer`), the block also gets its weights w_b (B, N1) and the diagonal c of
 X̃_bᵀX_b: the past part of the numerator, p_t = a_t − c_t w_t − Σ_{j<t} H[j, t] q_j = <X̃_t, u_{t-1}>,
@@ -23,7 +23,7 @@ import torch
 from .alphabet import alphabet_midpoints, round_with_midpoints
 from .quantizer import SHORTCUT_TOLERANCE, check_first_column
 from .threads import single_thread
-from .variants import StochasticRounding, ThresholdedRounding, largest_level, nearest_rounding
+from .rounding import StochasticRounding, ThresholdedRounding, largest_level, nearest_rounding
 
 try:  # numba is in requirements.txt; without it the engine still works, at torch-dispatch speed
     import numba
@@ -52,7 +52,7 @@ def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, roun
     """numerators (G, B, N1), quantized_gram (G, B, B), alphabet (L,) or (G, N1, L) -> q (G, B, N1).
 
     Three tensor operations per column (search, gather, update); `midpoints`: the alphabet's, if at hand.
-    `rounding`: a vectorized rule rule(argument (G, N1), alphabet, column) (`gpfq.variants`) in place of
+    `rounding`: a vectorized rule rule(argument (G, N1), alphabet, column) (`gpfq.rounding`) in place of
     nearest rounding; the block's first column is column `start` of the layer.
     weights (G, B, N1) and cross_diagonal (G, B) given: the 2022 code's shortcut (module docstring).
     """
@@ -129,7 +129,7 @@ if numba is not None:
                         if abs(past) < SHORTCUT_TOLERANCE:
                             row[n] = weights[g, t, n]
                 if rule == STOCHASTIC:
-                    # as variants.stochastic_round: clip to [min A, max A], lower = last level ≤ z (at most
+                    # as rounding.stochastic_round: clip to [min A, max A], lower = last level ≤ z (at most
                     # the last but one), up with probability (z − lower)/(upper − lower)
                     for n in range(n_neurons):
                         column = offset + n if per_neuron else 0
@@ -148,7 +148,7 @@ if numba is not None:
                         rounded[g, t, n] = upper if uniforms[g, t, n] < up_probability else lower
                     continue
                 if rule == THRESHOLD:
-                    # as variants.threshold: soft sign(z)·max(|z| − λ, 0), hard z·1[|z| > λ]
+                    # as rounding.threshold: soft sign(z)·max(|z| − λ, 0), hard z·1[|z| > λ]
                     for n in range(n_neurons):
                         bound = thresholds[offset + n if per_neuron else 0]
                         value = row[n]
@@ -211,7 +211,7 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
     and cross_diagonal (G, B) (the block's w and diag X̃_bᵀX_b) are needed with first_column "code2022".
 
     alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. `rounding`: None
-    (nearest) or a vectorized rule of `gpfq.variants`. `compiled`: None picks the numba kernel for CPU
+    (nearest) or a vectorized rule of `gpfq.rounding`. `compiled`: None picks the numba kernel for CPU
     tensors when numba is installed and knows the rule; True / False force one implementation.
     first_column: "paper" or "code2022" (`gpfq.quantizer`).
     """

@@ -1,5 +1,7 @@
 """CSV result logs: one header per log kind, one appended row per experiment.
 
+This module knows the paper's columns and the plain log; a variant declares its own logs' columns.
+
 A log is never overwritten: `init_log` renames an existing file with a timestamp,
 and `append_row` refuses a file whose header is not the expected one.
 
@@ -31,41 +33,22 @@ PAPER_COLUMNS = [
 EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
     "Ignore Layers", "Engine", "Calibration", "Weights", "Quantization Seconds", "Model File", "Package Version",
-    "Code Revision", "Date", "Warnings",
+    "Code Revision", "Date",
+    # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
+    "Warnings",
 ]
-# Columns this version added to EXTRA_COLUMNS: a log without them was written by an earlier version.
-ADDED_COLUMNS = ("Weights", "Warnings")
 PLAIN_LOG = "Quantization_Log.csv"
-LOG_COLUMNS = {PLAIN_LOG: PAPER_COLUMNS + EXTRA_COLUMNS}
+PLAIN_COLUMNS = PAPER_COLUMNS + EXTRA_COLUMNS
 # Columns that record what a run measured, or who ran it when with which code, rather than what it was
 # asked to do. Every other column is a hyperparameter: together they identify a grid point (`resume`).
-# A variant whose log has result columns of its own adds them here.
+# A variant's log declares its own result columns (`experiment.Variant.result_columns`).
 RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
-    "Average Bits", "Retrain Seconds", "Per-Step Top1", "Warnings",
+    "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
+    "Warnings",
 }
-
-# Ad hoc variant (adhoc_quantization_scripts/): one row goes to the log of every option it switches on, so
-# the three logs share one column set; each puts its own columns first. The bias-correction log keeps the
-# original's place for "Bias Correction Batch Size" (right after the batch size).
-BIAS_LOG = "Quantization_Log_Bias_Correct.csv"
-SKIP_LOG = "Quantization_Log_Skip.csv"
-MIXED_LOG = "Quantization_Log_Mixed_Precision.csv"
-_BATCH = PAPER_COLUMNS.index("Quantization Batch Size") + 1
-LOG_COLUMNS[BIAS_LOG] = (PAPER_COLUMNS[:_BATCH] + ["Bias Correction Batch Size"] + PAPER_COLUMNS[_BATCH:]
-                         + ["Bias Correction", "Skip Layers", "Bits Map", "Average Bits", "Source Model"]
-                         + EXTRA_COLUMNS)
-LOG_COLUMNS[SKIP_LOG] = (PAPER_COLUMNS + ["Skip Layers", "Bias Correction", "Bias Correction Batch Size",
-                                          "Bits Map", "Average Bits", "Source Model"] + EXTRA_COLUMNS)
-LOG_COLUMNS[MIXED_LOG] = (PAPER_COLUMNS + ["Bits Map", "Average Bits", "Skip Layers", "Bias Correction",
-                                           "Bias Correction Batch Size", "Source Model"] + EXTRA_COLUMNS)
-
-# Retraining variant (retraining_scripts/).
-RETRAIN_LOG = "Quantization_Log_Retrain.csv"
-LOG_COLUMNS[RETRAIN_LOG] = PAPER_COLUMNS + [
-    "Retrain Start", "Retrain Samples", "Retrain Batch Size", "Retrain Epochs", "Retrain Learning Rate",
-    "Retrain Weight Decay", "Retrain BatchNorm", "Retrain Seconds", "Per-Step Top1"] + EXTRA_COLUMNS
 
 
 class ForeignLogError(BadInputError, ValueError):
@@ -90,10 +73,11 @@ def check_log(path: Path, columns) -> bool:
     with open(path, newline="") as f:
         header = next(csv.reader(f), [])
     if header != list(columns):
-        if header == [c for c in columns if c not in ADDED_COLUMNS]:
+        missing = [c for c in columns if c not in header]
+        if set(PAPER_COLUMNS) <= set(header) and header == [c for c in columns if c in header]:
             raise ForeignLogError(
                 f"{path} was written by an earlier version of this project (it lacks the columns "
-                f"{', '.join(ADDED_COLUMNS)}); refusing to append. Run `python3 logs/init_logs.py`, which renames "
+                f"{', '.join(missing)}); refusing to append. Run `python3 logs/init_logs.py`, which renames "
                 f"it with a timestamp and starts a fresh log, or choose another folder with --log_dir PATH.")
         raise ForeignLogError(
             f"{path} has a header this project did not write ({len(header)} columns, first {header[:3]}); "

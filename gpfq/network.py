@@ -33,15 +33,17 @@ from torch import nn
 from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
+from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
                       trace_graph)
-from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_blocked, gpfq_gram, rows_bytes
+from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from .errors import bad_hyperparameter
 from .gptq import gptq, gptq_from_gram
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
-from .quantizer import gpfq_columns, msq, relative_error
-from .variants import ThresholdedRounding, sparse_gpfq, spfq, spfq_rounding
+from .quantizer import msq, relative_error
+from .rounding import ThresholdedRounding, spfq_rounding
+from .variants import gpfq_walk, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -84,6 +86,10 @@ class LayerReport:
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
     streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
     rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
+    stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
+    code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
+    # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
+    alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
     warnings: list = field(default_factory=list)  # signs of a degenerate result (`layer_warnings`)
 
 
@@ -113,7 +119,7 @@ class LayerStep:
     """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
 
     For the Gram form, `statistics` holds the rows' sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); the
-    rows themselves are None unless `quantize_network(keep_rows=True)` kept them.
+    rows themselves are None unless `_quantize_network(keep_rows=True)` kept them.
     """
     report: LayerReport
     analog_layer: nn.Module
@@ -128,11 +134,8 @@ class LayerStep:
 
 
 def _gpfq(weight, analog, quantized, alphabet, settings):
-    if settings.engine == "columns":
-        rule = lambda w, x, xq: gpfq_columns(w, x, xq, alphabet, first_column=settings.first_column)  # noqa: E731
-    else:
-        rule = lambda w, x, xq: gpfq_blocked(w, x, xq, alphabet, form=settings.engine,  # noqa: E731
-                                             first_column=settings.first_column)
+    def rule(w, x, xq):
+        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
     return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
@@ -249,8 +252,7 @@ def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, gener
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
-    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget, else
-    the method's name;
+    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
     else the method's name."""
     if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
         streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
@@ -322,7 +324,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
-def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET):
@@ -395,14 +397,18 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         with torch.no_grad():
             quantized_layer.weight.copy_(quantized_weight.reshape(layer.weight.shape))
         zeros = int((quantized_weight == 0).sum())
+        codes = encode(quantized_layer.weight, layer_codebook(alphabet, quantized_layer.weight), f"layer {name}")
         report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
                              streamed=statistics is not None and analog_rows is None, rule_seconds=rule_seconds,
+                             stored_bits=stored_bits(alphabet.shape[-1]),
+                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
                              warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error))
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''}: "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
+            f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
             + "".join(f"; WARNING: {warning}" for warning in report.warnings))
         if after_layer is not None:
@@ -420,7 +426,8 @@ def check_layer_indices(key: str, indices, names: list) -> None:
 
 
 def reports_as_dicts(reports) -> list:
-    return [asdict(r) for r in reports]
+    """The reports as JSON-ready dicts (without the alphabet tensors)."""
+    return [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
 
 
 def zero_fraction(reports) -> float:

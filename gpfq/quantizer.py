@@ -14,7 +14,9 @@ For each neuron w, with u_0 = 0 and t = 1 … N0:
 
 `gpfq_reference` is that loop written out neuron by neuron: the executable
 specification. `gpfq_columns` runs the same loop over all neurons (and groups) at
-once.
+once. Both take the rounding rule Q_A as `rounding=` (`gpfq.rounding`: nearest for GPFQ,
+stochastic for SPFQ, thresholded for sparse GPFQ), so every method of the family has one
+reference and one per-column loop.
 
 First column (`first_column`): "paper" (default) is the rule above at every column.
 "code2022" adds the shortcut of the code that made the paper's tables:
@@ -29,9 +31,11 @@ X = [[1], [1]], X̃ = 2X, w = 0.4, levels {−1, −0.5, 0, 0.5, 1}: "code2022" 
 import torch
 
 from .alphabet import round_to_alphabet
+from .rounding import nearest_rounding, nearest_scalar
 
 FIRST_COLUMN_RULES = ("paper", "code2022")
 SHORTCUT_TOLERANCE = 1e-10  # the 2022 code's |<X̃_t, u_{t-1}>| < 1e-10
+
 
 
 def check_first_column(first_column: str) -> None:
@@ -39,11 +43,13 @@ def check_first_column(first_column: str) -> None:
         raise ValueError(f"first_column must be one of {FIRST_COLUMN_RULES}, got {first_column!r}")
 
 
-def gpfq_reference(weight, analog_input, quantized_input, alphabet, first_column="paper"):
+def gpfq_reference(weight, analog_input, quantized_input, alphabet, rounding=nearest_scalar, first_column="paper"):
     """Neuron-by-neuron, column-by-column GPFQ in float64 (the specification).
 
     weight (N1, N0), analog_input (m, N0), quantized_input (m, N0), alphabet (L,) or one per neuron (N1, L)
-    -> Q (N1, N0). first_column: "paper" or "code2022" (the 2022 code's shortcut, see the module docstring).
+    -> Q (N1, N0). rounding(argument, levels (L,) float64, neuron i, column t) -> level: a scalar rule of
+    `gpfq.rounding` (default: the nearest level, ties to the smaller one). first_column: "paper" or
+    "code2022" (the 2022 code's shortcut, see the module docstring).
     """
     check_first_column(first_column)
     W = weight.detach().double()
@@ -55,23 +61,25 @@ def gpfq_reference(weight, analog_input, quantized_input, alphabet, first_column
         levels = (alphabet if alphabet.dim() == 1 else alphabet[i]).double()
         u = torch.zeros(X.shape[0], dtype=torch.float64)
         for t in range(n_inputs):
-            norm2 = torch.dot(Xq[:, t], Xq[:, t])
+            norm2 = float(torch.dot(Xq[:, t], Xq[:, t]))
             target = u + W[i, t] * X[:, t]
-            argument = torch.dot(Xq[:, t], target) / norm2 if norm2 > 0 else torch.tensor(0.0, dtype=torch.float64)
+            argument = float(torch.dot(Xq[:, t], target)) / norm2 if norm2 > 0 else 0.0
             if first_column == "code2022" and abs(float(torch.dot(Xq[:, t], u))) < SHORTCUT_TOLERANCE:
-                argument = W[i, t]
-            q = levels[torch.argmin((levels - argument).abs())]  # first minimum: ties go to the smaller level
+                argument = float(W[i, t])
+            q = rounding(argument, levels, i, t)
             Q[i, t] = q
             u = target - q * Xq[:, t]
     return Q
 
 
-def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32, first_column="paper"):
+def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.float32, rounding=nearest_rounding,
+                 first_column="paper"):
     """GPFQ over all neurons and groups at once, one input column per step.
 
-    weight (G, N1, N0), analog_input (G, m, N0), quantized_input (G, m, N0) -> Q (G, N1, N0),
-    in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so far,
-    shape (G, N1, m). first_column: as `gpfq_reference`.
+    weight (G, N1, N0), analog_input (G, m, N0), quantized_input (G, m, N0), alphabet (L,) or (G, N1, L)
+    -> Q (G, N1, N0), in weight's dtype. Keeps the residual U = (X Wᵀ − X̃ Qᵀ)ᵀ of the columns done so
+    far, shape (G, N1, m). rounding(argument (G, N1), alphabet, t) -> q: a vectorized rule of
+    `gpfq.rounding` (default: nearest). first_column: as `gpfq_reference`.
     """
     check_first_column(first_column)
     # Column-major copies, so that column t of W, X and X̃ is one contiguous read.
@@ -95,7 +103,7 @@ def gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype=torch.fl
         argument.masked_fill_(zero_column[:, t].unsqueeze(1), 0.0)
         if first_column == "code2022":
             argument = torch.where(shortcut, weight_t[:, t], argument)
-        q = round_to_alphabet(argument, levels)
+        q = rounding(argument, levels, t)
         quantized_weight_t[:, t] = q
         residual.sub_(q.unsqueeze(2) * xq_t.transpose(1, 2))
     Q = quantized_weight_t.transpose(1, 2)

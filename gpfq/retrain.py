@@ -1,6 +1,6 @@
 """Retraining variant (docs/variants.md): quantize layer by layer in place, fine-tuning what is still float.
 
-The network is quantized in place (`quantize_network(..., in_place=True)`), so every layer's X̃ = X:
+The network is quantized in place (`gpfq.quantize(..., in_place=True)`), so every layer's X̃ = X:
 its input comes from the network as it is now, earlier layers quantized and later ones fine-tuned.
 After each quantized layer (from the `retrain_start`-th on), that layer is frozen and every parameter
 that does not belong to a quantized layer (later Conv2d/Linear layers, every BatchNorm's scale and
@@ -21,15 +21,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .api import quantize as quantize_model
 from .errors import bad_hyperparameter
 from .evaluate import evaluate
-from .network import quantize_network
+from .experiment import Variant
+from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 
+RETRAIN_LOG = "Quantization_Log_Retrain.csv"
+LOGS = {RETRAIN_LOG: PAPER_COLUMNS + [
+    "Retrain Start", "Retrain Samples", "Retrain Batch Size", "Retrain Epochs", "Retrain Learning Rate",
+    "Retrain Weight Decay", "Retrain BatchNorm", "Retrain Seconds", "Per-Step Top1"] + EXTRA_COLUMNS}
 BATCHNORM_MODES = ("frozen", "update")
 RETRAIN_SEED_OFFSET = 2_000_003  # the retraining images and their order are seeded with seed + this
 # Keys of the retraining header that expand into the grid (beside the plain ones).
 GRID_KEYS = ("retrain_start", "retrain_samples", "retrain_batch_size", "retrain_epochs", "retrain_lr",
              "retrain_weight_decay", "retrain_batchnorm")
+# Every key the retraining header adds to the plain one.
+HEADER_KEYS = GRID_KEYS + ("evaluate_each_step",)
 
 
 def validate_point(point: dict) -> None:
@@ -136,10 +144,9 @@ def quantize(context):
             message += f"; test top-1 {top1:.4f}"
         log(message)
 
-    model, reports = quantize_network(model, context.stream(), context.settings_of, p["batch_size"],
-                                      p["retain_rate"], p["seed"], p.get("ignore_layers") or [],
-                                      p.get("patch_stride", "kernel"), device, log=log, after_layer=after_layer,
-                                      in_place=True, keep_rows=False)
+    result = quantize_model(model, context.stream(), context.config, device=device, after_layer=after_layer,
+                            in_place=True, log=log)
+    model, reports = result.model, result.reports
     model.requires_grad_(False)
     extra = dict(variant_columns(p), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
                                         "Per-Step Top1": " ".join(per_step)})
@@ -156,3 +163,8 @@ def variant_columns(point: dict) -> dict:
         "Retrain Learning Rate": point["retrain_lr"], "Retrain Weight Decay": point["retrain_weight_decay"],
         "Retrain BatchNorm": point["retrain_batchnorm"],
     }
+
+
+RETRAIN = Variant(name="retrain", quantize=quantize, logs=LOGS, header_keys=HEADER_KEYS, grid_keys=GRID_KEYS,
+                  columns=variant_columns, result_columns=frozenset({"Retrain Seconds", "Per-Step Top1"}),
+                  validate_point=validate_point)

@@ -8,9 +8,9 @@ only its header is already fresh and is left as it is (no empty archives).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.logs import LOG_COLUMNS, holds_only_header, init_log  # noqa: E402
-from gpfq.paths import LOG_DIR  # noqa: E402
+from gpfq.logs import holds_only_header, init_log
+from gpfq.paths import LOG_DIR
+from gpfq.procedures import LOG_COLUMNS
 
 
 def main(log_dir=LOG_DIR):

@@ -6,9 +6,6 @@ repo root). Any name can also be overridden on the command line, e.g.
 expand into a grid: every combination runs and appends one row to
 logs/Quantization_Log.csv; each quantized model goes to models/<model_name>/.
 """
-import sys
-from pathlib import Path
-
 # ------------------------------------------------------------------ hyperparameters
 model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
 dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
@@ -60,7 +57,10 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               resume=resume, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import gpfq  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq.cli import run_script
     from gpfq.experiment import main
     run_script(main, HEADER)

@@ -9,15 +9,12 @@ Any name can be overridden on the command line, e.g. `python3 quantize.py --bits
 List values expand into a grid; each point appends one row to logs/Quantization_Log_Retrain.csv and saves
 its model to models/<model_name>/retrain_… with a JSON sidecar.
 """
-import sys
-from pathlib import Path
-
 # ------------------------------------------------------------------ hyperparameters
 model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
 dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
 weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
 method = "gpfq"                 # "gpfq", "msq" (round to nearest), "gptq" (GPTQ/OPTQ), "spfq" (stochastic GPFQ),
-                                # "sparse_gpfq" (thresholded GPFQ); a list compares methods on the same alphabets
+                                # "sparse_gpfq" (thresholded GPFQ), "qronos" (Qronos); a list compares methods
 bits = [4]                      # bits per weight
 batch_size = [512]              # m: calibration images drawn afresh for every layer
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
@@ -33,6 +30,9 @@ thresholding = "soft"           # sparse_gpfq: "soft" (L1) or "hard" (L0) thresh
 gptq_block_size = 128           # gptq: columns per lazy-batch block
 gptq_damping = 0.01             # gptq: H += damping * mean(diag H) * I
 gptq_act_order = False          # gptq: quantize columns in order of decreasing H_tt
+gpfq_first_column = "paper"     # gpfq: "paper" or "code2022" (the 2022 code: Q_A(w_t) when |<X̃_t, u>| < 1e-10)
+column_order = "natural"        # gpfq, spfq, sparse_gpfq, qronos: "natural" or "act_order" (decreasing ||X̃_t||²)
+qronos_damping = 1e-6           # qronos: ridge λ = qronos_damping * largest eigenvalue of X̃ᵀX̃
 retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
 patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
 ignore_layers = []              # layer indices (execution order) left float
@@ -62,7 +62,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               cnn_percentile=cnn_percentile, alphabet=alphabet, include_0=include_0,
               alphabet_granularity=alphabet_granularity, fold_batchnorm=fold_batchnorm,
               sparsity_threshold=sparsity_threshold, thresholding=thresholding, gptq_block_size=gptq_block_size,
-              gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, retain_rate=retain_rate,
+              gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, gpfq_first_column=gpfq_first_column,
+              column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               retrain_start=retrain_start, retrain_samples=retrain_samples,
@@ -72,10 +73,11 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               data_dir=None)
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from gpfq import retrain
-    from gpfq.cli import run_script
+    try:
+        import gpfq  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq.experiment import main
-    from gpfq.logs import RETRAIN_LOG
-    run_script(main, HEADER, log_name=RETRAIN_LOG, quantize=retrain.quantize, validate_point=retrain.validate_point,
-         grid_keys=retrain.GRID_KEYS, variant="retrain", variant_columns=retrain.variant_columns)
+    from gpfq.retrain import RETRAIN
+    from gpfq.cli import run_script
+    run_script(main, HEADER, variant=RETRAIN)

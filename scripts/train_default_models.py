@@ -11,7 +11,6 @@ replaced with --overwrite.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpfq.cli import run_script  # noqa: E402
-from gpfq.data import fashion_mnist, evaluation_loader  # noqa: E402
-from gpfq.errors import BadInputError  # noqa: E402
-from gpfq.evaluate import evaluate  # noqa: E402
-from gpfq.models import EMBEDDED_MODELS  # noqa: E402
-from gpfq.paths import MODEL_DIR, REPO_ROOT  # noqa: E402
+from gpfq.cli import run_script
+from gpfq.data import fashion_mnist, evaluation_loader
+from gpfq.errors import BadInputError
+from gpfq.evaluate import evaluate
+from gpfq.models import EMBEDDED_MODELS
+from gpfq.paths import MODEL_DIR, REPO_ROOT
 
 DEFAULT_OUT = MODEL_DIR / "trained"
 

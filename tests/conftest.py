@@ -1,10 +1,19 @@
 import importlib.util
-import sys
+import os
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
 
-import pytest  # noqa: E402
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def python_env(*folders) -> dict:
+    """The environment for a Python subprocess: gpfq importable from this checkout (installed or not),
+    and `folders` (e.g. TESTS_DIR) importable too."""
+    paths = [str(TESTS_DIR.parent)] + [str(f) for f in folders]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
 def script_header(folder: str) -> dict:
@@ -74,10 +83,6 @@ def plain_default(default_runs, make_context):
     reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
     model = load_saved_model(context.analog_model, path)
     return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long run (a whole default experiment); deselect with -m 'not slow'")
 
 
 PHOTOS = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled colour photos: one class each

@@ -10,8 +10,11 @@ from gpfq import adhoc
 from gpfq.alphabet import make_alphabet
 from gpfq.capture import capture_input
 from gpfq.evaluate import evaluate
-from gpfq.experiment import expand_grid, log_names_of, parse_overrides
-from gpfq.logs import BIAS_LOG, LOG_COLUMNS, MIXED_LOG, RETRAIN_LOG, SKIP_LOG, read_rows
+from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.experiment import expand_grid, parse_overrides
+from gpfq.logs import read_rows
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.retrain import RETRAIN_LOG
 
 # fashion_resnet's weight tensors, counted by hand from its architecture (C_out · C_in · kh · kw):
 # a 3×3 stem 1→16, BasicBlocks 16→16, 16→32 (with a 1×1 downsample), 32→64 (with one), a 64→10 Linear.
@@ -195,8 +198,8 @@ def test_grid_logs_and_routing(tmp_path):
                                       "--skip_layers", "None", "first"])
     points = expand_grid(config, adhoc.GRID_KEYS)
     assert len(points) == 4 and points[0]["bits_map"] == {0: 8, "fc": 8}
-    assert log_names_of(points[-1], adhoc.log_names) == [BIAS_LOG, SKIP_LOG, MIXED_LOG]
-    assert log_names_of(dict(bias_correction=None, skip_layers="last", bits_map={}), adhoc.log_names) == [SKIP_LOG]
+    assert ADHOC.log_names_of(points[-1]) == [BIAS_LOG, SKIP_LOG, MIXED_LOG]
+    assert ADHOC.log_names_of(dict(bias_correction=None, skip_layers="last", bits_map={})) == [SKIP_LOG]
 
     import importlib.util
     from gpfq.paths import REPO_ROOT

@@ -9,18 +9,18 @@ threads changes the order of its floating-point sums. Every run here therefore u
 (`--num_threads 1`, OMP_NUM_THREADS=1). A different CPU vector unit or torch build may legitimately change the
 last bits; a change of code must not.
 
-The slow tests run the scripts themselves, as a user does (command line, logs, saved model); the fast one
-call the library the way the plain and ad hoc scripts do, without the evaluations.
+The slow tests run the scripts themselves, as a user does (command line, logs, saved model). The fast ones
+call the library without the evaluations: the plain default as a user would
+(`gpfq.quantize(model, dataset, QuantConfig())`), the ad hoc default the way its script does.
 """
 import hashlib
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import script_header
+from conftest import python_env, script_header
 from gpfq.paths import REPO_ROOT
 
 EXPECTED = {
@@ -62,14 +62,11 @@ def test_state_hash_sees_every_bit():
 
 
 def test_plain_default_library(one_thread, default_data):
-    """The plain script's default point, quantized as the script quantizes it (no evaluation)."""
-    from gpfq.experiment import Context, expand_grid, parse_overrides, plain_quantize
-    calibration, evaluation, model = default_data
-    point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
-    torch.manual_seed(point["seed"])
-    context = Context(point, calibration, evaluation, model, 0.0, 0.0, "cpu", lambda message: None)
-    quantized, _, _ = plain_quantize(context)
-    assert state_hash(quantized.state_dict()) == EXPECTED["quantization_scripts"]
+    """The plain script's default experiment is gpfq.quantize with the default QuantConfig (no evaluation)."""
+    import gpfq
+    calibration, _, model = default_data
+    result = gpfq.quantize(model, calibration, gpfq.QuantConfig(), log=lambda message: None)
+    assert state_hash(result.model.state_dict()) == EXPECTED["quantization_scripts"]
 
 
 def test_adhoc_default_library(one_thread, default_data):
@@ -88,7 +85,7 @@ def test_adhoc_default_library(one_thread, default_data):
 @pytest.mark.parametrize("folder", sorted(EXPECTED))
 def test_script_default(folder, tmp_path):
     """`python3 quantize.py` from the script's folder, default header, one thread: the saved model's hash."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    env = dict(python_env(), OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     result = subprocess.run([sys.executable, "quantize.py", "--num_threads", str(THREADS),
                              "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")],
                             cwd=REPO_ROOT / folder, env=env, capture_output=True, text=True, timeout=1200)

@@ -9,7 +9,8 @@ from gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
 from gpfq.experiment import expand_grid, method_description, validate
 from gpfq.network import LAYER_METHODS, STATISTICS_METHODS, LayerSettings, quantize_layer
 from gpfq.quantizer import gpfq_reference
-from gpfq.variants import StochasticScalar, gpfq_rounded_reference, seeded_uniforms, spfq
+from gpfq.rounding import StochasticScalar, seeded_uniforms
+from gpfq.variants import spfq
 from tests.test_methods import _header
 
 
@@ -38,8 +39,8 @@ def _reference_in_act_order(weight, analog, quantized, alphabet, per_channel, ru
         if rule is None:
             permuted = gpfq_reference(weight[g][:, order], analog[g][:, order], quantized[g][:, order], levels)
         else:
-            permuted = gpfq_rounded_reference(weight[g][:, order], analog[g][:, order], quantized[g][:, order],
-                                              levels, rule(g))
+            permuted = gpfq_reference(weight[g][:, order], analog[g][:, order], quantized[g][:, order],
+                                      levels, rule(g))
         expected[g][:, order] = permuted
     return expected
 

@@ -3,7 +3,7 @@ import pytest
 
 from gpfq.figures import (plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, top1_against_bits,
                           top1_against_m)
-from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
+from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
 
 # (method, granularity, options, bits, m, seed, top-1)
 RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0.84),
@@ -16,11 +16,11 @@ RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0
 def log(tmp_path):
     path = tmp_path / PLAIN_LOG
     for method, granularity, options, bits, m, seed, top1 in RUNS:
-        row = {column: "" for column in LOG_COLUMNS[PLAIN_LOG]}
+        row = {column: "" for column in PLAIN_COLUMNS}
         row.update({"Model Name": "toy", "Quantization Batch Size": m, "Original Top1 Accuracy": 0.92,
                     "Quantized Top1 Accuracy": top1, "Bits": bits, "Seed": seed, "Method": method,
                     "Alphabet Granularity": granularity, "Method Options": options, "Fold BatchNorm": False})
-        append_row(path, row, LOG_COLUMNS[PLAIN_LOG])
+        append_row(path, row, PLAIN_COLUMNS)
     return path
 
 
@@ -51,11 +51,11 @@ def test_seed_table_gives_mean_and_spread_per_method_setting(log, tmp_path):
     path = tmp_path / "more.csv"
     for method, options, seed, top1 in (("qronos", "damping 1e-06", 0, 0.86), ("qronos", "damping 1e-06", 1, 0.90),
                                         ("gpfq", "act-order", 0, 0.87)):
-        row = {column: "" for column in LOG_COLUMNS[PLAIN_LOG]}
+        row = {column: "" for column in PLAIN_COLUMNS}
         row.update({"Model Name": "toy", "Quantization Batch Size": 64, "Original Top1 Accuracy": 0.92,
                     "Quantized Top1 Accuracy": top1, "Bits": 3, "Seed": seed, "Method": method,
                     "Alphabet Granularity": "layer", "Method Options": options, "Fold BatchNorm": False})
-        append_row(path, row, LOG_COLUMNS[PLAIN_LOG])
+        append_row(path, row, PLAIN_COLUMNS)
     table = seed_table(read_logs([log, path]), "toy", 64).splitlines()
     assert table[0] == "| method | 3 bits |"
     # GPFQ: 0.80 and 0.84 (sample standard deviation 0.0283); Qronos: 0.86 and 0.90; act-order GPFQ apart

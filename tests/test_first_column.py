@@ -25,7 +25,7 @@ def test_the_issue_example(compiled):
     quantized = 2 * analog
     weight = torch.tensor([[0.4]])
     for rule, level, error in (("code2022", 0.5, 0.849), ("paper", 0.0, 0.566)):
-        q = gpfq_reference(weight, analog, quantized, LEVELS, rule)
+        q = gpfq_reference(weight, analog, quantized, LEVELS, first_column=rule)
         assert q.item() == level
         assert _error(weight, q, analog, quantized) == pytest.approx(error, abs=5e-4)
         assert gpfq_columns(weight[None], analog[None], quantized[None], LEVELS, first_column=rule).item() == level
@@ -67,7 +67,7 @@ def test_engine_reproduces_the_2022_rule(groups, rows, inputs, neurons, per_neur
     changed_first = 0
     for g in range(groups):
         levels = alphabet[g] if per_neuron else alphabet
-        expected = gpfq_reference(weight[g], analog[g], quantized[g], levels, "code2022")
+        expected = gpfq_reference(weight[g], analog[g], quantized[g], levels, first_column="code2022")
         paper = gpfq_reference(weight[g], analog[g], quantized[g], levels)
         for result in (*exact.values(), columns):
             assert torch.equal(result[g], expected)
@@ -88,7 +88,7 @@ def test_default_is_the_paper_rule_and_the_option_reaches_the_layer():
     for rule in ("paper", "code2022"):
         settings = LayerSettings(method="gpfq", bits=3, scalar=1.2, first_column=rule)
         _, q, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0], settings)
-        expected = gpfq_reference(weight[0], analog[0], quantized[0], levels, rule)
+        expected = gpfq_reference(weight[0], analog[0], quantized[0], levels, first_column=rule)
         assert (q[0] == expected.float()).double().mean() >= 0.995
         results[rule] = q
     assert torch.equal(results["paper"], quantize_layer(layer, analog[0], quantized[0],

@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import python_env
 
-from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.logs import PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
 from gpfq.paths import REPO_ROOT
 
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]
@@ -40,7 +42,8 @@ def test_foreign_header_is_refused_and_untouched(tmp_path):
 def test_init_logs_script_never_loses_a_log(tmp_path):
     script = REPO_ROOT / "logs" / "init_logs.py"
     for _ in range(3):  # three runs within the same second keep every earlier log
-        subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
+        subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True,
+                       env=python_env())
         append_row(tmp_path / PLAIN_LOG, _row(**{"Seed": len(list(tmp_path.iterdir()))}), COLUMNS)
     # the plain log, which had a row each time, is kept three times: the fresh one and two renamed; the
     # variants' logs held only their header, so they are left as they are rather than archived empty

@@ -16,8 +16,8 @@ from gpfq.gptq import gptq, gptq_reference
 from gpfq.models import load_model
 from gpfq.network import LayerSettings, quantize_layer
 from gpfq.quantizer import gpfq_columns, gpfq_reference, msq
-from gpfq.variants import (StochasticScalar, ThresholdedScalar, gpfq_rounded, gpfq_rounded_reference,
-                           nearest_scalar, seeded_uniforms, sparse_gpfq, spfq, stochastic_round)
+from gpfq.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
+from gpfq.variants import sparse_gpfq, spfq
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,13 +59,12 @@ def test_gptq_blocked_equals_per_column_definition(rows, act_order, per_channel)
 
 
 # ---------------------------------------------------------------- stochastic and sparse GPFQ
-def test_parametrized_reference_with_nearest_rounding_is_the_specification():
+def test_per_column_loop_with_the_nearest_rule_is_the_reference():
     weight, analog, quantized = _problem(groups=1)
     alphabet = make_alphabet("gpfq2022", 3, 1.1, 2.0)
-    assert torch.equal(gpfq_rounded_reference(weight[0], analog[0], quantized[0], alphabet, nearest_scalar),
-                       gpfq_reference(weight[0], analog[0], quantized[0], alphabet))
-    assert torch.equal(gpfq_rounded(weight, analog, quantized, alphabet, dtype=torch.float64),
-                       gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64))
+    expected = gpfq_reference(weight[0], analog[0], quantized[0], alphabet, nearest_scalar)
+    assert torch.equal(gpfq_reference(weight[0], analog[0], quantized[0], alphabet), expected)  # the default rule
+    assert torch.equal(gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64)[0], expected)
 
 
 ENGINES = ["columns", "residual", "gram"]  # the per-column loop and both forms of the blocked engine
@@ -79,8 +78,8 @@ def test_spfq_equals_reference_and_is_seeded(per_channel, engine):
     fast = spfq(weight, analog, quantized, alphabet, seed=7, dtype=torch.float64, engine=engine)
     uniforms = seeded_uniforms(weight.shape, 7)
     for g in range(weight.shape[0]):
-        expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g],
-                                          alphabet[g] if per_channel else alphabet, StochasticScalar(uniforms[g]))
+        expected = gpfq_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_channel else alphabet,
+                                  StochasticScalar(uniforms[g]))
         assert torch.equal(fast[g], expected)
     once = spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7, engine=engine)
     assert torch.equal(once, spfq(weight.float(), analog.float(), quantized.float(), alphabet, seed=7, engine=engine))
@@ -111,8 +110,8 @@ def test_sparse_gpfq_equals_reference(kind, per_channel, engine):
     alphabet = _per_channel(weight, "midtread", 2) if per_channel else make_alphabet("gpfq2022", 3, 1.1, 2.0)
     fast = sparse_gpfq(weight, analog, quantized, alphabet, 0.3, kind, dtype=torch.float64, engine=engine)
     for g in range(weight.shape[0]):
-        expected = gpfq_rounded_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_channel else alphabet,
-                                          ThresholdedScalar(0.3, kind))
+        expected = gpfq_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_channel else alphabet,
+                                  ThresholdedScalar(0.3, kind))
         assert torch.equal(fast[g], expected)
     plain = gpfq_columns(weight, analog, quantized, alphabet, dtype=torch.float64)
     assert torch.equal(sparse_gpfq(weight, analog, quantized, alphabet, 0.0, kind, dtype=torch.float64,

@@ -24,17 +24,22 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from conftest import TESTS_DIR, python_env
+
 import gpfq
 from gpfq import adhoc, experiment, retrain
 from gpfq.alphabet import ALPHABET_KINDS, make_alphabet
 from gpfq.capture import NonFiniteError
 from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, calibration_set
 from gpfq.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
-from gpfq.logs import (BIAS_LOG, LOG_COLUMNS, MIXED_LOG, PLAIN_LOG, RESULT_COLUMNS, RETRAIN_LOG, SKIP_LOG,
-                       ForeignLogError, append_row, read_rows)
+from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.experiment import PLAIN, Variant
+from gpfq.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.models import WeightsUnavailableError, load_model
 from gpfq.engine import ENGINES
-from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
+from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, _quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.quantizer import gpfq_reference, msq
 
@@ -70,7 +75,7 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("expensive work started before the bad input was reported")
     monkeypatch.setattr(experiment, "evaluate", started)
-    monkeypatch.setattr(experiment, "quantize_network", started)
+    monkeypatch.setattr(gpfq.api, "_quantize_network", started)
 
 
 # ================================================================ bad input
@@ -177,7 +182,7 @@ def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
     settings = LayerSettings(bits=3)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
+        _quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
                          calibration=calibration)
 
 
@@ -197,7 +202,7 @@ def _zero_model() -> nn.Sequential:
 def _quantize_zero_model(settings, keep_rows=True):
     steps = []
     stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
-    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
+    quantized, reports = _quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
                                           log=lambda text: None, after_layer=steps.append, keep_rows=keep_rows)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     assert all(np.isfinite(r.relative_error) for r in reports)
@@ -251,7 +256,7 @@ def test_variant_model_checks_see_layers_and_sizes_before_work(tmp_path, no_work
         seen.append((facts.layer_names, facts.calibration_size, facts.evaluation_size))
         raise ValueError("bad hyperparameter: bits_map entry 'stages.9.*' matches no layer")
     with pytest.raises(ValueError, match="stages.9"):
-        main(HEADER, out_dirs(tmp_path), validate_model=validate_model)
+        main(HEADER, out_dirs(tmp_path), variant=Variant(validate_model=validate_model))
     names, calibration_size, evaluation_size = seen[0]
     assert len(names) == 10 and names[0] == "stem.0" and names[-1] == "fc"
     assert (calibration_size, evaluation_size) == (60000, 10000)
@@ -285,14 +290,14 @@ def _first_point(folder: str) -> dict:
 
 
 @pytest.mark.parametrize("log_name,folder,variant", [
-    (PLAIN_LOG, "quantization_scripts", None), (BIAS_LOG, "adhoc_quantization_scripts", adhoc),
-    (SKIP_LOG, "adhoc_quantization_scripts", adhoc), (MIXED_LOG, "adhoc_quantization_scripts", adhoc),
-    (RETRAIN_LOG, "retraining_scripts", retrain)])
+    (PLAIN_LOG, "quantization_scripts", PLAIN), (BIAS_LOG, "adhoc_quantization_scripts", ADHOC),
+    (SKIP_LOG, "adhoc_quantization_scripts", ADHOC), (MIXED_LOG, "adhoc_quantization_scripts", ADHOC),
+    (RETRAIN_LOG, "retraining_scripts", RETRAIN)])
 def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder, variant):
     """`resume` can tell every variant's points apart: each column is filled from the point or is a result."""
     columns = LOG_COLUMNS[log_name]
-    identity = point_identity(_first_point(folder), columns, variant and variant.variant_columns)
-    assert set(identity) == set(columns) - RESULT_COLUMNS
+    identity = point_identity(_first_point(folder), columns, variant)
+    assert set(identity) == set(columns) - RESULT_COLUMNS - variant.result_columns
     assert {"Bits", "Seed", "Method"} <= set(identity) and not {"Quantized Top1 Accuracy", "Date"} & set(identity)
 
 
@@ -335,7 +340,7 @@ def test_truncated_jpeg_stops_with_its_path_also_from_workers(tmp_path):
 def test_truncated_jpeg_stops_the_run_before_quantization(tmp_path, monkeypatch, split):
     def started(*args, **kwargs):
         raise AssertionError("quantization started")
-    monkeypatch.setattr(experiment, "quantize_network", started)
+    monkeypatch.setattr(gpfq.api, "_quantize_network", started)
     files = _tiny_imagenet(tmp_path / "data" / "ILSVRC2012")
     bad = next(p for p in files if p.parts[-3] == split)  # the first image: read by layer discovery (train)
     _truncate(bad)                                         # or by the float model's evaluation (val)
@@ -349,12 +354,11 @@ def test_truncated_jpeg_stops_the_run_before_quantization(tmp_path, monkeypatch,
 CONCURRENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    sys.path.insert(0, {repo!r})
     import torch
     from gpfq.experiment import save_model
-    from gpfq.logs import LOG_COLUMNS, PLAIN_LOG, append_row
+    from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
     tag, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    columns = LOG_COLUMNS[PLAIN_LOG]
+    columns = PLAIN_COLUMNS
     (out / f"ready-{{tag}}").touch()
     while not (out / "go").exists():  # both processes start together
         time.sleep(0.005)
@@ -370,9 +374,10 @@ CONCURRENT = textwrap.dedent("""
 
 def test_two_processes_append_and_save_at_once(tmp_path):
     script = tmp_path / "append_and_save.py"  # (a name no module has)
-    script.write_text(CONCURRENT.format(repo=str(REPO_ROOT)))
+    script.write_text(CONCURRENT.format())
     count = 25
-    procs = [subprocess.Popen([PYTHON, str(script), tag, str(tmp_path), str(count)]) for tag in ("a", "b")]
+    procs = [subprocess.Popen([PYTHON, str(script), tag, str(tmp_path), str(count)], env=python_env())
+             for tag in ("a", "b")]
     start = time.time()
     while not all((tmp_path / f"ready-{tag}").exists() for tag in ("a", "b")) and time.time() - start < 300:
         assert all(p.poll() is None for p in procs), "a process died before it started appending"
@@ -417,7 +422,6 @@ def test_row_appended_after_a_torn_line_stays_whole(tmp_path):
 GRID = textwrap.dedent("""
     import sys
     import time
-    sys.path.insert(0, {repo!r})
     from torch.utils.data import Subset
     from gpfq import experiment, network
     # Each layer takes ≥ 0.2 s, so a grid point lasts seconds whatever the engine's speed and a signal
@@ -426,7 +430,6 @@ GRID = textwrap.dedent("""
     network.quantize_layer = lambda *args, **kwargs: (time.sleep(0.2), real_quantize_layer(*args, **kwargs))[1]
     full = experiment.evaluation_set
     experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range({eval_images}))
-    sys.path.insert(0, {tests!r})
     from test_reliability import HEADER
     experiment.main(HEADER, sys.argv[1:])
 """)
@@ -458,7 +461,7 @@ def _check_intact(root: Path) -> list:
 
 def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
     script = tmp_path / "run_grid.py"
-    script.write_text(GRID.format(repo=str(REPO_ROOT), tests=str(Path(__file__).parent), eval_images=EVAL_IMAGES))
+    script.write_text(GRID.format(eval_images=EVAL_IMAGES))
     argv = ["--bits", "2", "3", "4", "--batch_size", "8", "--num_threads", "1"] + out_dirs(tmp_path)
     log = tmp_path / "logs" / PLAIN_LOG
 
@@ -466,7 +469,7 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
     with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
         # Ctrl-C must reach the grid even when this suite runs with SIGINT ignored (a shell's background
         # job, nohup): a process inherits an ignored signal, and Python then installs no handler for it.
-        proc = subprocess.Popen([PYTHON, str(script)] + argv, stdout=out, stderr=err,
+        proc = subprocess.Popen([PYTHON, str(script)] + argv, stdout=out, stderr=err, env=python_env(TESTS_DIR),
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for_rows(log, 1, proc)
         proc.send_signal(signal.SIGINT)
@@ -479,7 +482,8 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
 
     # resume, then SIGKILL (no clean-up possible) once one more point is logged
     with open(tmp_path / "out2", "w") as out:
-        proc = subprocess.Popen([PYTHON, str(script)] + argv + ["--resume"], stdout=out, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([PYTHON, str(script)] + argv + ["--resume"], stdout=out, stderr=subprocess.DEVNULL,
+                                env=python_env(TESTS_DIR))
         _wait_for_rows(log, 2, proc)
         proc.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -508,17 +512,18 @@ def test_resume_identity_is_the_hyperparameter_columns(tmp_path, monkeypatch):
     assert pending_points([point] + others, tmp_path) == others
     assert pending_points([dict(point, author="someone else")], tmp_path) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
-    monkeypatch.setitem(LOG_COLUMNS, "Variant_Log.csv", COLUMNS + ["Warmup Steps"])
-    append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), LOG_COLUMNS["Variant_Log.csv"])
+    logs = {PLAIN_LOG: COLUMNS, "Variant_Log.csv": COLUMNS + ["Warmup Steps"]}
+    append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), logs["Variant_Log.csv"])
     with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
-        pending_points([point], tmp_path, "Variant_Log.csv")
+        pending_points([point], tmp_path, Variant(logs=logs, log_names=lambda p: "Variant_Log.csv"))
     warmup = lambda p: {"Warmup Steps": p.get("warmup_steps", 100)}  # noqa: E731
-    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, "Variant_Log.csv",
-                          warmup) == [dict(point, warmup_steps=50)]
+    variant = Variant(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup)
+    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
     # a point whose row goes to two logs is done only when both have it
     both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p["seed"] == 0 else [PLAIN_LOG]  # noqa: E731
-    assert pending_points([point], tmp_path, both, warmup) == []
-    assert pending_points([dict(point, warmup_steps=50)], tmp_path, both, warmup) == [dict(point, warmup_steps=50)]
+    variant = Variant(logs=logs, log_names=both, columns=warmup)
+    assert pending_points([point], tmp_path, variant) == []
+    assert pending_points([dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
     # parse_overrides: `--resume` alone means True, on any header
     assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
     assert parse_overrides({"bits": 4}, [])["resume"] is False
@@ -839,7 +844,7 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     results = {}
     for keep_rows in (False, True):
         stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
-        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
+        quantized, reports = _quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
                                               patch_stride="layer", log=lambda text: None, keep_rows=keep_rows)
         assert reports[0].rows == 110_000 and reports[0].form == "gram"
         results[keep_rows] = (quantized[0].weight, reports[0].relative_error)

@@ -29,7 +29,7 @@ def retrain_defaults():
 def retrained(make_context, retrain_defaults):
     """One retraining run on the default test point (3 bits, m = 256), watched at every optimizer step.
 
-    A wrapper around quantize_network records each layer's weight the moment it is quantized; a global
+    A wrapper around gpfq.quantize records each layer's weight the moment it is quantized; a global
     optimizer post-step hook then checks, after every Adam step, that every layer quantized so far still
     holds exactly that weight and that the optimizer does not hold it.
     """
@@ -37,14 +37,14 @@ def retrained(make_context, retrain_defaults):
     context = make_context(**retrain_defaults)
     quantized = {}  # name -> (layer, weight when quantized, report)
     watch = {"steps": 0, "checks": 0, "violations": []}
-    real_quantize_network = retrain.quantize_network
+    real_quantize = retrain.quantize_model
 
-    def recording_quantize_network(*args, after_layer=None, **kwargs):
+    def recording_quantize(*args, after_layer=None, **kwargs):
         def record_then_retrain(step):
             layer = step.quantized_layer
             quantized[step.report.name] = (layer, layer.weight.detach().clone(), step.report)
             after_layer(step)
-        return real_quantize_network(*args, after_layer=record_then_retrain, **kwargs)
+        return real_quantize(*args, after_layer=record_then_retrain, **kwargs)
 
     def check(optimizer, args, kwargs):
         watch["steps"] += 1
@@ -57,7 +57,7 @@ def retrained(make_context, retrain_defaults):
     handle = register_optimizer_step_post_hook(check)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(retrain, "quantize_network", recording_quantize_network)
+            patch.setattr(retrain, "quantize_model", recording_quantize)
             torch.manual_seed(0)
             model, reports, extra = retrain.quantize(context)
     finally:

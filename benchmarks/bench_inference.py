@@ -1,0 +1,130 @@
+"""Inference benchmark: file sizes and CPU latency of the float model against its quantized exports.
+
+Two models: the default (fashion_resnet, shipped weights, 1×28×28) and a ResNet-18-shaped network
+(torchvision's architecture, random weights, 3×224×224). Each is quantized at 4 bits by round to nearest
+(the method does not change sizes or latency) with two alphabets: `strict` (16 levels, a uniform grid:
+INT4 + DequantizeLinear in ONNX) and the paper's `gpfq2022` (17 levels: UINT8 codes + Gather).
+
+Sizes: the float state dict (.pt), the quantized model's float state dict (.pt, what the scripts saved
+before), the quantized model file (.safetensors), the float ONNX export and the quantized ONNX export.
+Latency: the fastest and the median wall time of one forward pass, batch 1 and 64, for torch float, ONNX Runtime on the float
+export, and ONNX Runtime on each quantized export, all with the same number of threads.
+
+    python benchmarks/bench_inference.py                 # 1 thread
+    python benchmarks/bench_inference.py --threads 2 --repeats 20
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SyntheticImages  # noqa: E402
+
+
+def quantized_model(model, input_shape, alphabet, folder, name):
+    """Round-to-nearest 4-bit quantization of `model`; returns (model, .safetensors path, .pt path)."""
+    import gpfq
+    config = gpfq.QuantConfig(method="msq", bits=4, alphabet=alphabet, batch_size=4, mlp_scalar=1.0, cnn_scalar=1.0)
+    result = gpfq.quantize(model, SyntheticImages(8, input_shape), config, log=lambda *_: None)
+    quantized, reports = result.model, result.reports
+    safetensors_path = folder / f"{name}_{alphabet}.safetensors"
+    gpfq.save_quantized(quantized, result, safetensors_path, model_name=name, input_shape=input_shape)
+    pt_path = folder / f"{name}_{alphabet}.pt"
+    torch.save(quantized.state_dict(), pt_path)
+    return quantized, safetensors_path, pt_path
+
+
+def seconds(run, repeats):
+    """(fastest, median) wall time of `repeats` calls after one warm-up call (the first call allocates).
+
+    On a machine shared with other jobs the fastest call is the one the scheduler left alone; the median
+    includes the waits."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def bench_model(name, model, input_shape, threads, repeats, folder, log):
+    import onnxruntime as ort
+    from gpfq.onnx_export import export_float_onnx, export_onnx
+    model = model.eval()
+    sizes = {}
+    float_pt = folder / f"{name}_float.pt"
+    torch.save(model.state_dict(), float_pt)
+    sizes["float .pt"] = float_pt.stat().st_size
+    float_onnx = export_float_onnx(model, folder / f"{name}_float.onnx", input_shape)
+    sizes["float .onnx"] = float_onnx.stat().st_size
+    exports = {}
+    for alphabet in ("strict", "gpfq2022"):
+        _, safetensors_path, pt_path = quantized_model(model, input_shape, alphabet, folder, name)
+        onnx_path = folder / f"{name}_{alphabet}.onnx"
+        kinds = export_onnx(safetensors_path, onnx_path)
+        sizes[f"{alphabet} .pt"] = pt_path.stat().st_size
+        sizes[f"{alphabet} .safetensors"] = safetensors_path.stat().st_size
+        sizes[f"{alphabet} .onnx ({'/'.join(sorted(set(kinds.values())))})"] = onnx_path.stat().st_size
+        exports[alphabet] = onnx_path
+    log(f"\n## {name} {tuple(input_shape)}: file sizes")
+    for label, size in sizes.items():
+        log(f"  {label:40s} {size:>12,d} bytes  {size / sizes['float .pt']:6.3f} of the float .pt")
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sessions = {"onnxruntime float": ort.InferenceSession(str(float_onnx), options,
+                                                          providers=["CPUExecutionProvider"])}
+    for alphabet, path in exports.items():
+        sessions[f"onnxruntime {alphabet} 4-bit"] = ort.InferenceSession(str(path), options,
+                                                                        providers=["CPUExecutionProvider"])
+    log(f"## {name}: latency per forward pass, {threads} thread(s), {repeats} repeats: fastest and median, "
+        f"and the fastest relative to torch float's")
+    for batch in (1, 64):
+        images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            reference, median = seconds(lambda: model(images), repeats)
+        log(f"  batch {batch:2d}  {'torch float':32s} {reference * 1000:9.2f} ms  {median * 1000:9.2f} ms  1.00")
+        feed = {"images": images.numpy()}
+        for label, session in sessions.items():
+            fastest, median = seconds(lambda: session.run(None, feed), repeats)
+            log(f"  batch {batch:2d}  {label:32s} {fastest * 1000:9.2f} ms  {median * 1000:9.2f} ms  "
+                f"{fastest / reference:4.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--models", nargs="*", default=["fashion_resnet", "resnet18"])
+    args = parser.parse_args()
+    import onnxruntime
+    import torchvision
+    from gpfq.models import load_model
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lines = []
+
+    def log(line):
+        print(line, flush=True)
+        lines.append(line)
+    log(f"# bench_inference: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} "
+        f"thread(s), load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start")
+    models = {"fashion_resnet": (lambda: load_model("fashion_resnet"), (1, 28, 28)),
+              "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 224, 224))}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            make, shape = models[name]
+            bench_model(name, make(), shape, args.threads, args.repeats, Path(folder), log)
+    log(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The public entry points: `quantize` a network, `quantize_layer` one weight matrix.
+
+    import gpfq
+    result = gpfq.quantize(model, images, gpfq.QuantConfig(bits=4, batch_size=256))
+    result.model      # the quantized copy
+    result.reports    # one gpfq.LayerReport per quantized layer (relative error, levels, zeros, time)
+"""
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .capture import layers_in_execution_order
+from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
+from .data import CalibrationStream
+from .folding import fold_batchnorm, foldable_pairs
+from .network import LayerReport, LayerSettings, settings_for
+from .network import _quantize_network
+from .network import quantize_layer as _quantize_grouped_layer
+
+
+@dataclass
+class QuantizedResult:
+    """What `quantize` returns: the quantized model and a report per quantized layer (execution order)."""
+    model: nn.Module
+    reports: list = field(default_factory=list)  # [LayerReport]
+    config: QuantConfig = None
+
+    @property
+    def relative_errors(self) -> dict:
+        """{layer name: ‖XW − X̃Q‖_F / ‖XW‖_F on the calibration rows}."""
+        return {report.name: report.relative_error for report in self.reports}
+
+
+# ---------------------------------------------------------------- calibration data
+class _FirstItem(torch.utils.data.Dataset):
+    """A dataset of bare tensors seen as (x,) items, as CalibrationStream expects."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        return item if isinstance(item, (tuple, list)) else (item,)
+
+
+def _inputs_of(batch):
+    """The inputs x of a batch that is x or (x, y, …)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class LoaderStream(CalibrationStream):
+    """Calibration images taken in order from a user's DataLoader (cycled when it runs out).
+
+    Each layer's `chunks(m)` continues where the previous one stopped, so with fresh calibration
+    every layer sees new images for as long as the loader has them.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._iterator = None
+        self._pending = []
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("the calibration DataLoader yields no batches")
+        self.dataset = [(_inputs_of(first)[0],)]  # what `dataset[0][0]` (an example image) reads
+
+    def _next_chunk(self):
+        for attempt in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            try:
+                return _inputs_of(next(self._iterator))
+            except StopIteration:
+                self._iterator = None
+        raise ValueError("the calibration DataLoader yields no batches")
+
+
+def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
+    """A stream of calibration images from a DataLoader, a Dataset or a tensor of inputs (N, …).
+
+    A Dataset or tensor is drawn from in a seeded shuffle (`data.CalibrationStream`); a DataLoader in its
+    own order. A stream (anything with `chunks` and `draw`) is used as it is.
+    """
+    if hasattr(calibration_data, "chunks") and hasattr(calibration_data, "draw"):
+        return calibration_data
+    if isinstance(calibration_data, torch.utils.data.DataLoader):
+        return LoaderStream(calibration_data)
+    if isinstance(calibration_data, torch.Tensor):
+        if calibration_data.dim() < 2:
+            raise ValueError(f"calibration_data: a tensor of inputs (N, …) needs a batch dimension, got shape "
+                             f"{tuple(calibration_data.shape)}")
+        calibration_data = torch.utils.data.TensorDataset(calibration_data)
+    if not hasattr(calibration_data, "__getitem__") or not hasattr(calibration_data, "__len__"):
+        raise TypeError(f"calibration_data must be a DataLoader, a Dataset or a tensor of inputs, got "
+                        f"{type(calibration_data).__name__}")
+    if len(calibration_data) == 0:
+        raise ValueError("calibration_data is empty")
+    if not isinstance(calibration_data[0], (tuple, list)):
+        calibration_data = _FirstItem(calibration_data)
+    return CalibrationStream(calibration_data, seed, chunk_size=chunk_size)
+
+
+def _dataset_size(stream):
+    dataset = getattr(stream, "dataset", None)
+    return None if isinstance(stream, LoaderStream) or dataset is None else len(dataset)
+
+
+# ---------------------------------------------------------------- per-layer settings
+def _layer_rules(layers, names: list) -> list:
+    """[(name, overrides or None)] in order: `layers` as a dict {index or name pattern: None (float) | bits |
+    {field: value}}, or as a list of indices or patterns (only those layers are quantized)."""
+    if isinstance(layers, (list, tuple, set)):
+        selected = [name for name in names if any(_matches(key, name, names) for key in layers)]
+        unmatched = [key for key in layers if not any(_matches(key, name, names) for name in names)]
+        _refuse_unmatched(unmatched, names)
+        return [(name, None) for name in names if name not in selected]
+    if not isinstance(layers, dict):
+        raise TypeError(f"layers must be a dict {{index or name pattern: None, bits or {{field: value}}}} or a "
+                        f"list of indices or name patterns, got {type(layers).__name__}")
+    rules, unmatched = [], []
+    for key, value in layers.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise ValueError(f"layers keys are layer indices (int) or name patterns (str), got {key!r}")
+        if value is not None and not isinstance(value, dict):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"layers[{key!r}] must be None (leave float), bits (int) or a dict of "
+                                 f"QuantConfig fields, got {value!r}")
+            value = {"bits": value}
+        if value is not None:
+            fixed = [name for name in value if name not in PER_LAYER_FIELDS]
+            if fixed:
+                raise ValueError(f"layers[{key!r}]: {fixed} cannot differ between layers; per-layer fields are "
+                                 f"{PER_LAYER_FIELDS}")
+        matched = [name for name in names if _matches(key, name, names)]
+        if not matched:
+            unmatched.append(key)
+        rules.extend((name, value) for name in matched)
+    _refuse_unmatched(unmatched, names)
+    return rules
+
+
+def _matches(key, name, names) -> bool:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return -len(names) <= key < len(names) and names[key] == name
+    return fnmatch.fnmatchcase(name, key)
+
+
+def _refuse_unmatched(unmatched, names):
+    if unmatched:
+        raise ValueError(f"layers entries {unmatched} match no layer; the layers are "
+                         f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+
+
+def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSettings:
+    """The settings of layer `index` (execution order): CNN scalar and percentile for Conv2d, MLP for Linear."""
+    return settings_for(layer, config.bits, config.method, config.alphabet, config.include_0, config.mlp_scalar,
+                        config.cnn_scalar, config.mlp_percentile, config.cnn_percentile,
+                        granularity=config.alphabet_granularity, seed=layer_seed(config.seed, index),
+                        threshold=config.sparsity_threshold, thresholding=config.thresholding,
+                        block_size=config.gptq_block_size, damping=config.gptq_damping,
+                        act_order=config.gptq_act_order, engine=config.engine,
+                        first_column=config.gpfq_first_column, column_order=config.column_order,
+                        qronos_damping=config.qronos_damping)
+
+
+# ---------------------------------------------------------------- the network
+def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConfig(), *, device=None, layers=None,
+             after_layer=None, in_place: bool = False, log=tqdm.write) -> QuantizedResult:
+    """Quantize every Conv2d and Linear layer of `model`, in execution order, as `config` says.
+
+    calibration_data: a DataLoader, a Dataset or a tensor of inputs (N, …); a batch or item may be x or
+        (x, y, …). Each layer sees `config.batch_size` images (fresh ones per layer with calibration 'fresh').
+    device: where to run (default: the model's device).
+    layers: per-layer choices by index (execution order, negative from the end) or fnmatch name pattern:
+        {0: None, -1: 8, "stages.2.*": {"method": "msq"}} leaves layer 0 float, gives the last layer 8 bits
+        and the matching layers round-to-nearest (the last matching entry wins); a list [0, "fc"] quantizes
+        only those layers. An entry that matches no layer is an error.
+    after_layer(step: network.LayerStep): runs after each quantized layer (bias correction, retraining);
+        step.analog_rows / quantized_rows are None for a layer whose rows were streamed.
+    in_place: quantize `model` itself (later layers then see X̃ = X) instead of a copy.
+    log: where the per-layer lines go (tqdm.write keeps the progress bar intact).
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a gpfq.QuantConfig, got {type(config).__name__}")
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else "cpu"
+    stream = calibration_stream(calibration_data, config.seed)
+    size = _dataset_size(stream)
+    if size is not None and config.batch_size > size:
+        raise ValueError(f"bad hyperparameter: batch_size {config.batch_size} is larger than the calibration set "
+                         f"({size} images)")
+    if config.fold_batchnorm and foldable_pairs(model):
+        model, pairs = fold_batchnorm(model)
+        log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
+    settings_of = _settings_function(model, stream, config, layers, device)
+    quantized, reports = _quantize_network(
+        model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
+        config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
+        calibration=config.calibration, keep_rows=False)
+    return QuantizedResult(quantized, reports, config)
+
+
+def _settings_function(model, stream, config, layers, device):
+    """settings_of(index, name, layer) for the network loop: the config with `layers`' choices applied."""
+    if layers is None:
+        return lambda index, name, layer: layer_settings(config, index, layer)
+    example = stream.dataset[0][0].unsqueeze(0).to(device)
+    names = layers_in_execution_order(model.eval().to(device), example)
+    chosen = {name: config for name in names}
+    for name, overrides in _layer_rules(layers, names):
+        chosen[name] = None if overrides is None else config.replace(**overrides)
+
+    def settings_of(index, name, layer):
+        return None if chosen[name] is None else layer_settings(chosen[name], index, layer)
+    return settings_of
+
+
+# ---------------------------------------------------------------- one layer
+def quantize_layer(weight: torch.Tensor, analog_rows: torch.Tensor, quantized_rows: torch.Tensor,
+                   config: QuantConfig = QuantConfig()) -> torch.Tensor:
+    """Quantize one weight from its input rows; returns Q, the shape of `weight`, on the config's alphabet.
+
+    weight: (N1, N0) for a Linear layer (MLP scalar and percentile), or (N1, C, kh, kw) for a Conv2d layer
+        (CNN scalar and percentile; N0 = C·kh·kw). analog_rows X and quantized_rows X̃: (m, N0), the layer's
+        inputs in the float and in the partially quantized network (X̃ = X for the first layer).
+    Per-layer fields of `config` apply (method, bits, alphabet, scalars, engine, …); the seed is layer 0's.
+    """
+    if weight.dim() not in (2, 4):
+        raise ValueError(f"weight must be (N1, N0) or (N1, C, kh, kw), got shape {tuple(weight.shape)}")
+    n_inputs = weight[0].numel()
+    for what, rows in (("analog_rows", analog_rows), ("quantized_rows", quantized_rows)):
+        if rows.dim() != 2 or rows.shape[1] != n_inputs:
+            raise ValueError(f"{what} must be (m, {n_inputs}) for a weight of shape {tuple(weight.shape)}, got "
+                             f"{tuple(rows.shape)}")
+    if analog_rows.shape != quantized_rows.shape:
+        raise ValueError(f"analog_rows {tuple(analog_rows.shape)} and quantized_rows {tuple(quantized_rows.shape)} "
+                         f"differ in shape")
+    if weight.dim() == 2:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    else:
+        layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False)
+    layer = layer.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    _, quantized_weight, _, _, _, _ = _quantize_grouped_layer(layer, analog_rows, quantized_rows,
+                                                              layer_settings(config, 0, layer))
+    return quantized_weight.reshape(weight.shape)
+
+
+__all__ = ["QuantConfig", "QuantizedResult", "LayerReport", "quantize", "quantize_layer"]

@@ -1,0 +1,109 @@
+"""QuantConfig is the one place of the quantization hyperparameters: the scripts' headers, its fields and
+the log columns agree, and its checks give the messages the scripts have always given."""
+import dataclasses
+import re
+
+import pytest
+from conftest import script_header
+
+from gpfq import QuantConfig
+from gpfq.adhoc import ADHOC
+from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
+from gpfq.experiment import PLAIN
+from gpfq.header import COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
+from gpfq.logs import RESULT_COLUMNS
+from gpfq.procedures import LOG_COLUMNS
+from gpfq.retrain import RETRAIN
+from gpfq.paths import REPO_ROOT
+
+SCRIPTS = {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}
+
+
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_every_header_key_is_a_field_a_run_key_or_the_procedures(folder):
+    header = script_header(folder)
+    assert set(FIELDS) <= set(header)  # every script can set every hyperparameter
+    assert set(header) | set(COMMON_DEFAULTS) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
+    assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder].header_keys)
+
+
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_header_defaults_are_the_config_defaults(folder):
+    header = script_header(folder)
+    config = QuantConfig.from_point(expand_grid(parse_overrides(header, []))[0])
+    assert config == QuantConfig()
+    for item in dataclasses.fields(QuantConfig):  # a grid axis's default is written as a one-value list
+        value = header[item.name]
+        if item.metadata["grid"] and isinstance(value, list):
+            assert len(value) == 1, item.name
+            value = value[0]
+        assert value == item.default or (item.name == "ignore_layers" and list(value) == list(item.default))
+
+
+def test_log_columns_come_from_the_config_and_the_run_keys():
+    point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
+    assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS)
+    assert {"Model Name", "Dataset"} <= set(RUN_COLUMNS.values())
+    for name, columns in LOG_COLUMNS.items():
+        assert set(CONFIG_COLUMNS) <= set(columns), name
+
+
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_logs_hold_exactly_the_config_run_and_procedure_columns(folder):
+    """Every column of every log is a result, or is filled from the point (config, run keys, procedure)."""
+    procedure = SCRIPTS[folder]
+    point = expand_grid(parse_overrides(script_header(folder), []), procedure.grid_keys)[0]
+    filled = set(point_columns(point)) | set(procedure.own_columns(point))
+    results = RESULT_COLUMNS | procedure.result_columns
+    for name, columns in procedure.logs.items():
+        assert {c for c in columns if c not in results} == filled - results, name
+        assert set(columns) >= filled, name
+
+
+def test_grid_axes_keep_their_order():
+    """The order of the axes fixes the order in which a grid's points run and log."""
+    assert GRID_KEYS == ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
+                         "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
+                         "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
+                         "gptq_act_order", "engine", "calibration", "gpfq_first_column", "column_order",
+                         "qronos_damping")
+    assert GRID_KEYS[1:] == GRID_FIELDS
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(bits=0), "bits must be a positive integer, got 0"),
+    (dict(bits=True), "bits must be a positive integer, got True"),
+    (dict(mlp_scalar=0), "mlp_scalar must be a number > 0, got 0"),
+    (dict(cnn_percentile=1.5), r"cnn_percentile must be in \(0, 1\], got 1.5"),
+    (dict(retain_rate=0), r"retain_rate must be in \(0, 1\], got 0"),
+    (dict(batch_size=0), r"batch_size \(m\) must be an integer ≥ 1, got 0"),
+    (dict(method="sgd"), "method must be one of"),
+    (dict(alphabet="x"), "alphabet must be one of"),
+    (dict(alphabet_granularity="row"), "alphabet_granularity must be one of"),
+    (dict(method="sparse_gpfq", include_0=False), "sparse_gpfq needs the level 0"),
+    (dict(gptq_damping=-1), "gptq_damping must be a number ≥ 0, got -1"),
+    (dict(engine="fast"), "engine must be one of"),
+    (dict(calibration="once"), "calibration must be one of"),
+    (dict(patch_stride="pixel"), "patch_stride must be 'kernel' or 'layer', got 'pixel'"),
+    (dict(ignore_layers=["fc"]), r"ignore_layers must be a list of layer indices, got \['fc'\]"),
+])
+def test_bad_values_are_refused_with_the_scripts_messages(changes, message):
+    with pytest.raises(ValueError, match="bad hyperparameter: " + message):
+        QuantConfig(**changes)
+
+
+def test_config_is_frozen_and_lists_become_tuples():
+    config = QuantConfig(ignore_layers=[0, -1])
+    assert config.ignore_layers == (0, -1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.bits = 3
+    assert config.replace(bits=3).bits == 3 and config.bits == 4
+
+
+def test_pyproject_lists_requirements_txt():
+    text = (REPO_ROOT / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    requirements = [line.strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert re.findall(r'"([^"]+)"', dependencies) == requirements
+    assert re.search(r'^dev = \[.*"pytest', text, re.M)

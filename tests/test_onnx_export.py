@@ -1,0 +1,129 @@
+"""ONNX export of the quantized model file, run by ONNX Runtime on the default model: logits, top-1 on the
+10k Fashion-MNIST test images, integer initializers, and the file size against the float export."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'gpfq[onnx]')")
+pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install 'gpfq[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="running the export needs onnxruntime (pip install 'gpfq[onnx]')")
+
+import onnx  # noqa: E402
+
+import gpfq  # noqa: E402
+from gpfq.data import calibration_set, evaluation_set  # noqa: E402
+from gpfq.model_file import load_quantized, read_quantized, save_quantized  # noqa: E402
+from gpfq.models import load_model  # noqa: E402
+from gpfq.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid  # noqa: E402
+from gpfq.alphabet import channel_alphabets, make_alphabet  # noqa: E402
+
+INPUT_SHAPE = (1, 28, 28)
+# One model that takes every export path: layer i gets MIXED[i % 4] = (alphabet, granularity, bits).
+MIXED = [("gpfq2022", "layer", 3), ("strict", "channel", 4), ("midtread", "layer", 4), ("gpfq2022", "channel", 4)]
+EXPECTED_KIND = {("gpfq2022", "layer", 3): "gather-uint4", ("strict", "channel", 4): "dequantize-int4",
+                 ("midtread", "layer", 4): "dequantize-int8", ("gpfq2022", "channel", 4): "gather-uint8"}
+
+
+def _quantize(model, calibration, choose):
+    """GPFQ (m = 64) with layer i's alphabet, granularity and bits from choose(i) (the default model has 10 layers)."""
+    layers = {i: dict(zip(("alphabet", "alphabet_granularity", "bits"), choose(i))) for i in range(10)}
+    result = gpfq.quantize(model, calibration, gpfq.QuantConfig(batch_size=64), layers=layers, log=lambda *_: None)
+    return result.model, result.reports
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{name: (torch model loaded from the .safetensors, ONNX path, kinds)} for 'mixed' and 'strict4', and the
+    float export's path."""
+    folder = tmp_path_factory.mktemp("onnx")
+    calibration, model = calibration_set("fashion_mnist"), load_model("fashion_resnet")
+    out = {}
+    for name, choose in (("mixed", lambda i: MIXED[i % 4]), ("strict4", lambda i: ("strict", "layer", 4))):
+        quantized, reports = _quantize(model, calibration, choose)
+        save_quantized(quantized, reports, folder / f"{name}.safetensors", model_name="fashion_resnet",
+                       input_shape=INPUT_SHAPE)
+        kinds = export_onnx(folder / f"{name}.safetensors", folder / f"{name}.onnx")
+        out[name] = (load_quantized(folder / f"{name}.safetensors"), folder / f"{name}.onnx", kinds, reports)
+    out["float"] = export_float_onnx(model, folder / "float.onnx", INPUT_SHAPE)
+    return out
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_every_path_is_taken_and_weights_are_integers(exported):
+    model, path, kinds, reports = exported["mixed"]
+    assert {name: kind for name, kind in kinds.items()} == {
+        f"{r.name}.weight": EXPECTED_KIND[MIXED[r.index % 4]] for r in reports}
+    proto = onnx.load(str(path))
+    assert any(o.domain in ("", "ai.onnx") and o.version == OPSET for o in proto.opset_import)
+    initializers = {i.name: i for i in proto.graph.initializer}
+    integer_types = {onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT4, onnx.TensorProto.UINT8}
+    for key in kinds:
+        assert key not in initializers  # the float weight is gone ...
+        stored = [i for name, i in initializers.items() if name.startswith(key + "_q_") and i.dims == list(
+            model.state_dict()[key].shape)]
+        assert len(stored) == 1 and stored[0].data_type in integer_types  # ... stored as integers of its shape
+        assert [n.op_type for n in proto.graph.node if key in n.output] in (["DequantizeLinear"], ["Gather"])
+
+
+def test_onnxruntime_logits_match_torch(exported):
+    evaluation = evaluation_set("fashion_mnist")
+    images = torch.stack([evaluation[i][0] for i in range(256)])
+    for name in ("mixed", "strict4"):
+        model, path, _, _ = exported[name]
+        session = _session(path)
+        for batch in (images[:1], images[:64], images):
+            with torch.no_grad():
+                expected = model(batch).numpy()
+            logits = session.run(None, {"images": batch.numpy()})[0]
+            # relative to the largest logit: elementwise relative error is meaningless near 0
+            assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max(), name
+
+
+def test_onnxruntime_top1_equals_torch_on_the_10k_test_images(exported):
+    evaluation = evaluation_set("fashion_mnist")
+    model, path, _, _ = exported["mixed"]
+    session = _session(path)
+    torch_top1, onnx_top1, labels = [], [], []
+    loader = torch.utils.data.DataLoader(evaluation, batch_size=500)
+    for images, targets in loader:
+        with torch.no_grad():
+            torch_top1.append(model(images).argmax(1))
+        onnx_top1.append(torch.from_numpy(session.run(None, {"images": images.numpy()})[0]).argmax(1))
+        labels.append(targets)
+    torch_top1, onnx_top1, labels = torch.cat(torch_top1), torch.cat(onnx_top1), torch.cat(labels)
+    assert len(labels) == 10_000
+    assert torch.equal(onnx_top1, torch_top1)
+    assert (torch_top1 == labels).float().mean() > 0.85  # a working model, not a constant one
+
+
+def test_four_bit_uniform_export_is_at_least_four_times_smaller_than_float(exported):
+    _, path, kinds, _ = exported["strict4"]
+    assert set(kinds.values()) == {"dequantize-int4"}
+    assert exported["float"].stat().st_size >= 4 * path.stat().st_size
+
+
+def test_integer_grid_of_each_alphabet():
+    for kind, bits, levels in (("strict", 4, range(-8, 8)), ("midtread", 3, range(-4, 5))):
+        k, scale = integer_grid(make_alphabet(kind, bits, 1.3, 0.37).float())
+        assert k.tolist() == [list(levels)] and scale.item() == pytest.approx(1.3 * 0.37 / 2 ** (bits - 1))
+    # gpfq2022 without 0: levels (j + ½)·step, integers 2j + 1 at half the step
+    k, _ = integer_grid(make_alphabet("gpfq2022", 2, 1.0, 1.0, include_zero=False).float())
+    assert k.tolist() == [[-3, -1, 1, 3]]
+    assert integer_grid(make_alphabet("gpfq2022", 3, 1.0, 1.0).float()) is None  # 0 appended: not a grid
+    # per channel, with a channel of radius 0
+    k, scale = integer_grid(channel_alphabets("strict", 2, 1.0, torch.tensor([0.5, 0.0, 2.0])).float())
+    assert k.tolist() == [[-2, -1, 0, 1], [0, 0, 0, 0], [-2, -1, 0, 1]] and scale.tolist() == [0.25, 1.0, 1.0]
+    assert integer_grid(make_alphabet("strict", 9, 1.0, 1.0).float()) is None  # needs more than 8 bits
+
+
+def test_export_needs_an_input_shape(exported, tmp_path):
+    model, _, _, reports = exported["strict4"]
+    save_quantized(model, reports, tmp_path / "m.safetensors", model_name="fashion_resnet")
+    assert read_quantized(tmp_path / "m.safetensors").header["model"]["input_shape"] is None
+    with pytest.raises(ValueError, match="does not record the model's input shape"):
+        export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx")
