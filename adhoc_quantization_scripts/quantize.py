@@ -8,9 +8,11 @@ logs/Quantization_Log_Bias_Correct.csv, Quantization_Log_Skip.csv, Quantization_
 Each model goes to models/<model_name>/adhoc_… with a JSON sidecar.
 """
 # ------------------------------------------------------------------ hyperparameters
-model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
-dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
-weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
+model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; a torchvision name: resnet18, ...;
+                                #   your own: "path/to/file.py:factory", "package.module:factory"; "timm:<name>"
+dataset = "fashion_mnist"       # "fashion_mnist" (embedded models), "imagenet" (data/ILSVRC2012), or
+                                #   "imagefolder" (data_dir/train/<class>/<image>, data_dir/val/<class>/<image>)
+weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision / timm pretrained), "random", or a state-dict path
 method = "gpfq"                 # "gpfq", "msq" (round to nearest), "gptq" (GPTQ/OPTQ), "spfq" (stochastic GPFQ),
                                 # "sparse_gpfq" (thresholded GPFQ), "qronos" (Qronos); a list compares methods
 bits = [4]                      # bits per weight

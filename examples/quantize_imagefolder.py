@@ -1,9 +1,7 @@
-"""Quantize a torchvision classifier on an image folder (DIR/train/<class>/<image>, DIR/val/<class>/<image>):
+"""Quantize a torchvision classifier on an image folder: python3 examples/quantize_imagefolder.py DIR [--model NAME]
 
-    python3 examples/quantize_imagefolder.py DIR [--model resnet18] [--bits 4] [--random]
-
-train/ calibrates; on val/ the quantized model's predictions are compared with the float model's.
---random: untrained weights (offline)."""
+DIR/train/<class>/<image> calibrates; on DIR/val/<class>/<image> the quantized model's predictions are compared
+with the float model's. --random: untrained weights (for offline use)."""
 import argparse
 
 import torch
@@ -14,7 +12,6 @@ import gpfq
 parser = argparse.ArgumentParser()
 parser.add_argument("folder")
 parser.add_argument("--model", default="resnet18")
-parser.add_argument("--bits", type=int, default=4)
 parser.add_argument("--random", action="store_true")
 args = parser.parse_args()
 
@@ -22,8 +19,10 @@ weights = models.get_model_weights(args.model).DEFAULT  # its transforms() are t
 model = models.get_model(args.model, weights=None if args.random else weights).eval()
 train, val = (datasets.ImageFolder(f"{args.folder}/{split}", weights.transforms()) for split in ("train", "val"))
 
-result = gpfq.quantize(model, train, gpfq.QuantConfig(bits=args.bits, batch_size=min(len(train), 512)))
+# 4 bits; calibration="fixed": one set of m images and one forward pass per network (the paper redraws per layer)
+config = gpfq.QuantConfig(bits=4, batch_size=min(len(train), 512), calibration="fixed")
+result = gpfq.quantize(model, train, config)
 with torch.no_grad():
     same = sum(int((model(x).argmax(1) == result.model(x).argmax(1)).sum())
                for x, _ in torch.utils.data.DataLoader(val, batch_size=64))
-print(f"{args.model}: {len(result.reports)} layers at {args.bits} bits; the float model's class on {same}/{len(val)} images")
+print(f"{args.model}: {len(result.reports)} layers at 4 bits; the float model's class on {same}/{len(val)} images")

@@ -10,7 +10,6 @@ Before any point runs, every bad input is reported with one clear error: the hyp
 With `resume`, points whose row is already in the log are skipped. An interrupted grid keeps every
 finished row and model.
 """
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from . import __version__, api
+from . import __version__, api, distributed
 from .capture import check_model_finite, layers_in_execution_order
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
@@ -227,15 +226,22 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
             f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
+    shard = distributed.current()  # several ranks: only rank 0 writes, the others learn the path
+    record["world_size"], record["backend"] = shard.world_size, shard.backend or "none"
     # Saved before evaluation, so a crash there leaves the quantized model on disk.
-    try:
-        model_path = save_model(quantized_model, record, model_dir, stem)
-    except OSError as error:
-        raise ResultWriteError(f"could not save the quantized model in {model_dir} ({os_error_reason(error)}); "
-                               f"nothing of this grid point was written") from error
-    log(f"saved {model_path}")
-    quantized_file, size = save_beside(quantized_model, reports, model_path, point,
-                                       context.calibration[0][0].shape, log)
+    with shard.step("saving the quantized model (rank 0)"):
+        saved = None
+        if shard.writer:
+            try:
+                model_path = save_model(quantized_model, record, model_dir, stem)
+            except OSError as error:
+                raise ResultWriteError(f"could not save the quantized model in {model_dir} "
+                                       f"({os_error_reason(error)}); nothing of this grid point was written") from error
+            log(f"saved {model_path}")
+            saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
+                                                      context.calibration[0][0].shape, log))
+    saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
+    model_path, quantized_file, size = saved
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
@@ -245,14 +251,16 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
                          "quantized_top1": top1, "quantized_top5": top5, "warnings": warnings}
     record["quantized_model_file"] = dict(path=str(quantized_file), **asdict(size)) if size else None
-    saved = (f"The quantized model is saved at {model_path}, its record (hyperparameters, per-layer errors) at "
+    where = (f"The quantized model is saved at {model_path}, its record (hyperparameters, per-layer errors) at "
              f"{model_path.with_suffix('.json')}; top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 "
              f"{context.original_top5:.4f} -> {top5:.4f}.")
-    try:
-        write_record(model_path.with_suffix(".json"), record)
-    except OSError as error:
-        raise ResultWriteError(f"could not add the results to {model_path.with_suffix('.json')} "
-                               f"({os_error_reason(error)}). {saved}") from error
+    with shard.step("writing the record (rank 0)"):
+        if shard.writer:
+            try:
+                write_record(model_path.with_suffix(".json"), record)
+            except OSError as error:
+                raise ResultWriteError(f"could not add the results to {model_path.with_suffix('.json')} "
+                                       f"({os_error_reason(error)}). {where}") from error
     row = point_columns(point)
     row.update(variant.own_columns(point))
     row.update({
@@ -263,14 +271,15 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
         FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
-        "Warnings": "; ".join(warnings),
+        "World Size": shard.world_size, "Backend": record["backend"], "Warnings": "; ".join(warnings),
     })
     row.update(extra)
-    for log_path in log_paths:
-        append_row(log_path, row, variant.logs[log_path.name], saved=saved)
+    with shard.step("appending the log row (rank 0)"):
+        for log_path in log_paths if shard.writer else []:
+            append_row(log_path, row, variant.logs[log_path.name], saved=where)
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
-    if point.get("export_onnx") and quantized_file is not None:
+    if point.get("export_onnx") and quantized_file is not None and shard.writer:
         export_beside(quantized_file, log)
     return row
 
@@ -340,42 +349,59 @@ def pending_points(points: list, log_dir: Path, variant: Variant = PLAIN) -> lis
 def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
     """Run the grid of a script's header (with command-line overrides); returns the logged rows."""
     config = parse_overrides(header, argv)
-    points = expand_grid(config, variant.grid_keys)
-    if variant.resolve_point is not None:
-        points = [variant.resolve_point(point) for point in points]
-    for point in points:  # every point checked before any work starts
-        validate(point)
-        if variant.validate_point is not None:
-            variant.validate_point(point)
+    # Under torchrun: join the process group, and compare a hash of the settings on every rank before any work.
+    shard = distributed.launch(config.get("device", "cpu"))
+    shard.check_same(config)
+    say = print if shard.writer else _quiet
+    with shard.step("checking the hyperparameters"):
+        points = expand_grid(config, variant.grid_keys)
+        if variant.resolve_point is not None:
+            points = [variant.resolve_point(point) for point in points]
+        for point in points:  # every point checked before any work starts
+            validate(point)
+            if variant.validate_point is not None:
+                variant.validate_point(point)
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     model_dir = Path(config.get("model_dir") or MODEL_DIR)
-    check_writable(log_dir, "log_dir")
-    check_writable(model_dir, "model_dir")
-    for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
-        if (model_dir / name).exists():
-            check_writable(model_dir / name, "model_dir")
     log_names = list(dict.fromkeys(n for point in points for n in variant.log_names_of(point)))
-    for name in log_names:
-        check_log(log_dir / name, variant.logs[name])
-    if config["resume"]:
-        total = len(points)
-        points = pending_points(points, log_dir, variant)
-        print(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
-              f"running the other {len(points)}")
+    with shard.step("checking the result folders and logs (rank 0)"):
+        if shard.writer:  # only rank 0 writes, so only its folders and logs matter
+            check_writable(log_dir, "log_dir")
+            check_writable(model_dir, "model_dir")
+            for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
+                if (model_dir / name).exists():
+                    check_writable(model_dir / name, "model_dir")
+            for name in log_names:
+                check_log(log_dir / name, variant.logs[name])
+            if config["resume"]:
+                total = len(points)
+                points = pending_points(points, log_dir, variant)
+                say(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
+                    f"running the other {len(points)}")
+    if config["resume"] and shard.active:
+        points = shard.broadcast_object(points, "sharing the grid points still to run")
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
-    torch.set_num_threads(config.get("num_threads") or max(1, os.cpu_count() or 1))
+    torch.set_num_threads(config.get("num_threads") or distributed.threads_per_rank())
     resources = Resources()
-    preflight(points, resources, variant.validate_model)
+    with shard.step("loading the data and the models"):
+        preflight(points, resources, variant.validate_model)
     rows, number = [], 0
     try:
         for number, point in enumerate(points, 1):
             if len(points) > 1:
-                print(f"\n### grid point {number}/{len(points)}")
-            rows.append(run_point(point, resources, variant))
+                say(f"\n### grid point {number}/{len(points)}")
+            rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet))
+    except Exception as error:
+        shard.record_error(error)  # where the other ranks' diagnosis finds it
+        raise
     except KeyboardInterrupt:
         print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
               f"{', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
               f"command with --resume to go on.", file=sys.stderr)
         raise SystemExit(130) from None
     return rows
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0: rank 0 speaks for all."""

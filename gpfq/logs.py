@@ -36,6 +36,7 @@ EXTRA_COLUMNS = [
     "Code Revision", "Date",
     # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk
     "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
+    "World Size", "Backend",  # how many processes ran it, on which torch.distributed backend (gpfq.distributed)
     "Warnings",
 ]
 PLAIN_LOG = "Quantization_Log.csv"
@@ -47,6 +48,8 @@ RESULT_COLUMNS = {
     "Original Top1 Accuracy", "Quantized Top1 Accuracy", "Original Top5 Accuracy", "Quantized Top5 Accuracy",
     "Author", "Sparsity", "Quantization Seconds", "Model File", "Package Version", "Code Revision", "Date",
     "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
+    # How many processes ran it: a grid interrupted on 2 ranks resumes on 4 (results agree to rounding).
+    "World Size", "Backend",
     "Warnings",
 }
 

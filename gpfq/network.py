@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .alphabet import channel_alphabets, make_alphabet, row_radii
+from . import distributed
 from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
@@ -151,6 +152,10 @@ def _gpfq_from_statistics(weight, statistics, alphabet, settings):
                               weight, statistics.cross, statistics.quantized_gram, settings.column_order)
 
 
+def _msq_from_statistics(weight, statistics, alphabet, settings):
+    return msq(weight, alphabet)
+
+
 def _gptq(weight, analog, quantized, alphabet, settings):
     return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
 
@@ -198,9 +203,10 @@ LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "spar
 METHODS = tuple(LAYER_METHODS)
 # Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
+# (MSQ needs no rows; its entry serves the relative error from sums when the rows are spread over ranks.)
 STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
                       "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
-                      "qronos": _qronos_from_statistics}
+                      "qronos": _qronos_from_statistics, "msq": _msq_from_statistics}
 # Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
 GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
 
@@ -297,6 +303,31 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
 
 
+def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
+                      keep_rows, label, rows_budget=DEFAULT_ROWS_BUDGET):
+    """`gather_layer` across ranks: input_pairs hold this rank's share of the `n_images` images.
+
+    The layer takes the form one process would (`layer_form` on all m images' rows): a streamed
+    layer's sums are all-reduced; a layer computed from rows (the residual form, GPTQ from rows, the
+    per-column loop, or `keep_rows`) gathers every rank's rows, in the single-process order. MSQ needs
+    neither and streams, for its relative error.
+    """
+    flat = flat_weight(layer)
+    n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
+
+    def streams(rows):
+        if keep_rows or settings.method not in STATISTICS_METHODS:
+            return False
+        return settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups,
+                                                      rows_budget) == "gram"
+
+    analog_rows, quantized_rows, statistics = shard.gather_layer(
+        layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)
+    rows = statistics.rows if statistics is not None else analog_rows.shape[0]
+    form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
+    return analog_rows, quantized_rows, statistics, form
+
+
 def layer_alphabet(layer: nn.Module, settings: LayerSettings):
     """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
     (G, N1, L) with 'channel' (radius reported as that mean too)."""
@@ -327,7 +358,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
 def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
-                     rows_budget: float = DEFAULT_ROWS_BUDGET):
+                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
@@ -336,10 +367,18 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     ignore_layers: indices (execution order, negative counts from the end) left float.
     keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
     exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
+    shard: a `distributed.Shard` (default: the initialized process group, if any): each rank draws its
+    share of every layer's images and the layer's sums are all-reduced (`gpfq.distributed`).
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     keep_rows = after_layer is not None if keep_rows is None else keep_rows
+    shard = distributed.current() if shard is None else shard
+    if shard.active:
+        stream = shard.stream(stream)
+        if batch_size < shard.world_size:
+            raise ValueError(f"bad hyperparameter: batch_size (m) {batch_size} is smaller than the world size "
+                             f"{shard.world_size}; every rank needs at least one calibration image")
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
@@ -371,13 +410,21 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             input_pairs = zip(analog_inputs, quantized_inputs)
         check_finite(layer.weight, f"the weight of layer {name}")
         input_pairs = checked_inputs(name, input_pairs)
-        analog_rows, quantized_rows, statistics, form = gather_layer(
-            layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows, rows_budget)
+        if shard.active:
+            analog_rows, quantized_rows, statistics, form = distributed_layer(
+                shard, layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                f"layer {index + 1} ({name})", rows_budget)
+        else:
+            analog_rows, quantized_rows, statistics, form = gather_layer(
+                layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                rows_budget)
         if statistics is not None:
             alphabet, radius = layer_alphabet(layer, settings)
             weight = grouped(layer, flat_weight(layer))
             rule_start = time.perf_counter()
-            quantized_weight = STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings)
+            quantized_weight = shard.run_rule(
+                lambda: STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings), weight,
+                f"layer {index + 1} ({name})")
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
             analog_g = quantized_g = None
@@ -390,6 +437,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
                 layer, analog_rows, quantized_rows, layer_settings)
+            quantized_weight = shard.agree_on(quantized_weight, f"layer {index + 1} ({name}): broadcast Q")
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
             n_rows, width = analog_rows.shape

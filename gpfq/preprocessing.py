@@ -19,7 +19,7 @@ from .data import DEFAULT_IMAGE_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD, def
 from .errors import BadInputError, bad_hyperparameter
 from .paths import DATA_DIR
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, is_torchvision
-from .user_models import is_timm, is_user_model
+from .user_models import is_timm
 
 FASHION_MNIST_CLASSES = 10
 

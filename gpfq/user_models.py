@@ -61,11 +61,11 @@ def _split(name: str):
 def _model_file(source: str) -> Path:
     """The factory's file: relative to the working folder, else to the repository root."""
     path = Path(source).expanduser()
-    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]):
+    candidates = [path] if path.is_absolute() else list(dict.fromkeys([Path.cwd() / path, REPO_ROOT / path]))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    tried = str(path) if path.is_absolute() else f"{Path.cwd() / path} or {REPO_ROOT / path}"
-    raise ModelSpecError(f"model file {source!r} not found (looked at {tried})")
+    raise ModelSpecError(f"model file {source!r} not found (looked at {' and '.join(map(str, candidates))})")
 
 
 _MODULES = {}

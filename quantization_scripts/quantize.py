@@ -7,9 +7,12 @@ expand into a grid: every combination runs and appends one row to
 logs/Quantization_Log.csv; each quantized model goes to models/<model_name>/.
 """
 # ------------------------------------------------------------------ hyperparameters
-model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; or a torchvision name: resnet18, ...
-dataset = "fashion_mnist"       # "fashion_mnist" (embedded models) or "imagenet" (data/ILSVRC2012)
-weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision ImageNet weights), "random", or a state-dict path
+model_name = "fashion_resnet"   # embedded: fashion_resnet, fashion_mobilenet; a torchvision name: resnet18, ...;
+                                #   your own: "path/to/file.py:factory", "package.module:factory"; "timm:<name>"
+dataset = "fashion_mnist"       # "fashion_mnist" (embedded models), "imagenet" (data/ILSVRC2012), or
+                                #   "imagefolder" (data_dir/train/<class>/<image>, data_dir/val/<class>/<image>)
+weights = "DEFAULT"             # "DEFAULT" (shipped / torchvision / timm pretrained), "random", or a state-dict path
+image_size = None               # imagefolder: side of the prepared images (None: the model's own preprocessing)
 method = "gpfq"                 # "gpfq", "msq" (round to nearest), "gptq" (GPTQ/OPTQ), "spfq" (stochastic GPFQ),
                                 # "sparse_gpfq" (thresholded GPFQ), "qronos" (Qronos); a list compares methods
 bits = [4]                      # bits per weight
@@ -54,7 +57,7 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
-              resume=resume, log_dir=None, model_dir=None, data_dir=None)
+              resume=resume, log_dir=None, model_dir=None, data_dir=None, image_size=image_size)
 
 if __name__ == "__main__":
     try:

@@ -141,6 +141,7 @@ def _settings(engine):
                                                    engine=engine)
 
 
+@pytest.mark.slow
 def test_real_layers_of_the_default_model(default_model):
     """Every layer of the trained default model: both forms equal the per-column loop on its rows."""
     steps = []
@@ -155,6 +156,7 @@ def test_real_layers_of_the_default_model(default_model):
             _assert_same_as_columns(gpfq_blocked(*args, levels, form=form), step.quantized_weight, *args)
 
 
+@pytest.mark.slow
 def test_streamed_layers_equal_kept_rows(default_model):
     """Streaming the Gram form changes neither Q (beyond ties) nor the reported error."""
     stream = lambda: CalibrationStream(_Images(128, 1), 0, chunk_size=20)  # noqa: E731
@@ -314,6 +316,7 @@ def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled,
     _assert_same_as_columns(result, expected, weight, analog, quantized)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spfq", "sparse_gpfq"])
 def test_other_rules_on_the_default_model_kept_and_streamed(default_model, method):
     """SPFQ and sparse GPFQ through the network: the engine (rows kept, and streamed Gram form) makes the
@@ -344,6 +347,7 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
         assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
 
 
+@pytest.mark.slow
 def test_gptq_streamed_equals_gptq_on_rows(default_model):
     """GPTQ needs only X̃ᵀX̃: from streamed sums it makes the choices it makes on kept rows."""
     from gpfq.gptq import gptq, gptq_from_gram

@@ -80,7 +80,7 @@ def test_rows_form_equals_streamed_form():
 
 
 def test_first_step_corrects_the_mismatch_like_gpfq():
-    """One input: q = Q_A(<X̃, Xw>/||X̃||²) (no later columns to shape). The issue's example: X = [[1], [1]],
+    """One input: q = Q_A(<X̃, Xw>/||X̃||²) (no later columns to shape). A worked example: X = [[1], [1]],
     X̃ = 2X, w = 0.4: the argument is 0.2, so q = 0 (round-to-nearest of w would give 0.5)."""
     analog = torch.tensor([[[1.0], [1.0]]], dtype=torch.float64)
     levels = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)

@@ -1,15 +1,13 @@
 """Your own model (module:factory, file.py:factory, timm:<name>) and your own images (--dataset imagefolder)."""
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import script_header, write_photo_folder
+from conftest import python_env, script_header, write_photo_folder
 from gpfq import experiment, user_models
 from gpfq.data import DataMissingError, image_folder_classes
 from gpfq.logs import read_rows
@@ -288,8 +286,7 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
     command = [sys.executable, "quantization_scripts/quantize.py", "--model", MY_MODEL, "--dataset", "imagefolder",
                "--data_dir", str(photo_folder), "--batch_size", "8", "--log_dir", str(tmp_path / "logs"),
                "--model_dir", str(tmp_path / "models")]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images prepared with the model's input_size (3, 32, 32)" in done.stdout + done.stderr
     rows = read_rows(tmp_path / "logs" / "Quantization_Log.csv")
@@ -305,3 +302,32 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
         levels = torch.unique(quantized.get_submodule(name).weight)
         assert len(levels) <= 17, name  # on a 4-bit alphabet (2^4 + 1 levels)
         assert not torch.equal(quantized.get_submodule(name).weight, analog.get_submodule(name).weight)
+    import gpfq  # the compact file beside the .pt rebuilds the user model through its factory, bit for bit
+    packed = gpfq.load_quantized(saved[0].with_suffix(".safetensors")).state_dict()
+    assert packed.keys() == quantized.state_dict().keys()
+    assert all(torch.equal(packed[k], v) for k, v in quantized.state_dict().items())
+
+
+@pytest.mark.slow
+def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
+    pytest.importorskip("timm", reason="timm is optional; requirements-dev installs it")
+    rows = run_main(["--model", "timm:resnet18", "--weights", "random", "--dataset", "imagefolder", "--data_dir",
+                     str(photo_folder), "--image_size", "64", "--batch_size", "4"], tmp_path)
+    assert rows[0]["Dataset"] == f"imagefolder:{photo_folder.resolve()}@64"
+    saved = list((tmp_path / "models" / "timm_resnet18").glob("*.pt"))
+    assert len(saved) == 1
+    record = (saved[0].with_suffix(".json")).read_text()
+    assert record.count('"relative_error"') == 21  # every Conv2d and Linear of timm's resnet18
+
+
+def test_published_accuracy_only_on_imagenet(monkeypatch):
+    """torchvision's published ImageNet accuracy stands for its own weights on ImageNet only; on an image folder
+    the float model is measured."""
+    from gpfq.header import expand_grid, parse_overrides
+    from gpfq.models import published_accuracy
+    monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: (0.25, 0.5))
+    point = expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0]
+    measured = lambda p: experiment.float_accuracy(p, None, experiment.Resources(), lambda: None, "cpu")  # noqa
+    assert measured(point) == published_accuracy("resnet18") != (0.25, 0.5)
+    assert measured(dict(point, dataset="imagefolder")) == (0.25, 0.5)
+    assert measured(dict(point, weights="random")) == (0.25, 0.5)
