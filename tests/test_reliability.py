@@ -664,6 +664,7 @@ def test_batch_size_1_warns_that_layers_have_fewer_rows_than_weights(tmp_path, s
     assert read_rows(tmp_path / "logs" / PLAIN_LOG)[0]["Warnings"] == row["Warnings"]
 
 
+@pytest.mark.slow
 def test_huge_alphabet_scalar_warns_on_every_layer_and_at_chance(tmp_path, capsys):
     """C = 1e9: every weight rounds to 0; the model outputs its last bias, one class, 10 % on the balanced test set."""
     row = main(HEADER, ["--mlp_scalar", "1e9", "--cnn_scalar", "1e9", "--batch_size", "8", "--num_threads", "1"]
@@ -725,6 +726,7 @@ def test_foreign_log_and_non_finite_model_are_clean_errors(tmp_path, no_work, mo
     assert capsys.readouterr().err == "error: fc.bias of the float model contains 0 NaN and 1 Inf values\n"
 
 
+@pytest.mark.slow
 def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeypatch):
     from gpfq.cli import run_script
     from gpfq.errors import BadHyperparameterError
@@ -887,6 +889,7 @@ def test_init_logs_twice_archives_no_empty_log(tmp_path):
     assert len(list(tmp_path.glob("*.csv"))) == len(LOG_COLUMNS) + 1
 
 
+@pytest.mark.slow
 def test_bench_memory_runs_at_small_sizes():
     run = subprocess.run([PYTHON, str(REPO_ROOT / "benchmarks" / "bench_memory.py"), "--m", "2", "4", "--threads",
                           "1"], capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
