@@ -21,7 +21,7 @@ from .preprocessing import check_model_and_data
 # The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
 GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
-RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author"}
+RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
             "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug")
 # Keys whose value is itself a list (never expanded).
