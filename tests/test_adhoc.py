@@ -68,6 +68,7 @@ def test_hand_count_matches_the_model(default_data):
     assert sizes == WEIGHTS_PER_LAYER and sum(sizes.values()) == TOTAL_WEIGHTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["stages.1.conv1", "fc"])
 def test_bias_correction_zeroes_mean_output_gap(plain_default, name):
     """b' = b + mean(XWᵀ − X̃Qᵀ) over images and positions; afterwards the gap has mean 0 per channel."""
@@ -93,6 +94,7 @@ def test_bias_correction_zeroes_mean_output_gap(plain_default, name):
     assert float(after.abs().max()) < 1e-6 * float(scale)
 
 
+@pytest.mark.slow
 def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, tmp_path):
     """skip_layers='first' + bias_correction='all' + bits_map: one small fresh run, three properties."""
     context = _adhoc_context(make_context, batch_size=32, bias_correction="all", bias_batch_size=128,
@@ -124,6 +126,7 @@ def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, t
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_last_layer_left_float(make_context):
     context = _adhoc_context(make_context, batch_size=32, skip_layers="last")
     float_model = context.analog_model
@@ -134,6 +137,7 @@ def test_last_layer_left_float(make_context):
     assert extra["Average Bits"] == round((32 * 640 + 3 * (TOTAL_WEIGHTS - 640)) / TOTAL_WEIGHTS, 4)
 
 
+@pytest.mark.slow
 def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
     """Paper variant 2 on the saved plain model: last layer back to float, its bias corrected with X̃."""
     header = dict(plain_default["context"].point, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
@@ -157,6 +161,7 @@ def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
     assert top1 >= plain_default["top1"] - 0.003
 
 
+@pytest.mark.slow
 def test_mixed_precision_8_3_8_not_below_uniform_3_bits(make_context, plain_default):
     context = _adhoc_context(make_context, bits_map={0: 8, -1: 8})
     model, reports, extra = adhoc.quantize(context)

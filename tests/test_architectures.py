@@ -8,6 +8,8 @@ from gpfq.data import CalibrationStream
 from gpfq.models import load_model
 from gpfq.network import LayerSettings, layer_alphabet, _quantize_network
 
+pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
+
 ARCHITECTURES = ["alexnet", "vgg16", "resnet18", "resnet50", "googlenet", "mobilenet_v2", "efficientnet_b1"]
 
 

@@ -69,6 +69,7 @@ def test_plain_default_library(one_thread, default_data):
     assert state_hash(result.model.state_dict()) == EXPECTED["quantization_scripts"]
 
 
+@pytest.mark.slow
 def test_adhoc_default_library(one_thread, default_data):
     """The ad hoc script's default point (last layer float, its bias corrected), as the script runs it."""
     from gpfq import adhoc

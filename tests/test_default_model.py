@@ -11,6 +11,8 @@ from gpfq.models import load_model
 
 from conftest import script_header  # noqa: E402  (default_runs, the session fixture, is there too)
 
+pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
+
 
 def test_four_bit_gpfq_within_1_5_points_of_float(default_runs):
     _, rows = default_runs

@@ -47,6 +47,7 @@ def test_both_val_layouts_load_with_labels(tmp_path, flat_val):
     assert image.shape == (3, 224, 224)
 
 
+@pytest.mark.slow
 def test_imagenet_end_to_end(tmp_path):
     _imagenet(tmp_path / "data" / "ILSVRC2012", flat_val=True)
     rows = main(HEADER, ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "logs"),

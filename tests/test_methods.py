@@ -214,12 +214,14 @@ def default_runs(tmp_path_factory):
     return records
 
 
+@pytest.mark.slow
 def test_gpfq_and_gptq_beat_msq_at_3_bits(default_runs):
     msq_top1 = default_runs["msq"][0]["Quantized Top1 Accuracy"]
     assert default_runs["gpfq"][0]["Quantized Top1 Accuracy"] > msq_top1
     assert default_runs["gptq"][0]["Quantized Top1 Accuracy"] > msq_top1
 
 
+@pytest.mark.slow
 def test_gpfq_layer_error_below_msq_on_every_layer(default_runs):
     gpfq_layers = default_runs["gpfq"][1]["layers"]
     msq_layers = default_runs["msq"][1]["layers"]
@@ -229,6 +231,7 @@ def test_gpfq_layer_error_below_msq_on_every_layer(default_runs):
         assert gpfq_layer["relative_error"] < msq_layer["relative_error"], gpfq_layer["name"]
 
 
+@pytest.mark.slow
 def test_logged_sparsity_is_the_fraction_of_zero_weights(default_runs):
     for method in ("gpfq", "sparse_gpfq"):
         row, record, state = default_runs[method]

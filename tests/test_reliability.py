@@ -368,6 +368,7 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_append_and_save_at_once(tmp_path):
     script = tmp_path / "append_and_save.py"  # (a name no module has)
     script.write_text(CONCURRENT.format())
@@ -455,6 +456,7 @@ def _check_intact(root: Path) -> list:
     return rows
 
 
+@pytest.mark.slow
 def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
     script = tmp_path / "run_grid.py"
     script.write_text(GRID.format(eval_images=EVAL_IMAGES))
@@ -531,6 +533,7 @@ def _weights_bytes(path) -> dict:
     return {k: v.numpy().tobytes() for k, v in torch.load(path, weights_only=True).items()}
 
 
+@pytest.mark.slow
 def test_same_seed_same_bits_across_runs_and_workers(tmp_path, small_eval):
     """Two runs, with 0 and 2 data-loading processes: the same quantized weights bit for bit, the same accuracy."""
     argv = ["--bits", "3", "--batch_size", "8", "--num_threads", "1"]

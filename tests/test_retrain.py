@@ -67,6 +67,7 @@ def retrained(make_context, retrain_defaults):
                 watch=watch)
 
 
+@pytest.mark.slow
 def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     watch, quantized = retrained["watch"], retrained["quantized"]
     layers = [r.name for r in retrained["reports"]]
@@ -92,6 +93,7 @@ def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     assert retrained["extra"]["Retrain Samples"] == point["retrain_samples"]
 
 
+@pytest.mark.slow
 def test_retraining_not_below_plain_gpfq_at_3_bits(retrained, plain_default):
     print(f"retrained top-1 {retrained['top1']:.4f}, plain GPFQ {plain_default['top1']:.4f}")
     assert retrained["top1"] >= plain_default["top1"]
