@@ -171,19 +171,42 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def estimate(costs, m, world_size, rate, bandwidth, rule_efficiency) -> dict:
-    """Seconds of fresh-mode GPFQ of the layers `costs` at m images on `world_size` ranks (Gram form).
+def layer_costs(n0, n1, rows, world_size):
+    """Multiply-adds (parallel over ranks, serial on one rank) and bytes each rank receives, for one layer
+    with `rows` rows in the form one process would choose (the distributed run takes the same form)."""
+    from gpfq.engine import choose_form, predicted_cost
+    form = choose_form("auto", rows, n0, n1)
+    if form == "gram":  # rows summed on every rank (parallel), rule on one, two N0×N0 float64 sums all-reduced
+        parallel, serial = 2 * rows * n0 ** 2, n1 * n0 ** 2
+        received = 2 * (world_size - 1) / world_size * 2 * n0 ** 2 * 8
+    else:  # rows gathered (X and X̃, float32), the residual form on one rank
+        parallel, serial = 0, predicted_cost("residual", rows, n0, n1)
+        received = (world_size - 1) / world_size * 2 * rows * n0 * 4
+    return form, parallel, serial, received
 
-    Per layer: both networks up to the layer on m/W images; the Gram sums 2·rows·N0² on the rank's
-    rows; the rule N1·N0² on one rank (at `rule_efficiency` × the product rate, measured on
-    ResNet-18); a ring all-reduce of the two N0×N0 float64 sums, 2(W−1)/W of their bytes per link.
+
+def rule_rate(result) -> float:
+    """Serial multiply-adds per second of the layer rules of a measured run (its forms and rows)."""
+    serial = sum(layer_costs(_n0(layer["shape"]), layer["shape"][0], layer["rows"], 1)[2] for layer in result["layers"])
+    return serial / max(result["rule_seconds"], 1e-9)
+
+
+def estimate(costs, m, world_size, rate, serial_rate, bandwidth) -> dict:
+    """Seconds of fresh-mode GPFQ of the layers `costs` at m images on `world_size` ranks.
+
+    Per layer: both networks up to the layer on m/W images (measured prefix time); the Gram sums on the
+    rank's rows at the product `rate`; the rule on one rank at `serial_rate` (measured on ResNet-18 above);
+    the all-reduce (ring: 2(W−1)/W of the sums' bytes) or the rows' all-gather at `bandwidth`.
     """
     share = m / world_size
     forward = sum(2 * share * c["prefix_seconds"] for c in costs)
-    sums = sum(2 * share * c["rows_per_image"] * c["n0"] ** 2 for c in costs) / rate
-    rule = sum(c["n1"] * c["n0"] ** 2 for c in costs) / (rate * rule_efficiency)
-    volume = sum(2 * c["n0"] ** 2 * 8 for c in costs)
-    communication = 2 * (world_size - 1) / world_size * volume / bandwidth if world_size > 1 else 0.0
+    sums = rule = received = 0.0
+    for c in costs:
+        _, parallel, serial, bytes_in = layer_costs(c["n0"], c["n1"], m * c["rows_per_image"], world_size)
+        sums += parallel / world_size / rate
+        rule += serial / serial_rate
+        received += bytes_in
+    communication = received / bandwidth if world_size > 1 else 0.0
     total = forward + sums + rule + communication
     return {"forward": forward, "sums": sums, "rule": rule, "communication": communication, "total": total}
 
@@ -217,22 +240,20 @@ def main(argv=None):
     bandwidth = two["allreduce_bytes_per_second"]
     rate = product_rate()
     single = results[(1, "rank0")]
-    gram_layers = [layer for layer in two["layers"]]
-    predicted_rule = sum(layer["shape"][0] * _n0(layer["shape"]) ** 2 for layer in gram_layers) / rate
-    rule_efficiency = predicted_rule / max(two["rule_seconds"], 1e-9)
+    serial_rate = rule_rate(single)
     costs = resnet50_layer_costs()
-    print(f"\n# ESTIMATE (extrapolated, not run): ResNet-50 at m = 512, fresh, Gram form, from measured costs: "
-          f"ResNet-50 forward prefix per layer ({len(costs)} layers, one thread, "
+    print(f"\n# ESTIMATE (extrapolated, not run): ResNet-50 at m = 512, fresh, each layer in the form one process "
+          f"chooses, from costs measured here: ResNet-50's forward prefix per layer ({len(costs)} layers, one thread, "
           f"{costs[-1]['prefix_seconds']:.2f} s per image to the last layer), product rate {rate / 1e9:.1f} G "
-          f"multiply-adds/s on one thread, rule at {rule_efficiency:.2f} of it (ResNet-18 above: "
-          f"{two['rule_seconds']:.1f} s measured), gloo all-reduce {bandwidth / 1e9:.2f} GB/s between 2 ranks on "
-          f"this machine. World size 1 reference measured above: {single['seconds']:.1f} s.")
-    print("| ranks | link | forward (s) | Gram sums (s) | rule (s) | all-reduce (s) | total (h) | speed-up |")
+          f"multiply-adds/s on one thread, layer rules at {serial_rate / 1e9:.1f} G/s (world size 1 above: "
+          f"{single['rule_seconds']:.1f} s), gloo all-reduce {bandwidth / 1e9:.2f} GB/s between 2 ranks on this "
+          f"machine (loopback).")
+    print("| ranks | link | forward (s) | Gram sums (s) | rule (s) | communication (s) | total (h) | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
-    one = estimate(costs, 512, 1, rate, bandwidth, rule_efficiency)
+    one = estimate(costs, 512, 1, rate, serial_rate, bandwidth)
     for world_size, link, link_bandwidth in [(1, "-", bandwidth), (8, "loopback as measured", bandwidth),
                                              (8, "10 Gb/s", LINK_10GBE)]:
-        e = estimate(costs, 512, world_size, rate, link_bandwidth, rule_efficiency)
+        e = estimate(costs, 512, world_size, rate, serial_rate, link_bandwidth)
         print(f"| {world_size} | {link} | {e['forward']:.0f} | {e['sums']:.0f} | {e['rule']:.0f} | "
               f"{e['communication']:.0f} | {e['total'] / 3600:.2f} | {one['total'] / e['total']:.1f}× |")
 
