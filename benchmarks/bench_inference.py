@@ -7,6 +7,8 @@ INT4 + DequantizeLinear in ONNX) and the paper's `gpfq2022` (17 levels: UINT8 co
 
 Sizes: the float state dict (.pt), the quantized model's float state dict (.pt, what the scripts saved
 before), the quantized model file (.safetensors), the float ONNX export and the quantized ONNX export.
+Memory: the peak resident memory of a fresh process that opens each ONNX model in ONNX Runtime and runs
+batch 1 (whether the runtime keeps the integer weights or expands them when it loads the model).
 Latency: the fastest and the median wall time of one forward pass, batch 1 and 64, for torch float, ONNX Runtime on the float
 export, and ONNX Runtime on each quantized export, all with the same number of threads.
 
@@ -54,7 +56,31 @@ def seconds(run, repeats):
     return min(times), statistics.median(times)
 
 
-def bench_model(name, model, input_shape, threads, repeats, folder, log):
+# VmHWM, not getrusage's ru_maxrss: that one survives execve, so a child would report its parent's peak.
+MEMORY_CHILD = """
+import re, sys, numpy, onnxruntime
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+before = peak()
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = 1
+session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+session.run(None, {"images": numpy.zeros((1, *map(int, sys.argv[2:])), numpy.float32)})
+print(before, peak())
+"""
+
+
+def peak_memory_mb(onnx_path, input_shape):
+    """(peak resident memory after importing onnxruntime, peak after opening the ONNX model and running batch 1),
+    MiB, of a fresh process (Linux: /proc/self/status)."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(onnx_path), *map(str, input_shape)],
+                          capture_output=True, text=True, check=True)
+    before, after = done.stdout.strip().splitlines()[-1].split()
+    return float(before), float(after)
+
+
+def bench_model(name, model, input_shape, threads, repeats, folder, log, latency=True):
     import onnxruntime as ort
     from gpfq.onnx_export import export_float_onnx, export_onnx
     model = model.eval()
@@ -77,6 +103,13 @@ def bench_model(name, model, input_shape, threads, repeats, folder, log):
     for label, size in sizes.items():
         log(f"  {label:40s} {size:>12,d} bytes  {size / sizes['float .pt']:6.3f} of the float .pt")
 
+    log(f"## {name}: peak resident memory of a process that opens the model in ONNX Runtime and runs batch 1 "
+        f"(after importing onnxruntime -> after the run; the growth)")
+    for label, path in [("float", float_onnx)] + [(f"{a} 4-bit", p) for a, p in exports.items()]:
+        before, after = peak_memory_mb(path, input_shape)
+        log(f"  onnxruntime {label:20s} {before:8.1f} -> {after:8.1f} MiB  (+{after - before:.1f} MiB)")
+    if not latency:
+        return
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -104,6 +137,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=["fashion_resnet", "resnet18"])
+    parser.add_argument("--no-latency", dest="latency", action="store_false", help="sizes and memory only")
     args = parser.parse_args()
     import onnxruntime
     import torchvision
@@ -122,7 +156,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             make, shape = models[name]
-            bench_model(name, make(), shape, args.threads, args.repeats, Path(folder), log)
+            bench_model(name, make(), shape, args.threads, args.repeats, Path(folder), log, args.latency)
     log(f"# load average {os.getloadavg()[0]:.2f} at the end")
 
 

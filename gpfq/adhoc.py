@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .api import quantize as quantize_model
-from .capture import QUANTIZABLE, capture_input, layers_in_execution_order
+from .capture import QUANTIZABLE, capture_input, layer_weight, layers_in_execution_order
 from .config import FIELDS
 from .data import CalibrationStream
 from .deploy import quantized_path, with_alphabets_from
@@ -168,7 +168,7 @@ def bits_per_layer(names: list, bits_map: dict, default_bits: int) -> dict:
 def average_bits(model: nn.Module, names: list, reports) -> float:
     """Bits per weight over the weight tensors of every Conv2d/Linear layer; a float layer costs 32."""
     bits = {report.name: report.bits for report in reports}
-    sizes = {name: model.get_submodule(name).weight.numel() for name in names}
+    sizes = {name: layer_weight(model, name).numel() for name in names}
     return sum(sizes[n] * bits.get(n, FLOAT_BITS) for n in names) / sum(sizes.values())
 
 

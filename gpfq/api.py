@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .capture import layers_in_execution_order
+from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from .data import CalibrationStream
 from .folding import fold_batchnorm, foldable_pairs
@@ -27,6 +27,7 @@ class QuantizedResult:
     model: nn.Module
     reports: list = field(default_factory=list)  # [LayerReport]
     config: QuantConfig = None
+    coverage: Coverage = None  # which parameters were quantized and which stayed float, and why
 
     @property
     def relative_errors(self) -> dict:
@@ -172,7 +173,8 @@ def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSe
 # ---------------------------------------------------------------- the network
 def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConfig(), *, device=None, layers=None,
              after_layer=None, in_place: bool = False, log=tqdm.write) -> QuantizedResult:
-    """Quantize every Conv2d and Linear layer of `model`, in execution order, as `config` says.
+    """Quantize every weight `model` multiplies with an activation (Linear, Conv1d/2d/3d, matmul, attention
+    projections; docs/capture.md), in order of first use, as `config` says.
 
     calibration_data: a DataLoader, a Dataset or a tensor of inputs (N, …); a batch or item may be x or
         (x, y, …). Each layer sees `config.batch_size` images (fresh ones per layer with calibration 'fresh').
@@ -203,8 +205,8 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
     quantized, reports = _quantize_network(
         model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
-        calibration=config.calibration, keep_rows=False)
-    return QuantizedResult(quantized, reports, config)
+        calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage)
+    return QuantizedResult(quantized, reports, config, reports.coverage)
 
 
 def _settings_function(model, stream, config, layers, device):

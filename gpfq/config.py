@@ -74,6 +74,8 @@ class QuantConfig:
     qronos_damping: float = option(QRONOS_DAMPING, METHOD_OPTIONS)  # qronos: ridge λ = damping · λ_max(X̃ᵀX̃)
     patch_stride: str = option("kernel", "Patch Stride", grid=False, per_layer=False)  # kernel, layer
     ignore_layers: tuple = option((), "Ignore Layers", grid=False, per_layer=False)  # indices left float
+    # refuse a model of which more than 5 % of the matmul parameters cannot be quantized (docs/capture.md)
+    strict_coverage: bool = option(False, "Strict Coverage", grid=False, per_layer=False)
 
     def __post_init__(self):
         if isinstance(self.ignore_layers, list):

@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -316,15 +317,15 @@ class Shard:
         weight = grouped(layer, flat)
         n_groups, _, n_inputs = weight.shape
         statistics, streamed = None, None
-        analog_parts, quantized_parts, shape = [], [], None
+        analog_parts, quantized_parts, first = [], [], None
         with self.step(f"{label}: forward passes and rows"):
             for analog, quantized in input_pairs:
-                if shape is None:
-                    shape = analog.shape
-                    _skip_patches(layer, shape, lo, retain_rate, generator, patch_stride)
+                if first is None:
+                    first = analog
+                    _skip_patches(first, lo, retain_rate, generator, patch_stride)
                 x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
                 if streamed is None:
-                    streamed = streams(x.shape[0] // analog.shape[0] * n_images)
+                    streamed = streams(x.shape[0] // analog.images * n_images)
                     if streamed:
                         statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
                 if streamed:
@@ -332,9 +333,9 @@ class Shard:
                 else:
                     analog_parts.append(x)
                     quantized_parts.append(xq)
-            if shape is None:
+            if first is None:
                 raise ValueError(f"rank {self.rank} received no calibration images for {label}")
-            _skip_patches(layer, shape, n_images - hi, retain_rate, generator, patch_stride)
+            _skip_patches(first, n_images - hi, retain_rate, generator, patch_stride)
         if streamed:
             return None, None, self.all_reduce_statistics(statistics, label)
         analog_rows = self.gather_rows(torch.cat(analog_parts), f"{label}: X")
@@ -378,13 +379,17 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _skip_patches(layer, input_shape, n_images, retain_rate, generator, patch_stride) -> None:
-    """Advance the patch generator over `n_images` images of this layer's input shape, as
-    `layer_rows` would when turning them into rows (no-op where it draws nothing)."""
-    if n_images <= 0 or not isinstance(layer, torch.nn.Conv2d) or retain_rate == 1.0:
+def _skip_patches(layer_input, n_images, retain_rate, generator, patch_stride) -> None:
+    """Advance the patch generator over `n_images` images shaped like `layer_input` (a capture.LayerInput),
+    as `layer_rows` would when turning them into rows (no-op where it draws nothing). A convolution
+    weight used several times (shared) draws per use and chunk, so its patches may differ from one
+    process's."""
+    if n_images <= 0 or retain_rate == 1.0:
         return
-    n_h, n_w = patch_grid(layer, input_shape[2], input_shape[3], patch_stride)
-    patch_indices(n_images, n_h * n_w, retain_rate, generator)
+    for use in layer_input.uses:
+        if use.geometry is not None:
+            grid = patch_grid(use.geometry, use.input.shape[2:], patch_stride)
+            patch_indices(n_images, math.prod(grid), retain_rate, generator)
 
 
 class _Positions(Dataset):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, api, distributed
-from .capture import check_model_finite, layers_in_execution_order
+from .capture import Coverage, check_model_finite, find_layers
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
@@ -119,6 +119,14 @@ class ModelFacts:
     evaluation_size: int
 
 
+def coverage_columns(reports) -> dict:
+    """The coverage columns of a row (blank when the reports carry no coverage, e.g. a loaded model)."""
+    coverage = getattr(reports, "coverage", None)
+    if coverage is None:
+        return {"Quantized Tensors": "", "Quantized Parameters": "", "Largest Float": ""}
+    return coverage.columns()
+
+
 def preflight(points: list, resources: Resources, validate_model=None) -> None:
     """Load every point's data and float model (kept in `resources` for the run) and check, before any
     point runs: m against the calibration set, NaN/Inf in the model (naming the parameter or layer),
@@ -131,8 +139,12 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
             check_model_takes(point["model_name"], model, point["dataset"], calibration)
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             check_model_finite(model, example)
-            return layers_in_execution_order(model, example)
-        names = resources.get(("layers", point["model_name"], str(point["weights"])), checked_layers)
+            discovery = find_layers(model, example)
+            return [layer.name for layer in discovery.layers], Coverage.of(discovery).warning()
+        names, coverage_warning = resources.get(("layers", point["model_name"], str(point["weights"])),
+                                                checked_layers)
+        if coverage_warning and point.get("strict_coverage"):
+            raise ValueError(f"bad hyperparameter: strict_coverage is on, and {coverage_warning}")
         check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
         if validate_model is not None:
             validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation)))
@@ -252,6 +264,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
         FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
         "World Size": shard.world_size, "Backend": record["backend"],
     })
+    row.update(coverage_columns(reports))
     row.update(extra)
     with shard.step("appending the log row (rank 0)"):
         for log_path in log_paths if shard.writer else []:

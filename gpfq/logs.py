@@ -21,7 +21,9 @@ PAPER_COLUMNS = [
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
-    "Ignore Layers", "Engine", "Calibration", "Quantization Seconds", "Model File", "Package Version", "Code Revision",
+    "Ignore Layers", "Engine", "Calibration", "Strict Coverage", "Quantized Tensors", "Quantized Parameters",
+    "Largest Float",
+    "Quantization Seconds", "Model File", "Package Version", "Code Revision",
     "Date",
     # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk
     "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
@@ -38,6 +40,7 @@ RESULT_COLUMNS = {
     "Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio", "Quantized Model File",
     # How many processes ran it: a grid interrupted on 2 ranks resumes on 4 (results agree to rounding).
     "World Size", "Backend",
+    "Quantized Tensors", "Quantized Parameters", "Largest Float",
 }
 
 

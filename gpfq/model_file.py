@@ -77,9 +77,10 @@ def coded_layers(model: nn.Module, reports) -> dict:
         if alphabet is None:
             raise ValueError(f"the report of layer {report.name} carries no alphabet, so its weights cannot be "
                              f"stored as codes; pass the reports of the quantization itself")
-        weight = model.get_submodule(report.name).weight.detach().cpu()
+        key = getattr(report, "parameter", "") or f"{report.name}.weight"  # older reports: a module's weight
+        weight = model.get_parameter(key).detach().cpu()
         codebook = layer_codebook(alphabet, weight)
-        layers[f"{report.name}.weight"] = (weight, codebook, encode(weight, codebook, f"layer {report.name}"))
+        layers[key] = (weight, codebook, encode(weight, codebook, f"layer {report.name}"))
     return layers
 
 

@@ -1,10 +1,11 @@
 """Quantize a whole network layer by layer (the paper's procedure).
 
-For each Conv2d/Linear layer in execution order: draw a fresh batch of m calibration
-images, capture the layer's input in the float ("analog") network (X) and in the
-network whose earlier layers are already quantized (X̃), turn both into rows
-(conv patches, subsampled with the same indices), and replace the layer's weight
-by its quantization. BatchNorm, pooling and activations stay float.
+For each layer (a weight the model multiplies with an activation: Linear, Conv1d/2d/3d, matmul,
+attention projections; `capture.find_layers`) in order of first use: draw a fresh batch of m
+calibration images, capture what the weight is multiplied with in the float ("analog") network (X)
+and in the network whose earlier layers are already quantized (X̃), turn both into rows (conv
+patches, subsampled with the same indices), and replace the weight by its quantization.
+BatchNorm, pooling, activations and every other parameter stay float (`capture.Coverage`).
 
 Calibration modes: 'fresh' (the paper) draws m new images for every layer and runs both
 networks up to that layer, so forward cost grows with depth²; 'fixed' draws one set of m
@@ -25,6 +26,7 @@ Extension points used by the variants:
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -35,8 +37,8 @@ from .alphabet import channel_alphabets, make_alphabet, row_radii
 from . import distributed
 from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
-from .capture import (CachedForward, capture_input, check_finite, flat_weight, grouped, layer_rows, layers_in_execution_order,
-                      trace_graph)
+from .capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
+                      layer_rows, owner_module, trace_graph, write_weight)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from .gptq import gptq, gptq_from_gram
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
@@ -87,6 +89,7 @@ class LayerReport:
     rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
     stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
     code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
+    parameter: str = ""  # the weight's parameter name ('layer1.0.conv1.weight', '…in_proj_weight')
     # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
     alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
 
@@ -194,37 +197,38 @@ def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, includ
 
     options: the other LayerSettings fields (granularity, seed, threshold, …).
     """
-    conv = isinstance(layer, nn.Conv2d)
+    conv = is_conv(layer)
     return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
                          scalar=cnn_scalar if conv else mlp_scalar,
                          percentile=cnn_percentile if conv else mlp_percentile, **options)
 
 
-def fresh_inputs(analog_model, quantized_model, name, chunks, device):
-    """Yield the inputs (X, X̃) of layer `name` for each image chunk; quantized_model None: X̃ = X."""
+def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
+    """Yield the inputs (X, X̃) of `layer` (capture.LayerInput) for each image chunk; quantized_model None: X̃ = X."""
     for images in chunks:
         images = images.to(device)
-        analog = capture_input(analog_model, name, images)
-        quantized = analog if quantized_model is None else capture_input(quantized_model, name, images)
+        analog = capture_uses(analog_model, layer, images)
+        quantized = analog if quantized_model is None else capture_uses(quantized_model, layer, images)
         yield analog, quantized
 
 
 def checked_inputs(name, input_pairs):
     """Pass the (X input, X̃ input) chunks of layer `name` on; NonFiniteError naming the layer at a NaN or Inf."""
     for analog, quantized in input_pairs:
-        check_finite(analog, f"the input of layer {name} in the float model")
-        check_finite(quantized, f"the input of layer {name} in the partially quantized model")
+        for use in analog.uses:
+            check_finite(use.input, f"the input of layer {name} in the float model")
+        for use in quantized.uses:
+            check_finite(use.input, f"the input of layer {name} in the partially quantized model")
         yield analog, quantized
 
 
-def collect_rows(analog_model, quantized_model, name, chunks, retain_rate, generator, patch_stride, device):
-    """X and X̃ rows (rows, G·N0) of layer `name` over the image chunks of one calibration batch.
+def collect_rows(analog_model, quantized_model, layer, chunks, retain_rate, generator, patch_stride, device):
+    """X and X̃ rows (rows, G·N0) of `layer` (capture.Layer) over the image chunks of one calibration batch.
 
     With quantized_model None (in-place quantization), X̃ = X.
     """
-    layer = analog_model.get_submodule(name)
     analog_rows, quantized_rows = [], []
-    for analog, quantized in fresh_inputs(analog_model, quantized_model, name, chunks, device):
+    for analog, quantized in fresh_inputs(analog_model, quantized_model, layer, chunks, device):
         x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
         analog_rows.append(x)
         quantized_rows.append(xq)
@@ -261,7 +265,7 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     for analog, quantized in input_pairs:
         x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
         if form is None:
-            rows = x.shape[0] // analog.shape[0] * n_images
+            rows = x.shape[0] // analog.images * n_images
             form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
             if form == "gram" and settings.method in STATISTICS_METHODS and not keep_rows:
                 # Qronos's ridge (1e-6 · λ_max by default) is below float32's resolution of the sums: form them in float64
@@ -332,7 +336,7 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
 def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
-                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None):
+                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
@@ -343,6 +347,8 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
     shard: a `distributed.Shard` (default: the initialized process group, if any): each rank draws its
     share of every layer's images and the layer's sums are all-reduced (`gpfq.distributed`).
+    Coverage (`capture.Coverage`) is logged, and returned as `reports.coverage`; more than 5 % of the
+    matmul parameters that cannot be quantized gives a warning, or with strict_coverage a ValueError.
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
@@ -356,18 +362,21 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
-    names = layers_in_execution_order(analog_model, example)
+    discovery = find_layers(analog_model, example)
+    layers = discovery.layers
+    names = [layer.name for layer in layers]
     check_layer_indices("ignore_layers", ignore_layers, names)
     ignored = {i % len(names) for i in ignore_layers}
+    check_coverage(Coverage.of(discovery), strict_coverage, log)
     if calibration == "fixed":
-        graph = trace_graph(analog_model)  # fails here, before any work, for a model fx cannot trace
+        graph = trace_graph(analog_model, example, layers)  # fails here, before any work, if fx cannot run it
         fixed_chunks = [images.to(device) for images in stream.draw(batch_size)]
         analog_forward = CachedForward(analog_model, graph, fixed_chunks)
         quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
     generator = torch.Generator().manual_seed(seed)
-    reports = []
-    for index, name in enumerate(tqdm(names, desc="layers")):
-        layer = analog_model.get_submodule(name)
+    reports = LayerReports()
+    for index, layer in enumerate(tqdm(layers, desc="layers")):
+        name = layer.name
         settings = None if index in ignored else settings_of(index, name, layer)
         if settings is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
@@ -376,11 +385,11 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
         start = time.time()
         if calibration == "fresh":
-            input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, name,
+            input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, layer,
                                        stream.chunks(batch_size), device)  # one chunk of images held at a time
         else:
-            analog_inputs = analog_forward.inputs_of(name)
-            quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(name)
+            analog_inputs = analog_forward.inputs_of(layer)
+            quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(layer)
             input_pairs = zip(analog_inputs, quantized_inputs)
         check_finite(layer.weight, f"the weight of layer {name}")
         input_pairs = checked_inputs(name, input_pairs)
@@ -412,16 +421,17 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
             n_rows, width = analog_rows.shape
-        quantized_layer = quantized_model.get_submodule(name)
-        with torch.no_grad():
-            quantized_layer.weight.copy_(quantized_weight.reshape(layer.weight.shape))
+        write_weight(quantized_model, layer, quantized_weight)
         zeros = int((quantized_weight == 0).sum())
-        codes = encode(quantized_layer.weight, layer_codebook(alphabet, quantized_layer.weight), f"layer {name}")
-        report = LayerReport(index, name, type(layer).__name__, tuple(layer.weight.shape), n_rows, settings.bits,
+        stored = quantized_model.get_parameter(layer.parameter)
+        stored = stored.t().contiguous() if layer.input_major else stored  # (N1, …): a row per output
+        codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
+        report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
                              streamed=statistics is not None, rule_seconds=rule_seconds,
                              stored_bits=stored_bits(alphabet.shape[-1]),
-                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu())
+                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
+                             parameter=layer.parameter)
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
@@ -429,9 +439,29 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
         if after_layer is not None:
-            after_layer(LayerStep(report, layer, quantized_layer, analog_model, quantized_model, analog_g,
-                                  quantized_g, weight, quantized_weight, statistics))
+            after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
+                                  analog_model, quantized_model, analog_g, quantized_g, weight, quantized_weight,
+                                  statistics))
+    reports.coverage = Coverage.of(discovery, [layer.parameter for layer in layers
+                                               if layer.name in {r.name for r in reports}])
+    log(reports.coverage.summary())
     return quantized_model, reports
+
+
+class LayerReports(list):
+    """[LayerReport] of the quantized layers, with the run's `coverage` (capture.Coverage)."""
+    coverage: Coverage = None
+
+
+def check_coverage(coverage: Coverage, strict: bool, log=tqdm.write) -> None:
+    """Warn (or, strict, refuse with a ValueError) when more than 5 % of the matmul parameters cannot be quantized."""
+    warning = coverage.warning()
+    if warning is None:
+        return
+    if strict:
+        raise ValueError(f"strict_coverage: {warning}")
+    warnings.warn(warning, stacklevel=3)
+    log(f"warning: {warning}")
 
 
 def check_layer_indices(key: str, indices, names: list) -> None:

@@ -8,7 +8,7 @@ replaced by integers and a node that expands them when the model runs:
   `gpfq2022` without 0): the integers k as an INT4 (|k| small enough) or INT8 initializer and
   DequantizeLinear(k, s, 0) (opset 21, where INT4 is defined);
 - any other alphabet (the paper's `gpfq2022` with 0 appended): the codes as a UINT4/UINT8/UINT16
-  initializer, Cast to int64 and Gather from the float codebook (per channel: from the flattened
+  initializer, Cast to int32 and Gather from the float codebook (per channel: from the flattened
   (C_out·L,) codebook at code + c·L).
 
 DequantizeLinear computes k·s in float32, which may differ from the stored float32 level by one unit
@@ -119,10 +119,10 @@ def expansion(key: str, codes: torch.Tensor, codebook: torch.Tensor):
     levels = codebook.shape[-1]
     values = _integer_tensor(base + "_codes", codes.numpy(), 0, levels - 1)
     initializers = [values, numpy_helper.from_array(codebook.float().reshape(-1).numpy(), base + "_codebook")]
-    nodes = [helper.make_node("Cast", [values.name], [base + "_index"], to=TensorProto.INT64, name=base + "_cast")]
+    nodes = [helper.make_node("Cast", [values.name], [base + "_index"], to=TensorProto.INT32, name=base + "_cast")]
     index = base + "_index"
     if codebook.dim() == 2:  # per channel: row c of the codebook starts at c·L in the flattened codebook
-        offsets = (np.arange(codes.shape[0], dtype=np.int64) * levels).reshape((-1,) + (1,) * (codes.dim() - 1))
+        offsets = (np.arange(codes.shape[0], dtype=np.int32) * levels).reshape((-1,) + (1,) * (codes.dim() - 1))
         initializers.append(numpy_helper.from_array(offsets, base + "_offsets"))
         nodes.append(helper.make_node("Add", [index, base + "_offsets"], [base + "_flat_index"], name=base + "_add"))
         index = base + "_flat_index"

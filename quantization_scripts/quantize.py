@@ -36,6 +36,7 @@ qronos_damping = 1e-6           # qronos: ridge λ = qronos_damping * largest ei
 retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
 patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
 ignore_layers = []              # layer indices (execution order) left float
+strict_coverage = False         # True: refuse a model with > 5 % of its matmul parameters unquantizable
 engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per layer), "residual", "gram"
                                 #   (streamed: memory flat in m), or "columns" (the per-column loop)
 calibration = "fresh"           # "fresh" (paper: m new images per layer) or "fixed" (one set of m images,
@@ -55,7 +56,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               sparsity_threshold=sparsity_threshold, thresholding=thresholding, gptq_block_size=gptq_block_size,
               gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, gpfq_first_column=gpfq_first_column,
               column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
-              patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
+              patch_stride=patch_stride, ignore_layers=ignore_layers, strict_coverage=strict_coverage, engine=engine,
+              calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               resume=resume, log_dir=None, model_dir=None, data_dir=None, image_size=image_size)
 

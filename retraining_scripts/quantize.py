@@ -38,6 +38,7 @@ qronos_damping = 1e-6           # qronos: ridge λ = qronos_damping * largest ei
 retain_rate = 0.25              # conv layers: fraction p of each image's patches kept
 patch_stride = "kernel"         # conv patches: "kernel" (paper: non-overlapping) or "layer" (the layer's stride)
 ignore_layers = []              # layer indices (execution order) left float
+strict_coverage = False         # True: refuse a model with > 5 % of its matmul parameters unquantizable
 engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per layer), "residual", "gram"
                                 #   (streamed: memory flat in m), or "columns" (the per-column loop)
 calibration = "fresh"           # "fresh" (paper: m new images per layer); retraining needs it ("fixed" caches
@@ -66,7 +67,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               sparsity_threshold=sparsity_threshold, thresholding=thresholding, gptq_block_size=gptq_block_size,
               gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, gpfq_first_column=gpfq_first_column,
               column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
-              patch_stride=patch_stride, ignore_layers=ignore_layers, engine=engine, calibration=calibration,
+              patch_stride=patch_stride, ignore_layers=ignore_layers, strict_coverage=strict_coverage, engine=engine,
+              calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               retrain_start=retrain_start, retrain_samples=retrain_samples,
               retrain_batch_size=retrain_batch_size, retrain_epochs=retrain_epochs, retrain_lr=retrain_lr,
