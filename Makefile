@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: setup data
-	cd quantization_scripts && ../$(PY) quantize.py
+	$(PY) quantization_scripts/quantize.py
 
 test: setup setup-onnx data
 	$(PY) -m pytest -q tests

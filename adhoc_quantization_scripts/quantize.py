@@ -79,5 +79,6 @@ if __name__ == "__main__":
     except ModuleNotFoundError:
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq.adhoc import ADHOC
+    from gpfq.cli import run_script
     from gpfq.experiment import main
-    main(HEADER, variant=ADHOC)
+    run_script(main, HEADER, variant=ADHOC)

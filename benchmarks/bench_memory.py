@@ -8,6 +8,7 @@ synthetic 3×56×56 images (91 patch rows per image at retain rate 0.25, so m = 
 - rows kept: engine 'residual', every row held (the only way before the engine).
 
     python benchmarks/bench_memory.py
+    python benchmarks/bench_memory.py --m 16 64      # other calibration sizes (e.g. a quick check)
 """
 import argparse
 import os
@@ -43,6 +44,8 @@ def child(engine, m, threads):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--m", type=int, nargs=2, default=SIZES, metavar=("SMALL", "LARGE"),
+                        help=f"the two calibration sizes, in images (default: {SIZES[0]} {SIZES[1]})")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -51,15 +54,16 @@ def main(argv=None):
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     print("| mode | m (images) | rows | peak RSS (MiB) | above start (MiB) | wall (s) | rel. error |")
     print("|---|---|---|---|---|---|---|")
+    sizes = tuple(args.m)
     for engine, label in (("gram", "streamed"), ("residual", "rows kept")):
         peaks = {}
-        for m in SIZES:
+        for m in sizes:
             result = run_child(Path(__file__), [engine, m, "--threads", args.threads])
             peaks[m] = result["peak_rss_mb"]
             print(f"| {label} | {m} | {result['rows']} | {result['peak_rss_mb']:.0f} | "
                   f"{result['peak_rss_mb'] - result['baseline_mb']:.0f} | {result['seconds']:.1f} | "
                   f"{result['error']:.4f} |", flush=True)
-        print(f"| {label}: peak at m={SIZES[1]} / m={SIZES[0]} | | | {peaks[SIZES[1]] / peaks[SIZES[0]]:.2f} | | | |",
+        print(f"| {label}: peak at m={sizes[1]} / m={sizes[0]} | | | {peaks[sizes[1]] / peaks[sizes[0]]:.2f} | | | |",
               flush=True)
 
 

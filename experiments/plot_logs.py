@@ -1,7 +1,11 @@
 """Draw the paper's figures from the CSV logs.
 
-    python3 experiments/plot_logs.py                               # logs/Quantization_Log.csv -> figures/
+    python3 experiments/plot_logs.py                               # logs/Quantization_Log.csv -> logs/figures/
     python3 experiments/plot_logs.py --log a.csv b.csv --where Alphabet=gpfq2022 --m 1024
+    python3 experiments/plot_logs.py --log figures/fashion_resnet_log.csv --out figures   # the README's figures
+
+The figures go to logs/figures/ unless --out says otherwise, so a run never replaces the README's
+figures in figures/ with whatever logs/ holds.
 
 For every model in the logs: <model>_top1_vs_m.png (top-1 against m, one line per bit width,
 float as a reference line; --method, --granularity choose the rows) and <model>_methods.png
@@ -15,11 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select
 
+DEFAULT_OUT = ROOT / "logs" / "figures"
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", nargs="+", default=[str(ROOT / "logs" / "Quantization_Log.csv")])
-    parser.add_argument("--out", default=str(ROOT / "figures"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the figures (default: logs/figures)")
     parser.add_argument("--method", default="gpfq", help="method of the top-1-against-m figure")
     parser.add_argument("--granularity", default="layer", choices=("layer", "channel"))
     parser.add_argument("--m", type=int, default=None, help="calibration size of the method comparison")

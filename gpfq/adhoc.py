@@ -24,19 +24,23 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .alphabet import MAX_BITS
 from .api import quantize as quantize_model
 from .capture import QUANTIZABLE, capture_input, layer_weight, layers_in_execution_order
 from .config import FIELDS
 from .data import CalibrationStream
 from .deploy import quantized_path, with_alphabets_from
+from .errors import bad_hyperparameter
 from .experiment import Variant
 from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
 from .network import LayerReport
+from .state_dicts import load_state
 from .paths import MODEL_DIR, REPO_ROOT
 from .storage import display_path
 
@@ -83,7 +87,7 @@ def log_names(point: dict) -> list:
 def validate_point(point: dict) -> None:
     """The ad hoc hyperparameters' checks (cheap; layer-name matching happens before quantization)."""
     def fail(message):
-        raise ValueError(f"bad hyperparameter: {message}")
+        raise bad_hyperparameter(message)
 
     if point.get("bias_correction") not in BIAS_CORRECTIONS:
         fail(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {point.get('bias_correction')!r}")
@@ -98,8 +102,9 @@ def validate_point(point: dict) -> None:
     for key, bits in bits_map.items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             fail(f"bits_map keys are layer indices (int) or name patterns (str), got {key!r}")
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-            fail(f"bits_map[{key!r}] must be a positive integer, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+            fail(f"bits_map[{key!r}] must be an integer from 1 to {MAX_BITS} (what the alphabets support), "
+                 f"got {bits!r}")
     if not log_names(point):
         fail("no ad hoc option is on (bias_correction, skip_layers, bits_map): that is plain GPFQ, "
              "run quantization_scripts/quantize.py")
@@ -113,11 +118,11 @@ def saved_model_path(saved) -> Path:
     for candidate in (given, REPO_ROOT / given, MODEL_DIR / given):
         if candidate.exists():
             if not candidate.with_suffix(".json").exists():
-                raise ValueError(f"bad hyperparameter: saved_model {candidate} has no JSON sidecar "
-                                 f"{candidate.with_suffix('.json').name}; it was not written by this project")
+                raise bad_hyperparameter(f"saved_model {candidate} has no JSON sidecar "
+                                         f"{candidate.with_suffix('.json').name}; it was not written by this project")
             return candidate.resolve()
-    raise ValueError(f"bad hyperparameter: saved_model {saved!r} not found (looked here, in {REPO_ROOT} and "
-                     f"in {MODEL_DIR})")
+    raise bad_hyperparameter(f"saved_model {saved!r} not found (looked here, in {REPO_ROOT} and "
+                             f"in {MODEL_DIR})")
 
 
 def saved_record(path: Path) -> dict:
@@ -129,12 +134,12 @@ def resolve_point(point: dict) -> dict:
     if not point.get("saved_model"):
         return point
     if point.get("skip_layers") or point.get("bits_map"):
-        raise ValueError("bad hyperparameter: skip_layers and bits_map choose how layers are quantized; a saved "
-                         "model is already quantized, so with saved_model only bias_correction applies")
+        raise bad_hyperparameter("skip_layers and bits_map choose how layers are quantized; a saved "
+                                 "model is already quantized, so with saved_model only bias_correction applies")
     path = saved_model_path(point["saved_model"])
     hyperparameters = saved_record(path).get("hyperparameters")
     if not isinstance(hyperparameters, dict):
-        raise ValueError(f"bad hyperparameter: {path.with_suffix('.json')} has no 'hyperparameters' record")
+        raise bad_hyperparameter(f"{path.with_suffix('.json')} has no 'hyperparameters' record")
     resolved = dict(point, saved_model=str(path), skip_layers=None, bits_map={})
     resolved.update({key: hyperparameters[key] for key in SAVED_KEYS if key in hyperparameters})
     return resolved
@@ -160,8 +165,8 @@ def bits_per_layer(names: list, bits_map: dict, default_bits: int) -> dict:
             unmatched.append(key)
         chosen.update({name: bits for name in matched})
     if unmatched:
-        raise ValueError(f"bad hyperparameter: bits_map entries {unmatched} match no layer; the layers are "
-                         f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+        raise bad_hyperparameter(f"bits_map entries {unmatched} match no layer; the layers are "
+                                 f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
     return {name: chosen.get(name, default_bits) for name in names}
 
 
@@ -221,18 +226,10 @@ def correct_bias(analog_model, quantized_model, name: str, chunks, device="cpu",
 
 # ---------------------------------------------------------------- saved models
 def load_saved_model(architecture: nn.Module, path) -> nn.Module:
-    """A copy of `architecture` with the state dict saved at `path`. Layers that gained a bias through
-    bias correction get a (zero) bias first, so the saved state fits."""
+    """A copy of `architecture` with the state dict saved at `path` (`gpfq.state_dicts.load_state`: layers that
+    gained a bias through bias correction get a zero bias first, so the saved state fits)."""
     model = copy.deepcopy(architecture)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = model.state_dict()
-    for key, value in state.items():
-        if key.endswith(".bias") and key not in own:
-            module = model.get_submodule(key[: -len(".bias")])
-            if isinstance(module, QUANTIZABLE) and module.bias is None:
-                module.bias = nn.Parameter(torch.zeros_like(value))
-    model.load_state_dict(state)
-    return model.eval()
+    return load_state(model, torch.load(path, map_location="cpu", weights_only=True)).eval()
 
 
 def _report_from_dict(record: dict) -> LayerReport:
@@ -308,12 +305,27 @@ def variant_columns(point: dict) -> dict:
     }
 
 
+def model_prefix(point: dict) -> str:
+    """The start of a saved ad hoc model's file name: 'adhoc' and the options that made it, e.g.
+    'adhoc_bias-all' or 'adhoc_skip-first_bits-0=8,-1=8' (characters a file name should not hold become -)."""
+    parts = ["adhoc"]
+    if point.get("bias_correction"):
+        parts.append(f"bias-{point['bias_correction']}")
+    if point.get("skip_layers"):
+        parts.append(f"skip-{point['skip_layers']}")
+    if point.get("bits_map"):
+        parts.append("bits-" + ",".join(f"{key}={bits}" for key, bits in point["bits_map"].items()))
+    if point.get("saved_model"):
+        parts.append("saved")
+    return "_".join(re.sub(r"[^A-Za-z0-9.,=+-]", "-", part) for part in parts)
+
+
 def validate_model(point: dict, facts) -> None:
     """Checks that need the model's layers and the data's size, run before any point starts."""
     bits_per_layer(facts.layer_names, point.get("bits_map") or {}, point["bits"])  # every entry matches a layer
     if point.get("bias_correction") and point["bias_batch_size"] > facts.calibration_size:
-        raise ValueError(f"bad hyperparameter: bias_batch_size {point['bias_batch_size']} is larger than the "
-                         f"calibration set ({facts.calibration_size} images)")
+        raise bad_hyperparameter(f"bias_batch_size {point['bias_batch_size']} is larger than the "
+                                 f"calibration set ({facts.calibration_size} images)")
 
 
 def format_bits_map(bits_map) -> str:
@@ -321,6 +333,6 @@ def format_bits_map(bits_map) -> str:
     return " ".join(f"{key}={bits}" for key, bits in (bits_map or {}).items())
 
 
-ADHOC = Variant(name="adhoc", quantize=quantize, logs=LOGS, log_names=log_names, header_keys=HEADER_KEYS,
+ADHOC = Variant(name="adhoc", file_prefix=model_prefix, quantize=quantize, logs=LOGS, log_names=log_names, header_keys=HEADER_KEYS,
                 grid_keys=GRID_KEYS, columns=variant_columns, result_columns=frozenset({"Average Bits"}),
                 resolve_point=resolve_point, validate_point=validate_point, validate_model=validate_model)

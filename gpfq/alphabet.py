@@ -7,6 +7,10 @@ layer is the mean, over neurons (rows of the reshaped weight), of the
 import torch
 
 ALPHABET_KINDS = ("gpfq2022", "midtread", "strict")
+# Alphabets are tables of up to 2^b + 1 levels (one table per output channel with per-channel alphabets),
+# rounded to in float32. Past 16 bits (65,537 levels) the tables outgrow memory on wide layers and
+# neighbouring levels come within float32's resolution of each other (2^-23 of the radius at 24 bits).
+MAX_BITS = 16
 # One radius for the whole layer (the paper), or one per output channel (row of the weight).
 GRANULARITIES = ("layer", "channel")
 
@@ -37,8 +41,8 @@ def make_alphabet(kind: str, bits: int, scalar: float, radius: float, include_ze
     """
     if kind not in ALPHABET_KINDS:
         raise ValueError(f"unknown alphabet kind {kind!r}; choose one of {ALPHABET_KINDS}")
-    if not (isinstance(bits, int) and bits >= 1):
-        raise ValueError(f"bits must be a positive integer, got {bits!r}")
+    if not (isinstance(bits, int) and 1 <= bits <= MAX_BITS):
+        raise ValueError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
     top = scalar * radius
     if kind == "gpfq2022":
         levels = torch.linspace(-1.0, 1.0, 2 ** bits, dtype=torch.float64) * top

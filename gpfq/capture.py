@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .errors import BadInputError
 from .threads import single_thread
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)  # the module types whose own forward the old module-call capture saw
@@ -36,7 +37,7 @@ class _StopForward(Exception):
     pass
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(BadInputError, ValueError):
     """A weight, buffer or layer input holds NaN or Inf."""
 
 

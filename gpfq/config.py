@@ -8,9 +8,10 @@ Adding an option: add a field here (with its check in `__post_init__`), then use
 import dataclasses
 from dataclasses import dataclass, field
 
-from .alphabet import ALPHABET_KINDS, GRANULARITIES
+from .alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
 from .column_order import COLUMN_ORDERS
 from .engine import ENGINES
+from .errors import bad_hyperparameter
 from .network import CALIBRATIONS, METHODS
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING
 from .quantizer import FIRST_COLUMN_RULES
@@ -27,7 +28,7 @@ def option(default, column, grid=True, per_layer=True, choices=None):
 
 
 def _fail(message):
-    raise ValueError(f"bad hyperparameter: {message}")
+    raise bad_hyperparameter(message)
 
 
 def _is_int(value) -> bool:
@@ -82,6 +83,9 @@ class QuantConfig:
             object.__setattr__(self, "ignore_layers", tuple(self.ignore_layers))
         if not _is_int(self.bits) or self.bits < 1:
             _fail(f"bits must be a positive integer, got {self.bits!r}")
+        if self.bits > MAX_BITS:
+            _fail(f"bits {self.bits} is more than the alphabets support: at most {MAX_BITS} bits "
+                  f"({2 ** MAX_BITS + 1} levels)")
         for key in ("mlp_scalar", "cnn_scalar"):
             value = getattr(self, key)
             if not _is_number(value) or not value > 0:

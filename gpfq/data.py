@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .errors import BadInputError
 from .paths import DATA_DIR
 
 DATASETS = ("fashion_mnist", "imagenet", "imagefolder")
@@ -26,11 +27,11 @@ FASHION_MNIST_FILES = {
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DataMissingError(FileNotFoundError):
+class DataMissingError(BadInputError, FileNotFoundError):
     """A dataset is not where the project looks for it."""
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(BadInputError, OSError):
     """An image file that cannot be decoded (corrupt or truncated)."""
 
 

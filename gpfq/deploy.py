@@ -36,7 +36,7 @@ def save_beside(model, reports, model_path, point: dict, input_shape, log=print)
     return path, size
 
 
-def size_columns(size: SizeReport, display=str) -> dict:
+def size_columns(size: SizeReport) -> dict:
     """The log's size columns (empty when no quantized model file was written)."""
     if size is None:
         return dict.fromkeys(SIZE_COLUMNS, "")

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .capture import flat_weight, grouped, layer_rows, patch_grid, patch_indices
 from .data import CalibrationStream
 from .engine import GramStatistics
+from .errors import GPFQError
 
 RULE_PLACES = ("rank0", "every")  # where the layer rule runs: rank 0 then broadcast Q, or every rank
 DEFAULT_TIMEOUT_SECONDS = 1800  # a rank that does not answer a collective for this long is taken as hung
@@ -58,8 +59,9 @@ LOCAL_KEYS = ("data_dir", "log_dir", "model_dir", "num_workers", "num_threads", 
 _COLLECTIVES = [0]
 
 
-class DistributedError(RuntimeError):
-    """A rank failed, died or hung, or the ranks were started with different settings."""
+class DistributedError(GPFQError, RuntimeError):
+    """A rank failed, died or hung, or the ranks were started with different settings (the scripts print its
+    message alone, exit status 1)."""
 
 
 def backend_for(device) -> str:

@@ -33,6 +33,9 @@ from .threads import single_thread
 
 FORMS = ("residual", "gram")
 ENGINES = ("auto",) + FORMS + ("columns",)  # "columns": the per-column loop `gpfq_columns`
+# Rows per float32 product when `gpfq_blocked` sums rows it is given into float64 Grams (about what one
+# stream chunk of 256 images gives a conv layer).
+GRAM_CHUNK_ROWS = 2 ** 14
 DEFAULT_ROWS_BUDGET = 2 ** 30  # bytes of X, X̃ rows the residual form may hold before "auto" streams instead
 # A block's products use all threads only when its largest has this many multiply-adds (≈ 25 µs on one
 # core). On an idle 2-core machine two threads already pay from 1.3 M (33 → 25 µs) and give 1.6–1.9× from
@@ -229,14 +232,19 @@ def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAU
 
 
 def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", block_size=None,
-                 dtype=torch.float32, compiled=None, rounding=None, first_column="paper"):
-    """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`."""
+                 dtype=torch.float32, compiled=None, rounding=None, first_column="paper", chunk_rows=GRAM_CHUNK_ROWS):
+    """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`.
+
+    The Gram form sums the rows `chunk_rows` at a time into float64 (`GramStatistics`), as a stream sums
+    its chunks: one float32 product over every row would lose precision as m grows.
+    """
     n_groups, n_neurons, n_inputs = weight.shape
     form = choose_form(form, analog_input.shape[1], n_inputs, n_neurons, n_groups, rows_budget=math.inf)
     if form == "residual":
         return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, compiled, rounding,
                              first_column)
     statistics = GramStatistics(n_groups, n_inputs, dtype=dtype, device=weight.device)
-    statistics.add(analog_input, quantized_input)
+    for start in range(0, analog_input.shape[1], chunk_rows):
+        statistics.add(analog_input[:, start:start + chunk_rows], quantized_input[:, start:start + chunk_rows])
     return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype, compiled,
                      rounding, first_column)

@@ -24,12 +24,13 @@ from .capture import Coverage, check_model_finite, find_layers
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
+from .errors import ResultWriteError, os_error_reason
 from .evaluate import evaluate
 from .folding import fold_batchnorm
 from .header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
                      expand_grid, method_description, parse_overrides, point_columns, validate)
 from .logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
-from .models import load_model, published_accuracy
+from .models import load_model, published_accuracy, weights_label
 from .network import check_layer_indices, reports_as_dicts, zero_fraction
 from .paths import DATA_DIR, LOG_DIR, MODEL_DIR
 from .preprocessing import check_model_takes, image_folder_sets
@@ -188,9 +189,11 @@ class Variant:
     resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model);
     validate_point(point) adds cheap checks; validate_model(point, ModelFacts) adds checks that need the
         model's layers or the data's size (in `preflight`, before any point runs).
-    name: starts the saved models' file names, so variants' models stand apart.
+    name: starts the saved models' file names, so variants' models stand apart; file_prefix(point), when
+        given, replaces it with one that also names the point's options (e.g. 'adhoc_bias-all').
     """
     name: str = ""
+    file_prefix: Optional[Callable] = None
     quantize: Callable = plain_quantize
     logs: dict = field(default_factory=lambda: {PLAIN_LOG: PLAIN_COLUMNS})
     log_names: Optional[Callable] = None
@@ -220,14 +223,17 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
     config = context.config
-    log(f"== {point['model_name']} {point['method']} {config.method_description()} {point['bits']} bits, "
-        f"m={point['batch_size']}, C=({point['mlp_scalar']}, {point['cnn_scalar']}), "
-        f"{config.alphabet_granularity} alphabets, seed {point['seed']}")
+    own_options = {key: value for key, value in variant.own_columns(point).items() if value not in ("", None)}
+    log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
+        f"{config.method_description()} {point['bits']} bits, m={point['batch_size']}, "
+        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), {config.alphabet_granularity} alphabets, "
+        f"seed {point['seed']}" + "".join(f", {key} {value}" for key, value in own_options.items()))
     start = time.time()
     quantized_model, reports, extra = variant.quantize(context)
     seconds = time.time() - start
 
-    stem = (f"{variant.name + '_' if variant.name else ''}{point['method']}_{point['alphabet']}"
+    prefix = variant.file_prefix(point) if variant.file_prefix is not None else variant.name
+    stem = (f"{prefix + '_' if prefix else ''}{point['method']}_{point['alphabet']}"
             f"_{config.alphabet_granularity}_b{point['bits']}_m{point['batch_size']}"
             f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
@@ -238,7 +244,11 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     with shard.step("saving the quantized model (rank 0)"):
         saved = None
         if shard.writer:
-            model_path = save_model(quantized_model, record, model_dir, stem)
+            try:
+                model_path = save_model(quantized_model, record, model_dir, stem)
+            except OSError as error:
+                raise ResultWriteError(f"could not save the quantized model in {model_dir} "
+                                       f"({os_error_reason(error)}); nothing of this grid point was written") from error
             log(f"saved {model_path}")
             saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
                                                       context.calibration[0][0].shape, log))
@@ -246,12 +256,23 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     model_path, quantized_file, size = saved
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
+    warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
+    warnings += chance_warnings(top1, output_width(context))
+    for warning in warnings:
+        log(f"WARNING: {warning}")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
-                         "quantized_top1": top1, "quantized_top5": top5}
+                         "quantized_top1": top1, "quantized_top5": top5, "warnings": warnings}
     record["quantized_model_file"] = dict(path=str(quantized_file), **asdict(size)) if size else None
+    where = (f"The quantized model is saved at {model_path}, its record (hyperparameters, per-layer errors) at "
+             f"{model_path.with_suffix('.json')}; top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 "
+             f"{context.original_top5:.4f} -> {top5:.4f}.")
     with shard.step("writing the record (rank 0)"):
         if shard.writer:
-            write_record(model_path.with_suffix(".json"), record)
+            try:
+                write_record(model_path.with_suffix(".json"), record)
+            except OSError as error:
+                raise ResultWriteError(f"could not add the results to {model_path.with_suffix('.json')} "
+                                       f"({os_error_reason(error)}). {where}") from error
     row = point_columns(point)
     row.update(variant.own_columns(point))
     row.update({
@@ -262,18 +283,38 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
         FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
-        "World Size": shard.world_size, "Backend": record["backend"],
+        "World Size": shard.world_size, "Backend": record["backend"], "Warnings": "; ".join(warnings),
     })
     row.update(coverage_columns(reports))
     row.update(extra)
     with shard.step("appending the log row (rank 0)"):
         for log_path in log_paths if shard.writer else []:
-            append_row(log_path, row, variant.logs[log_path.name])
+            append_row(log_path, row, variant.logs[log_path.name], saved=where)
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
         export_beside(quantized_file, log)
     return row
+
+
+# A final top-1 this close to guessing (1 / number of classes) means the quantized model is broken.
+CHANCE_MARGIN = 0.02
+
+
+@torch.no_grad()
+def output_width(context: Context) -> int:
+    """The number of classes: the float model's output width on one calibration image."""
+    example = context.calibration[0][0].unsqueeze(0).to(context.device)
+    return int(context.analog_model.eval().to(context.device)(example).shape[-1])
+
+
+def chance_warnings(top1: float, n_classes: int) -> list:
+    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes)."""
+    chance = 1.0 / n_classes
+    if top1 <= chance + CHANCE_MARGIN:
+        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of chance "
+                f"({chance:.4f} for {n_classes} classes)"]
+    return []
 
 
 # ---------------------------------------------------------------- resume

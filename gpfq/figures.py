@@ -6,6 +6,7 @@
   and options such as sparse GPFQ's threshold), at one m.
 Repeated rows of the same setting (several seeds) are averaged.
 """
+import io
 from pathlib import Path
 
 import matplotlib
@@ -14,14 +15,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .logs import clean_csv  # noqa: E402
+
 TOP1, FLOAT_TOP1, M, BITS = "Quantized Top1 Accuracy", "Original Top1 Accuracy", "Quantization Batch Size", "Bits"
 # Columns older logs may lack, with the value they imply.
 IMPLIED = {"Method": "gpfq", "Alphabet Granularity": "layer", "Method Options": "", "Fold BatchNorm": False}
 
 
 def read_logs(paths) -> pd.DataFrame:
-    """The rows of every CSV log in `paths`, one frame."""
-    frames = [pd.read_csv(path, keep_default_na=False) for path in paths]
+    """The whole rows of every CSV log in `paths`, one frame (torn records reported and left out)."""
+    frames = [pd.read_csv(io.StringIO(clean_csv(path)), keep_default_na=False) for path in paths]
     frame = pd.concat(frames, ignore_index=True)
     for column, value in IMPLIED.items():
         if column not in frame:

@@ -14,19 +14,22 @@ import torch
 
 from .config import GRID_FIELDS, QuantConfig
 from .data import DATASETS, dataset_label
+from .errors import bad_hyperparameter
+from .models import weights_label
 from .preprocessing import check_model_and_data
 
 # The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
 GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
-RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author"}
+RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx")
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
-COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False}
+# debug: known errors show their stack (gpfq.cli).
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False}
 
 
 def parse_overrides(header: dict, argv=None) -> dict:
@@ -82,14 +85,19 @@ def expand_grid(config: dict, grid_keys=()) -> list:
 def validate(point: dict) -> None:
     """Raise ValueError on the first bad hyperparameter of one grid point (cheap checks only)."""
     def fail(message):
-        raise ValueError(f"bad hyperparameter: {message}")
+        raise bad_hyperparameter(message)
 
+    for key, value in point.items():  # grid keys' lists are expanded by now; what is left takes one value
+        if isinstance(value, (list, tuple)) and key not in LIST_KEYS:
+            fail(f"{key} takes one value, got {len(value)}: {list(value)!r}; it does not expand into a grid "
+                 f"(quote a value that has spaces: --{key} 'a b')")
     QuantConfig.from_point(point)  # the quantization hyperparameters
     workers = point.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
-    if not isinstance(point.get("resume", False), bool):
-        fail(f"resume must be True or False, got {point['resume']!r}")
+    for key in ("resume", "debug"):
+        if not isinstance(point.get(key, False), bool):
+            fail(f"{key} must be True or False, got {point[key]!r}")
     if not isinstance(point.get("export_onnx", False), bool):
         fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -116,4 +124,5 @@ def point_columns(point: dict) -> dict:
     columns = {"Model Name": point["model_name"],
                "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size"))}
     columns.update(QuantConfig.from_point(point).log_columns())
+    columns["Weights"] = weights_label(point["model_name"], point["weights"])  # other weights: another point
     return columns

@@ -4,7 +4,12 @@
 The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
 MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
 gpfq/pretrained/ (made by scripts/train_default_models.py).
+
+Every model the scripts save loads with `load_model(name, path)`, or `load_saved_model(path)`, which
+reads the name from the JSON sidecar: layers that gained a bias (bias correction, folded BatchNorm)
+get one, and BatchNorm layers folded away become Identity, before the state is loaded strictly.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +20,9 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
+from .errors import BadHyperparameterError
 from .paths import PRETRAINED_DIR
+from .state_dicts import load_state
 from .user_models import (WeightsUnavailableError, build_user_model, check_user_model, is_user_model,
                           load_state_dict_file)
 
@@ -86,7 +93,7 @@ def torchvision_names() -> list:
 def check_model_name(name: str) -> None:
     """Raise ValueError for a name that is neither embedded, a torchvision classifier, nor a user model."""
     if not isinstance(name, str):
-        raise ValueError(f"model name must be a string, got {name!r}")
+        raise BadHyperparameterError(f"bad hyperparameter: model name must be a string, got {name!r}")
     if is_embedded(name):
         return
     if is_user_model(name):
@@ -94,9 +101,10 @@ def check_model_name(name: str) -> None:
         return
     names = torchvision_names()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)}, "
-                         f"a torchvision classifier ({', '.join(names[:8])}, …), 'package.module:factory', "
-                         f"'path/to/file.py:factory' or 'timm:<name>'")
+        raise BadHyperparameterError(f"unknown model {name!r}: use one of the embedded models "
+                                     f"{sorted(EMBEDDED_MODELS)}, a torchvision classifier "
+                                     f"({', '.join(names[:8])}, …), 'package.module:factory', "
+                                     f"'path/to/file.py:factory' or 'timm:<name>'")
 
 
 def is_torchvision(name) -> bool:
@@ -149,8 +157,52 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
             model.load_state_dict(_download_torchvision_weights(name))
             return model.eval()
     if weights != "random":
-        model.load_state_dict(load_state_dict_file(weights))
+        load_state(model, load_state_dict_file(weights))
     return model.eval()
+
+
+def load_saved_model(path) -> nn.Module:
+    """A model the scripts saved (`models/<model>/….pt`), built from the model name in its JSON sidecar."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
+        raise WeightsUnavailableError(f"{sidecar} not found: load a saved model without its sidecar with "
+                                      f"load_model(name, {str(path)!r})")
+    hyperparameters = json.loads(sidecar.read_text()).get("hyperparameters", {})
+    return load_model(hyperparameters["model_name"], str(path))
+
+
+_SHA256_CACHE = {}
+
+
+def file_sha256(path) -> str:
+    """The sha256 hex digest of a file (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def weights_label(name: str, weights) -> str:
+    """How a log row names a model's weights: 'random'; a file as its name and the first 12 hex digits of
+    its sha256 (the embedded models' shipped 'DEFAULT' file included, so retrained weights differ);
+    torchvision's 'DEFAULT' with the name of its weights file (which carries a hash prefix)."""
+    if weights == "random":
+        return "random"
+    if weights == "DEFAULT" and not is_embedded(name):
+        try:
+            return f"DEFAULT {os.path.basename(_torchvision_weights(name).url)}"
+        except (ValueError, KeyError, AttributeError):  # a model with no torchvision weights of that name
+            return "DEFAULT"
+    path = PRETRAINED_DIR / f"{name}.pt" if weights == "DEFAULT" else Path(weights)
+    label = "DEFAULT" if weights == "DEFAULT" else path.name
+    return f"{label} sha256:{file_sha256(path)[:12]}" if path.exists() else label
 
 
 def _architecture_kwargs(name: str) -> dict:

@@ -14,7 +14,8 @@ so forward cost is linear in depth.
 
 Rows flow chunk by chunk. For GPFQ with the Gram form (`engine.choose_form`: the cheaper
 form, or the one whose memory does not grow with m), the chunks are summed into
-`engine.GramStatistics` and never kept, so a layer's peak memory is flat in m.
+`engine.GramStatistics` (rows kept only for an `after_layer` that asks, `keep_rows`; the same sums give Q
+either way), so a layer's peak memory is flat in m.
 
 Extension points used by the variants:
 - `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
@@ -40,6 +41,7 @@ from .column_order import gram_rule_in_order, rows_rule_in_order
 from .capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
                       layer_rows, owner_module, trace_graph, write_weight)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
+from .errors import bad_hyperparameter
 from .gptq import gptq, gptq_from_gram
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
 from .quantizer import msq, relative_error
@@ -92,14 +94,36 @@ class LayerReport:
     parameter: str = ""  # the weight's parameter name ('layer1.0.conv1.weight', '…in_proj_weight')
     # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
     alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
+    warnings: list = field(default_factory=list)  # signs of a degenerate result (`layer_warnings`)
+
+
+# A layer is flagged when most of its weights quantize to 0 or its relative error is this large: with
+# either, the network's output is mostly lost, whatever the other layers do.
+ZERO_WARNING = 0.99
+ERROR_WARNING = 0.5
+
+
+def layer_warnings(rows: int, n_inputs: int, zeros: int, size: int, error: float) -> list:
+    """Warnings for a quantized layer: fewer calibration rows than weights per neuron (GPFQ's error bound
+    needs m large compared with N0; with m < N0 the layer fits its few rows and nothing else), ≥ 99 %
+    zeros, relative error ≥ 0.5."""
+    warnings = []
+    if rows < n_inputs:
+        warnings.append(f"{rows} calibration rows < {n_inputs} weights per neuron (GPFQ needs m ≫ N0: raise "
+                        f"batch_size or retain_rate)")
+    if size and zeros / size >= ZERO_WARNING:
+        warnings.append(f"{zeros / size:.1%} of the weights quantized to 0 (alphabet too coarse for them?)")
+    if error >= ERROR_WARNING:
+        warnings.append(f"relative error {error:.4f} ≥ {ERROR_WARNING}")
+    return warnings
 
 
 @dataclass
 class LayerStep:
     """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
 
-    When the layer was streamed, the rows were never kept (None) and `statistics` holds their
-    sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); `_quantize_network(keep_rows=True)` keeps rows.
+    For the Gram form, `statistics` holds the rows' sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); the
+    rows themselves are None unless `_quantize_network(keep_rows=True)` kept them.
     """
     report: LayerReport
     analog_layer: nn.Module
@@ -252,11 +276,13 @@ def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int
 
 def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
                  rows_budget=DEFAULT_ROWS_BUDGET):
-    """Turn a layer's input chunks into rows (m, G·N0), or into GramStatistics when it is streamed.
+    """Turn a layer's input chunks into rows (m, G·N0) and, for the Gram form, into GramStatistics.
 
     input_pairs: (X input, X̃ input) per chunk of the `n_images` calibration images. The form is
-    decided at the first chunk (every image gives the same number of rows). Returns
-    (analog_rows, quantized_rows, statistics, form): rows None when streamed, statistics None if not.
+    decided at the first chunk (every image gives the same number of rows). The Gram form always sums
+    the chunks into GramStatistics, and keeps the rows only with `keep_rows`: the layer's Q then comes
+    from the same sums, bit for bit, whether its rows are kept or not. Returns
+    (analog_rows, quantized_rows, statistics, form): rows None when not kept, statistics None if not Gram.
     """
     flat = flat_weight(layer)
     weight = grouped(layer, flat)
@@ -267,18 +293,18 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
         if form is None:
             rows = x.shape[0] // analog.images * n_images
             form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
-            if form == "gram" and settings.method in STATISTICS_METHODS and not keep_rows:
+            if form == "gram" and settings.method in STATISTICS_METHODS:
                 # Qronos's ridge (1e-6 · λ_max by default) is below float32's resolution of the sums: form them in float64
                 statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device,
                                             dtype=torch.float64 if settings.method == "qronos" else torch.float32)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
-        else:
+        if statistics is None or keep_rows:
             analog_parts.append(x)
             quantized_parts.append(xq)
-    if statistics is not None:
+    if statistics is not None and not keep_rows:
         return None, None, statistics, form
-    return torch.cat(analog_parts), torch.cat(quantized_parts), None, form
+    return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
 
 
 def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
@@ -411,6 +437,9 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
             analog_g = quantized_g = None
+            if analog_rows is not None:  # kept for after_layer
+                analog_g, quantized_g = grouped(layer, flat_weight(layer), analog_rows)[1], \
+                    grouped(layer, flat_weight(layer), quantized_rows)[1]
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
         else:
             layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
@@ -428,16 +457,18 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
         report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
-                             streamed=statistics is not None, rule_seconds=rule_seconds,
+                             streamed=statistics is not None and analog_rows is None, rule_seconds=rule_seconds,
                              stored_bits=stored_bits(alphabet.shape[-1]),
                              code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
-                             parameter=layer.parameter)
+                             parameter=layer.parameter,
+                             warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error))
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
             f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
             f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
-            f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s")
+            f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
+            + "".join(f"; WARNING: {warning}" for warning in report.warnings))
         if after_layer is not None:
             after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
                                   analog_model, quantized_model, analog_g, quantized_g, weight, quantized_weight,
@@ -468,8 +499,8 @@ def check_layer_indices(key: str, indices, names: list) -> None:
     """ValueError if a layer index (execution order, negative from the end) of `key` matches no layer."""
     bad = [i for i in indices if not -len(names) <= i < len(names)]
     if bad:
-        raise ValueError(f"bad hyperparameter: {key} {bad} match no layer; the model has {len(names)} "
-                         f"(0 … {len(names) - 1}): {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+        raise bad_hyperparameter(f"{key} {bad} match no layer; the model has {len(names)} "
+                                 f"(0 … {len(names) - 1}): {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
 
 
 def reports_as_dicts(reports) -> list:

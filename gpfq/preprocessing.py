@@ -16,6 +16,7 @@ import torch
 
 from .data import DEFAULT_IMAGE_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD, default_transform, image_folder, \
     image_folder_classes
+from .errors import BadInputError, bad_hyperparameter
 from .paths import DATA_DIR
 from .models import EMBEDDED_DATASET, check_model_name, is_embedded, is_torchvision
 from .user_models import is_timm
@@ -23,7 +24,7 @@ from .user_models import is_timm
 FASHION_MNIST_CLASSES = 10
 
 
-class ModelDataMismatchError(ValueError):
+class ModelDataMismatchError(BadInputError, ValueError):
     """A model that cannot take a dataset's images, or has fewer outputs than the dataset has classes."""
 
 
@@ -38,18 +39,18 @@ def check_model_and_data(model_name, dataset: str, image_size=None, data_dir=Non
     check_model_name(model_name)
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"bad hyperparameter: image_size must be None (the model's own) or an integer ≥ 8, "
-                             f"got {image_size!r}")
+            raise bad_hyperparameter(f"image_size must be None (the model's own) or an integer ≥ 8, "
+                                     f"got {image_size!r}")
         if dataset != "imagefolder":
-            raise ValueError(f"bad hyperparameter: image_size applies to --dataset imagefolder only (dataset is "
-                             f"{dataset!r}, whose preprocessing is fixed)")
+            raise bad_hyperparameter(f"image_size applies to --dataset imagefolder only (dataset is "
+                                     f"{dataset!r}, whose preprocessing is fixed)")
     if dataset == EMBEDDED_DATASET and (is_torchvision(model_name) or is_timm(model_name)):
-        raise ValueError(f"bad hyperparameter: model {model_name!r} does not go with dataset {dataset!r}: it takes "
-                         f"3-channel images; use imagenet or imagefolder (Fashion-MNIST goes with the embedded "
-                         f"models)")
+        raise bad_hyperparameter(f"model {model_name!r} does not go with dataset {dataset!r}: it takes "
+                                 f"3-channel images; use imagenet or imagefolder (Fashion-MNIST goes with the embedded "
+                                 f"models)")
     if dataset == "imagenet" and is_embedded(model_name):
-        raise ValueError(f"bad hyperparameter: model {model_name!r} does not go with dataset 'imagenet': the "
-                         f"embedded models take 1×28×28 Fashion-MNIST images; use {EMBEDDED_DATASET} or imagefolder")
+        raise bad_hyperparameter(f"model {model_name!r} does not go with dataset 'imagenet': the "
+                                 f"embedded models take 1×28×28 Fashion-MNIST images; use {EMBEDDED_DATASET} or imagefolder")
     if dataset == "imagefolder":
         image_folder_classes(data_dir or DATA_DIR)
 

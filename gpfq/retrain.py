@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .api import quantize as quantize_model
+from .errors import bad_hyperparameter
 from .evaluate import evaluate
 from .experiment import Variant
 from .logs import EXTRA_COLUMNS, PAPER_COLUMNS
@@ -42,7 +43,7 @@ HEADER_KEYS = GRID_KEYS + ("evaluate_each_step",)
 def validate_point(point: dict) -> None:
     """The retraining hyperparameters' checks."""
     def fail(message):
-        raise ValueError(f"bad hyperparameter: {message}")
+        raise bad_hyperparameter(message)
 
     def integer(key, low):
         value = point.get(key)

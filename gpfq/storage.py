@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInputError
 from .paths import REPO_ROOT
 
 
@@ -79,6 +80,10 @@ def display_path(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
+class UnwritableFolderError(BadInputError, PermissionError):
+    """A result folder that cannot be written."""
+
+
 def check_writable(folder: Path, key: str = "folder") -> None:
     """Create `folder` if needed and write a file in it: a folder results cannot go to is found before any work."""
     try:
@@ -86,6 +91,6 @@ def check_writable(folder: Path, key: str = "folder") -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise PermissionError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), so "
-                              f"results could not be saved there. Fix it, or choose another with --{key} PATH"
-                              ) from error
+        raise UnwritableFolderError(f"{key} {folder} is not a writable folder ({type(error).__name__}: {error}), "
+                                    f"so results could not be saved there. Fix it, or choose another with --{key} "
+                                    f"PATH") from error

@@ -25,16 +25,18 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .errors import BadInputError
 from .paths import REPO_ROOT
+from .state_dicts import load_state
 
 TIMM_PREFIX = "timm:"
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(BadInputError, FileNotFoundError):
     """Pretrained weights could neither be found locally nor downloaded."""
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(BadInputError, ValueError):
     """A user model name that cannot be resolved to a model factory."""
 
 
@@ -161,7 +163,7 @@ def load_weights(model: nn.Module, path, name: str) -> nn.Module:
     """Load a local state dict into `model`; a mismatch is one clear error naming the keys."""
     state = load_state_dict_file(path)
     try:
-        model.load_state_dict(state)
+        load_state(model, state)  # a saved quantized model may have gained biases or folded its BatchNorm
     except RuntimeError as error:
         first = str(error).strip().splitlines()
         raise WeightsUnavailableError(f"weights file {path} does not fit model {name!r}: "

@@ -83,4 +83,5 @@ if __name__ == "__main__":
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
     from gpfq.experiment import main
     from gpfq.retrain import RETRAIN
-    main(HEADER, variant=RETRAIN)
+    from gpfq.cli import run_script
+    run_script(main, HEADER, variant=RETRAIN)

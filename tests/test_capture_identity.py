@@ -46,6 +46,7 @@ def quantized_resnet18(calibration: str):
     return quantized, reports
 
 
+@pytest.mark.slow  # all of ResNet-18
 @pytest.mark.parametrize("calibration", ["fresh", "fixed"])
 def test_resnet18_quantized_weights_unchanged(calibration):
     quantized, reports = quantized_resnet18(calibration)

@@ -21,6 +21,7 @@ def _path(logged: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+@pytest.mark.slow  # whole default runs
 def test_rows_show_levels_bits_entropy_and_size(default_runs):
     _, rows = default_runs
     for (method, bits), row in rows.items():
@@ -40,6 +41,7 @@ def header_float_bytes(pt: Path) -> int:
     return sum(t.numel() * t.element_size() for t in torch.load(pt, map_location="cpu", weights_only=True).values())
 
 
+@pytest.mark.slow  # whole default runs
 def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_runs, default_data):
     _, rows = default_runs
     for row in rows.values():
@@ -57,6 +59,7 @@ def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_ru
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
                     reason="--export_onnx needs onnx, onnxscript and onnxruntime (pip install 'gpfq[onnx]')")
+@pytest.mark.slow  # whole default runs
 def test_export_onnx_flag_writes_the_onnx_beside(tmp_path):
     import onnxruntime as ort
     from gpfq.data import evaluation_set

@@ -68,6 +68,7 @@ def two_ranks(tmp_path_factory):
     return runs, run_ranks(2, runs, tmp_path_factory.mktemp("two_ranks") / "q")
 
 
+@pytest.mark.slow  # process groups on the default model
 def test_two_ranks_equal_one_process_bit_for_bit(two_ranks):
     """Each rank's share is one chunk of one process's draw, so the float64 sums are a + b on both sides and
     the gathered rows are one process's rows: Q is equal bit for bit, in fresh and fixed mode, for GPFQ
@@ -87,6 +88,7 @@ def test_two_ranks_equal_one_process_bit_for_bit(two_ranks):
         assert sums_agree(rank0, rank1) == [name for name, (_, sums) in rank0["layers"].items() if sums is not None]
 
 
+@pytest.mark.slow  # process groups on the default model
 def test_two_ranks_against_the_default_engine(two_ranks):
     """Against one process as it runs by default (engine 'auto': the residual form on some layers,
     chunks of 256), Q agrees on at least 99.9 % of the entries."""
@@ -125,6 +127,7 @@ def written_files(tmp_path):
                   for p in (tmp_path / folder).rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # process groups on the default model
 def test_mismatched_bits_stop_every_rank_before_any_work(tmp_path):
     """Ranks started with different --bits: every rank stops with one message naming the difference, before
     anything loads or any folder is made."""
@@ -151,6 +154,7 @@ if os.environ["RANK"] == "1":
 """
 
 
+@pytest.mark.slow  # process groups on the default model
 def test_killed_rank_ends_the_run_with_its_name(tmp_path):
     """Rank 1 is killed in the middle of layer 3: rank 0 stops at its next collective with a message naming
     rank 1 and where it stopped; no log row and no model (not even a temporary file) is left."""

@@ -184,6 +184,7 @@ def _call_counts(model):
     return counts
 
 
+@pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 @pytest.mark.parametrize("calibration", ["fresh", "fixed"])
 def test_forward_cost_fresh_quadratic_fixed_linear(calibration):
     """Layer calls during quantization: fresh mode runs layers 0…k−1 again for layer k (both networks),
@@ -203,6 +204,7 @@ def test_forward_cost_fresh_quadratic_fixed_linear(calibration):
         assert counts[name] == expected + example_pass
 
 
+@pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 @pytest.mark.parametrize("model_class", [FashionResNet, FashionMobileNet])
 def test_cached_forward_gives_each_layers_input(model_class):
     model = model_class().eval()
@@ -215,6 +217,7 @@ def test_cached_forward_gives_each_layers_input(model_class):
         assert torch.equal(captured, capture_input(model, layer.name, images))
 
 
+@pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 def test_fixed_mode_sees_the_quantized_earlier_layers():
     """X̃ of layer k in fixed mode is the input computed with layers < k already quantized."""
     model = FashionResNet().eval()
@@ -228,6 +231,7 @@ def test_fixed_mode_sees_the_quantized_earlier_layers():
     torch.testing.assert_close(last.analog_rows[0], capture_input(model, "fc", images))
 
 
+@pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 def test_fixed_mode_in_place_uses_the_model_being_quantized():
     model = FashionResNet().eval()
     data = _Images(30, 6)
@@ -254,6 +258,7 @@ def test_kept_patches_read_through_a_view_equal_unfold_then_gather(conv, stride)
     assert torch.equal(selected_patches(images, conv, index, stride), expected)
 
 
+@pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 def test_same_seed_same_bits_and_mode_validation():
     model = FashionResNet().eval()
     runs = [_quantize_network(model, CalibrationStream(_Images(50, 4), 7, chunk_size=16), _settings("auto"), 25,

@@ -88,6 +88,7 @@ CASES = [("gpfq", "gpfq2022", "layer", {}), ("gpfq", "strict", "channel", {}), (
          ("sparse_gpfq", "midtread", "channel", {"sparsity_threshold": 0.1}), ("qronos", "gpfq2022", "channel", {})]
 
 
+@pytest.mark.slow  # quantizes the default model per case
 @pytest.mark.parametrize("method, alphabet, granularity, options", CASES)
 def test_round_trip_bit_for_bit(fashion, tmp_path, method, alphabet, granularity, options):
     model, reports = _quantize(fashion, method, alphabet, granularity, **options)
@@ -119,6 +120,7 @@ def test_round_trip_bit_for_bit(fashion, tmp_path, method, alphabet, granularity
     assert size.ratio < 0.35
 
 
+@pytest.mark.slow  # quantizes the default model per case
 def test_bias_corrected_and_folded_models_round_trip(fashion, tmp_path):
     from gpfq.folding import fold_batchnorm
     calibration, model = fashion
@@ -254,6 +256,7 @@ def test_describe_reports_each_layer(saved, capsys):
     assert main([str(path.parent / "missing.safetensors")]) == 1
 
 
+@pytest.mark.slow  # quantizes the default model per case
 def test_the_public_api_round_trip(fashion, tmp_path):
     import gpfq
     calibration, model = fashion

@@ -54,6 +54,7 @@ def _session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow  # quantizes and exports the default model
 def test_every_path_is_taken_and_weights_are_integers(exported):
     model, path, kinds, reports = exported["mixed"]
     assert {name: kind for name, kind in kinds.items()} == {
@@ -70,6 +71,7 @@ def test_every_path_is_taken_and_weights_are_integers(exported):
         assert [n.op_type for n in proto.graph.node if key in n.output] in (["DequantizeLinear"], ["Gather"])
 
 
+@pytest.mark.slow  # quantizes and exports the default model
 def test_onnxruntime_logits_match_torch(exported):
     evaluation = evaluation_set("fashion_mnist")
     images = torch.stack([evaluation[i][0] for i in range(256)])
@@ -84,6 +86,7 @@ def test_onnxruntime_logits_match_torch(exported):
             assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max(), name
 
 
+@pytest.mark.slow  # quantizes and exports the default model
 def test_onnxruntime_top1_equals_torch_on_the_10k_test_images(exported):
     evaluation = evaluation_set("fashion_mnist")
     model, path, _, _ = exported["mixed"]
@@ -101,6 +104,7 @@ def test_onnxruntime_top1_equals_torch_on_the_10k_test_images(exported):
     assert (torch_top1 == labels).float().mean() > 0.85  # a working model, not a constant one
 
 
+@pytest.mark.slow  # quantizes and exports the default model
 def test_four_bit_uniform_export_is_at_least_four_times_smaller_than_float(exported):
     _, path, kinds, _ = exported["strict4"]
     assert set(kinds.values()) == {"dequantize-int4"}
@@ -121,6 +125,7 @@ def test_integer_grid_of_each_alphabet():
     assert integer_grid(make_alphabet("strict", 9, 1.0, 1.0).float()) is None  # needs more than 8 bits
 
 
+@pytest.mark.slow  # quantizes and exports the default model
 def test_export_needs_an_input_shape(exported, tmp_path):
     model, _, _, reports = exported["strict4"]
     save_quantized(model, reports, tmp_path / "m.safetensors", model_name="fashion_resnet")

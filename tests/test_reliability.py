@@ -5,6 +5,7 @@ EVAL_IMAGES Fashion-MNIST test images (gpfq.experiment.evaluation_set is narrowe
 paths are the real ones).
 """
 import csv
+import errno
 import importlib.util
 import json
 import os
@@ -39,7 +40,7 @@ from gpfq.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.models import WeightsUnavailableError, load_model
 from gpfq.engine import ENGINES
 from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, _quantize_network
-from gpfq.paths import PRETRAINED_DIR, REPO_ROOT
+from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.quantizer import gpfq_reference, msq
 
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]
@@ -272,10 +273,13 @@ def _run_script(folder: str, argv: list, monkeypatch):
     (["--bits_map", "{12: 8}"], "bits_map entries [12] match no layer"),
     (["--bias_batch_size", "70000"], "bias_batch_size 70000 is larger than the calibration set (60000 images)"),
 ])
-def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, argv, message):
-    with pytest.raises(ValueError) as error:
+def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, capsys, argv, message):
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line (gpfq.cli.run_script)
         _run_script("adhoc_quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
-    assert message in str(error.value)
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: bad hyperparameter: ") and message in stderr and stderr.count("\n") == 1
 
 
 def _first_point(folder: str) -> dict:
@@ -553,3 +557,344 @@ def test_same_seed_same_bits_across_runs_and_workers(tmp_path, small_eval):
                               text=True, check=True).stdout.strip()
     assert logged["Code Revision"].split("+")[0] == revision
     assert logged["Package Version"] == gpfq.__version__ and logged["Seed"] == "0"
+
+
+# ================================================================ issue 15: no row invisible, no silent nonsense
+# The new names are imported inside the tests, so each test fails on its own account on a revision without them.
+TORN = '…,0.25,0,"Zo'  # a row cut short by a crash or a full disk, inside a quoted field (Author)
+
+
+def _logged_row(point: dict, top1: float = 0.9) -> dict:
+    """A row as run_point writes it: the point's hyperparameter columns and plausible results."""
+    row = {c: "" for c in COLUMNS}
+    row.update(point_identity(point, COLUMNS))
+    row.update({"Original Top1 Accuracy": 0.92, "Quantized Top1 Accuracy": top1, "Original Top5 Accuracy": 0.99,
+                "Quantized Top5 Accuracy": 0.99})
+    return row
+
+
+def test_torn_quoted_last_line_is_moved_aside_and_the_new_row_starts_clean(tmp_path, capsys):
+    from gpfq.figures import read_logs
+    log = tmp_path / PLAIN_LOG
+    append_row(log, {c: "first" for c in COLUMNS}, COLUMNS)
+    whole = log.read_bytes()
+    with open(log, "a") as f:
+        f.write(TORN)
+    append_row(log, {c: "second" for c in COLUMNS}, COLUMNS)
+    assert [row["Seed"] for row in read_rows(log)] == ["first", "second"]
+    assert list(read_logs([log])["Seed"]) == ["first", "second"]  # the plots' (pandas) reader
+    sidecars = list(tmp_path.glob(f"{PLAIN_LOG}.torn-*"))
+    assert len(sidecars) == 1 and sidecars[0].read_text() == TORN
+    assert log.read_bytes().startswith(whole) and TORN.encode() not in log.read_bytes()
+    assert f"moved it to {sidecars[0]}" in capsys.readouterr().err
+
+
+def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_path, capsys):
+    """A log an earlier version left with a torn quoted line in the middle and rows after it."""
+    from gpfq.figures import read_logs
+    plot_logs = runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
+    points = expand_grid(parse_overrides(HEADER, ["--bits", "3", "4", "--batch_size", "64"]))
+    log_dir = tmp_path / "logs"
+    log = log_dir / PLAIN_LOG
+    log_dir.mkdir()
+    with open(log, "w", newline="") as f:  # the old append_row wrote a newline after the torn line, then the row
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerow([_logged_row(points[0], 0.91)[c] for c in COLUMNS])
+        f.write(TORN + "\n")
+        writer.writerow([_logged_row(points[1], 0.92)[c] for c in COLUMNS])
+    assert [row["Bits"] for row in read_rows(log)] == ["3", "4"]
+    assert "line 3: an incomplete record" in capsys.readouterr().err  # reported, not swallowed
+    assert pending_points(points, log_dir) == []  # resume sees both rows
+    assert list(read_logs([log])["Quantized Top1 Accuracy"]) == [0.91, 0.92]
+    plot_logs["main"](["--log", str(log), "--out", str(tmp_path / "figures")])
+    assert (tmp_path / "figures" / "fashion_resnet_top1_vs_m.png").stat().st_size > 0
+
+
+def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_path, small_eval, monkeypatch,
+                                                                          capsys):
+    from gpfq.cli import run_script
+    from gpfq.logs import init_log
+    log = tmp_path / "logs" / PLAIN_LOG
+    init_log(log, COLUMNS)
+    before = log.read_bytes()
+    real_write = os.write
+
+    def full_disk(fd, data):  # the log's file system fills up half-way through the row
+        if os.readlink(f"/proc/self/fd/{fd}") == str(log.resolve()):
+            real_write(fd, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(sys, "argv", ["quantize.py", "--batch_size", "8", "--num_threads", "1"] + out_dirs(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, HEADER)
+    assert exit_.value.code == 1
+    stderr = capsys.readouterr().err
+    model = next((tmp_path / "models").rglob("*.pt"))
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert errors[0].startswith(f"error: could not append the row to {log} (the disk is full: No space left on "
+                                f"device); the log is unchanged. The quantized model is saved at {model}, its record")
+    assert log.read_bytes() == before  # no torn line left behind
+    assert load_model("fashion_resnet", str(model)).fc.weight.unique().numel() <= 2 ** 4 + 1
+
+
+def test_layer_warnings_and_chance_warning_thresholds():
+    from gpfq.experiment import chance_warnings
+    from gpfq.network import layer_warnings
+    assert layer_warnings(64, 64, 98, 100, 0.49) == []
+    assert layer_warnings(63, 64, 0, 100, 0.1) == [
+        "63 calibration rows < 64 weights per neuron (GPFQ needs m ≫ N0: raise batch_size or retain_rate)"]
+    assert layer_warnings(64, 64, 99, 100, 0.1) == ["99.0% of the weights quantized to 0 (alphabet too coarse for them?)"]
+    assert layer_warnings(64, 64, 0, 100, 0.5) == ["relative error 0.5000 ≥ 0.5"]
+    assert chance_warnings(0.1201, 10) == []
+    assert chance_warnings(0.12, 10) == ["final top-1 0.1200 is within 2 points of chance (0.1000 for 10 classes)"]
+    assert chance_warnings(0.0005, 1000) == ["final top-1 0.0005 is within 2 points of chance (0.0010 for 1000 "
+                                             "classes)"]
+
+
+def test_batch_size_1_warns_that_layers_have_fewer_rows_than_weights(tmp_path, small_eval, capsys):
+    row = main(HEADER, ["--batch_size", "1", "--num_threads", "1"] + out_dirs(tmp_path))[0]
+    out = capsys.readouterr().out
+    fc_line = next(line for line in out.splitlines() if line.startswith("[10/10] fc Linear W(10, 64) X(1, 64)"))
+    message = "1 calibration rows < 64 weights per neuron (GPFQ needs m ≫ N0: raise batch_size or retain_rate)"
+    assert fc_line.endswith(f"; WARNING: {message}")
+    assert f"fc: {message}" in row["Warnings"].split("; ")
+    assert read_rows(tmp_path / "logs" / PLAIN_LOG)[0]["Warnings"] == row["Warnings"]
+
+
+@pytest.mark.slow
+def test_huge_alphabet_scalar_warns_on_every_layer_and_at_chance(tmp_path, capsys):
+    """C = 1e9: every weight rounds to 0; the model outputs its last bias, one class, 10 % on the balanced test set."""
+    row = main(HEADER, ["--mlp_scalar", "1e9", "--cnn_scalar", "1e9", "--batch_size", "8", "--num_threads", "1"]
+               + out_dirs(tmp_path))[0]
+    assert row["Quantized Top1 Accuracy"] == 0.1
+    warnings = row["Warnings"].split("; ")
+    assert warnings[-1] == "final top-1 0.1000 is within 2 points of chance (0.1000 for 10 classes)"
+    for name in ("stem.0", "stages.1.conv2", "fc"):
+        assert f"{name}: 100.0% of the weights quantized to 0 (alphabet too coarse for them?)" in warnings
+        assert f"{name}: relative error 1.0000 ≥ 0.5" in warnings
+    out = capsys.readouterr().out
+    assert "WARNING: final top-1 0.1000 is within 2 points of chance" in out
+    assert sum("; WARNING: " in line for line in out.splitlines() if line.startswith("[")) == 10
+
+
+# ---------------------------------------------------------------- clean errors
+CLEAN_ERRORS = [
+    (["--bits", "0"], "bad hyperparameter: bits must be a positive integer, got 0"),
+    (["--bits", "64"], "bad hyperparameter: bits 64 is more than the alphabets support: at most 16 bits "
+                       "(65537 levels)"),
+    (["--weights", "DEFAULT", "random"], "bad hyperparameter: weights takes one value, got 2: ['DEFAULT', "
+                                         "'random']; it does not expand into a grid (quote a value that has "
+                                         "spaces: --weights 'a b')"),
+    (["--device", "cpu", "cpu"], "bad hyperparameter: device takes one value, got 2: ['cpu', 'cpu']; it does "
+                                 "not expand into a grid (quote a value that has spaces: --device 'a b')"),
+    (["--author", "a", "b"], "bad hyperparameter: author takes one value, got 2: ['a', 'b']; it does not expand "
+                             "into a grid (quote a value that has spaces: --author 'a b')"),
+    (["--weights", "nowhere.pt"], "weights file nowhere.pt not found; weights is 'DEFAULT', 'random' or the path "
+                                  "of a state-dict file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CLEAN_ERRORS, ids=[" ".join(a) for a, _ in CLEAN_ERRORS])
+def test_known_error_is_one_line_and_exit_2_without_stack(tmp_path, no_work, monkeypatch, capsys, argv, message):
+    from gpfq.cli import run_script
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["quantize.py"] + argv + out_dirs(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, HEADER)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"  # all the user sees
+
+
+def test_foreign_log_and_non_finite_model_are_clean_errors(tmp_path, no_work, monkeypatch, capsys):
+    from gpfq.cli import run_script
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / PLAIN_LOG).write_text("Model,Acc\nalexnet,0.5\n")
+    monkeypatch.setattr(sys, "argv", ["quantize.py"] + out_dirs(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, HEADER)
+    assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    torch.save(_state_with(lambda s: s["fc.bias"].__setitem__(3, float("inf"))), tmp_path / "bad.pt")
+    monkeypatch.setattr(sys, "argv", ["quantize.py", "--weights", str(tmp_path / "bad.pt"), "--log_dir",
+                                      str(tmp_path / "other_logs"), "--model_dir", str(tmp_path / "models")])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(main, HEADER)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: fc.bias of the float model contains 0 NaN and 1 Inf values\n"
+
+
+@pytest.mark.slow
+def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeypatch):
+    from gpfq.cli import run_script
+    from gpfq.errors import BadHyperparameterError
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["quantize.py", "--bits", "0", "--debug"] + out_dirs(tmp_path))
+    with pytest.raises(BadHyperparameterError, match="bits must be a positive integer"):
+        run_script(main, HEADER)  # the error itself, so its stack is printed
+    # the real script, as a user runs it
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("GPFQ_DEBUG", None)
+    command = [PYTHON, str(REPO_ROOT / "quantization_scripts" / "quantize.py"), "--bits", "0"] + out_dirs(tmp_path)
+    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert plain.returncode == 2
+    assert plain.stderr == "error: bad hyperparameter: bits must be a positive integer, got 0\n"
+    debug = subprocess.run(command, capture_output=True, text=True, env=dict(env, GPFQ_DEBUG="1"), timeout=300)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.rstrip().endswith("bits must be a positive integer, got 0")
+
+
+def test_bits_beyond_the_alphabet_limit_refused_everywhere():
+    from gpfq.alphabet import MAX_BITS
+    assert make_alphabet("midtread", MAX_BITS, 1.0, 1.0).numel() == 2 ** MAX_BITS + 1  # the limit itself works
+    with pytest.raises(ValueError, match=f"bits must be an integer from 1 to {MAX_BITS}, got {MAX_BITS + 1}"):
+        make_alphabet("gpfq2022", MAX_BITS + 1, 1.0, 1.0)
+    point = expand_grid(dict(_first_point("adhoc_quantization_scripts"), bits_map={0: 64}), adhoc.GRID_KEYS)[0]
+    with pytest.raises(ValueError, match=r"bits_map\[0\] must be an integer from 1 to 16"):
+        adhoc.validate_point(point)
+
+
+# ---------------------------------------------------------------- resume identity: the weights
+def test_resume_tells_other_weights_apart(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    import gpfq.models
+    point = expand_grid(parse_overrides(HEADER, []))[0]
+    shipped = PRETRAINED_DIR / "fashion_resnet.pt"
+    append_row(tmp_path / PLAIN_LOG, _logged_row(point), COLUMNS)
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert read_rows(tmp_path / PLAIN_LOG)[0]["Weights"] == f"DEFAULT sha256:{digest[:12]}"
+    assert pending_points([point], tmp_path) == []
+    other = tmp_path / "retrained.pt"
+    torch.save(_state_with(lambda s: s["fc.bias"].add_(1.0)), other)
+    for weights in ("random", str(other)):
+        assert pending_points([dict(point, weights=weights)], tmp_path) == [dict(point, weights=weights)]
+    # the shipped file retrained in place: 'DEFAULT' now names other weights
+    (tmp_path / "pretrained").mkdir()
+    shutil.copy(other, tmp_path / "pretrained" / "fashion_resnet.pt")
+    monkeypatch.setattr(gpfq.models, "PRETRAINED_DIR", tmp_path / "pretrained")
+    assert pending_points([point], tmp_path) == [point]
+
+
+def test_training_script_never_replaces_the_shipped_weights_by_default(tmp_path, monkeypatch):
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "train_default_models.py"))
+    assert Path(script["DEFAULT_OUT"]).resolve() != PRETRAINED_DIR.resolve()
+    shipped = (PRETRAINED_DIR / "fashion_resnet.pt").read_bytes()
+    generator = torch.Generator().manual_seed(0)
+    tiny = TensorDataset(torch.randn(32, 1, 28, 28, generator=generator), torch.arange(32) % 10)
+    main_of = script["main"]
+    main_of.__globals__["fashion_mnist"] = lambda split: tiny  # a tiny train and test set: seconds, not hours
+    main_of(["fashion_resnet", "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path)])
+    assert set(torch.load(tmp_path / "fashion_resnet.pt", weights_only=True)) == set(
+        torch.load(PRETRAINED_DIR / "fashion_resnet.pt", weights_only=True))
+    assert f"--out {tmp_path}" in json.loads((tmp_path / "fashion_resnet.json").read_text())["command"]
+    with pytest.raises(Exception, match="fashion_resnet.pt exists; choose another --out, or add --overwrite"):
+        main_of(["fashion_resnet", "--epochs", "1", "--out", str(tmp_path)])
+    assert (PRETRAINED_DIR / "fashion_resnet.pt").read_bytes() == shipped
+
+
+# ---------------------------------------------------------------- one loader for saved models
+def test_load_model_loads_bias_corrected_and_folded_models(tmp_path):
+    import copy
+    from gpfq.folding import fold_batchnorm
+    from gpfq.models import load_saved_model
+    float_model = load_model("fashion_resnet")
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    corrected = copy.deepcopy(float_model)
+    with torch.no_grad():
+        corrected.stem[0].weight.mul_(0.9)  # a stand-in for quantization: the outputs move, the bias corrects
+    adhoc.correct_bias(float_model, corrected, "stem.0", [images], log=lambda text: None)
+    assert corrected.stem[0].bias is not None and float_model.stem[0].bias is None
+    folded, pairs = fold_batchnorm(float_model)
+    assert pairs
+    for model, stem in ((corrected, "corrected"), (folded, "folded")):
+        path = tmp_path / f"{stem}.pt"
+        torch.save(model.state_dict(), path)
+        path.with_suffix(".json").write_text(json.dumps({"hyperparameters": {"model_name": "fashion_resnet"}}))
+        with torch.no_grad():
+            expected = model(images)
+            assert torch.equal(load_model("fashion_resnet", str(path))(images), expected)
+            assert torch.equal(load_saved_model(path)(images), expected)
+
+
+def test_adhoc_model_file_and_header_name_the_options_and_the_model_loads(tmp_path, small_eval, monkeypatch, capsys):
+    from gpfq.models import load_saved_model
+    from gpfq.evaluate import evaluate
+    argv = ["--bias_correction", "all", "--bias_batch_size", "16", "--batch_size", "8", "--bits", "3",
+            "--num_threads", "1"] + out_dirs(tmp_path)
+    _run_script("adhoc_quantization_scripts", argv, monkeypatch)
+    row = read_rows(tmp_path / "logs" / BIAS_LOG)[0]
+    model_file = Path(row["Model File"])
+    assert model_file.name.startswith("adhoc_bias-all_gpfq_gpfq2022_layer_b3_m8_")
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("== "))
+    assert header.endswith(", Bias Correction all, Bias Correction Batch Size 16")
+    model = load_saved_model(model_file)
+    assert model.stem[0].bias is not None  # bias correction gave the bias-free conv a bias
+    top1, _ = evaluate(model, experiment.evaluation_loader(experiment.evaluation_set("fashion_mnist", DATA_DIR)),
+                       progress=False)
+    assert top1 == pytest.approx(float(row["Quantized Top1 Accuracy"]), abs=1e-6)
+
+
+# ---------------------------------------------------------------- one numeric path for the Gram form
+def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
+    """A layer with 110,000 rows: rows kept for after_layer (the ad hoc and retraining hooks) and rows streamed
+    are summed the same way, in chunks into float64, so Q is the same bit for bit. Before, kept rows went
+    through one float32 product over all rows, and 4 of these 18,432 codes differed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 128, 3)).eval()
+    images = torch.rand(1100, 16, 12, 12) + 3.0  # a large mean: the Grams' float32 sums lose the most
+    settings = LayerSettings(bits=8, scalar=1.3, engine="gram", granularity="channel")
+    results = {}
+    for keep_rows in (False, True):
+        stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
+        quantized, reports = _quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
+                                              patch_stride="layer", log=lambda text: None, keep_rows=keep_rows)
+        assert reports[0].rows == 110_000 and reports[0].form == "gram"
+        results[keep_rows] = (quantized[0].weight, reports[0].relative_error)
+    assert torch.equal(results[False][0], results[True][0])
+    assert results[False][1] == results[True][1]
+
+
+# ---------------------------------------------------------------- small things
+def test_make_demo_works_with_an_absolute_venv():
+    dry = subprocess.run(["make", "-n", "-C", str(REPO_ROOT), "VENV=/abs/venv", "demo"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "/abs/venv/bin/python quantization_scripts/quantize.py" in dry and "../" not in dry
+
+
+def test_plot_logs_without_options_leaves_the_readme_figures_alone(tmp_path, monkeypatch):
+    plot_logs = runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
+    figures = {path: path.read_bytes() for path in (REPO_ROOT / "figures").glob("*.png")}
+    assert Path(plot_logs["DEFAULT_OUT"]).resolve() != (REPO_ROOT / "figures").resolve()
+    log = tmp_path / PLAIN_LOG
+    for bits in (3, 4):
+        append_row(log, _logged_row(expand_grid(parse_overrides(HEADER, ["--bits", str(bits)]))[0]), COLUMNS)
+    plot_logs["main"].__globals__["DEFAULT_OUT"] = tmp_path / "default_out"
+    plot_logs["main"](["--log", str(log)])
+    assert (tmp_path / "default_out" / "fashion_resnet_methods.png").exists()
+    assert {path: path.read_bytes() for path in (REPO_ROOT / "figures").glob("*.png")} == figures
+
+
+def test_init_logs_twice_archives_no_empty_log(tmp_path):
+    init_logs = runpy.run_path(str(REPO_ROOT / "logs" / "init_logs.py"))
+    init_logs["main"](tmp_path)
+    append_row(tmp_path / PLAIN_LOG, {c: "kept" for c in COLUMNS}, COLUMNS)
+    init_logs["main"](tmp_path)  # archives the plain log, which has a row
+    init_logs["main"](tmp_path)  # every log now holds only its header: nothing to archive
+    archived = sorted(path.name for path in tmp_path.glob("*_*-*.csv"))
+    assert len(archived) == 1 and archived[0].startswith("Quantization_Log_2")
+    assert read_rows(tmp_path / archived[0])[0]["Seed"] == "kept"
+    assert len(list(tmp_path.glob("*.csv"))) == len(LOG_COLUMNS) + 1
+
+
+@pytest.mark.slow
+def test_bench_memory_runs_at_small_sizes():
+    run = subprocess.run([PYTHON, str(REPO_ROOT / "benchmarks" / "bench_memory.py"), "--m", "2", "4", "--threads",
+                          "1"], capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| streamed | ")
+            or line.startswith("| rows kept | ")]
+    assert [(row[1].strip(), int(row[2]), int(row[3])) for row in rows] == [
+        ("streamed", 2, 2 * 91), ("streamed", 4, 4 * 91), ("rows kept", 2, 2 * 91), ("rows kept", 4, 4 * 91)]

@@ -27,6 +27,7 @@ def _check_strict(model, reports, bits_of=lambda report: BITS):
         assert int(encode(weight, codebook).max()) < 2 ** bits
 
 
+@pytest.mark.slow  # quantizes the default model
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_and_granularity(default_data, method, granularity):
@@ -38,6 +39,7 @@ def test_every_method_and_granularity(default_data, method, granularity):
     _check_strict(quantized, reports)
 
 
+@pytest.mark.slow  # quantizes the default model
 def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_path):
     point = dict(bias_correction="all", bias_batch_size=64, skip_layers="first", bits_map={-1: 4}, saved_model=None)
     adhoc.validate_point(point)
@@ -50,6 +52,7 @@ def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+@pytest.mark.slow  # quantizes the default model
 def test_retraining_variant(make_context):
     point = dict(retrain_start=1, retrain_samples=128, retrain_batch_size=64, retrain_epochs=1, retrain_lr=1e-4,
                  retrain_weight_decay=0.0, retrain_batchnorm="frozen", evaluate_each_step=False)

@@ -14,21 +14,25 @@ def errors():
     return {method: mean_errors(rows, method) for method in ("gpfq", "msq", "qronos")}
 
 
+@pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_gpfq_error_decays_like_one_over_n0(errors):
     assert list(errors["gpfq"]) == list(N0_VALUES)
     assert fitted_slope(errors["gpfq"], 4 * M, 16 * M) <= -0.7
 
 
+@pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_gpfq_at_least_five_times_below_msq_at_16m(errors):
     assert errors["gpfq"][16 * M] * 5 <= errors["msq"][16 * M]
 
 
+@pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_qronos_error_decays_and_stays_far_below_msq(errors):
     """With X̃ = X, Qronos is GPTQ's walk with a small ridge: its error falls with N0 like GPFQ's."""
     assert fitted_slope(errors["qronos"], 4 * M, 16 * M) <= -0.7
     assert errors["qronos"][16 * M] * 5 <= errors["msq"][16 * M]
 
 
+@pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_msq_error_is_the_uniform_rounding_error(errors):
     """Round-to-nearest on a grid of step δ leaves (about) δ²/12 per weight: relative to E w² = 1/3 for
     w ~ U[−1, 1] on the 4-bit gpfq2022 grid (δ = 2·rad/15, rad ≈ 1) that is (2/15)²/12 · 3 ≈ 4.4e-3,
