@@ -101,7 +101,9 @@ def test_every_matmul_weight_is_quantized(name):
         alphabet, _ = layer_alphabet(layer, settings)
         values = quantized_parameters[parameter].detach().double()
         assert torch.isin(values, alphabet.float().double()).all(), parameter
-        assert not torch.equal(values, layer.weight.detach().double()), parameter
+        original = layer.weight.detach().double()
+        if not torch.isin(original, alphabet.float().double()).all():  # (ViT's head starts at zero: stays so)
+            assert not torch.equal(values, original), parameter
     assert all(0.0 <= r.relative_error < 1.0 for r in reports)
     if name == "tied":
         assert [(l.name, l.kind, l.uses) for l in layers.values()] == [("mix", "Linear", 2),
