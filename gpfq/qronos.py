@@ -93,6 +93,12 @@ def qronos_from_gram(weight, cross, quantized_gram, alphabet, damping: float = D
     identity = torch.eye(n_inputs, dtype=torch.float64, device=H.device)
     H_ridge = H + lam[:, None, None] * identity
     G_ridge = G + lam[:, None, None] * identity
+    # A group whose X̃ is all zero has no information: the definition gives argument 0 at every column
+    # (the least-squares future is the minimum-norm 0). H_λ = I and G_λ = 0 give exactly that, and a
+    # Cholesky factor.
+    blank = H.flatten(1).abs().amax(dim=1) == 0
+    H_ridge = torch.where(blank[:, None, None], identity, H_ridge)
+    G_ridge = torch.where(blank[:, None, None], torch.zeros_like(G_ridge), G_ridge)
     Wt = weight.detach().double().transpose(1, 2)  # Wᵀ (G, N0, N1)
     levels = torch.as_tensor(alphabet).to(device=H.device)
     if levels.dim() == 2:  # one alphabet per output channel, as rows (G·N1, L)

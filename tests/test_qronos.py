@@ -144,3 +144,16 @@ def test_layer_rule_through_the_network_settings(granularity):
         assert torch.allclose(on_alphabet, q[g].double())
     assert layer_form(settings, 200, 18, 3, 2) == "qronos"
     assert layer_form(LayerSettings(method="qronos", engine="gram"), 200, 18, 3, 2) == "gram"
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-2])
+def test_all_zero_quantized_input_gives_the_definitions_zero_arguments(damping):
+    """X̃ = 0 in one group: every argument is 0 (the reference's least-squares future is the minimum-norm 0),
+    so Q is the level nearest 0 there; the other group is unaffected."""
+    weight, analog, quantized, alphabet = _layer(2, 40, 12, 5, seed=3)
+    quantized[1] = 0.0
+    fast = qronos(weight, analog, quantized, alphabet, damping=damping, dtype=torch.float64)
+    expected = torch.stack([qronos_reference(weight[g], analog[g], quantized[g], alphabet, damping)
+                            for g in range(2)])
+    assert torch.equal(fast, expected)
+    assert torch.all(fast[1] == round_to_alphabet(torch.zeros(()), alphabet.double()))
