@@ -5,22 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup setup-onnx data demo test clean-venv
+.PHONY: setup data demo test clean-venv
 
 setup: $(VENV)/.installed
 
-# The package itself, editable (scripts and tests import gpfq from this checkout), with the test tools.
+# The package itself, editable (scripts and tests import gpfq from this checkout), with what the tests need
+# (the dev extra: pytest, scikit-image, timm, onnx, onnxruntime, onnxscript).
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
 	$(PY) -m pip install -e ".[dev]"
-	touch $@
-
-# The optional ONNX extra (export and ONNX Runtime): `make test` installs it, so its tests run.
-setup-onnx: $(VENV)/.installed-onnx
-
-$(VENV)/.installed-onnx: $(VENV)/.installed
-	$(PY) -m pip install -e ".[dev,onnx]"
 	touch $@
 
 # Fashion-MNIST from Debian's package where the machine allows (root or sudo);
@@ -35,7 +29,7 @@ data:
 demo: setup data
 	$(PY) quantization_scripts/quantize.py
 
-test: setup setup-onnx data
+test: setup data
 	$(PY) -m pytest -q tests
 
 clean-venv:

@@ -395,24 +395,29 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
         points = shard.broadcast_object(points, "sharing the grid points still to run")
     # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
     # the small per-column products of the quantizers many times over.
+    # The caller's thread count comes back at the end: main() is also called in-process (tests, notebooks).
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(config.get("num_threads") or distributed.threads_per_rank())
-    resources = Resources()
-    with shard.step("loading the data and the models"):
-        preflight(points, resources, variant.validate_model)
-    rows, number = [], 0
     try:
-        for number, point in enumerate(points, 1):
-            if len(points) > 1:
-                say(f"\n### grid point {number}/{len(points)}")
-            rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet))
-    except Exception as error:
-        shard.record_error(error)  # where the other ranks' diagnosis finds it
-        raise
-    except KeyboardInterrupt:
-        print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are in "
-              f"{', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
-              f"command with --resume to go on.", file=sys.stderr)
-        raise SystemExit(130) from None
+        resources = Resources()
+        with shard.step("loading the data and the models"):
+            preflight(points, resources, variant.validate_model)
+        rows, number = [], 0
+        try:
+            for number, point in enumerate(points, 1):
+                if len(points) > 1:
+                    say(f"\n### grid point {number}/{len(points)}")
+                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet))
+        except Exception as error:
+            shard.record_error(error)  # where the other ranks' diagnosis finds it
+            raise
+        except KeyboardInterrupt:
+            print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
+                  f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+                  f"command with --resume to go on.", file=sys.stderr)
+            raise SystemExit(130) from None
+    finally:
+        torch.set_num_threads(caller_threads)
     return rows
 
 

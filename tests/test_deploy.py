@@ -1,6 +1,5 @@
 """The scripts' deployable output: the .safetensors beside each .pt, the size columns of the log row, the
 accuracy round trip, and --export_onnx."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -57,8 +56,6 @@ def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_ru
     assert round(top1, 6) == row["Quantized Top1 Accuracy"]
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
-                    reason="--export_onnx needs onnx, onnxscript and onnxruntime (pip install 'gpfq[onnx]')")
 @pytest.mark.slow  # whole default runs
 def test_export_onnx_flag_writes_the_onnx_beside(tmp_path):
     import onnxruntime as ort

@@ -170,9 +170,9 @@ def test_killed_rank_ends_the_run_with_its_name(tmp_path):
 
 @pytest.mark.slow
 def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
-    """Rank 1 stops (SIGSTOP) in layer 3: with GPFQ_DIST_TIMEOUT=20, rank 0 gives up at its next collective
+    """Rank 1 stops (SIGSTOP) in layer 3: with GPFQ_DIST_TIMEOUT=10, rank 0 gives up at its next collective
     and names rank 1; nothing is written."""
-    processes = start_script_ranks(2, lambda rank: script_args(tmp_path), env={"GPFQ_DIST_TIMEOUT": "20"},
+    processes = start_script_ranks(2, lambda rank: script_args(tmp_path), env={"GPFQ_DIST_TIMEOUT": "10"},
                                    prelude=KILL_RANK_1_IN_LAYER_3.replace("{signal}", "STOP"))
     try:
         out, err = processes[0].communicate(timeout=300)

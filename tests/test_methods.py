@@ -206,7 +206,9 @@ def default_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("methods")
     argv = ["--method", "msq", "gpfq", "gptq", "sparse_gpfq", "--bits", "3", "--batch_size", "128",
             "--sparsity_threshold", "0.1", "--num_threads", "1", "--log_dir", str(folder / "logs"), "--model_dir", str(folder / "models")]
+    threads = torch.get_num_threads()
     rows = main(_header(), argv)
+    assert torch.get_num_threads() == threads  # --num_threads holds for the run only, not for the caller after it
     records = {}
     for row in rows:
         record = json.loads(Path(row["Model File"]).with_suffix(".json").read_text())

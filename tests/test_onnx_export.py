@@ -1,21 +1,17 @@
 """ONNX export of the quantized model file, run by ONNX Runtime on the default model: logits, top-1 on the
 10k Fashion-MNIST test images, integer initializers, and the file size against the float export."""
 import numpy as np
+import onnx  # the dev extra installs onnx, onnxscript and onnxruntime: a missing one fails here, it is not skipped
+import onnxruntime as ort
 import pytest
 import torch
 
-pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'gpfq[onnx]')")
-pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install 'gpfq[onnx]')")
-ort = pytest.importorskip("onnxruntime", reason="running the export needs onnxruntime (pip install 'gpfq[onnx]')")
-
-import onnx  # noqa: E402
-
-import gpfq  # noqa: E402
-from gpfq.data import calibration_set, evaluation_set  # noqa: E402
-from gpfq.model_file import load_quantized, read_quantized, save_quantized  # noqa: E402
-from gpfq.models import load_model  # noqa: E402
-from gpfq.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid  # noqa: E402
-from gpfq.alphabet import channel_alphabets, make_alphabet  # noqa: E402
+import gpfq
+from gpfq.data import calibration_set, evaluation_set
+from gpfq.model_file import load_quantized, read_quantized, save_quantized
+from gpfq.models import load_model
+from gpfq.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid
+from gpfq.alphabet import channel_alphabets, make_alphabet
 
 INPUT_SHAPE = (1, 28, 28)
 # One model that takes every export path: layer i gets MIXED[i % 4] = (alphabet, granularity, bits).
