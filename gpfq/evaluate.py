@@ -18,7 +18,7 @@ def evaluate(model, loader, device="cpu", progress=True, desc="evaluate", shard=
         loader = shard.evaluation_loader(loader)
     model.eval().to(device)
     correct1 = correct5 = total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not (progress and shard.writer)):
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         k = min(5, logits.shape[1])

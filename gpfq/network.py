@@ -401,7 +401,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
     generator = torch.Generator().manual_seed(seed)
     reports = LayerReports()
-    for index, layer in enumerate(tqdm(layers, desc="layers")):
+    for index, layer in enumerate(tqdm(layers, desc="layers", disable=not shard.writer)):  # one bar: rank 0's
         name = layer.name
         settings = None if index in ignored else settings_of(index, name, layer)
         if settings is None:

@@ -178,9 +178,10 @@ def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
         out, err = processes[0].communicate(timeout=300)
     finally:
         processes[1].kill()
-        processes[1].communicate()
+        out1, err1 = processes[1].communicate()
     assert processes[0].returncode != 0
     assert "rank 1 stopped after 'layer 2 (stages.0.conv1)" in out + err, (out + err)[-3000:]
+    assert "layers:" in err and "layers:" not in out1 + err1  # one progress bar: rank 0's
     assert written_files(tmp_path) == []
 
 
