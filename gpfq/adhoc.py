@@ -15,7 +15,10 @@ correction is measured on images Q was not fitted to, and its batch size is free
 
 Modes: 'last' (the last layer stays quantized, its bias is corrected: paper variant 1), 'last_float'
 (the last layer keeps its float weights and its bias is corrected with X̃: variant 2), 'all' (every
-quantized layer right after it is quantized). A layer without a bias gets one (zeros) first.
+quantized layer right after it is quantized). A layer without a bias gets one (zeros) first. Only a
+weight that is a Linear's or a convolution's own is corrected (`correctable_layers`): an attention projection or a
+weight used through a bare matmul has no module output to measure the gap on. 'all' leaves those layers'
+biases alone and says so before it starts; 'last' and 'last_float' are refused when the last layer is one.
 
 Works on a fresh quantization or on a saved model (`saved_model`: a .pt in models/ whose JSON sidecar
 gives the hyperparameters it was quantized with); the saved path can only correct biases.
@@ -187,9 +190,30 @@ def bias_stream(context) -> CalibrationStream:
 
 def _channel_sums(output: torch.Tensor, layer: nn.Module):
     """Per output channel sum over images (and positions) of a layer output, and the count per channel."""
-    channel_dim = 1 if isinstance(layer, nn.Conv2d) else output.dim() - 1
+    channel_dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else output.dim() - 1
     per_channel = output.movedim(channel_dim, 0).reshape(output.shape[channel_dim], -1)
     return per_channel.double().sum(dim=1), per_channel.shape[1]
+
+
+@torch.no_grad()
+def correctable_layers(model: nn.Module, names: list, example: torch.Tensor) -> set:
+    """The layers among `names` that can be bias-corrected: Linear or convolution modules that the forward pass
+    calls, so their output is weight · input + bias per output channel. Not an attention projection, nor a Linear
+    whose weight another module reads (MultiheadAttention's out_proj), nor a weight read by a bare matmul."""
+    called, handles = set(), []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a parameter's name ('…in_proj_weight'), not a module's
+            continue
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            handles.append(module.register_forward_pre_hook(lambda m, i, name=name: called.add(name)))
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
 
 
 @torch.no_grad()
@@ -252,6 +276,11 @@ def quantize(context):
     mode = p.get("bias_correction")
     corrections = bias_stream(context)
     last = names[-1]
+    correctable = correctable_layers(analog_model, names, example)
+    uncorrectable = [name for name in names if name not in correctable]
+    if mode == "all" and uncorrectable:
+        log(f"bias correction: {len(uncorrectable)} of {len(names)} layers are not Linear or convolution modules that "
+            f"the forward pass calls, and keep their biases: {', '.join(uncorrectable)}")
 
     if p.get("saved_model"):
         model = load_saved_model(analog_model, p["saved_model"]).to(device)
@@ -268,6 +297,8 @@ def quantize(context):
             reports = [r for r in reports if r.name != last]
         if mode == "all":
             for report in reports:  # execution order: each with X̃ from the already corrected layers
+                if report.name in uncorrectable:
+                    continue
                 correct_bias(analog_model, model, report.name, corrections.draw(p["bias_batch_size"]), device, log)
     else:
         bits_per_layer(names, p.get("bits_map") or {}, p["bits"])  # every entry matches a layer
@@ -281,6 +312,8 @@ def quantize(context):
             layers[index] = None
 
         def after_layer(step):
+            if step.report.name in uncorrectable:
+                return
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
                          corrections.draw(p["bias_batch_size"]), device, log)
 
@@ -323,6 +356,12 @@ def model_prefix(point: dict) -> str:
 def validate_model(point: dict, facts) -> None:
     """Checks that need the model's layers and the data's size, run before any point starts."""
     bits_per_layer(facts.layer_names, point.get("bits_map") or {}, point["bits"])  # every entry matches a layer
+    last = facts.layer_names[-1]
+    if (point.get("bias_correction") in ("last", "last_float")
+            and last not in correctable_layers(facts.model, [last], facts.example)):
+        raise bad_hyperparameter(f"bias_correction {point['bias_correction']!r} corrects the last layer's bias, and "
+                                 f"the last layer, {last}, is not a Linear or convolution module (use 'all', which "
+                                 f"corrects the layers that are)")
     if point.get("bias_correction") and point["bias_batch_size"] > facts.calibration_size:
         raise bad_hyperparameter(f"bias_batch_size {point['bias_batch_size']} is larger than the "
                                  f"calibration set ({facts.calibration_size} images)")

@@ -118,6 +118,7 @@ class ModelFacts:
     model: torch.nn.Module  # the float model
     calibration_size: int
     evaluation_size: int
+    example: torch.Tensor  # one calibration input (1, …), on the model's device
 
 
 def coverage_columns(reports) -> dict:
@@ -148,7 +149,8 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
             raise ValueError(f"bad hyperparameter: strict_coverage is on, and {coverage_warning}")
         check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
         if validate_model is not None:
-            validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation)))
+            example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
+            validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation), example))
 
 
 def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:

@@ -71,8 +71,10 @@ def validate_point(point: dict) -> None:
 
 
 def freeze(layer: nn.Module) -> None:
-    """Take a quantized layer out of every later optimization."""
-    for parameter in layer.parameters():
+    """Take a quantized layer out of every later optimization: the parameters of the module that holds its
+    weight (weight and bias), not those of its submodules (MultiheadAttention's out_proj is quantized, and
+    frozen, after its in-projection, and is fine-tuned until then)."""
+    for parameter in layer.parameters(recurse=False):
         parameter.requires_grad_(False)
 
 

@@ -219,3 +219,83 @@ def test_grid_logs_and_routing(tmp_path):
     assert bias[bias.index("Quantization Batch Size") + 1] == "Bias Correction Batch Size"
     # the three ad hoc logs hold the same columns, so one row fits each of them
     assert set(LOG_COLUMNS[BIAS_LOG]) == set(LOG_COLUMNS[SKIP_LOG]) == set(LOG_COLUMNS[MIXED_LOG])
+
+
+# ---------------------------------------------------------------- layers that are not Linear/conv modules
+class TinyAttention(nn.Module):
+    """28×28 images → 16 patch tokens (Conv2d), a Conv1d over the token sequence, self-attention, a Linear head.
+    With `head=False` the attention's out_proj (a Linear that is never called) is the last layer."""
+
+    def __init__(self, head: bool = True):
+        super().__init__()
+        width = 16 if head else 10
+        self.patch = nn.Conv2d(1, width, 7, stride=7)
+        self.mix = nn.Conv1d(width, width, 3, padding=1)
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.head = nn.Linear(width, 10) if head else None
+
+    def forward(self, x):
+        tokens = self.mix(self.patch(x).flatten(2)).transpose(1, 2)  # (n, 16 tokens, width)
+        tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        pooled = tokens.mean(1)
+        return self.head(pooled) if self.head is not None else pooled
+
+
+def test_correctable_layers_are_the_called_linear_and_conv_modules():
+    from gpfq.capture import layers_in_execution_order
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    example = torch.randn(1, 1, 28, 28)
+    names = layers_in_execution_order(model, example)
+    assert names == ["patch", "mix", "attention.in_proj_weight", "attention.out_proj", "head"]
+    assert adhoc.correctable_layers(model, names, example) == {"patch", "mix", "head"}
+
+
+def test_bias_correction_of_a_conv1d_zeroes_its_mean_gap_per_channel():
+    """Conv1d outputs are (n, C, L): the gap is averaged over images and positions per channel C (L ≠ C here)."""
+    torch.manual_seed(0)
+    analog = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Conv1d(4, 5, 3, bias=False)).eval()
+    quantized = copy.deepcopy(analog)
+    with torch.no_grad():
+        for layer in (quantized[0], quantized[2]):
+            layer.weight.copy_(layer.weight.round())
+    images = torch.randn(32, 3, 11)
+    adhoc.correct_bias(analog, quantized, "2", [images], log=lambda message: None)
+    with torch.no_grad():
+        gap = (analog(images) - quantized(images)).double().mean(dim=(0, 2))  # (5,): by hand
+    assert quantized[2].bias.shape == (5,)
+    assert gap.abs().max() < 1e-6
+
+
+def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_context):
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    calibration = torch.utils.data.TensorDataset(torch.randn(256, 1, 28, 28), torch.zeros(256, dtype=torch.long))
+    messages = []
+    context = make_context(bias_correction="all", bias_batch_size=64, batch_size=64, skip_layers=None, bits_map={},
+                           saved_model=None, bits=4)
+    context = copy.copy(context)
+    context.calibration, context.analog_model, context.log = calibration, model, messages.append
+    corrected, reports, _ = adhoc.quantize(context)
+    assert [r.name for r in reports] == ["patch", "mix", "attention.in_proj_weight", "attention.out_proj", "head"]
+    assert any("2 of 5 layers are not Linear or convolution modules" in m and "attention.in_proj_weight, "
+               "attention.out_proj" in m for m in messages)
+    assert torch.equal(corrected.attention.in_proj_bias, model.attention.in_proj_bias)
+    assert torch.equal(corrected.attention.out_proj.bias, model.attention.out_proj.bias)
+    for name in ("patch", "mix", "head"):
+        assert not torch.equal(corrected.get_submodule(name).bias, model.get_submodule(name).bias), name
+
+
+def test_bias_correction_of_a_last_layer_that_is_no_module_is_refused_before_work():
+    from gpfq.capture import layers_in_execution_order
+    from gpfq.experiment import ModelFacts
+    torch.manual_seed(0)
+    model = TinyAttention(head=False).eval()
+    example = torch.randn(1, 1, 28, 28)
+    facts = ModelFacts(layers_in_execution_order(model, example), model, 1000, 1000, example)
+    point = dict(bias_correction="last", bias_batch_size=64, bits_map={}, bits=4)
+    for mode in ("last", "last_float"):
+        with pytest.raises(ValueError, match=f"bias_correction '{mode}' corrects the last layer's bias, and the last "
+                                             f"layer, attention.out_proj, is not a Linear or convolution module"):
+            adhoc.validate_model(dict(point, bias_correction=mode), facts)
+    adhoc.validate_model(dict(point, bias_correction="all"), facts)  # 'all' corrects the layers it can

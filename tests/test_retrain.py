@@ -128,3 +128,12 @@ def test_bad_retrain_hyperparameters_fail_early():
                          (dict(evaluate_each_step="yes"), "evaluate_each_step")]:
         with pytest.raises(ValueError, match=message):
             retrain.validate_point(dict(VALID, **bad))
+
+
+def test_freezing_an_attention_in_projection_leaves_its_out_projection_trainable():
+    attention = nn.MultiheadAttention(8, 2)
+    retrain.freeze(attention)  # what retraining does once attention.in_proj_weight is quantized
+    assert not attention.in_proj_weight.requires_grad and not attention.in_proj_bias.requires_grad
+    assert attention.out_proj.weight.requires_grad and attention.out_proj.bias.requires_grad
+    retrain.freeze(attention.out_proj)
+    assert not attention.out_proj.weight.requires_grad and not attention.out_proj.bias.requires_grad
