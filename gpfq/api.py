@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from .data import CalibrationStream
+from .errors import bad_hyperparameter
 from .folding import fold_batchnorm, foldable_pairs
 from .network import LayerReport, LayerSettings, settings_for
 from .network import _quantize_network
@@ -196,9 +197,13 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
     stream = calibration_stream(calibration_data, config.seed)
     size = _dataset_size(stream)
     if size is not None and config.batch_size > size:
-        raise ValueError(f"bad hyperparameter: batch_size {config.batch_size} is larger than the calibration set "
-                         f"({size} images)")
+        raise bad_hyperparameter(f"batch_size {config.batch_size} is larger than the calibration set "
+                                 f"({size} images)")
     if config.fold_batchnorm and foldable_pairs(model):
+        if in_place:  # folding builds a new model (BatchNorms become Identity), so `model` itself would stay float
+            raise ValueError("in_place=True with fold_batchnorm=True: folding returns a new model, so the model "
+                             "passed in would not be the one quantized; fold first (gpfq.folding.fold_batchnorm) "
+                             "and quantize the folded model in place")
         model, pairs = fold_batchnorm(model)
         log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
     settings_of = _settings_function(model, stream, config, layers, device)

@@ -51,8 +51,8 @@ def with_alphabets_from(reports, quantized_file) -> list:
     if not path.exists():
         return list(reports)
     codes = read_quantized(path).codes
-    return [dataclasses.replace(r, alphabet=codes[f"{r.name}.weight"][1]) if f"{r.name}.weight" in codes else r
-            for r in reports]
+    keys = [r.parameter or f"{r.name}.weight" for r in reports]  # the weight's parameter name (older reports: none)
+    return [dataclasses.replace(r, alphabet=codes[key][1]) if key in codes else r for r, key in zip(reports, keys)]
 
 
 def export_beside(quantized_file, log=print):

@@ -24,7 +24,7 @@ from .capture import Coverage, check_model_finite, find_layers
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
 from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
-from .errors import ResultWriteError, os_error_reason
+from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
 from .folding import fold_batchnorm
 from .header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
@@ -107,7 +107,7 @@ def load_inputs(point: dict, resources: Resources):
 
 def check_batch_size(key: str, m: int, calibration) -> None:
     if m > len(calibration):
-        raise ValueError(f"bad hyperparameter: {key} {m} is larger than the calibration set ({len(calibration)} "
+        raise bad_hyperparameter(f"{key} {m} is larger than the calibration set ({len(calibration)} "
                          f"images)")
 
 
@@ -146,7 +146,7 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
         names, coverage_warning = resources.get(("layers", point["model_name"], str(point["weights"])),
                                                 checked_layers)
         if coverage_warning and point.get("strict_coverage"):
-            raise ValueError(f"bad hyperparameter: strict_coverage is on, and {coverage_warning}")
+            raise bad_hyperparameter(f"strict_coverage is on, and {coverage_warning}")
         check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
         if validate_model is not None:
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)

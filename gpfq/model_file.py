@@ -70,7 +70,8 @@ def _report_dict(report) -> dict:
 
 
 def coded_layers(model: nn.Module, reports) -> dict:
-    """{state-dict key of a quantized weight: (weight, codebook, codes)} from reports that carry the alphabet."""
+    """{state-dict key of a quantized weight: (weight, codebook, codes, transposed)} from reports that carry the
+    alphabet; an input-major weight (stored (N0, N1)) is coded as its transpose, one row per output channel."""
     layers = {}
     for report in reports:
         alphabet = getattr(report, "alphabet", None)
@@ -79,8 +80,11 @@ def coded_layers(model: nn.Module, reports) -> dict:
                              f"stored as codes; pass the reports of the quantization itself")
         key = getattr(report, "parameter", "") or f"{report.name}.weight"  # older reports: a module's weight
         weight = model.get_parameter(key).detach().cpu()
+        transposed = getattr(report, "input_major", False)
+        if transposed:
+            weight = weight.t().contiguous()
         codebook = layer_codebook(alphabet, weight)
-        layers[key] = (weight, codebook, encode(weight, codebook, f"layer {report.name}"))
+        layers[key] = (weight, codebook, encode(weight, codebook, f"layer {report.name}"), transposed)
     return layers
 
 
@@ -107,7 +111,7 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
         if key not in coded:
             tensors[key] = value.contiguous()
             continue
-        weight, codebook, codes = coded[key]
+        weight, codebook, codes, transposed = coded[key]
         levels = codebook.shape[-1]
         bits = stored_bits(levels)
         tensors[key + CODES] = pack_codes(codes, bits)
@@ -117,6 +121,8 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
                         "granularity": "layer" if codebook.dim() == 1 else "channel",
                         "bytes": tensors[key + CODES].numel() + codebook.numel() * codebook.element_size(),
                         "float_bytes": weight.numel() * weight.element_size()}
+        if transposed:  # the codes (and "shape") are of the weight's transpose
+            entries[key]["transposed"] = True
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "model": {"model_name": model_name, "input_shape": list(input_shape) if input_shape else None,
                         "fold_batchnorm": bool(fold_batchnorm)},
@@ -160,7 +166,7 @@ class QuantizedFile:
     """A checked quantized model file: its header, its state dict (coded weights expanded) and the codes."""
     header: dict
     state_dict: dict  # key -> tensor, quantized weights expanded from their codes
-    codes: dict  # key of a quantized weight -> (codes (int64, weight shape), codebook)
+    codes: dict  # key of a quantized weight -> (codes (int64, weight shape; its transpose's if "transposed"), codebook)
     file_bytes: int
 
     def size_report(self) -> SizeReport:
@@ -216,6 +222,8 @@ def read_quantized(path) -> QuantizedFile:
         if entry is None or codebook is None:
             raise QuantizedFileError(f"{path}: codes of {key!r} without their header entry or codebook")
         state[key], codes[key] = _expand(path, key, entry, value, codebook)
+        if entry.get("transposed"):  # codes (N1, N0) of a weight stored (N0, N1)
+            state[key] = state[key].t().contiguous()
     return QuantizedFile(header, state, codes, len(raw))
 
 

@@ -92,6 +92,7 @@ class LayerReport:
     stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
     code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
     parameter: str = ""  # the weight's parameter name ('layer1.0.conv1.weight', '…in_proj_weight')
+    input_major: bool = False  # the parameter is stored (N0, N1) and multiplied as x @ W (an output per column)
     # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
     alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
     warnings: list = field(default_factory=list)  # signs of a degenerate result (`layer_warnings`)
@@ -383,7 +384,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     if shard.active:
         stream = shard.stream(stream)
         if batch_size < shard.world_size:
-            raise ValueError(f"bad hyperparameter: batch_size (m) {batch_size} is smaller than the world size "
+            raise bad_hyperparameter(f"batch_size (m) {batch_size} is smaller than the world size "
                              f"{shard.world_size}; every rank needs at least one calibration image")
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
@@ -460,7 +461,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
                              streamed=statistics is not None and analog_rows is None, rule_seconds=rule_seconds,
                              stored_bits=stored_bits(alphabet.shape[-1]),
                              code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
-                             parameter=layer.parameter,
+                             parameter=layer.parameter, input_major=layer.input_major,
                              warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error))
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
@@ -490,7 +491,7 @@ def check_coverage(coverage: Coverage, strict: bool, log=tqdm.write) -> None:
     if warning is None:
         return
     if strict:
-        raise ValueError(f"strict_coverage: {warning}")
+        raise bad_hyperparameter(f"strict_coverage: {warning}")
     warnings.warn(warning, stacklevel=3)
     log(f"warning: {warning}")
 

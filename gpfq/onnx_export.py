@@ -179,7 +179,11 @@ def export_onnx(model_file, path, *, input_shape=None, architecture=None) -> dic
         if not np.array_equal(exported, quantized.state_dict[key].numpy()):
             raise RuntimeError(f"the ONNX exporter changed the values of {key}; cannot store it as codes")
         graph.initializer.remove(initializers[key])
-        added, nodes, kinds[key] = expansion(key, codes, codebook)
+        if quantized.header["coded"][key].get("transposed"):  # codes of Wᵀ for a weight W used as x @ W
+            added, nodes, kinds[key] = expansion(key + "_t", codes, codebook)
+            nodes.append(onnx.helper.make_node("Transpose", [key + "_t"], [key], perm=[1, 0], name=key + "_transpose"))
+        else:
+            added, nodes, kinds[key] = expansion(key, codes, codebook)
         graph.initializer.extend(added)
         new_nodes.extend(nodes)
     for node in reversed(new_nodes):  # before every use: nodes must be in topological order

@@ -5,13 +5,13 @@ from torch import nn
 
 def load_state(model: nn.Module, state: dict) -> nn.Module:
     """Load a saved state dict into `model` (in place, strictly), fitting the model to what the scripts change:
-    a Conv2d/Linear without a bias whose saved state has one gets a (zero) bias first, and a BatchNorm
+    a Linear or convolution without a bias whose saved state has one gets a (zero) bias first, and a BatchNorm
     none of whose entries were saved (folded into its layer) becomes an Identity."""
     own = model.state_dict()
     for key, value in state.items():
         if key.endswith(".bias") and key not in own:
             module = model.get_submodule(key[: -len(".bias")])
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None:
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.bias is None:
                 module.bias = nn.Parameter(torch.zeros_like(value), requires_grad=module.weight.requires_grad)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name:

@@ -265,6 +265,9 @@ def test_bias_correction_of_a_conv1d_zeroes_its_mean_gap_per_channel():
         gap = (analog(images) - quantized(images)).double().mean(dim=(0, 2))  # (5,): by hand
     assert quantized[2].bias.shape == (5,)
     assert gap.abs().max() < 1e-6
+    from gpfq.state_dicts import load_state  # the corrected model's saved state fits the architecture again
+    reloaded = load_state(copy.deepcopy(analog), quantized.state_dict())
+    assert torch.equal(reloaded[2].bias, quantized[2].bias) and torch.equal(reloaded[0].bias, quantized[0].bias)
 
 
 def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_context):

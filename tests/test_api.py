@@ -100,6 +100,8 @@ def test_in_place_and_fold_batchnorm():
     assert isinstance(folded.model.features[1], nn.Identity) and isinstance(model.features[1], nn.BatchNorm2d)
     result = gpfq.quantize(model, _images(), gpfq.QuantConfig(batch_size=16), in_place=True, log=lambda line: None)
     assert result.model is model
+    with pytest.raises(ValueError, match="in_place=True with fold_batchnorm=True: folding returns a new model"):
+        gpfq.quantize(_model(), _images(), gpfq.QuantConfig(batch_size=16, fold_batchnorm=True), in_place=True)
 
 
 def test_bad_calibration_data_is_refused_before_work():

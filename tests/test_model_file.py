@@ -1,5 +1,6 @@
 """The quantized model file: codes on the alphabet, bit packing, the safetensors round trip bit for bit,
 the size/bits report, and clear errors for corrupt, truncated, foreign or mismatched files."""
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,6 @@ from gpfq.model_file import QuantizedFileError, load_quantized, read_quantized, 
 from gpfq.models import load_model
 from gpfq.network import METHODS
 
-pytest.importorskip("safetensors", reason="the quantized model file is a safetensors file (pip install safetensors)")
 
 
 # ---------------------------------------------------------------- codes
@@ -268,3 +268,65 @@ def test_the_public_api_round_trip(fashion, tmp_path):
     header = gpfq.read_quantized(tmp_path / "api.safetensors").header
     assert header["hyperparameters"]["alphabet"] == "strict" and header["hyperparameters"]["bits"] == 3
     assert size.levels == "8" and size.stored_bits == 3
+
+
+class MatmulAndAttention(torch.nn.Module):
+    """A weight used as x @ W (stored (N0, N1) = (12, 20): an output per column, as GPT-2's Conv1D), then
+    self-attention (in_proj_weight is a parameter, not a module's weight) and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Parameter(torch.randn(12, 20) / 12 ** 0.5)
+        self.attention = torch.nn.MultiheadAttention(20, 4, batch_first=True)
+        self.head = torch.nn.Linear(20, 3)
+
+    def forward(self, x):  # x: (n, 6, 12), six tokens
+        tokens = torch.relu(x @ self.embed)
+        tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_input_major_and_attention_weights_round_trip_with_their_codebooks(tmp_path, granularity):
+    from gpfq.deploy import with_alphabets_from
+    torch.manual_seed(0)
+    model = MatmulAndAttention().eval()
+    tokens = torch.randn(128, 6, 12, generator=torch.Generator().manual_seed(1))
+    config = gpfq.QuantConfig(bits=3, batch_size=64, alphabet_granularity=granularity)
+    result = gpfq.quantize(model, tokens, config, log=lambda line: None)
+    assert [(r.parameter, r.input_major) for r in result.reports] == [
+        ("embed", True), ("attention.in_proj_weight", False), ("attention.out_proj.weight", False),
+        ("head.weight", False)]
+    path = tmp_path / "model.safetensors"
+    gpfq.save_quantized(result.model, result, path, input_shape=(6, 12))
+    loaded = gpfq.load_quantized(path, architecture=MatmulAndAttention())
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), loaded.state_dict().values()))
+    assert read_quantized(path).header["coded"]["embed"].get("transposed") is True
+    # the codebooks come back for every weight, whatever its parameter name (a saved model's reports carry none)
+    bare = [dataclasses.replace(r, alphabet=None) for r in result.reports]
+    recovered = with_alphabets_from(bare, path)
+    for report, original in zip(recovered, result.reports):
+        levels = original.alphabet.shape[-1]  # the file holds the codebook in the weight's dtype (float32)
+        assert torch.equal(report.alphabet.reshape(-1, levels),
+                           original.alphabet.reshape(-1, levels).to(report.alphabet.dtype)), report.parameter
+
+
+def test_input_major_weight_exports_to_onnx_as_codes(tmp_path):
+    """The transposed codes of an x @ W weight become W again in the ONNX graph (a Transpose after the lookup)."""
+    import onnxruntime as ort
+    from gpfq.onnx_export import export_onnx
+    torch.manual_seed(0)
+    model = MatmulAndAttention().eval()
+    tokens = torch.randn(128, 6, 12, generator=torch.Generator().manual_seed(1))
+    result = gpfq.quantize(model, tokens, gpfq.QuantConfig(bits=3, batch_size=64, alphabet_granularity="channel"),
+                           log=lambda line: None)
+    path = tmp_path / "model.safetensors"
+    gpfq.save_quantized(result.model, result, path, input_shape=(6, 12))
+    kinds = export_onnx(path, tmp_path / "model.onnx", architecture=MatmulAndAttention())
+    assert set(kinds) == {"embed", "attention.in_proj_weight", "attention.out_proj.weight", "head.weight"}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i in range(4):  # one example at a time (the exporter fixes this model's batch axis at 1)
+        with torch.no_grad():
+            expected = result.model(tokens[i:i + 1]).numpy()
+        (logits,) = session.run(None, {session.get_inputs()[0].name: tokens[i:i + 1].numpy()})
+        assert abs(logits - expected).max() < 1e-5

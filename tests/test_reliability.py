@@ -103,7 +103,8 @@ BAD_HYPERPARAMETERS = [
 
 @pytest.mark.parametrize("argv,message", BAD_HYPERPARAMETERS, ids=[" ".join(a) for a, _ in BAD_HYPERPARAMETERS])
 def test_bad_hyperparameter_is_one_clear_error_before_work(tmp_path, no_work, argv, message):
-    with pytest.raises(ValueError) as error:
+    from gpfq.errors import BadInputError
+    with pytest.raises(BadInputError) as error:  # what the scripts report as one line, exit status 2
         main(HEADER, argv + out_dirs(tmp_path))
     assert message in str(error.value)
     assert not (tmp_path / "logs" / PLAIN_LOG).exists() and not list(tmp_path.rglob("*.pt"))
