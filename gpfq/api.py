@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
-from .data import CalibrationStream
+from .data import CalibrationStream, ImageStream
 from .errors import bad_hyperparameter
 from .folding import fold_batchnorm, foldable_pairs
 from .network import LayerReport, LayerSettings, settings_for
@@ -56,17 +56,19 @@ def _inputs_of(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-class LoaderStream(CalibrationStream):
+class LoaderStream(ImageStream):
     """Calibration images taken in order from a user's DataLoader (cycled when it runs out).
 
     Each layer's `chunks(m)` continues where the previous one stopped, so with fresh calibration
-    every layer sees new images for as long as the loader has them.
+    every layer sees new images for as long as the loader has them. Under torch.distributed every rank
+    draws the same m and keeps its share, so the loader must yield the same images in the same order on
+    every rank (no sampler that splits the data by rank).
     """
 
     def __init__(self, loader):
+        super().__init__()
         self.loader = loader
         self._iterator = None
-        self._pending = []
         first = next(iter(loader), None)
         if first is None:
             raise ValueError("the calibration DataLoader yields no batches")

@@ -249,34 +249,15 @@ def evaluation_set(name: str, data_dir=DATA_DIR):
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
-class CalibrationStream:
-    """Endless seeded shuffle of a dataset; `draw(m)` returns the next m images in chunks.
+class ImageStream:
+    """Calibration images taken m at a time, chunk by chunk, from a subclass's `_next_chunk()` (a tensor of images);
+    a chunk that is only partly taken is continued by the next draw."""
 
-    Each layer calls `draw(m)` for a fresh batch (the paper's default). The order depends
-    only on the seed, not on num_workers.
-    """
-
-    def __init__(self, dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
-        self.dataset = dataset
-        self.chunk_size = chunk_size
-        self.num_workers = num_workers
-        self.generator = torch.Generator().manual_seed(seed)
-        self._iterator = None
+    def __init__(self):
         self._pending = []
 
-    def _next_chunk(self):
-        while True:
-            if self._iterator is None:
-                loader = DataLoader(self.dataset, batch_size=self.chunk_size, shuffle=True,
-                                    generator=self.generator, num_workers=self.num_workers)
-                self._iterator = iter(loader)
-            try:
-                return next(self._iterator)[0]
-            except StopIteration:
-                self._iterator = None
-
     def draw(self, m: int) -> list:
-        """The next m images as a list of (≤ chunk_size, …) tensors."""
+        """The next m images as a list of (≤ chunk size, …) tensors."""
         return list(self.chunks(m))
 
     def chunks(self, m: int):
@@ -289,6 +270,33 @@ class CalibrationStream:
                 self._pending.insert(0, chunk[take:])
             count += take
             yield chunk[:take]
+
+
+class CalibrationStream(ImageStream):
+    """Endless seeded shuffle of a dataset; `draw(m)` returns the next m images in chunks.
+
+    Each layer calls `draw(m)` for a fresh batch (the paper's default). The order depends
+    only on the seed, not on num_workers.
+    """
+
+    def __init__(self, dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
+        super().__init__()
+        self.dataset = dataset
+        self.chunk_size = chunk_size
+        self.num_workers = num_workers
+        self.generator = torch.Generator().manual_seed(seed)
+        self._iterator = None
+
+    def _next_chunk(self):
+        while True:
+            if self._iterator is None:
+                loader = DataLoader(self.dataset, batch_size=self.chunk_size, shuffle=True,
+                                    generator=self.generator, num_workers=self.num_workers)
+                self._iterator = iter(loader)
+            try:
+                return next(self._iterator)[0]
+            except StopIteration:
+                self._iterator = None
 
 
 def evaluation_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:

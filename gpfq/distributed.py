@@ -309,15 +309,14 @@ class Shard:
         """The distributed `network.gather_layer`: (analog_rows, quantized_rows, statistics) of all m images.
 
         input_pairs: (X input, X̃ input) chunks of this rank's share of the `n_images` images.
-        streams(rows) -> bool, asked at the first chunk with the layer's total row count (the same on
-        every rank): True sums the rows into GramStatistics, which are all-reduced (rows None);
-        False gathers every rank's rows (statistics None). The patch generator advances over the
+        streams(rows, weight, device) -> GramStatistics or None, asked at the first chunk with the layer's
+        total row count (the same on every rank): empty sums (`network.new_statistics`) to add the rows
+        into, all-reduced at the end (rows None); None gathers every rank's rows (statistics None). The patch generator advances over the
         other ranks' images, so every image gets the patch indices one process would give it.
         """
         lo, hi = self.span(n_images)
         flat = flat_weight(layer)
         weight = grouped(layer, flat)
-        n_groups, _, n_inputs = weight.shape
         statistics, streamed = None, None
         analog_parts, quantized_parts, first = [], [], None
         with self.step(f"{label}: forward passes and rows"):
@@ -327,9 +326,8 @@ class Shard:
                     _skip_patches(first, lo, retain_rate, generator, patch_stride)
                 x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
                 if streamed is None:
-                    streamed = streams(x.shape[0] // analog.images * n_images)
-                    if streamed:
-                        statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device)
+                    statistics = streams(x.shape[0] // analog.images * n_images, weight, x.device)
+                    streamed = statistics is not None
                 if streamed:
                     statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
                 else:

@@ -295,9 +295,7 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
             rows = x.shape[0] // analog.images * n_images
             form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
             if form == "gram" and settings.method in STATISTICS_METHODS:
-                # Qronos's ridge (1e-6 · λ_max by default) is below float32's resolution of the sums: form them in float64
-                statistics = GramStatistics(n_groups, n_inputs, weight=weight, device=x.device,
-                                            dtype=torch.float64 if settings.method == "qronos" else torch.float32)
+                statistics = new_statistics(settings, weight, x.device)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
         if statistics is None or keep_rows:
@@ -306,6 +304,14 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     if statistics is not None and not keep_rows:
         return None, None, statistics, form
     return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
+
+
+def new_statistics(settings: LayerSettings, weight: torch.Tensor, device) -> GramStatistics:
+    """Empty Gram sums for the rows of a layer with grouped weight (G, N1, N0). Qronos's are float64: its ridge
+    (1e-6 · λ_max by default) is below float32's resolution of the sums."""
+    n_groups, _, n_inputs = weight.shape
+    return GramStatistics(n_groups, n_inputs, weight=weight, device=device,
+                          dtype=torch.float64 if settings.method == "qronos" else torch.float32)
 
 
 def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
@@ -320,11 +326,12 @@ def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate
     flat = flat_weight(layer)
     n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
 
-    def streams(rows):
+    def streams(rows, weight, device):
         if keep_rows or settings.method not in STATISTICS_METHODS:
-            return False
-        return settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups,
-                                                      rows_budget) == "gram"
+            return None
+        if settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram":
+            return new_statistics(settings, weight, device)
+        return None
 
     analog_rows, quantized_rows, statistics = shard.gather_layer(
         layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)

@@ -38,6 +38,21 @@ def test_shares_cover_the_single_process_draw(world_size, m):
         assert torch.equal(torch.cat(shares), expected)
 
 
+@pytest.mark.parametrize("world_size, m", [(2, 64), (3, 50)])
+def test_a_dataloader_is_shared_out_in_its_own_order(world_size, m):
+    """gpfq.quantize's stream of a user's DataLoader: each rank keeps its share of the m images one process
+    takes, layer after layer, in the loader's order."""
+    from gpfq.api import calibration_stream
+    data = torch.utils.data.TensorDataset(torch.arange(300.0).reshape(300, 1), torch.zeros(300))
+    loader = torch.utils.data.DataLoader(data, batch_size=32)  # the same order on every rank
+    single = calibration_stream(loader, seed=0)
+    streams = [distributed.ShardedStream(calibration_stream(loader, seed=0), shard_of(r, world_size))
+               for r in range(world_size)]
+    for _ in range(8):  # 8·m > 300: the loader is cycled
+        expected = torch.cat(single.draw(m)).flatten()
+        assert torch.equal(torch.cat([torch.cat(s.draw(m)).flatten() for s in streams]), expected)
+
+
 def q_agreement(a, b):
     """Fraction of equal entries over all layers, and the layers whose Q differ while the sums agree bit for bit."""
     equal = total = 0
@@ -62,9 +77,10 @@ def sums_agree(a, b):
 def two_ranks(tmp_path_factory):
     """2 gloo ranks calling gpfq.quantize in their process group (Q on rank 0, broadcast), m = 64 in chunks
     of 32: GPFQ (engine 'auto': rows gathered for the residual form, sums all-reduced for the Gram form)
-    fresh and fixed, GPTQ from sums."""
+    fresh and fixed, GPTQ and Qronos (float64 sums) from sums."""
     runs = [dict(m=M, chunk_size=32), dict(m=M, chunk_size=32, calibration="fixed"),
-            dict(m=M, chunk_size=32, engine="gram", method="gptq")]
+            dict(m=M, chunk_size=32, engine="gram", method="gptq"),
+            dict(m=M, chunk_size=32, engine="gram", method="qronos")]
     return runs, run_ranks(2, runs, tmp_path_factory.mktemp("two_ranks") / "q")
 
 
@@ -72,7 +88,7 @@ def two_ranks(tmp_path_factory):
 def test_two_ranks_equal_one_process_bit_for_bit(two_ranks):
     """Each rank's share is one chunk of one process's draw, so the float64 sums are a + b on both sides and
     the gathered rows are one process's rows: Q is equal bit for bit, in fresh and fixed mode, for GPFQ
-    (residual and Gram forms, as one process chooses them) and GPTQ."""
+    (residual and Gram forms, as one process chooses them), GPTQ and Qronos."""
     runs, ranks = two_ranks
     for run, distributed_result in zip(runs, ranks[0]):
         single = quantize_default(**run)
