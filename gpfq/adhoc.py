@@ -35,7 +35,7 @@ from torch import nn
 
 from .alphabet import MAX_BITS
 from .api import quantize as quantize_model
-from .capture import QUANTIZABLE, capture_input, layer_weight, layers_in_execution_order
+from .capture import capture_input, layer_weight, layers_in_execution_order
 from .config import FIELDS
 from .data import CalibrationStream
 from .deploy import quantized_path, with_alphabets_from

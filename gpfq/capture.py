@@ -23,7 +23,6 @@ from torch.utils._pytree import tree_flatten
 from .errors import BadInputError
 from .threads import single_thread
 
-QUANTIZABLE = (nn.Conv2d, nn.Linear)  # the module types whose own forward the old module-call capture saw
 CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 MATMUL_FUNCTIONS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 ADDMM_FUNCTIONS = {torch.addmm, torch.Tensor.addmm}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .state_dicts import add_missing_biases
 from .codes import code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits, unpack_codes
 
 FORMAT = "gpfq.quantized"
@@ -288,14 +289,8 @@ def load_quantized(path, architecture: nn.Module = None) -> nn.Module:
 
 def model_of(quantized: QuantizedFile, architecture: nn.Module = None, path="the file") -> nn.Module:
     """`load_quantized` for a file already read."""
-    from .capture import QUANTIZABLE
     model = build_architecture(quantized.header) if architecture is None else copy.deepcopy(architecture)
-    own = model.state_dict()
-    for key, value in quantized.state_dict.items():  # layers that gained a bias (bias correction)
-        if key.endswith(".bias") and key not in own:
-            module = _submodule(model, key[: -len(".bias")])
-            if isinstance(module, QUANTIZABLE) and module.bias is None:
-                module.bias = nn.Parameter(torch.zeros_like(value))
+    add_missing_biases(model, quantized.state_dict)  # layers that gained a bias (bias correction)
     own = model.state_dict()
     missing = sorted(set(own) - set(quantized.state_dict))
     unexpected = sorted(set(quantized.state_dict) - set(own))
@@ -310,11 +305,3 @@ def model_of(quantized: QuantizedFile, architecture: nn.Module = None, path="the
                                  f"{'; '.join(wrong[:5])}")
     model.load_state_dict(quantized.state_dict)
     return model.eval()
-
-
-def _submodule(model, name):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-

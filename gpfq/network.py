@@ -247,19 +247,6 @@ def checked_inputs(name, input_pairs):
         yield analog, quantized
 
 
-def collect_rows(analog_model, quantized_model, layer, chunks, retain_rate, generator, patch_stride, device):
-    """X and X̃ rows (rows, G·N0) of `layer` (capture.Layer) over the image chunks of one calibration batch.
-
-    With quantized_model None (in-place quantization), X̃ = X.
-    """
-    analog_rows, quantized_rows = [], []
-    for analog, quantized in fresh_inputs(analog_model, quantized_model, layer, chunks, device):
-        x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
-        analog_rows.append(x)
-        quantized_rows.append(xq)
-    return torch.cat(analog_rows), torch.cat(quantized_rows)
-
-
 def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
