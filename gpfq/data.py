@@ -5,7 +5,6 @@ draws layer inputs from (a train split); `evaluation_set` is what accuracy is
 measured on (test / validation split).
 """
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +183,8 @@ def image_folder_classes(root) -> list:
     Only folder listings are read (plus the first image of each class).
     """
     root = Path(root)
-    layout = (f"--dataset imagefolder reads DIR/train/<class>/<image> (calibration) and DIR/val/<class>/<image> "
-              f"(evaluation) from --data_dir DIR")
+    layout = ("--dataset imagefolder reads DIR/train/<class>/<image> (calibration) and DIR/val/<class>/<image> "
+              "(evaluation) from --data_dir DIR")
     if not root.is_dir():
         raise DataMissingError(f"image folder {root} does not exist; {layout}")
     for split in ("train", "val"):

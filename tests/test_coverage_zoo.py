@@ -69,7 +69,6 @@ def weights_that_must_be_quantized(model, example):
     for module_name, module in model.named_modules():
         if module_name not in called:
             continue
-        prefix = f"{module_name}." if module_name else ""
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             names.add(canonical[id(module.weight)])
         if isinstance(module, nn.MultiheadAttention):

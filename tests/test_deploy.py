@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpfq.codes import stored_bits
+from gpfq.codes import code_entropy, stored_bits
 from gpfq.deploy import SIZE_COLUMNS
 from gpfq.evaluate import evaluate
 from gpfq.experiment import main
@@ -28,8 +28,8 @@ def test_rows_show_levels_bits_entropy_and_size(default_runs):
         assert quantized == pt.with_suffix(".safetensors") and quantized.exists()
         # the paper's alphabet at b bits: 2^b + 1 levels, so b + 1 stored bits
         assert row["Levels"] == str(2 ** bits + 1) and row["Stored Bits"] == stored_bits(2 ** bits + 1) == bits + 1
-        header = read_quantized(quantized).header
-        entropies = [(e["entropy"], e["count"]) for e in header["coded"].values()]
+        codes = read_quantized(quantized).codes  # the entropy from the codes themselves, not from the header
+        entropies = [(code_entropy(c, codebook.shape[-1]), c.numel()) for c, codebook in codes.values()]
         expected = sum(h * n for h, n in entropies) / sum(n for _, n in entropies)
         assert row["Code Entropy"] == round(expected, 4) and 0 < row["Code Entropy"] < bits + 1
         assert row["Quantized File Bytes"] == quantized.stat().st_size

@@ -8,7 +8,7 @@ from gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
 from gpfq.experiment import expand_grid, method_description, validate
 from gpfq.network import LayerSettings, quantize_layer
 from gpfq.quantizer import gpfq_columns, gpfq_reference
-from tests.test_methods import _header
+from conftest import script_header
 
 LEVELS = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
 
@@ -18,7 +18,7 @@ def _error(weight, quantized_weight, analog, quantized):
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
-def test_the_issue_example(compiled):
+def test_the_documented_example(compiled):
     """X = [[1], [1]], X̃ = 2X, w = 0.4: the 2022 rule rounds w itself (0.5, error 0.849); the paper's rule
     rounds <X̃, wX>/||X̃||² = 0.2 (0, error 0.566)."""
     analog = torch.tensor([[1.0], [1.0]])
@@ -97,9 +97,9 @@ def test_default_is_the_paper_rule_and_the_option_reaches_the_layer():
 
 
 def test_header_option_is_validated_and_logged():
-    point = expand_grid(dict(_header(), gpfq_first_column="code2022"))[0]
+    point = expand_grid(dict(script_header("quantization_scripts"), gpfq_first_column="code2022"))[0]
     validate(point)
     assert method_description(point) == "first column code2022"
-    assert method_description(expand_grid(_header())[0]) == ""  # the default point logs as before
+    assert method_description(expand_grid(script_header("quantization_scripts"))[0]) == ""  # the default point logs as before
     with pytest.raises(ValueError, match="gpfq_first_column"):
-        validate(expand_grid(dict(_header(), gpfq_first_column="2022"))[0])
+        validate(expand_grid(dict(script_header("quantization_scripts"), gpfq_first_column="2022"))[0])

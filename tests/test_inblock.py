@@ -5,8 +5,6 @@ import torch
 from gpfq.alphabet import make_alphabet, round_to_alphabet
 from gpfq.inblock import LINEAR_SEARCH_MAX_MIDPOINTS, block_rounder, compiled_available
 
-pytestmark = pytest.mark.skipif(not compiled_available(), reason="numba is not installed")
-
 
 def _plain_loop(numerators, quantized_gram, alphabet):
     """The rule written out per group, column and neuron in float64: q_t = Q(a_t/d_t − Σ_{j<t} H[j,t]/d_t q_j)."""
@@ -37,8 +35,15 @@ def _block(n_groups, n_columns, n_neurons, seed, dtype):
     return numerators.to(dtype), quantized_gram.to(dtype)
 
 
+
+def test_the_compiled_kernel_is_available():
+    """numba is a requirement: the in-block kernel must compile here, not fall back silently."""
+    assert compiled_available()
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])  # 8 bits: 257 levels, past the linear search
 @pytest.mark.parametrize("per_neuron", [False, True])
+
 def test_compiled_kernel_equals_the_plain_loop_in_float64(bits, per_neuron):
     n_groups, n_columns, n_neurons = 3, 12, 5
     numerators, quantized_gram = _block(n_groups, n_columns, n_neurons, seed=bits, dtype=torch.float64)

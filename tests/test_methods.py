@@ -1,6 +1,5 @@
 """Methods beside GPFQ: GPTQ, stochastic and sparse GPFQ, per-channel alphabets, BatchNorm folding,
 and the orderings that must hold on the default model."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import script_header
 from gpfq.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
 from gpfq.capture import layers_in_execution_order
 from gpfq.experiment import expand_grid, main, validate
@@ -15,11 +15,10 @@ from gpfq.folding import fold_batchnorm
 from gpfq.gptq import gptq, gptq_reference
 from gpfq.models import load_model
 from gpfq.network import LayerSettings, quantize_layer
-from gpfq.quantizer import gpfq_columns, gpfq_reference, msq
+from gpfq.quantizer import gpfq_columns, gpfq_reference
 from gpfq.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
 from gpfq.variants import sparse_gpfq, spfq
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _problem(groups=2, neurons=9, inputs=37, rows=50, seed=0):
@@ -170,13 +169,6 @@ def test_fold_batchnorm_keeps_the_function_and_the_layers():
 
 
 # ---------------------------------------------------------------- hyperparameters
-def _header():
-    spec = importlib.util.spec_from_file_location("quantize_script", REPO / "quantization_scripts" / "quantize.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return dict(script.HEADER)
-
-
 @pytest.mark.parametrize("key,value,message", [
     ("alphabet_granularity", "row", "alphabet_granularity"),
     ("thresholding", "medium", "thresholding"),
@@ -187,13 +179,13 @@ def _header():
     ("method", "optq", "method"),
 ])
 def test_bad_method_hyperparameters_fail_early(key, value, message):
-    point = expand_grid(dict(_header(), **{key: value}))[0]
+    point = expand_grid(dict(script_header("quantization_scripts"), **{key: value}))[0]
     with pytest.raises(ValueError, match=message):
         validate(point)
 
 
 def test_sparse_gpfq_needs_the_zero_level():
-    point = expand_grid(dict(_header(), method="sparse_gpfq", include_0=False))[0]
+    point = expand_grid(dict(script_header("quantization_scripts"), method="sparse_gpfq", include_0=False))[0]
     with pytest.raises(ValueError, match="include_0"):
         validate(point)
 
@@ -207,7 +199,7 @@ def default_runs(tmp_path_factory):
     argv = ["--method", "msq", "gpfq", "gptq", "sparse_gpfq", "--bits", "3", "--batch_size", "128",
             "--sparsity_threshold", "0.1", "--num_threads", "1", "--log_dir", str(folder / "logs"), "--model_dir", str(folder / "models")]
     threads = torch.get_num_threads()
-    rows = main(_header(), argv)
+    rows = main(script_header("quantization_scripts"), argv)
     assert torch.get_num_threads() == threads  # --num_threads holds for the run only, not for the caller after it
     records = {}
     for row in rows:

@@ -33,7 +33,7 @@ def test_pack_unpack_round_trip_and_length(bits):
 
 
 def test_pack_bit_order_by_hand():
-    # 3-bit codes 5 (101), 3 (011), 7 (111): stream bits (lsb first) 1 0 1 | 1 1 0 | 1 1 1 -> 0b01011101, 0b1
+    # 3-bit codes 5 (101), 3 (011), 7 (111): stream bits (lsb first) 1 0 1 | 1 1 0 | 1 1 1 -> 0b11011101, 0b1
     assert pack_codes(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]
 
 
@@ -251,8 +251,10 @@ def test_describe_reports_each_layer(saved, capsys):
     lines = capsys.readouterr().out.splitlines()
     fc = next(line for line in lines if line.startswith("fc.weight")).split()
     # fc: 10×64 weights, 17 levels (4-bit gpfq2022), 5 stored bits: ⌈640·5/8⌉ code bytes + 17 float32 levels
-    assert fc[-6:] == ["17", "layer", "5", fc[-3], str(400 + 17 * 4), str(640 * 4)]
-    assert 0 < float(fc[-3]) < 5
+    codes, _ = read_quantized(path).codes["fc.weight"]
+    entropy = f"{code_entropy(codes, 17):.3f}"  # from the codes themselves (code_entropy is tested on its formula)
+    assert fc[-6:] == ["17", "layer", "5", entropy, str(400 + 17 * 4), str(640 * 4)]
+    assert 0 < float(entropy) < 5
     assert main([str(path.parent / "missing.safetensors")]) == 1
 
 

@@ -560,7 +560,7 @@ def test_same_seed_same_bits_across_runs_and_workers(tmp_path, small_eval):
     assert logged["Package Version"] == gpfq.__version__ and logged["Seed"] == "0"
 
 
-# ================================================================ issue 15: no row invisible, no silent nonsense
+# ================================================================ no row invisible, no silent nonsense
 # The new names are imported inside the tests, so each test fails on its own account on a revision without them.
 TORN = '…,0.25,0,"Zo'  # a row cut short by a crash or a full disk, inside a quoted field (Author)
 
