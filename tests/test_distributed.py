@@ -222,21 +222,15 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
     assert len(rows) == 1 and rows[0]["World Size"] == "2" and rows[0]["Backend"] == "gloo"
     row = rows[0]
 
-    single = quantize_default(M, 256)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loader = torch.utils.data.DataLoader(evaluation, batch_size=256)
-        float_top1, _ = evaluate(model, loader, progress=False)
-        quantized = load_saved_model(model, REPO_ROOT / row["Model File"] if not os.path.isabs(row["Model File"])
-                                     else row["Model File"])
-        distributed_q = {name: module.weight for name, module in quantized.named_modules() if name in single["layers"]}
-        equal = sum(int((distributed_q[n].reshape(q.shape) == q).sum()) for n, (q, _) in single["layers"].items())
-        total = sum(q.numel() for q, _ in single["layers"].values())
-        single_model = copy_with_weights(model, single)
-        single_top1, _ = evaluate(single_model, loader, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    single = quantize_default(M, 256)  # one thread, as each rank ran
+    loader = torch.utils.data.DataLoader(evaluation, batch_size=256)
+    float_top1, _ = evaluate(model, loader, progress=False)
+    quantized = load_saved_model(model, REPO_ROOT / row["Model File"] if not os.path.isabs(row["Model File"])
+                                 else row["Model File"])
+    distributed_q = {name: module.weight for name, module in quantized.named_modules() if name in single["layers"]}
+    equal = sum(int((distributed_q[n].reshape(q.shape) == q).sum()) for n, (q, _) in single["layers"].items())
+    total = sum(q.numel() for q, _ in single["layers"].values())
+    single_top1, _ = evaluate(copy_with_weights(model, single), loader, progress=False)
     assert float(row["Original Top1 Accuracy"]) == round(float_top1, 6)
     assert equal / total >= 0.999
     assert abs(float(row["Quantized Top1 Accuracy"]) - single_top1) <= 0.0005
