@@ -16,9 +16,20 @@ DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "GPFQ_DEBUG"
 
 
-def debug_requested(argv=None) -> bool:
+def debug_requested(argv=None, header: dict = None) -> bool:
+    """GPFQ_DEBUG=1; else `--debug [True|False]` on the command line (the last one wins; bare: True); else the
+    header's `debug`. Read from the raw arguments, since the error may be in parsing them."""
+    if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+        return True
     argv = sys.argv[1:] if argv is None else argv
-    return DEBUG_FLAG in argv or os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
+    requested = None
+    for position, token in enumerate(argv):
+        if token == DEBUG_FLAG:
+            value = argv[position + 1] if position + 1 < len(argv) and not argv[position + 1].startswith("--") else ""
+            requested = value.strip().lower() not in ("false", "0", "no")
+    if requested is not None:
+        return requested
+    return bool(header) and header.get("debug") is True
 
 
 def run_script(main, *args, **kwargs):
@@ -26,7 +37,8 @@ def run_script(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except GPFQError as error:
-        if debug_requested():
+        header = args[0] if args and isinstance(args[0], dict) else None  # a script's HEADER
+        if debug_requested(header=header):
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_status) from None

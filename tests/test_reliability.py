@@ -747,6 +747,18 @@ def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeyp
     assert debug.stderr.rstrip().endswith("bits must be a positive integer, got 0")
 
 
+def test_debug_from_the_command_line_the_header_or_the_environment(monkeypatch):
+    from gpfq.cli import debug_requested
+    monkeypatch.delenv("GPFQ_DEBUG", raising=False)
+    assert debug_requested(["--bits", "3", "--debug"]) and debug_requested(["--debug", "--bits", "3"])
+    assert debug_requested(["--debug", "True"]) and not debug_requested(["--debug", "False"])
+    assert not debug_requested(["--debug", "False"], {"debug": True})  # the command line wins over the header
+    assert debug_requested([], {"debug": True}) and not debug_requested([], {"debug": False})
+    assert not debug_requested([])
+    monkeypatch.setenv("GPFQ_DEBUG", "1")
+    assert debug_requested(["--debug", "False"])
+
+
 def test_bits_beyond_the_alphabet_limit_refused_everywhere():
     from gpfq.alphabet import MAX_BITS
     assert make_alphabet("midtread", MAX_BITS, 1.0, 1.0).numel() == 2 ** MAX_BITS + 1  # the limit itself works
