@@ -22,7 +22,7 @@ def shard_of(rank, world_size):
     return shard
 
 
-@pytest.mark.parametrize("world_size, m", [(2, 64), (3, 50), (4, 7)])
+@pytest.mark.parametrize("world_size, m", [(2, 64), (3, 50), (4, 7), (5, 3)])  # (5, 3): two ranks get none
 def test_shares_cover_the_single_process_draw(world_size, m):
     """Layer after layer, the ranks' shares, in rank order, are the images one process draws."""
     data = torch.utils.data.TensorDataset(torch.arange(500.0).reshape(500, 1), torch.zeros(500))
