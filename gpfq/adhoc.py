@@ -276,9 +276,10 @@ def quantize(context):
     mode = p.get("bias_correction")
     corrections = bias_stream(context)
     last = names[-1]
-    correctable = correctable_layers(analog_model, names, example)
+    # 'all' corrects every layer it can ('last' and 'last_float' were checked against the last layer before work)
+    correctable = correctable_layers(analog_model, names, example) if mode == "all" else set(names)
     uncorrectable = [name for name in names if name not in correctable]
-    if mode == "all" and uncorrectable:
+    if uncorrectable:
         log(f"bias correction: {len(uncorrectable)} of {len(names)} layers are not Linear or convolution modules that "
             f"the forward pass calls, and keep their biases: {', '.join(uncorrectable)}")
 

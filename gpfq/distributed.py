@@ -311,8 +311,9 @@ class Shard:
         input_pairs: (X input, X̃ input) chunks of this rank's share of the `n_images` images.
         streams(rows, weight, device) -> GramStatistics or None, asked at the first chunk with the layer's
         total row count (the same on every rank): empty sums (`network.new_statistics`) to add the rows
-        into, all-reduced at the end (rows None); None gathers every rank's rows (statistics None). The patch generator advances over the
-        other ranks' images, so every image gets the patch indices one process would give it.
+        into, all-reduced at the end (rows None); None gathers every rank's rows (statistics None). The
+        patch generator advances over the other ranks' images, so every image gets the patch indices one
+        process would give it.
         """
         lo, hi = self.span(n_images)
         flat = flat_weight(layer)

@@ -107,8 +107,7 @@ def load_inputs(point: dict, resources: Resources):
 
 def check_batch_size(key: str, m: int, calibration) -> None:
     if m > len(calibration):
-        raise bad_hyperparameter(f"{key} {m} is larger than the calibration set ({len(calibration)} "
-                         f"images)")
+        raise bad_hyperparameter(f"{key} {m} is larger than the calibration set ({len(calibration)} images)")
 
 
 @dataclass

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .state_dicts import add_missing_biases
 from .codes import code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits, unpack_codes
+from .state_dicts import add_missing_biases
 
 FORMAT = "gpfq.quantized"
 FORMAT_VERSION = 1

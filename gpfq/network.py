@@ -314,11 +314,10 @@ def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate
     n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
 
     def streams(rows, weight, device):
-        if keep_rows or settings.method not in STATISTICS_METHODS:
-            return None
-        if settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram":
-            return new_statistics(settings, weight, device)
-        return None
+        """Empty sums if the layer streams (the form one process would take), else None (its rows are gathered)."""
+        summed = not keep_rows and settings.method in STATISTICS_METHODS and (
+            settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
+        return new_statistics(settings, weight, device) if summed else None
 
     analog_rows, quantized_rows, statistics = shard.gather_layer(
         layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)
@@ -379,7 +378,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         stream = shard.stream(stream)
         if batch_size < shard.world_size:
             raise bad_hyperparameter(f"batch_size (m) {batch_size} is smaller than the world size "
-                             f"{shard.world_size}; every rank needs at least one calibration image")
+                                     f"{shard.world_size}; every rank needs at least one calibration image")
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
     example = stream.dataset[0][0].unsqueeze(0).to(device)
