@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import BadInputError
+from .inputs import placeholder_values, run
 from .threads import single_thread
 
 CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -30,6 +31,10 @@ TRANSPOSED_CONV_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_tran
 # A parameter of one of these module types is meant to be a matmul weight: if the forward pass reads it
 # some other way (transformed first, sliced, einsum), coverage counts it as a weight that stayed float.
 WEIGHT_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+# LSTM, GRU and RNN multiply their weight_ih_l*, weight_hh_l* (and weight_hr_l*) inside one fused op, whose rows
+# gpfq does not build: they are counted as matmul weights that stay float, so a recurrent model is warned about.
+RECURRENT_MODULES = (nn.RNNBase,)
+RECURRENT_REASON = "recurrent weight of {kind}: multiplied inside its fused op, which gpfq does not quantize"
 
 
 class _StopForward(Exception):
@@ -297,7 +302,7 @@ def find_layers(model: nn.Module, example_input: torch.Tensor) -> Discovery:
         others.setdefault(name, set()).add(op)
 
     with WeightUses(model, on_use, lambda name, reason: unsupported.setdefault(name, reason), on_other):
-        model(example_input)
+        run(model, example_input)
     parameters = dict(model.named_parameters())
     layers = []
     for name, calls in uses.items():
@@ -318,10 +323,13 @@ def find_layers(model: nn.Module, example_input: torch.Tensor) -> Discovery:
             groups=1 if geometry is None else geometry.groups, input_major=input_major, uses=len(calls)))
     weight_parameters = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, WEIGHT_MODULES):
-            for leaf, parameter in module.named_parameters(recurse=False):
-                if leaf == "weight" or leaf.endswith("proj_weight"):
-                    weight_parameters.add(f"{module_name}.{leaf}" if module_name else leaf)
+        for leaf, parameter in module.named_parameters(recurse=False):
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if isinstance(module, WEIGHT_MODULES) and (leaf == "weight" or leaf.endswith("proj_weight")):
+                weight_parameters.add(name)
+            elif isinstance(module, RECURRENT_MODULES) and leaf.startswith("weight_") and name not in uses:
+                weight_parameters.add(name)
+                unsupported.setdefault(name, RECURRENT_REASON.format(kind=type(module).__name__))
     sizes = {name: p.numel() for name, p in parameters.items()}
     return Discovery(layers, unsupported, others, sizes, weight_parameters & set(sizes))
 
@@ -343,7 +351,7 @@ def check_model_finite(model: nn.Module, example_input: torch.Tensor) -> None:
         layer = name[: -len(".weight")] if name.endswith(".weight") else name
         check_finite(use.input, f"the input of layer {layer} in the float model (on one calibration image)")
     with WeightUses(model, check):
-        output = model(example_input)
+        output = run(model, example_input)
     if isinstance(output, torch.Tensor):
         check_finite(output, "the float model's output (on one calibration image)")
 
@@ -365,7 +373,7 @@ def capture_uses(model: nn.Module, layer: Layer, images: torch.Tensor) -> LayerI
     captured = []
     try:
         with WeightUses(model, _collector(layer.parameter, captured, layer.uses)):
-            model(images)
+            run(model, images)
     except _StopForward:
         pass
     if not captured:
@@ -386,7 +394,7 @@ def capture_input(model: nn.Module, layer_name: str, images: torch.Tensor) -> to
 
     handle = module.register_forward_pre_hook(stop)
     try:
-        model(images)
+        run(model, images)
     except _StopForward:
         pass
     finally:
@@ -656,7 +664,7 @@ def trace_graph(model: nn.Module, example_input: torch.Tensor = None, layers=Non
                     if node.op not in ("placeholder", "output"):
                         environment[node] = forward._run(node, environment)
             output = fx.node.map_arg(forward.nodes[-1].args[0], lambda n: environment[n])
-            expected = model(example_input)
+            expected = run(model, example_input)
     except Exception as error:
         raise ValueError(fresh_message(model, error)) from error
     if layers is not None and order != [layer.parameter for layer in layers]:
@@ -691,11 +699,8 @@ class CachedForward:
                             for node in self.nodes}
         placeholders = [node for node in self.nodes if node.op == "placeholder"]
         self.environments, self.sizes = [], []
-        for images in chunks:
-            environment = {placeholders[0]: images}
-            for extra in placeholders[1:]:  # further forward arguments keep their defaults
-                environment[extra] = extra.args[0] if extra.args else None
-            self.environments.append(environment)
+        for images in chunks:  # further forward arguments than the inputs give keep their defaults
+            self.environments.append(placeholder_values(placeholders, images))
             self.sizes.append(images.shape[0])
 
     def _attribute(self, target: str):

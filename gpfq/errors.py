@@ -27,6 +27,10 @@ def bad_hyperparameter(message: str) -> BadHyperparameterError:
     return BadHyperparameterError(f"bad hyperparameter: {message}")
 
 
+class CalibrationInputError(BadInputError, ValueError):
+    """Calibration inputs the model cannot be run on, or that cannot be batched (gpfq.inputs)."""
+
+
 class ResultWriteError(GPFQError, OSError):
     """A result (model, record or log row) could not be written, e.g. a full disk."""
 
