@@ -16,6 +16,7 @@ from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from .data import CalibrationStream, ImageStream
 from .errors import bad_hyperparameter
+from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
 from .folding import fold_batchnorm, foldable_pairs
 from .network import LayerReport, LayerSettings, settings_for
 from .network import _quantize_network
@@ -51,16 +52,49 @@ class _FirstItem(torch.utils.data.Dataset):
         return item if isinstance(item, (tuple, list)) else (item,)
 
 
+class _DictItems(torch.utils.data.Dataset):
+    """A dict of tensors {name: (N, …)} seen as N items ({name: tensor},): keyword inputs, model(**item)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+        self.length = as_inputs(tensors).shape[0]  # CalibrationInputError if the first dimensions differ
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return ({name: tensor[index] for name, tensor in self.tensors.items()},)
+
+
 def _inputs_of(batch):
-    """The inputs x of a batch that is x or (x, y, …)."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+    """The inputs x of a batch that is x or (x, y, …): a tensor, or gpfq.inputs.ModelInputs for a tuple or dict x."""
+    return as_inputs(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _loader_size(loader):
+    """Images in one pass of a DataLoader, or None where it cannot tell without loading them (an IterableDataset,
+    a batch_sampler of its own)."""
+    if loader.batch_size is None or isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        images = len(loader.sampler)
+    except TypeError:
+        return None
+    return images // loader.batch_size * loader.batch_size if loader.drop_last else images
+
+
+def _loader_too_small(m: int, images: int):
+    return bad_hyperparameter(f"batch_size {m} is larger than the calibration DataLoader ({images} images in one "
+                              f"pass), so one draw would repeat images; give at least {m} images or lower batch_size")
 
 
 class LoaderStream(ImageStream):
     """Calibration images taken in order from a user's DataLoader (cycled when it runs out).
 
     Each layer's `chunks(m)` continues where the previous one stopped, so with fresh calibration
-    every layer sees new images for as long as the loader has them. Under torch.distributed every rank
+    every layer sees new images for as long as the loader has them. A loader with fewer than m images in
+    one pass is refused (one draw would repeat images): by `quantize` before any work when its length is
+    known (`size`), else when the first pass runs out. Under torch.distributed every rank
     draws the same m and keeps its share, so the loader must yield the same images in the same order on
     every rank (no sampler that splits the data by rank).
     """
@@ -73,15 +107,25 @@ class LoaderStream(ImageStream):
         if first is None:
             raise ValueError("the calibration DataLoader yields no batches")
         self.dataset = [(_inputs_of(first)[0],)]  # what `dataset[0][0]` (an example image) reads
+        self.size = _loader_size(loader)  # images per pass, None if unknown
+        self._m, self._taken = None, 0  # the draw size; images taken in the current pass
+
+    def chunks(self, m: int):
+        self._m = m
+        yield from super().chunks(m)
 
     def _next_chunk(self):
         for attempt in range(2):
             if self._iterator is None:
-                self._iterator = iter(self.loader)
+                self._iterator, self._taken = iter(self.loader), 0
             try:
-                return _inputs_of(next(self._iterator))
+                chunk = _inputs_of(next(self._iterator))
+                self._taken += chunk.shape[0]
+                return chunk
             except StopIteration:
                 self._iterator = None
+                if self._m is not None and 0 < self._taken < self._m:  # a loader of unknown length, found short
+                    raise _loader_too_small(self._m, self._taken)
         raise ValueError("the calibration DataLoader yields no batches")
 
 
@@ -89,7 +133,8 @@ def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
     """A stream of calibration images from a DataLoader, a Dataset or a tensor of inputs (N, …).
 
     A Dataset or tensor is drawn from in a seeded shuffle (`data.CalibrationStream`); a DataLoader in its
-    own order. A stream (anything with `chunks` and `draw`) is used as it is.
+    own order. A dict of tensors {name: (N, …)} gives keyword inputs (model(**x)); items and batches may hold
+    a tuple or dict x (gpfq.inputs). A stream (anything with `chunks` and `draw`) is used as it is.
     """
     if hasattr(calibration_data, "chunks") and hasattr(calibration_data, "draw"):
         return calibration_data
@@ -100,6 +145,8 @@ def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
             raise ValueError(f"calibration_data: a tensor of inputs (N, …) needs a batch dimension, got shape "
                              f"{tuple(calibration_data.shape)}")
         calibration_data = torch.utils.data.TensorDataset(calibration_data)
+    if isinstance(calibration_data, dict):
+        calibration_data = _DictItems(calibration_data)
     if not hasattr(calibration_data, "__getitem__") or not hasattr(calibration_data, "__len__"):
         raise TypeError(f"calibration_data must be a DataLoader, a Dataset or a tensor of inputs, got "
                         f"{type(calibration_data).__name__}")
@@ -113,6 +160,38 @@ def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
 def _dataset_size(stream):
     dataset = getattr(stream, "dataset", None)
     return None if isinstance(stream, LoaderStream) or dataset is None else len(dataset)
+
+
+def _check_sizes(stream, m: int) -> None:
+    """Refuse a batch_size (m) larger than the calibration set, before any work."""
+    size = _dataset_size(stream)
+    if size is not None and m > size:
+        raise bad_hyperparameter(f"batch_size {m} is larger than the calibration set ({size} images)")
+    if isinstance(stream, LoaderStream) and stream.size is not None and m > stream.size:
+        raise _loader_too_small(m, stream.size)
+
+
+def _state(model: nn.Module):
+    """What quantize changes on the caller's model: every submodule's training flag, every tensor's device."""
+    modes = [(module, module.training) for module in model.modules()]
+    places = [(module, kind, name, tensor.device) for module in model.modules()
+              for kind in ("_parameters", "_buffers") for name, tensor in getattr(module, kind).items()
+              if tensor is not None]
+    return modes, places
+
+
+@torch.no_grad()
+def _restore(state) -> None:
+    modes, places = state
+    for module, training in modes:
+        module.training = training
+    for module, kind, name, device in places:
+        tensor = getattr(module, kind)[name]
+        if tensor.device != device:
+            if kind == "_parameters":  # the same Parameter object, as Module.to keeps it
+                tensor.data = tensor.data.to(device)
+            else:
+                module._buffers[name] = tensor.to(device)
 
 
 # ---------------------------------------------------------------- per-layer settings
@@ -179,8 +258,9 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
     """Quantize every weight `model` multiplies with an activation (Linear, Conv1d/2d/3d, matmul, attention
     projections; docs/capture.md), in order of first use, as `config` says.
 
-    calibration_data: a DataLoader, a Dataset or a tensor of inputs (N, …); a batch or item may be x or
-        (x, y, …). Each layer sees `config.batch_size` images (fresh ones per layer with calibration 'fresh').
+    calibration_data: a DataLoader, a Dataset, a tensor of inputs (N, …) or a dict of tensors {name: (N, …)};
+        a batch or item may be x or (x, y, …), x a tensor (model(x)), a tuple of tensors (model(*x)) or a dict
+        (model(**x)). Each layer sees `config.batch_size` images (fresh ones per layer with calibration 'fresh').
     device: where to run (default: the model's device).
     layers: per-layer choices by index (execution order, negative from the end) or fnmatch name pattern:
         {0: None, -1: 8, "stages.2.*": {"method": "msq"}} leaves layer 0 float, gives the last layer 8 bits
@@ -190,6 +270,10 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
         step.analog_rows / quantized_rows are None for a layer whose rows were streamed.
     in_place: quantize `model` itself (later layers then see X̃ = X) instead of a copy.
     log: where the per-layer lines go (tqdm.write keeps the progress bar intact).
+
+    The caller's `model` comes back in the mode (train/eval, per submodule) and on the device it came in,
+    with in_place too (its weights then are the quantized ones); result.model of a copy is in eval mode on
+    `device`. Floating-point inputs are cast to the model's dtype (an fp16 model on fp32 data).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a gpfq.QuantConfig, got {type(config).__name__}")
@@ -197,10 +281,21 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else "cpu"
     stream = calibration_stream(calibration_data, config.seed)
-    size = _dataset_size(stream)
-    if size is not None and config.batch_size > size:
-        raise bad_hyperparameter(f"batch_size {config.batch_size} is larger than the calibration set "
-                                 f"({size} images)")
+    _check_sizes(stream, config.batch_size)
+    state = _state(model)
+    try:
+        return _quantize(model, stream, config, device, layers, after_layer, in_place, log)
+    finally:
+        _restore(state)
+
+
+def _quantize(model, stream, config, device, layers, after_layer, in_place, log):
+    example = as_inputs(stream.dataset[0][0]).unsqueeze(0)
+    dtype = floating_dtype(model)
+    if dtype is not None and dtypes(example) - {dtype}:
+        log(f"note: the calibration inputs are {', '.join(sorted(map(str, dtypes(example))))} and the model is "
+            f"{dtype}: the inputs are cast to {dtype}")
+    check_model_runs(model.eval().to(device), move(example, device, dtype))  # one clear error before any work
     if config.fold_batchnorm and foldable_pairs(model):
         if in_place:  # folding builds a new model (BatchNorms become Identity), so `model` itself would stay float
             raise ValueError("in_place=True with fold_batchnorm=True: folding returns a new model, so the model "
@@ -220,7 +315,7 @@ def _settings_function(model, stream, config, layers, device):
     """settings_of(index, name, layer) for the network loop: the config with `layers`' choices applied."""
     if layers is None:
         return lambda index, name, layer: layer_settings(config, index, layer)
-    example = stream.dataset[0][0].unsqueeze(0).to(device)
+    example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, floating_dtype(model))
     names = layers_in_execution_order(model.eval().to(device), example)
     chosen = {name: config for name in names}
     for name, overrides in _layer_rules(layers, names):

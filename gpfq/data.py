@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import BadInputError
+from .inputs import as_inputs
 from .paths import DATA_DIR
 
 DATASETS = ("fashion_mnist", "imagenet", "imagefolder")
@@ -293,7 +294,7 @@ class CalibrationStream(ImageStream):
                                     generator=self.generator, num_workers=self.num_workers)
                 self._iterator = iter(loader)
             try:
-                return next(self._iterator)[0]
+                return as_inputs(next(self._iterator)[0])
             except StopIteration:
                 self._iterator = None
 

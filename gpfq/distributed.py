@@ -46,6 +46,7 @@ from .capture import flat_weight, grouped, layer_rows, patch_grid, patch_indices
 from .data import CalibrationStream
 from .engine import GramStatistics
 from .errors import GPFQError
+from .inputs import as_inputs, cat
 
 RULE_PLACES = ("rank0", "every")  # where the layer rule runs: rank 0 then broadcast Q, or every rank
 DEFAULT_TIMEOUT_SECONDS = 1800  # a rank that does not answer a collective for this long is taken as hung
@@ -430,14 +431,16 @@ class ShardedStream:
     def chunks(self, m: int):
         lo, hi = self.shard.span(m)
         if self.positions is None:
-            images = torch.cat(list(self.stream.chunks(m)))[lo:hi]
-            yield from images.split(max(1, getattr(self.stream, "chunk_size", 256)))
+            images = cat(list(self.stream.chunks(m)))[lo:hi]
+            size = max(1, getattr(self.stream, "chunk_size", 256))
+            # as Tensor.split cuts it (an empty share is one empty chunk), for ModelInputs too
+            yield from (images[start:start + size] for start in range(0, max(images.shape[0], 1), size))
             return
         order = torch.cat(list(self.positions.chunks(m)))
         loader = DataLoader(Subset(self.dataset, order[lo:hi].tolist()), batch_size=self.chunk_size,
                             num_workers=self.num_workers)
         for batch in loader:
-            yield batch[0]
+            yield as_inputs(batch[0])
 
     def draw(self, m: int) -> list:
         return list(self.chunks(m))

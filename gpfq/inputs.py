@@ -59,6 +59,15 @@ def as_inputs(x):
     raise CalibrationInputError(f"calibration inputs of type {type(x).__name__} cannot be batched; {SUPPORTED}")
 
 
+def cat(parts: list):
+    """Batches (tensors, or ModelInputs of one structure) joined along the batch dimension."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    first = parts[0]
+    return ModelInputs([torch.cat([p.args[i] for p in parts]) for i in range(len(first.args))],
+                       {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs})
+
+
 def run(model, x):
     """model(x), model(*args, **kwargs) for ModelInputs."""
     if isinstance(x, ModelInputs):

@@ -43,6 +43,7 @@ from .capture import (CachedForward, Coverage, capture_uses, check_finite, find_
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from .errors import bad_hyperparameter
 from .gptq import gptq, gptq_from_gram
+from .inputs import as_inputs, floating_dtype, move
 from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
 from .quantizer import msq, relative_error
 from .rounding import ThresholdedRounding, spfq_rounding
@@ -229,9 +230,11 @@ def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, includ
 
 
 def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
-    """Yield the inputs (X, X̃) of `layer` (capture.LayerInput) for each image chunk; quantized_model None: X̃ = X."""
+    """Yield the inputs (X, X̃) of `layer` (capture.LayerInput) for each image chunk; quantized_model None: X̃ = X.
+    Floating-point images are cast to the model's dtype (an fp16 model on fp32 data)."""
+    dtype = floating_dtype(analog_model)
     for images in chunks:
-        images = images.to(device)
+        images = move(images, device, dtype)
         analog = capture_uses(analog_model, layer, images)
         quantized = analog if quantized_model is None else capture_uses(quantized_model, layer, images)
         yield analog, quantized
@@ -381,7 +384,8 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
                                      f"{shard.world_size}; every rank needs at least one calibration image")
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
-    example = stream.dataset[0][0].unsqueeze(0).to(device)
+    dtype = floating_dtype(analog_model)
+    example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, dtype)
     discovery = find_layers(analog_model, example)
     layers = discovery.layers
     names = [layer.name for layer in layers]
@@ -390,7 +394,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     check_coverage(Coverage.of(discovery), strict_coverage, log)
     if calibration == "fixed":
         graph = trace_graph(analog_model, example, layers)  # fails here, before any work, if fx cannot run it
-        fixed_chunks = [images.to(device) for images in stream.draw(batch_size)]
+        fixed_chunks = [move(images, device, dtype) for images in stream.draw(batch_size)]
         analog_forward = CachedForward(analog_model, graph, fixed_chunks)
         quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
     generator = torch.Generator().manual_seed(seed)
