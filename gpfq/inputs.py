@@ -21,7 +21,7 @@ class ModelInputs:
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
         leaves = list(self.args) + list(self.kwargs.values())
         if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            raise CalibrationInputError(f"calibration inputs {describe(self)} are not all tensors; {SUPPORTED}")
+            raise CalibrationInputError(f"the calibration inputs, {describe(self)}, are not all tensors; {SUPPORTED}")
 
     def _leaves(self):
         return list(self.args) + list(self.kwargs.values())
@@ -96,18 +96,14 @@ def dtypes(x) -> set:
 
 
 def describe(x) -> str:
-    """x as a message shows it: 'a tensor (1, 3, 8, 8)', 'a tuple of tensors ((1, 4), (1, 4))', 'a dict …'."""
+    """x as a message shows it: 'a tensor (1, 3, 8, 8)', 'a tuple ((1, 4), (1, 4))', 'a dict (a=(1, 4))'."""
     def shape(value):
         return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
     if isinstance(x, torch.Tensor):
         return f"a tensor {shape(x)}"
     if isinstance(x, ModelInputs):
-        parts = []
-        if x.args:
-            parts.append(f"positional {', '.join(shape(a) for a in x.args)}")
-        if x.kwargs:
-            parts.append(f"keyword {', '.join(f'{k}={shape(v)}' for k, v in x.kwargs.items())}")
-        return f"inputs ({'; '.join(parts)})"
+        parts = [shape(a) for a in x.args] + [f"{k}={shape(v)}" for k, v in x.kwargs.items()]
+        return f"{'a dict' if x.kwargs and not x.args else 'a tuple'} ({', '.join(parts)})"
     return type(x).__name__
 
 

@@ -102,7 +102,7 @@ def test_dict_inputs_give_what_the_same_tensors_give(form):
 
 def test_a_dict_with_a_wrong_key_is_one_clear_error_before_work():
     lines = []
-    with pytest.raises(BadInputError, match=r"the model cannot be run on one calibration input, inputs \(keyword "
+    with pytest.raises(BadInputError, match=r"the model cannot be run on one calibration input, a dict \("
                                             r"y=\(1, 6\)\): it raised TypeError: .*unexpected keyword argument 'y'"):
         gpfq.quantize(OnKey(), {"y": _rows(40, 6, 2)}, gpfq.QuantConfig(batch_size=16), log=lines.append)
     assert lines == []
@@ -140,6 +140,39 @@ def test_two_inputs_given_as_x_and_label_is_one_clear_error_before_work():
     assert "missing 1 required positional argument: 'b'" in message
     assert "for a model of several inputs give items ((a, b), y) or {'a': a, 'b': b}" in message
     assert lines == []
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"a": _rows(40, 6, 5), "b": _rows(30, 5, 6)},
+     "the tensors of one calibration batch have different first (batch) dimensions: a dict (a=(40, 6), b=(30, 5))"),
+    ([{"a": row, "b": "text"} for row in _rows(40, 6, 5)],
+     "the calibration inputs, a dict (a=(6,), b=str), are not all tensors; a calibration item is x or (x, y, …)"),
+    (["text"] * 40, "calibration inputs of type str cannot be batched; a calibration item is x or (x, y, …)")])
+def test_inputs_that_cannot_be_batched_are_one_clear_error(data, message):
+    with pytest.raises(BadInputError, match=re.escape(message)):
+        quiet(TwoInputs(), data, gpfq.QuantConfig(batch_size=16))
+
+
+def test_tuple_and_dict_inputs_are_shared_out_across_ranks():
+    """Under torch.distributed each rank keeps its share of the m inputs one process draws, for both forms."""
+    from gpfq import distributed
+    from gpfq.api import calibration_stream
+    from gpfq.inputs import cat
+
+    def shard(rank):
+        shard = distributed.Shard(group=False)
+        shard.rank, shard.world_size = rank, 3
+        return shard
+    a = torch.arange(90.0).reshape(90, 1)
+    for make in (lambda: DataLoader([((x, -x), 0) for x in a], batch_size=8), lambda: {"a": a, "b": -a}):
+        single = calibration_stream(make(), seed=0)
+        ranks = [distributed.ShardedStream(calibration_stream(make(), seed=0), shard(r)) for r in range(3)]
+        for _ in range(3):
+            expected, shared = cat(single.draw(40)), cat([cat(rank.draw(40)) for rank in ranks])
+            a_of, b_of = ((lambda x: x.args[0]), (lambda x: x.args[1])) if expected.args else \
+                ((lambda x: x.kwargs["a"]), (lambda x: x.kwargs["b"]))
+            assert shared.shape == (40,) and torch.equal(a_of(shared), a_of(expected))
+            assert torch.equal(b_of(shared), -a_of(shared))  # each a still paired with its own b
 
 
 # ---------------------------------------------------------------- 4. recurrent layers in the coverage
