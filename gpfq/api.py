@@ -16,8 +16,8 @@ from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from .data import CalibrationStream, ImageStream
 from .errors import bad_hyperparameter
-from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
 from .folding import fold_batchnorm, foldable_pairs
+from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
 from .network import LayerReport, LayerSettings, settings_for
 from .network import _quantize_network
 from .network import quantize_layer as _quantize_grouped_layer

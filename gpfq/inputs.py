@@ -19,7 +19,7 @@ class ModelInputs:
 
     def __init__(self, args=(), kwargs=None):
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
-        leaves = list(self.args) + list(self.kwargs.values())
+        leaves = self._leaves()
         if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
             raise CalibrationInputError(f"the calibration inputs, {describe(self)}, are not all tensors; {SUPPORTED}")
 
