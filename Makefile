@@ -1,11 +1,12 @@
 # Quick start:  make demo   (set-up + the default experiment, offline)
-#               make test   (set-up + the test suite)
+#               make test   (set-up + the whole test suite, the slow end-to-end runs included)
+#               make test-fast (the edit-test loop: everything not marked slow)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test clean-venv
+.PHONY: setup data demo test test-fast clean-venv
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q tests
+
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)
