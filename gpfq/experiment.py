@@ -258,7 +258,9 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
-    warnings += chance_warnings(top1, output_width(context))
+    n_classes = classes_in(context.evaluation)
+    warnings += (chance_warnings(top1, n_classes) if n_classes else
+                 chance_warnings(top1, output_width(context), "outputs of the model: the data's classes are unknown"))
     for warning in warnings:
         log(f"WARNING: {warning}")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
@@ -298,23 +300,45 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     return row
 
 
-# A final top-1 this close to guessing (1 / number of classes) means the quantized model is broken.
+# A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.
 CHANCE_MARGIN = 0.02
 
 
 @torch.no_grad()
 def output_width(context: Context) -> int:
-    """The number of classes: the float model's output width on one calibration image."""
+    """The model's output width on one calibration image (the number of classes when the data's is unknown)."""
     example = context.calibration[0][0].unsqueeze(0).to(context.device)
     return int(context.analog_model.eval().to(context.device)(example).shape[-1])
 
 
-def chance_warnings(top1: float, n_classes: int) -> list:
-    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes)."""
+def classes_in(dataset) -> Optional[int]:
+    """The number of distinct labels in an evaluation set, when its labels can be read without loading the
+    images: `targets` (torchvision, ImageFolder) or a TensorDataset's second tensor, through Subsets; else None."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    labels = getattr(dataset, "targets", None)
+    if labels is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) > 1:
+        labels = dataset.tensors[1]
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
+        return None
+    return int(torch.unique(labels if indices is None else labels[indices]).numel())
+
+
+def chance_warnings(top1: float, n_classes: int, counted: str = "classes") -> list:
+    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes), another when it is below that.
+    counted: what n_classes counts ('classes' of the evaluation data, or the model's 'outputs')."""
     chance = 1.0 / n_classes
-    if top1 <= chance + CHANCE_MARGIN:
-        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of chance "
-                f"({chance:.4f} for {n_classes} classes)"]
+    level = f"chance ({chance:.4f} for {n_classes} {counted})"
+    if abs(top1 - chance) <= CHANCE_MARGIN:
+        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of {level}"]
+    if top1 < chance:
+        return [f"final top-1 {top1:.4f} is below {level}: worse than guessing"]
     return []
 
 
