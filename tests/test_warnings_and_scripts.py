@@ -153,3 +153,36 @@ def test_imagefolder_example_offline_says_where_the_weights_go(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("error: ImageNet weights for 'resnet18' are not cached at ") and err.count("\n") == 1
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the documented `layers=` example
+class _Features(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_documented_layers_example_does_what_the_docs_say():
+    """docs/your_model.md's `layers` dict, on a model whose first layer also matches "features.*": the first
+    layer stays float, the last gets 8 bits, the other features.* layer is rounded to nearest. The last
+    matching entry wins: with the exception first, the pattern after it takes the first layer back."""
+    import ast
+    import re
+    text = (REPO / "docs" / "your_model.md").read_text()
+    example = ast.literal_eval(re.search(r"- `layers`: .*?`(\{.*?\})`", text, re.S).group(1))
+    model, data = _Features(), torch.randn(64, 8)
+    config = gpfq.QuantConfig(bits=3, batch_size=64)
+    result = gpfq.quantize(model, data, config, layers=example, log=lambda text: None)
+    reports = {r.name: r for r in result.reports}
+    assert sorted(reports) == ["fc", "features.2"]  # features.0: float
+    assert torch.equal(result.model.features[0].weight, model.features[0].weight)
+    assert reports["features.2"].form == "msq" and reports["features.2"].bits == 3
+    assert reports["fc"].bits == 8 and reports["fc"].form != "msq"
+    overlap = gpfq.quantize(model, data, config, layers={0: None, "features.*": {"method": "msq"}},
+                            log=lambda text: None)
+    assert [(r.name, r.form) for r in overlap.reports][:2] == [("features.0", "msq"), ("features.2", "msq")]
