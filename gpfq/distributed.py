@@ -253,6 +253,8 @@ class Shard:
             raise failure
         if failed:
             rank, text = failed[0]
+            if text.startswith("KeyboardInterrupt"):  # Ctrl-C on another rank: stop as that rank does, quietly
+                raise KeyboardInterrupt
             raise DistributedError(f"rank {rank} of {self.world_size} failed in {label}: {text}")
 
     def check_same(self, settings: dict, label: str = "comparing the ranks' settings") -> None:

@@ -23,7 +23,7 @@ from . import __version__, api, distributed
 from .capture import Coverage, check_model_finite, find_layers
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
-from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
+from .deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
 from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
 from .folding import fold_batchnorm
@@ -218,8 +218,10 @@ class Variant:
 PLAIN = Variant()
 
 
-def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write) -> dict:
-    """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row."""
+def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
+    """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
+    unlogged: a list that holds the point's saved files while its row is not yet logged (`main` drops them at Ctrl-C)."""
+    unlogged = [] if unlogged is None else unlogged
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
@@ -251,6 +253,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
                 raise ResultWriteError(f"could not save the quantized model in {model_dir} "
                                        f"({os_error_reason(error)}); nothing of this grid point was written") from error
             log(f"saved {model_path}")
+            unlogged.extend([model_path, model_path.with_suffix(".json"), quantized_path(model_path)])
             saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
                                                       context.calibration[0][0].shape, log))
     saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
@@ -293,6 +296,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     with shard.step("appending the log row (rank 0)"):
         for log_path in log_paths if shard.writer else []:
             append_row(log_path, row, variant.logs[log_path.name], saved=where)
+    unlogged.clear()
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
@@ -427,19 +431,23 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
         resources = Resources()
         with shard.step("loading the data and the models"):
             preflight(points, resources, variant.validate_model)
-        rows, number = [], 0
+        rows, number, unlogged = [], 0, []
         try:
             for number, point in enumerate(points, 1):
                 if len(points) > 1:
                     say(f"\n### grid point {number}/{len(points)}")
-                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet))
+                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet,
+                                      unlogged=unlogged))
         except Exception as error:
             shard.record_error(error)  # where the other ranks' diagnosis finds it
             raise
         except KeyboardInterrupt:
-            print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
-                  f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
-                  f"command with --resume to go on.", file=sys.stderr)
+            for path in unlogged:  # the interrupted point's files, saved but not logged: --resume recomputes it
+                path.unlink(missing_ok=True)
+            if shard.writer:  # every rank is interrupted (Ctrl-C reaches them all, or `Shard.step` passes it on)
+                print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
+                      f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+                      f"command with --resume to go on.", file=sys.stderr)
             raise SystemExit(130) from None
     finally:
         torch.set_num_threads(caller_threads)

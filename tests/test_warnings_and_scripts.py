@@ -186,3 +186,79 @@ def test_documented_layers_example_does_what_the_docs_say():
     overlap = gpfq.quantize(model, data, config, layers={0: None, "features.*": {"method": "msq"}},
                             log=lambda text: None)
     assert [(r.name, r.form) for r in overlap.reports][:2] == [("features.0", "msq"), ("features.2", "msq")]
+
+
+# ---------------------------------------------------------------- Ctrl-C in the middle of a grid point
+# Run first in the script's process (every rank): a small evaluation set, and the quantized model's
+# evaluation (after its files are saved, before its row) marks a file and waits to be interrupted.
+INTERRUPT_PRELUDE = """
+import os, time
+from pathlib import Path
+from torch.utils.data import Subset
+from gpfq import experiment
+full = experiment.evaluation_set
+experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range(64))
+real_evaluate = experiment.evaluate
+def evaluate(model, loader, *args, desc="evaluate", **kwargs):
+    if desc == "quantized model":
+        Path(os.environ["MARKS"], "evaluating." + os.environ.get("RANK", "0")).touch()
+        time.sleep(120)
+    return real_evaluate(model, loader, *args, desc=desc, **kwargs)
+experiment.evaluate = evaluate
+"""
+
+
+def _interrupt_args(root: Path) -> list:
+    return ["--bits", "3", "--batch_size", "8", "--num_threads", "1", "--log_dir", str(root / "logs"),
+            "--model_dir", str(root / "models")]
+
+
+def _wait_for_marks(marks: Path, count: int, processes, timeout=240):
+    start = time.time()
+    while len(list(marks.iterdir())) < count:
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.time() - start < timeout, "the grid point never reached its evaluation"
+        time.sleep(0.05)
+
+
+def _point_files(root: Path) -> list:
+    return sorted(p.name for p in (root / "models").rglob("*") if p.is_file())
+
+
+def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
+    """SIGINT after the point's .pt/.json/.safetensors are saved, before its row: status 130, and none of the
+    point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it."""
+    from gpfq.logs import read_rows
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    code = INTERRUPT_PRELUDE + (f"import sys, runpy\nsys.argv = [{str(REPO / 'quantization_scripts' / 'quantize.py')!r}]"
+                                f" + {_interrupt_args(tmp_path)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    process = subprocess.Popen([PYTHON, "-c", code], env=dict(python_env(), MARKS=str(marks)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_marks(marks, 1, [process])
+    assert any(name.endswith(".pt") for name in _point_files(tmp_path))  # saved before its evaluation
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted during grid point 1 of 1" in err
+    assert _point_files(tmp_path) == []
+    log = tmp_path / "logs" / "Quantization_Log.csv"
+    assert not log.exists() or read_rows(log) == []
+
+
+def test_ctrl_c_under_two_ranks_says_it_once_and_every_rank_exits_130(tmp_path):
+    """Ctrl-C reaches every rank (as torchrun's workers, one process group): rank 0 prints the message once,
+    rank 1 nothing, no traceback, both exit with the documented 130."""
+    from distributed_workers import finish, start_script_ranks
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    processes = start_script_ranks(2, lambda rank: _interrupt_args(tmp_path), env={"MARKS": str(marks)},
+                                   prelude=INTERRUPT_PRELUDE)
+    _wait_for_marks(marks, 2, processes)
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+    (code0, out0), (code1, out1) = finish(processes, timeout=120)
+    assert (code0, code1) == (130, 130), (out0[-2000:], out1[-2000:])
+    assert out0.count("interrupted during grid point 1 of 1") == 1 and "interrupted" not in out1
+    assert "Traceback" not in out0 + out1
+    assert _point_files(tmp_path) == []
