@@ -220,7 +220,7 @@ PLAIN = Variant()
 
 def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
     """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
-    unlogged: a list that holds the point's saved files while its row is not yet logged (`main` drops them at Ctrl-C)."""
+    unlogged: a list holding the point's saved files until its row is logged (`main` drops them at Ctrl-C)."""
     unlogged = [] if unlogged is None else unlogged
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]

@@ -231,8 +231,9 @@ def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     from gpfq.logs import read_rows
     marks = tmp_path / "marks"
     marks.mkdir()
-    code = INTERRUPT_PRELUDE + (f"import sys, runpy\nsys.argv = [{str(REPO / 'quantization_scripts' / 'quantize.py')!r}]"
-                                f" + {_interrupt_args(tmp_path)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    script = str(REPO / "quantization_scripts" / "quantize.py")
+    code = INTERRUPT_PRELUDE + (f"import sys, runpy\nsys.argv = [{script!r}] + {_interrupt_args(tmp_path)!r}\n"
+                                f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
     process = subprocess.Popen([PYTHON, "-c", code], env=dict(python_env(), MARKS=str(marks)), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
