@@ -12,13 +12,15 @@ synthetic 3×56×56 images (91 patch rows per image at retain rate 0.25, so m = 
 """
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` importable from any directory
+from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child  # noqa: E402
 
 SIZES = (512, 4096)
 CHUNK = 64

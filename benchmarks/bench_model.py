@@ -17,12 +17,14 @@ the Gram sums of streamed layers.
 """
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` importable from any directory
+from benchmarks.common import SyntheticImages, peak_rss_mb, report, run_child  # noqa: E402
 
 CONFIGURATIONS = [("columns", "fresh"), ("auto", "fresh"), ("columns", "fixed"), ("auto", "fixed")]
 

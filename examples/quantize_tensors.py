@@ -1,9 +1,12 @@
 """Quantize a small CNN of your own on your own tensors: python3 examples/quantize_tensors.py"""
+import argparse
+
 import torch
 from torch import nn
 
 import gpfq
 
+argparse.ArgumentParser(description=__doc__).parse_args()  # no options: only --help
 torch.manual_seed(0)
 model = nn.Sequential(
     nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

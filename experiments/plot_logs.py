@@ -7,19 +7,27 @@
 The figures go to logs/figures/ unless --out says otherwise, so a run never replaces the README's
 figures in figures/ with whatever logs/ holds.
 
-For every model in the logs: <model>_top1_vs_m.png (top-1 against m, one line per bit width,
+For every model in the logs (its name made a file name: characters other than letters, digits, '.', '-'
+become '_'): <model>_top1_vs_m.png (top-1 against m, one line per bit width,
 float as a reference line; --method, --granularity choose the rows) and <model>_methods.png
 (top-1 against bits, one line per method at one m: --m, else the m with the most rows).
 --where COLUMN=VALUE keeps only matching rows (repeatable). --table prints, per model, a markdown
 table of top-1 at that m (mean ± standard deviation over the logged seeds) instead of drawing.
 """
 import argparse
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select
 
 DEFAULT_OUT = ROOT / "logs" / "figures"
+
+
+def figure_stem(model: str) -> str:
+    """A file name for a model's figures: 'examples/my_model.py:build' -> 'examples_my_model.py_build' (a '/'
+    would name a folder, a ':' is not allowed on Windows)."""
+    return re.sub(r"[^\w.-]", "_", model).lstrip(".") or "model"
 
 
 def main(argv=None):
@@ -47,11 +55,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     for model in sorted(frame["Model Name"].unique()):
         rows = frame[frame["Model Name"] == model]
-        path = out / f"{model}_top1_vs_m.png"
+        path = out / f"{figure_stem(model)}_top1_vs_m.png"
         table = plot_top1_against_m(frame, model, path, args.method, args.granularity)
         print(f"{path}\n{table.round(4).to_string()}\n")
         m = args.m if args.m is not None else int(rows[M].mode().max())
-        path = out / f"{model}_methods.png"
+        path = out / f"{figure_stem(model)}_methods.png"
         table = plot_top1_against_bits(frame, model, path, m)
         print(f"{path} (m = {m})\n{table.round(4).T.to_string()}\n")
 

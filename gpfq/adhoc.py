@@ -260,6 +260,8 @@ def _report_from_dict(record: dict) -> LayerReport:
     fields = {f.name for f in dataclasses.fields(LayerReport)}
     values = {k: v for k, v in record.items() if k in fields}
     values["weight_shape"] = tuple(values["weight_shape"])
+    if values.get("relative_error", 0.0) is None:  # written as null when undefined (network.reports_as_dicts)
+        values["relative_error"] = float("nan")
     return LayerReport(**values)
 
 

@@ -254,6 +254,8 @@ class Shard:
             raise failure
         if failed:
             rank, text = failed[0]
+            if text.startswith("KeyboardInterrupt"):  # Ctrl-C on another rank: stop as that rank does, quietly
+                raise KeyboardInterrupt
             raise DistributedError(f"rank {rank} of {self.world_size} failed in {label}: {text}")
 
     def check_same(self, settings: dict, label: str = "comparing the ranks' settings") -> None:
@@ -285,7 +287,7 @@ class Shard:
         self.all_reduce_(statistics.cross, f"{label}: all-reduce X̃ᵀX")
         self.all_reduce_(statistics.quantized_gram, f"{label}: all-reduce X̃ᵀX̃")
         small = torch.cat([statistics.analog_sum.flatten(), statistics.quantized_sum.flatten(),
-                           statistics.analog_output_norm2.reshape(1),
+                           statistics.analog_output_norm2.reshape(1), statistics.analog_square_sum.reshape(1),
                            torch.tensor([float(statistics.rows)], dtype=statistics.cross.dtype,
                                         device=statistics.cross.device)])
         self.all_reduce_(small, f"{label}: all-reduce column sums and row count")
@@ -293,7 +295,8 @@ class Shard:
         statistics.analog_sum.copy_(small[:n].reshape(statistics.analog_sum.shape))
         statistics.quantized_sum.copy_(small[n:2 * n].reshape(statistics.quantized_sum.shape))
         statistics.analog_output_norm2.copy_(small[2 * n])
-        statistics.rows = int(small[2 * n + 1])
+        statistics.analog_square_sum.copy_(small[2 * n + 1])
+        statistics.rows = int(small[2 * n + 2])
         return statistics
 
     def gather_rows(self, rows: torch.Tensor, label: str) -> torch.Tensor:

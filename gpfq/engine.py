@@ -157,7 +157,7 @@ class GramStatistics:
     """Running sums over one layer's calibration rows, per group; memory independent of m.
 
     cross (G, N0, N0) = X̃ᵀX, quantized_gram (G, N0, N0) = X̃ᵀX̃, analog_sum / quantized_sum
-    (G, N0) = column sums of X / X̃, rows = m, and, when `weight` (G, N1, N0) is given,
+    (G, N0) = column sums of X / X̃, analog_square_sum = ||X||²_F, rows = m, and, when `weight` (G, N1, N0) is given,
     analog_output_norm2 = ||X Wᵀ||²_F, so the layer's relative error needs no rows.
     Each chunk's products run in `dtype`; the sums are kept in `accumulate_dtype`.
     """
@@ -171,6 +171,7 @@ class GramStatistics:
         self.quantized_gram = torch.zeros(shape, dtype=accumulate_dtype, device=device)
         self.analog_sum = torch.zeros(n_groups, n_inputs, dtype=accumulate_dtype, device=device)
         self.quantized_sum = torch.zeros(n_groups, n_inputs, dtype=accumulate_dtype, device=device)
+        self.analog_square_sum = torch.zeros((), dtype=accumulate_dtype, device=device)
         self.analog_output_norm2 = torch.zeros((), dtype=accumulate_dtype, device=device)
         self.rows = 0
 
@@ -181,8 +182,10 @@ class GramStatistics:
         Xq_t = Xq.transpose(1, 2)
         self.cross += torch.bmm(Xq_t, X)
         self.quantized_gram += torch.bmm(Xq_t, Xq)
-        self.analog_sum += X.sum(dim=1)
+        X64 = X.double()  # exact sums of float32 rows: all-equal rows are told apart from nearly equal ones
+        self.analog_sum += X64.sum(dim=1)
         self.quantized_sum += Xq.sum(dim=1)
+        self.analog_square_sum += X64.pow(2).sum()
         if self.weight is not None:
             self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow(2).sum()
         self.rows += X.shape[1]
@@ -199,7 +202,7 @@ class GramStatistics:
         quantized_term = (torch.bmm(Q, self.quantized_gram) * Q).sum()
         reference2 = self.analog_output_norm2
         gap2 = (reference2 - 2 * cross_term + quantized_term).clamp_min(0)
-        return float(gap2.sqrt() / reference2.sqrt()) if reference2 > 0 else float(gap2.sqrt())
+        return float(gap2.sqrt() / reference2.sqrt()) if reference2 > 0 else math.nan  # 0/0: undefined
 
 
 # ---------------------------------------------------------------- choosing a form

@@ -23,7 +23,7 @@ from . import __version__, api, distributed
 from .capture import Coverage, check_model_finite, find_layers
 from .config import QuantConfig
 from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
-from .deploy import FILE_COLUMN, export_beside, save_beside, size_columns
+from .deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
 from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
 from .folding import fold_batchnorm
@@ -218,8 +218,10 @@ class Variant:
 PLAIN = Variant()
 
 
-def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write) -> dict:
-    """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row."""
+def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
+    """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
+    unlogged: a list holding the point's saved files until its row is logged (`main` drops them at Ctrl-C)."""
+    unlogged = [] if unlogged is None else unlogged
     model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
@@ -251,6 +253,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
                 raise ResultWriteError(f"could not save the quantized model in {model_dir} "
                                        f"({os_error_reason(error)}); nothing of this grid point was written") from error
             log(f"saved {model_path}")
+            unlogged.extend([model_path, model_path.with_suffix(".json"), quantized_path(model_path)])
             saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
                                                       context.calibration[0][0].shape, log))
     saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
@@ -258,7 +261,9 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
 
     top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
     warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
-    warnings += chance_warnings(top1, output_width(context))
+    n_classes = classes_in(context.evaluation)
+    warnings += (chance_warnings(top1, n_classes) if n_classes else
+                 chance_warnings(top1, output_width(context), "outputs of the model: the data's classes are unknown"))
     for warning in warnings:
         log(f"WARNING: {warning}")
     record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
@@ -291,6 +296,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     with shard.step("appending the log row (rank 0)"):
         for log_path in log_paths if shard.writer else []:
             append_row(log_path, row, variant.logs[log_path.name], saved=where)
+    unlogged.clear()
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
@@ -298,23 +304,45 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     return row
 
 
-# A final top-1 this close to guessing (1 / number of classes) means the quantized model is broken.
+# A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.
 CHANCE_MARGIN = 0.02
 
 
 @torch.no_grad()
 def output_width(context: Context) -> int:
-    """The number of classes: the float model's output width on one calibration image."""
+    """The model's output width on one calibration image (the number of classes when the data's is unknown)."""
     example = context.calibration[0][0].unsqueeze(0).to(context.device)
     return int(context.analog_model.eval().to(context.device)(example).shape[-1])
 
 
-def chance_warnings(top1: float, n_classes: int) -> list:
-    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes)."""
+def classes_in(dataset) -> Optional[int]:
+    """The number of distinct labels in an evaluation set, when its labels can be read without loading the
+    images: `targets` (torchvision, ImageFolder) or a TensorDataset's second tensor, through Subsets; else None."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    labels = getattr(dataset, "targets", None)
+    if labels is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) > 1:
+        labels = dataset.tensors[1]
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
+        return None
+    return int(torch.unique(labels if indices is None else labels[indices]).numel())
+
+
+def chance_warnings(top1: float, n_classes: int, counted: str = "classes") -> list:
+    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes), another when it is below that.
+    counted: what n_classes counts ('classes' of the evaluation data, or the model's 'outputs')."""
     chance = 1.0 / n_classes
-    if top1 <= chance + CHANCE_MARGIN:
-        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of chance "
-                f"({chance:.4f} for {n_classes} classes)"]
+    level = f"chance ({chance:.4f} for {n_classes} {counted})"
+    if abs(top1 - chance) <= CHANCE_MARGIN:
+        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of {level}"]
+    if top1 < chance:
+        return [f"final top-1 {top1:.4f} is below {level}: worse than guessing"]
     return []
 
 
@@ -403,19 +431,23 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
         resources = Resources()
         with shard.step("loading the data and the models"):
             preflight(points, resources, variant.validate_model)
-        rows, number = [], 0
+        rows, number, unlogged = [], 0, []
         try:
             for number, point in enumerate(points, 1):
                 if len(points) > 1:
                     say(f"\n### grid point {number}/{len(points)}")
-                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet))
+                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet,
+                                      unlogged=unlogged))
         except Exception as error:
             shard.record_error(error)  # where the other ranks' diagnosis finds it
             raise
         except KeyboardInterrupt:
-            print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
-                  f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
-                  f"command with --resume to go on.", file=sys.stderr)
+            for path in unlogged:  # the interrupted point's files, saved but not logged: --resume recomputes it
+                path.unlink(missing_ok=True)
+            if shard.writer:  # every rank is interrupted (Ctrl-C reaches them all, or `Shard.step` passes it on)
+                print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
+                      f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+                      f"command with --resume to go on.", file=sys.stderr)
             raise SystemExit(130) from None
     finally:
         torch.set_num_threads(caller_threads)

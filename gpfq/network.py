@@ -84,7 +84,7 @@ class LayerReport:
     bits: int
     levels: int
     radius: float  # the layer's radius; with per-channel alphabets, the mean of the channels' radii
-    relative_error: float
+    relative_error: float  # NaN when ‖XWᵀ‖ = 0 on the calibration rows (undefined)
     seconds: float
     zero_weights: int = 0  # quantized weights equal to 0 (sparsity)
     form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
@@ -105,19 +105,51 @@ ZERO_WARNING = 0.99
 ERROR_WARNING = 0.5
 
 
-def layer_warnings(rows: int, n_inputs: int, zeros: int, size: int, error: float) -> list:
+def layer_warnings(rows: int, n_inputs: int, zeros: int, size: int, error: float, input_kind: str = None) -> list:
     """Warnings for a quantized layer: fewer calibration rows than weights per neuron (GPFQ's error bound
-    needs m large compared with N0; with m < N0 the layer fits its few rows and nothing else), ≥ 99 %
-    zeros, relative error ≥ 0.5."""
+    needs m large compared with N0; with m < N0 the layer fits its few rows and nothing else), a float input
+    that is zero or the same on every row (`input_degeneracy`), ≥ 99 % zeros, relative error ≥ 0.5."""
     warnings = []
+    if input_kind == "zero":
+        warnings.append(f"its float input is zero on all {rows} calibration rows (all-zero calibration data, or a "
+                        f"layer before it whose output is zero?): the data do not constrain its weights")
+    elif input_kind == "constant":
+        warnings.append(f"its float input is the same on all {rows} calibration rows (constant calibration data?): "
+                        f"the data constrain only one direction of each neuron's weights")
     if rows < n_inputs:
         warnings.append(f"{rows} calibration rows < {n_inputs} weights per neuron (GPFQ needs m ≫ N0: raise "
                         f"batch_size or retain_rate)")
     if size and zeros / size >= ZERO_WARNING:
-        warnings.append(f"{zeros / size:.1%} of the weights quantized to 0 (alphabet too coarse for them?)")
+        # with degenerate input the cause is the data, not the alphabet
+        guess = "" if input_kind else " (alphabet too coarse for them?)"
+        warnings.append(f"{zeros / size:.1%} of the weights quantized to 0{guess}")
     if error >= ERROR_WARNING:
         warnings.append(f"relative error {error:.4f} ≥ {ERROR_WARNING}")
     return warnings
+
+
+# Rows whose total variance is below this fraction of their second moment count as all the same row
+# (float sums of identical rows leave a residue of about 1e-12 of it).
+CONSTANT_INPUT_TOLERANCE = 1e-9
+
+
+def input_degeneracy(rows: int, column_sums: torch.Tensor, square_sum: float) -> str:
+    """'zero' when every calibration row of X is 0, 'constant' when all rows are equal, else None.
+    column_sums: Σ_i x_i (any shape); square_sum: ‖X‖²_F."""
+    square_sum = float(square_sum)
+    if square_sum == 0.0:
+        return "zero"
+    variance = square_sum - float(column_sums.double().pow(2).sum()) / rows  # Σ_i ‖x_i − mean‖²
+    if rows > 1 and variance <= CONSTANT_INPUT_TOLERANCE * square_sum:
+        return "constant"
+    return None
+
+
+def format_error(error: float) -> str:
+    """A relative error for the log; NaN (‖XWᵀ‖ = 0) is undefined, not 0."""
+    if math.isnan(error):
+        return "undefined (the layer's float output is zero on the calibration data)"
+    return f"{error:.4f}"
 
 
 @dataclass
@@ -439,6 +471,7 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
                 analog_g, quantized_g = grouped(layer, flat_weight(layer), analog_rows)[1], \
                     grouped(layer, flat_weight(layer), quantized_rows)[1]
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
+            input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
         else:
             layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
             rule_start = time.perf_counter()
@@ -448,6 +481,8 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
             n_rows, width = analog_rows.shape
+            rows64 = analog_rows.double()
+            input_kind = input_degeneracy(n_rows, rows64.sum(dim=0), rows64.pow(2).sum())
         write_weight(quantized_model, layer, quantized_weight)
         zeros = int((quantized_weight == 0).sum())
         stored = quantized_model.get_parameter(layer.parameter)
@@ -459,13 +494,14 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
                              stored_bits=stored_bits(alphabet.shape[-1]),
                              code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
                              parameter=layer.parameter, input_major=layer.input_major,
-                             warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error))
+                             warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error,
+                                                     input_kind))
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
             f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
             f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
-            f"rel. error {error:.4f}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
+            f"rel. error {format_error(error)}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
             + "".join(f"; WARNING: {warning}" for warning in report.warnings))
         if after_layer is not None:
             after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
@@ -502,8 +538,13 @@ def check_layer_indices(key: str, indices, names: list) -> None:
 
 
 def reports_as_dicts(reports) -> list:
-    """The reports as JSON-ready dicts (without the alphabet tensors)."""
-    return [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
+    """The reports as JSON-ready dicts (without the alphabet tensors); an undefined (NaN) relative error is None
+    (JSON null: NaN is not JSON)."""
+    dicts = [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
+    for record in dicts:
+        if isinstance(record["relative_error"], float) and math.isnan(record["relative_error"]):
+            record["relative_error"] = None
+    return dicts
 
 
 def zero_fraction(reports) -> float:

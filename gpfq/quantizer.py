@@ -28,6 +28,8 @@ itself instead of <X̃_1, w_1 X_1>/||X̃_1||²; the two differ whenever X̃_1 �
 X = [[1], [1]], X̃ = 2X, w = 0.4, levels {−1, −0.5, 0, 0.5, 1}: "code2022" gives 0.5,
 "paper" 0). At later columns it fires only when the residual is orthogonal to X̃_t.
 """
+import math
+
 import torch
 
 from .alphabet import round_to_alphabet
@@ -116,7 +118,7 @@ def msq(weight, alphabet):
 
 
 def relative_error(weight, quantized_weight, analog_input, quantized_input, chunk_rows=65536):
-    """||X Wᵀ − X̃ Qᵀ||_F / ||X Wᵀ||_F summed over groups; shapes as `gpfq_columns`."""
+    """||X Wᵀ − X̃ Qᵀ||_F / ||X Wᵀ||_F summed over groups; shapes as `gpfq_columns`. NaN when ||X Wᵀ|| = 0."""
     W = weight.double()
     Q = quantized_weight.double()
     gap2 = torch.zeros((), dtype=torch.float64)
@@ -127,4 +129,4 @@ def relative_error(weight, quantized_weight, analog_input, quantized_input, chun
         analog_output = torch.bmm(X, W.transpose(1, 2))
         gap2 += (analog_output - torch.bmm(Xq, Q.transpose(1, 2))).pow(2).sum()
         ref2 += analog_output.pow(2).sum()
-    return float(gap2.sqrt() / ref2.sqrt()) if ref2 > 0 else float(gap2.sqrt())
+    return float(gap2.sqrt() / ref2.sqrt()) if ref2 > 0 else math.nan  # ‖XWᵀ‖ = 0: a ratio to 0 is undefined
