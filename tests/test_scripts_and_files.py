@@ -258,3 +258,50 @@ def test_unknown_option_names_the_closest_and_one_line_of_usage(tmp_path):
     assert (result.returncode, result.stderr) == (
         2, "error: unknown options --bitz (did you mean --bits?), --sede (did you mean --seed?)\n" + usage)
     assert not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------- the docs' model file size
+def _stated(path: Path, pattern: str) -> int:
+    """The byte count a doc states where `pattern` (one group: the number, with thousands commas) matches."""
+    match = re.search(pattern, path.read_text(), re.MULTILINE)
+    assert match, f"{path.name} no longer states the default model file's size ({pattern})"
+    return int(match.group(1).replace(",", ""))
+
+
+def test_docs_state_the_default_model_file_size(tmp_path, default_data):
+    """The default 4-bit GPFQ saved as the script saves it: the README's and docs/deploy.md's byte counts.
+
+    safetensors stores tensors uncompressed, so the tensors' bytes are fixed by shapes and bits (checked
+    below). Only the JSON header may differ on another CPU: its measured floats (per-layer errors, radii,
+    entropies) can print a digit longer or shorter; hence the tolerance, two characters per such float plus
+    the 8 bytes of padding (measured here: the same bytes at 1 and 2 threads).
+    """
+    from gpfq.deploy import save_beside
+    from gpfq.experiment import expand_grid, parse_overrides
+    from gpfq.model_file import HEADER_KEY, _metadata
+    calibration, _, model = default_data
+    point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
+    assert (point["method"], point["bits"]) == ("gpfq", 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(point["seed"])
+        result = gpfq.quantize(model, calibration, gpfq.QuantConfig.from_point(point), log=lambda message: None)
+    finally:
+        torch.set_num_threads(threads)
+    path, size = save_beside(result.model, result.reports, tmp_path / "default.pt", point,
+                             calibration[0][0].shape, log=lambda message: None)
+    raw = path.read_bytes()
+    assert size.file_bytes == len(raw)
+    header_bytes = int.from_bytes(raw[:8], "little")
+    from safetensors.torch import load
+    assert len(raw) == 8 + header_bytes + sum(t.numel() * t.element_size() for t in load(raw).values())
+    header = json.loads(_metadata(raw)[HEADER_KEY])
+    floats = sum(isinstance(value, float) for entry in header["layers"] + list(header["coded"].values())
+                 for value in entry.values())  # the measured ones: errors, radii, entropies
+    tolerance = 2 * floats + 8
+    stated = {"README table": _stated(REPO_ROOT / "README.md", r"^\| GPFQ 4-bit \|.*\| ([\d,]+) \|$"),
+              "README text": _stated(REPO_ROOT / "README.md", r"4-bit GPFQ of the default model: ([\d,]+) bytes"),
+              "docs/deploy.md": _stated(REPO_ROOT / "docs" / "deploy.md", r"^\| 4 \| gpfq2022 \|.*\| ([\d,]+) \(")}
+    assert {doc: abs(count - len(raw)) <= tolerance for doc, count in stated.items()} == dict.fromkeys(stated, True), \
+        f"the docs state {stated}, a rerun wrote {len(raw)} bytes (tolerance {tolerance})"
