@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import BadInputError
 from .paths import REPO_ROOT
-from .state_dicts import load_state
+from .state_dicts import StateDictMismatchError, load_state
 
 TIMM_PREFIX = "timm:"
 
@@ -216,8 +216,11 @@ def load_state_dict_file(path) -> dict:
 
 def load_weights(model: nn.Module, path, name: str) -> nn.Module:
     """Load a local state dict into `model`; a mismatch is one clear error naming the keys."""
-    # a saved quantized model may have gained biases or folded its BatchNorm: load_state fits the model
-    return load_state(model, load_state_dict_file(path), f"weights file {path}", name)
+    state = load_state_dict_file(path)
+    try:  # a saved quantized model may have gained biases or folded its BatchNorm: load_state fits the model
+        return load_state(model, state, f"weights file {path}", name)
+    except StateDictMismatchError as error:  # raised as before, as weights that are not there for this model
+        raise WeightsUnavailableError(str(error)) from None
 
 
 def build_user_model(name: str, weights="DEFAULT") -> nn.Module:

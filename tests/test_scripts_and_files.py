@@ -64,7 +64,8 @@ TINY = ["--batch_size", "8", "--num_threads", "1"]
 
 # ---------------------------------------------------------------- 6. a model factory that raises
 def test_factory_that_raises_is_one_line_naming_it_and_exit_2(tmp_path):
-    (tmp_path / "broken_model.py").write_text("def build():\n    raise RuntimeError('no checkpoint here\\nsecond line')\n")
+    source = "def build():\n    raise RuntimeError('no checkpoint here\\nsecond line')\n"  # only line 1 is shown
+    (tmp_path / "broken_model.py").write_text(source)
     for name in ("broken_model.py:build", "broken_model:build"):  # a file, and a module on PYTHONPATH
         result = quantize_script(tmp_path, "--model", name, folders=[tmp_path])
         assert (result.returncode, result.stderr) == (
