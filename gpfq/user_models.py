@@ -198,10 +198,15 @@ def load_state_dict_file(path) -> dict:
             raise WeightsUnavailableError(f"weights file {path}: reading .safetensors needs the safetensors "
                                           f"package (pip install safetensors)") from error
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise NotAStateDictError(f"weights file {path} is not a readable safetensors file "
                                      f"({type(error).__name__}: {error}); {EXPECTED_STATE}") from error
+        if any(key.endswith("#codes") for key in state):  # gpfq.model_file's codes: not a float state dict
+            raise NotAStateDictError(f"weights file {path} is a quantized model file (integer codes and codebooks); "
+                                     f"pass the .pt saved beside it (same stem), or load it with "
+                                     f"gpfq.load_quantized(path)")
+        return state
     try:
         with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before refusing it
             warnings.simplefilter("ignore")

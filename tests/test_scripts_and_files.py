@@ -136,6 +136,20 @@ def test_file_that_is_not_a_state_dict_says_what_it_is(tmp_path, write, what):
     assert str(error.value) == f"weights file {path} is {what}; {EXPECTED_STATE}"  # never "weights_only=False"
 
 
+def test_quantized_model_file_as_weights_points_to_the_pt_beside_it(tmp_path):
+    from gpfq.network import LayerReport
+    model = FashionResNet()
+    model.fc.weight.data = torch.linspace(-1, 1, 3)[torch.arange(640) % 3].reshape(10, 64)  # on a 3-level grid
+    report = LayerReport(9, "fc", "Linear", (10, 64), 8, 2, 3, 1.0, 0.0, 0.0, parameter="fc.weight",
+                         alphabet=torch.linspace(-1, 1, 3))
+    path = tmp_path / "quantized.safetensors"
+    gpfq.save_quantized(model, [report], path)
+    with pytest.raises(BadInputError) as error:
+        load_model("fashion_resnet", str(path))
+    assert str(error.value) == (f"weights file {path} is a quantized model file (integer codes and codebooks); pass "
+                                f"the .pt saved beside it (same stem), or load it with gpfq.load_quantized(path)")
+
+
 def test_text_file_as_weights_is_one_line_exit_2(tmp_path):
     path = tmp_path / "notes.pt"
     _write_text(path)
