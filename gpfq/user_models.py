@@ -211,6 +211,8 @@ def load_state_dict_file(path) -> dict:
         with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before refusing it
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as error:  # torch's own text advises weights_only=False: never for a user's file
         raise NotAStateDictError(f"weights file {path} is {_file_kind(path)}; {EXPECTED_STATE}") from error
     what = _not_a_state_dict(state)

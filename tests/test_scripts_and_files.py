@@ -136,6 +136,15 @@ def test_file_that_is_not_a_state_dict_says_what_it_is(tmp_path, write, what):
     assert str(error.value) == f"weights file {path} is {what}; {EXPECTED_STATE}"  # never "weights_only=False"
 
 
+def test_unreadable_safetensors_file_says_so(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"not safetensors at all")
+    with pytest.raises(BadInputError) as error:
+        load_model("fashion_resnet", str(path))
+    assert str(error.value).startswith(f"weights file {path} is not a readable safetensors file (SafetensorError: ")
+    assert str(error.value).endswith(f"); {EXPECTED_STATE}")
+
+
 def test_quantized_model_file_as_weights_points_to_the_pt_beside_it(tmp_path):
     from gpfq.network import LayerReport
     model = FashionResNet()
