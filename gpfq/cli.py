@@ -5,10 +5,11 @@
 runs `main`; an error of `gpfq.errors.GPFQError` (bad input, a result that could not be written)
 prints `error: <message>` on stderr and exits with the error's status (2 for bad input). Any other
 exception is a bug and keeps its full stack trace. `--debug` on the command line, or the environment
-variable GPFQ_DEBUG=1, shows the stack of known errors too.
+variable GPFQ_DEBUG=1, shows the stack of known errors too; the exit status stays the error's.
 """
 import os
 import sys
+import traceback
 
 from .errors import GPFQError
 
@@ -38,7 +39,7 @@ def run_script(main, *args, **kwargs):
         return main(*args, **kwargs)
     except GPFQError as error:
         header = args[0] if args and isinstance(args[0], dict) else None  # a script's HEADER
-        if debug_requested(header=header):
-            raise
+        if debug_requested(header=header):  # the stack as well, but the same exit status as without it
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_status) from None

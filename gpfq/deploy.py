@@ -12,6 +12,15 @@ from .model_file import SizeReport, read_quantized, save_quantized
 # The log columns this module fills (all results, none identifies a grid point).
 SIZE_COLUMNS = ["Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio"]
 FILE_COLUMN = "Quantized Model File"
+# Header keys that say where results go and how the run was executed, not what the model is: left out of
+# the model file, so the same run gives the same bytes (the log row and the JSON record keep them).
+RUN_ONLY_KEYS = ("log_dir", "model_dir", "num_workers", "num_threads", "device", "resume", "debug", "export_onnx",
+                 "author", "eval_batch_size")
+
+
+def model_hyperparameters(point: dict) -> dict:
+    """The point's keys that define the quantized model (all but RUN_ONLY_KEYS)."""
+    return {key: value for key, value in point.items() if key not in RUN_ONLY_KEYS}
 
 
 def quantized_path(model_path) -> Path:
@@ -28,7 +37,8 @@ def save_beside(model, reports, model_path, point: dict, input_shape, log=print)
             f"from a .pt without its .safetensors)")
         return None, None
     path = quantized_path(model_path)
-    size = save_quantized(model, reports, path, hyperparameters=dict(point), model_name=point.get("model_name"),
+    size = save_quantized(model, reports, path, hyperparameters=model_hyperparameters(point),
+                          model_name=point.get("model_name"),
                           input_shape=tuple(input_shape),
                           fold_batchnorm=bool(point.get("fold_batchnorm", False)))
     log(f"saved {path}: {size.file_bytes} bytes, {size.ratio:.3f} of the float model's {size.float_bytes}; "

@@ -247,15 +247,9 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     with shard.step("saving the quantized model (rank 0)"):
         saved = None
         if shard.writer:
-            try:
-                model_path = save_model(quantized_model, record, model_dir, stem)
-            except OSError as error:
-                raise ResultWriteError(f"could not save the quantized model in {model_dir} "
-                                       f"({os_error_reason(error)}); nothing of this grid point was written") from error
-            log(f"saved {model_path}")
-            unlogged.extend([model_path, model_path.with_suffix(".json"), quantized_path(model_path)])
-            saved = (model_path,) + tuple(save_beside(quantized_model, reports, model_path, point,
-                                                      context.calibration[0][0].shape, log))
+            saved = save_results(quantized_model, reports, record, model_dir, stem, point,
+                                 context.calibration[0][0].shape, log)
+            unlogged.extend([saved[0], saved[0].with_suffix(".json"), quantized_path(saved[0])])
     saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
     model_path, quantized_file, size = saved
 
@@ -302,6 +296,28 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
         export_beside(quantized_file, log)
     return row
+
+
+def save_results(model, reports, record, model_dir: Path, stem: str, point: dict, input_shape, log):
+    """Save the .pt and its record (`save_model`), then the quantized model file beside them; returns
+    (.pt path, quantized file, SizeReport). A failed write is one ResultWriteError saying which files of the
+    point were saved (each complete) and which were not."""
+    written = []
+    try:
+        model_path = save_model(model, record, model_dir, stem, written)
+        log(f"saved {model_path}")
+        return (model_path,) + tuple(save_beside(model, reports, model_path, point, input_shape, log))
+    except OSError as error:
+        if not written:
+            raise ResultWriteError(f"could not save the quantized model in {model_dir} ({os_error_reason(error)}); "
+                                   f"nothing of this grid point was written") from error
+        model_path = written[0]
+        missing = [model_path.with_suffix(".json")] if len(written) == 1 else []
+        missing.append(model_path.with_suffix(".safetensors"))
+        raise ResultWriteError(f"could not write {missing[0]} ({os_error_reason(error)}); saved: "
+                               f"{' and '.join(str(path) for path in written)}; not saved: "
+                               f"{', '.join(path.name for path in missing)}, the evaluation and the log row"
+                               ) from error
 
 
 # A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.

@@ -7,6 +7,7 @@ the other keys (RUN_KEYS) say what runs where; a variant adds its own (`experime
 """
 import argparse
 import ast
+import difflib
 import importlib.util
 import itertools
 
@@ -32,19 +33,48 @@ CLI_ALIASES = {"model_name": ["--model"]}
 COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are short: the error and one line of usage, not the usage of every header name."""
+
+    def short_usage(self) -> str:
+        return f"usage: {self.prog} [--NAME VALUE ...], NAME any header name ({self.prog} --help lists them)"
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n{self.short_usage()}\n")
+
+
+def _unknown_options(extras: list, flags: list) -> str:
+    """The error for the tokens argparse could not place: each unknown --flag with the closest valid one."""
+    described, after_flag = [], False
+    for token in extras:
+        if token.startswith("-"):
+            flag = token.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, flags, n=1)
+            described.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+            after_flag = True
+        elif not after_flag:  # a value before any option: it belongs to none
+            described.append(f"{token!r} (a value must follow its --NAME)")
+    kind = "unknown option" if any(token.startswith("-") for token in extras) else "unexpected value"
+    return f"{kind}{'s' if len(described) > 1 else ''} {', '.join(described)}"
+
+
 def parse_overrides(header: dict, argv=None) -> dict:
     """Header values replaced by any `--name value [value …]` given on the command line.
 
     A name given with no value is set to True (`--resume`).
     """
     header = {**COMMON_DEFAULTS, **header}
-    parser = argparse.ArgumentParser(description="GPFQ quantization. Every header name can be overridden: "
-                                                 "--bits 3 4 --model resnet18")
+    parser = _Parser(description="GPFQ quantization. Every header name can be overridden: "
+                                 "--bits 3 4 --model resnet18")
+    all_flags = []
     for key, default in header.items():
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else []) + CLI_ALIASES.get(key, [])
         parser.add_argument(*flags, dest=key, nargs="*", default=None, metavar="VALUE",
                             help=f"(header: {default!r})")
-    args = parser.parse_args(argv)
+        all_flags += flags
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unknown_options(extras, all_flags))
     config = dict(header)
     for key, values in vars(args).items():
         if values is None:

@@ -16,12 +16,14 @@ import csv
 import fcntl
 import io
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInputError, ResultWriteError, os_error_reason
+from .paths import LOG_DIR
 
 # The original repository's columns, in its order.
 PAPER_COLUMNS = [
@@ -61,6 +63,10 @@ class ForeignLogError(BadInputError, ValueError):
     """A CSV log exists but its header is not the one this project writes."""
 
 
+class LogPathError(BadInputError, IsADirectoryError):
+    """A log's path that is a folder (or another non-file), so no row can go there."""
+
+
 class LogWriteError(ResultWriteError):
     """A row could not be appended (e.g. a full disk); the log was left as it was."""
 
@@ -71,9 +77,26 @@ def _header_line(columns) -> str:
     return buffer.getvalue()
 
 
+def init_logs_command(folder) -> str:
+    """The command that starts fresh logs in `folder` (the default folder needs no option)."""
+    folder = Path(folder)
+    if folder.resolve() == LOG_DIR.resolve():
+        return "python3 logs/init_logs.py"
+    return f"python3 logs/init_logs.py --log_dir {shlex.quote(str(folder))}"
+
+
+def check_is_file(path: Path) -> None:
+    """LogPathError if something other than a file (a folder) holds the log's name."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise LogPathError(f"log {path} is {kind}, not a CSV file, so no row can be appended to it; move it "
+                           f"aside, or choose another folder with --log_dir PATH")
+
+
 def check_log(path: Path, columns) -> bool:
-    """True if the log exists with our header, False if it does not exist; raise if foreign."""
+    """True if the log exists with our header, False if it does not exist; raise if foreign (or a folder)."""
     path = Path(path)
+    check_is_file(path)
     if not path.exists() or path.stat().st_size == 0:
         return False
     with open(path, newline="") as f:
@@ -83,11 +106,11 @@ def check_log(path: Path, columns) -> bool:
         if set(PAPER_COLUMNS) <= set(header) and header == [c for c in columns if c in header]:
             raise ForeignLogError(
                 f"{path} was written by an earlier version of this project (it lacks the columns "
-                f"{', '.join(missing)}); refusing to append. Run `python3 logs/init_logs.py`, which renames "
+                f"{', '.join(missing)}); refusing to append. Run `{init_logs_command(path.parent)}`, which renames "
                 f"it with a timestamp and starts a fresh log, or choose another folder with --log_dir PATH.")
         raise ForeignLogError(
             f"{path} has a header this project did not write ({len(header)} columns, first {header[:3]}); "
-            f"refusing to append. Move it aside, or run `python3 logs/init_logs.py`, which renames it "
+            f"refusing to append. Move it aside, or run `{init_logs_command(path.parent)}`, which renames it "
             f"with a timestamp and starts a fresh log.")
     return True
 
@@ -95,7 +118,7 @@ def check_log(path: Path, columns) -> bool:
 def holds_only_header(path: Path, columns) -> bool:
     """True if the log exists and holds exactly our header and nothing else (a fresh log)."""
     path = Path(path)
-    return path.exists() and path.read_bytes() == _header_line(columns).encode()
+    return path.is_file() and path.read_bytes() == _header_line(columns).encode()
 
 
 def _unused_name(path: Path, stamp: str) -> Path:
@@ -113,6 +136,7 @@ def init_log(path: Path, columns) -> Path:
     Returns the new name of the old log, or None if there was none.
     """
     path = Path(path)
+    check_is_file(path)  # a folder is never renamed as if it were an old log
     path.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if path.exists():

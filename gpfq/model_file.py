@@ -6,8 +6,9 @@ Tensors (names are the model's state-dict keys):
     every other state-dict entry as it is (biases, BatchNorm, layers left float).
 The safetensors metadata holds one key, "gpfq": a JSON header with the format version, the model
 (name, input shape, folded BatchNorm), the hyperparameters, one entry per coded weight (shape, dtype,
-levels, stored bits, entropy), the per-layer report and a SHA-256 of every tensor's bytes, so a
-corrupt file is refused rather than loaded as a silently wrong model.
+levels, stored bits, entropy), the per-layer report (without its timings) and a SHA-256 of every tensor's
+bytes, so a corrupt file is refused rather than loaded as a silently wrong model. The file holds only what
+defines the model: the same quantization gives the same bytes.
 """
 import copy
 import hashlib
@@ -63,11 +64,15 @@ def _reports_of(result):
     return list(reports or [])
 
 
+# Report fields left out of the file: the alphabet is stored as the codebook, and timings change from run to run.
+REPORT_FIELDS_LEFT_OUT = ("alphabet", "seconds", "rule_seconds")
+
+
 def _report_dict(report) -> dict:
     if is_dataclass(report):
-        values = {f: getattr(report, f) for f in report.__dataclass_fields__ if f != "alphabet"}
+        values = {f: getattr(report, f) for f in report.__dataclass_fields__ if f not in REPORT_FIELDS_LEFT_OUT}
         return json.loads(json.dumps(values, default=str))
-    return {k: v for k, v in dict(report).items() if k != "alphabet"}
+    return {k: v for k, v in dict(report).items() if k not in REPORT_FIELDS_LEFT_OUT}
 
 
 def coded_layers(model: nn.Module, reports) -> dict:

@@ -22,9 +22,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from .errors import BadHyperparameterError
 from .paths import PRETRAINED_DIR
-from .state_dicts import load_state
-from .user_models import (WeightsUnavailableError, build_user_model, check_user_model, is_user_model,
-                          load_state_dict_file)
+from .user_models import WeightsUnavailableError, build_user_model, check_user_model, is_user_model, load_weights
 
 
 class FashionResNet(nn.Module):
@@ -157,7 +155,7 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
             model.load_state_dict(_download_torchvision_weights(name))
             return model.eval()
     if weights != "random":
-        load_state(model, load_state_dict_file(weights))
+        load_weights(model, weights, name)
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 (The CSV logs are `gpfq.logs`.)
 """
+import io
 import json
 import os
 import subprocess
@@ -44,14 +45,26 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(_write_temporary(path.parent, path.name, write), path)
 
 
-def save_model(model, record: dict, model_dir: Path, stem: str) -> Path:
+def _state_bytes(model) -> memoryview:
+    """The model's state dict as torch.save writes it. Serialized in memory first: torch turns a failed write to
+    a file (a full disk) into a RuntimeError 'unexpected pos …' that no longer says why; writing the bytes
+    ourselves keeps the OSError and its errno."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer()
+
+
+def save_model(model, record: dict, model_dir: Path, stem: str, written: list = None) -> Path:
     """Write <stem>.pt (state dict) and <stem>.json atomically; never overwrite an earlier run.
 
     The name is claimed with a hard link of the finished file, which fails if the name exists, so
-    two processes saving under the same stem at the same moment both keep their model.
+    two processes saving under the same stem at the same moment both keep their model. `written`, if given,
+    receives each file once it is complete, so a caller can say what a failed save left on disk.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temporary(model_dir, f"{stem}.pt", lambda f: torch.save(model.state_dict(), f))
+    written = [] if written is None else written
+    data = _state_bytes(model)
+    tmp = _write_temporary(model_dir, f"{stem}.pt", lambda f: f.write(data))
     try:
         counter = 0
         while True:
@@ -66,7 +79,9 @@ def save_model(model, record: dict, model_dir: Path, stem: str) -> Path:
                 continue
     finally:
         tmp.unlink(missing_ok=True)
+    written.append(path)
     write_record(path.with_suffix(".json"), record)
+    written.append(path.with_suffix(".json"))
     return path
 
 

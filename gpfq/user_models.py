@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from .errors import BadInputError
 from .paths import REPO_ROOT
-from .state_dicts import load_state
+from .state_dicts import StateDictMismatchError, load_state
 
 TIMM_PREFIX = "timm:"
 
@@ -143,32 +144,90 @@ def model_folder(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", f"{stem}.{factory}")
 
 
+EXPECTED_STATE = ("expected a state dict: a dict of tensors saved with torch.save(model.state_dict(), path), "
+                  "or a .safetensors file")
+
+
+class NotAStateDictError(BadInputError, ValueError):
+    """A weights file that holds something other than a state dict (a text file, a whole model, a list…)."""
+
+
+def _file_kind(path: Path) -> str:
+    """What a file that torch.load refused looks like, from its first bytes."""
+    with open(path, "rb") as f:
+        start = f.read(256)
+    if not start:
+        return "an empty file"
+    if start.startswith(b"PK\x03\x04") or start.startswith(b"\x80"):  # torch's zip archive, a bare pickle
+        # weights_only refuses every object but tensors and plain containers: a whole model, an optimizer…
+        return "a pickle of Python objects other than tensors (e.g. a whole model saved with torch.save(model))"
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file in neither torch's format nor safetensors'"
+    preview = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (it starts {preview!r})"
+
+
+def _not_a_state_dict(state) -> str:
+    """Why a loaded object is not a state dict ('' when it is one)."""
+    if not isinstance(state, dict):
+        return f"a pickled {type(state).__name__}"
+    others = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not others:
+        return ""
+    nested = [str(key) for key, value in state.items()
+              if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())]
+    hint = f" its entry {nested[0]!r} may be the state dict" if nested else ""
+    return (f"a dict whose entries {', '.join(repr(k) for k in others[:4])}{', …' if len(others) > 4 else ''} "
+            f"are not tensors (a training checkpoint?{hint})")
+
+
 def load_state_dict_file(path) -> dict:
-    """A local state dict (.pt/.pth via torch.load, or .safetensors)."""
+    """A local state dict (.pt/.pth via torch.load, or .safetensors); a file that is none is NotAStateDictError,
+    saying what the file is."""
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {path} not found; weights is 'DEFAULT', 'random' or the "
                                       f"path of a state-dict file")
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError as error:
             raise WeightsUnavailableError(f"weights file {path}: reading .safetensors needs the safetensors "
                                           f"package (pip install safetensors)") from error
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise NotAStateDictError(f"weights file {path} is not a readable safetensors file "
+                                     f"({type(error).__name__}: {error}); {EXPECTED_STATE}") from error
+        if any(key.endswith("#codes") for key in state):  # gpfq.model_file's codes: not a float state dict
+            raise NotAStateDictError(f"weights file {path} is a quantized model file (integer codes and codebooks); "
+                                     f"pass the .pt saved beside it (same stem), or load it with "
+                                     f"gpfq.load_quantized(path)")
+        return state
+    try:
+        with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # torch's own text advises weights_only=False: never for a user's file
+        raise NotAStateDictError(f"weights file {path} is {_file_kind(path)}; {EXPECTED_STATE}") from error
+    what = _not_a_state_dict(state)
+    if what:
+        raise NotAStateDictError(f"weights file {path} is {what}; {EXPECTED_STATE}")
+    return state
 
 
 def load_weights(model: nn.Module, path, name: str) -> nn.Module:
     """Load a local state dict into `model`; a mismatch is one clear error naming the keys."""
     state = load_state_dict_file(path)
-    try:
-        load_state(model, state)  # a saved quantized model may have gained biases or folded its BatchNorm
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        raise WeightsUnavailableError(f"weights file {path} does not fit model {name!r}: "
-                                      f"{' '.join(line.strip() for line in first[:3])}") from error
-    return model
+    try:  # a saved quantized model may have gained biases or folded its BatchNorm: load_state fits the model
+        return load_state(model, state, f"weights file {path}", name)
+    except StateDictMismatchError as error:  # raised as before, as weights that are not there for this model
+        raise WeightsUnavailableError(str(error)) from None
 
 
 def build_user_model(name: str, weights="DEFAULT") -> nn.Module:
@@ -178,7 +237,13 @@ def build_user_model(name: str, weights="DEFAULT") -> nn.Module:
     if is_timm(name):
         model = _timm_model(name[len(TIMM_PREFIX):], pretrained=weights == "DEFAULT")
     else:
-        model = _factory(name)()
+        factory = _factory(name)
+        try:
+            model = factory()
+        except Exception as error:  # the user's code: its error, in one line, is the report
+            text = str(error).strip().splitlines()
+            raise ModelSpecError(f"model {name!r}: the factory {getattr(factory, '__name__', name)}() raised "
+                                 f"{type(error).__name__}" + (f": {text[0]}" if text else "")) from error
         if not isinstance(model, nn.Module):
             raise ModelSpecError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if local:
