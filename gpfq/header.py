@@ -23,13 +23,14 @@ GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
 RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug")
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug", "checkpoint")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
 # debug: known errors show their stack (gpfq.cli).
-COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False}
+# checkpoint: per-layer checkpoints of the plain script, 'auto', True or False (gpfq.checkpoint).
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False, "checkpoint": "auto"}
 
 
 def parse_overrides(header: dict, argv=None) -> dict:
@@ -98,6 +99,8 @@ def validate(point: dict) -> None:
     for key in ("resume", "debug"):
         if not isinstance(point.get(key, False), bool):
             fail(f"{key} must be True or False, got {point[key]!r}")
+    if not (point.get("checkpoint", "auto") == "auto" or isinstance(point.get("checkpoint"), bool)):
+        fail(f"checkpoint must be 'auto', True or False, got {point['checkpoint']!r}")
     if not isinstance(point.get("export_onnx", False), bool):
         fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
