@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from .errors import BadInputError
+from .errors import BadInputError, bad_hyperparameter
 from .inputs import as_inputs
 from .paths import DATA_DIR
 
@@ -353,6 +353,44 @@ class CalibrationStream(ImageStream):
         if self._loader_position != state["loader_position"]:
             raise ValueError(f"the stream came back at image {self._loader_position} of its epoch, not "
                              f"{state['loader_position']}")
+
+
+def dataset_labels(dataset) -> list:
+    """The label of every item, read without decoding images where the dataset keeps them (samples, targets,
+    a TensorDataset's second tensor; through Subsets); else item by item."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if hasattr(dataset, "samples"):
+        return [int(label) for _, label in dataset.samples]
+    if getattr(dataset, "targets", None) is not None:
+        return [int(label) for label in dataset.targets]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        return dataset.tensors[1].tolist()
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def eval_subset(dataset, n: int) -> torch.utils.data.Subset:
+    """A fixed class-balanced subset of n images: with K classes (the distinct labels), each class gets
+    ⌊n/K⌋ images and the first n mod K classes (in label order) one more; a class's images are its first
+    ones in the dataset's order (sorted files for image folders). The subset keeps the dataset's order.
+    BadHyperparameterError when n exceeds the set or a class has fewer images than its share."""
+    labels = dataset_labels(dataset)
+    if n > len(labels):
+        raise bad_hyperparameter(f"eval_subset {n} is larger than the evaluation set ({len(labels)} images)")
+    classes = sorted(set(labels))
+    share = {label: n // len(classes) + (rank < n % len(classes)) for rank, label in enumerate(classes)}
+    counts = {label: labels.count(label) for label in classes}
+    short = [label for label in classes if counts[label] < share[label]]
+    if short:
+        raise bad_hyperparameter(f"eval_subset {n} takes {share[short[0]]} images of each class, but class "
+                                 f"{short[0]} has only {counts[short[0]]} in the evaluation set")
+    taken, indices = dict.fromkeys(classes, 0), []
+    for index, label in enumerate(labels):
+        if taken[label] < share[label]:
+            taken[label] += 1
+            indices.append(index)
+    return torch.utils.data.Subset(dataset, indices)
 
 
 def evaluation_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:

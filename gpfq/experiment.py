@@ -23,7 +23,7 @@ from . import __version__, api, distributed
 from .capture import Coverage, check_model_finite, find_layers
 from .checkpoint import LayerCheckpoint
 from .config import QuantConfig
-from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .data import CalibrationStream, calibration_set, eval_subset, evaluation_loader, evaluation_set
 from .deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
 from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
@@ -54,11 +54,11 @@ class Resources:
 
 def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
-    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet"
+    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet" and point.get("eval_subset") is None
             and published_accuracy(point["model_name"]) is not None):
         return published_accuracy(point["model_name"])
     folded = QuantConfig.from_point(point).fold_batchnorm
-    return resources.get(("float", point["model_name"], str(point["weights"]), folded),
+    return resources.get(("float", point["model_name"], str(point["weights"]), folded, point.get("eval_subset")),
                          lambda: evaluate(model, loader_of(), device=device, desc="float model"))
 
 
@@ -137,6 +137,9 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
     for point in points:
         calibration, evaluation, model = load_inputs(point, resources)
         check_batch_size("batch_size", point["batch_size"], calibration)
+        if point.get("eval_subset") is not None:  # a subset the set cannot give is found before any work
+            resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                          lambda: eval_subset(evaluation, point["eval_subset"]))
 
         def checked_layers():
             check_model_takes(point["model_name"], model, point["dataset"], calibration)
@@ -166,6 +169,11 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
             return model
         analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
+    if point.get("eval_subset") is not None:
+        evaluation = resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                                   lambda: eval_subset(evaluation, point["eval_subset"]))
+        log(f"eval_subset: accuracy on a class-balanced {len(evaluation)} images of the evaluation set (the first of "
+            f"each class), logged in the Eval Subset column")
     context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
     context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
                                                                   device)
