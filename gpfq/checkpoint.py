@@ -30,9 +30,10 @@ KILL_VARIABLE = "GPFQ_TEST_KILL_AFTER_LAYER"
 
 
 def checkpoint_name(identity: dict) -> str:
-    """'checkpoint-<16 hex>.pt': the hash of the point's identity (JSON, keys sorted)."""
+    """'checkpoint-<16 hex>.ckpt', the hash of the point's identity (JSON, keys sorted); not .pt, since a model
+    folder's *.pt files are its finished models."""
     text = json.dumps(identity, sort_keys=True, default=str)
-    return f"checkpoint-{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
+    return f"checkpoint-{hashlib.sha256(text.encode()).hexdigest()[:16]}.ckpt"
 
 
 class LayerCheckpoint:

@@ -150,9 +150,10 @@ def imagenet(split: str, root) -> torch.utils.data.Dataset:
         if split == "val" and train.is_dir():
             trained = sorted(p.name for p in train.iterdir() if p.is_dir())
             if trained and dataset.classes != trained:  # the labels would be another class's
+                differ = sorted(set(dataset.classes) ^ set(trained))[:3]
                 raise DataMissingError(f"{folder} has class folders other than {train}'s ({len(dataset.classes)} "
-                                       f"against {len(trained)}, e.g. {sorted(set(dataset.classes) ^ set(trained))[:3]}): "
-                                       f"labels are indices in the sorted wnids, so both need the same classes")
+                                       f"against {len(trained)}, e.g. {differ}): labels are indices in the sorted "
+                                       f"wnids, so both need the same classes")
         return dataset
     if split == "val" and folder.is_dir():
         if (root / "meta.bin").exists() or (root / DEVKIT).exists():

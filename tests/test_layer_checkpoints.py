@@ -42,7 +42,7 @@ def logged_row(folder) -> dict:
 
 
 def checkpoints(folder) -> list:
-    return sorted((folder / "models" / "fashion_resnet").glob("checkpoint-*.pt"))
+    return sorted((folder / "models" / "fashion_resnet").glob("checkpoint-*.ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_row_says_eval_subset_and_accuracy_is_on_those_images(runs):
 
 def test_checkpoint_of_another_point_or_revision_is_ignored(runs, tmp_path):
     _, data = runs
-    path = tmp_path / "c.pt"
+    path = tmp_path / "c.ckpt"
     path.write_bytes(data)
     state = torch.load(path, weights_only=True)
     lines = []
