@@ -254,7 +254,7 @@ def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSe
 
 # ---------------------------------------------------------------- the network
 def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConfig(), *, device=None, layers=None,
-             after_layer=None, in_place: bool = False, log=tqdm.write) -> QuantizedResult:
+             after_layer=None, in_place: bool = False, log=tqdm.write, checkpoint=None) -> QuantizedResult:
     """Quantize every weight `model` multiplies with an activation (Linear, Conv1d/2d/3d, matmul, attention
     projections; docs/capture.md), in order of first use, as `config` says.
 
@@ -270,6 +270,7 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
         step.analog_rows / quantized_rows are None for a layer whose rows were streamed.
     in_place: quantize `model` itself (later layers then see X̃ = X) instead of a copy.
     log: where the per-layer lines go (tqdm.write keeps the progress bar intact).
+    checkpoint: a `gpfq.checkpoint.LayerCheckpoint`, saved after each layer and continued from (the scripts').
 
     The caller's `model` comes back in the mode (train/eval, per submodule) and on the device it came in,
     with in_place too (its weights then are the quantized ones); result.model of a copy is in eval mode on
@@ -284,12 +285,12 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
     _check_sizes(stream, config.batch_size)
     state = _state(model)
     try:
-        return _quantize(model, stream, config, device, layers, after_layer, in_place, log)
+        return _quantize(model, stream, config, device, layers, after_layer, in_place, log, checkpoint)
     finally:
         _restore(state)
 
 
-def _quantize(model, stream, config, device, layers, after_layer, in_place, log):
+def _quantize(model, stream, config, device, layers, after_layer, in_place, log, checkpoint=None):
     example = as_inputs(stream.dataset[0][0]).unsqueeze(0)
     dtype = floating_dtype(model)
     if dtype is not None and dtypes(example) - {dtype}:
@@ -307,7 +308,8 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log)
     quantized, reports = _quantize_network(
         model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
-        calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage)
+        calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,
+        checkpoint=checkpoint)
     return QuantizedResult(quantized, reports, config, reports.coverage)
 
 

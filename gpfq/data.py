@@ -5,13 +5,15 @@ draws layer inputs from (a train split); `evaluation_set` is what accuracy is
 measured on (test / validation split).
 """
 import gzip
+import io
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from .errors import BadInputError
+from .errors import BadInputError, bad_hyperparameter
 from .inputs import as_inputs
 from .paths import DATA_DIR
 
@@ -114,31 +116,54 @@ def default_transform(image_size=DEFAULT_IMAGE_SIZE, channels: int = 3, mean=Non
         transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])
 
 
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_SOLUTION, KAGGLE_SYNSETS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
+KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"  # where Kaggle's download keeps train/ and val/
+
+
 def _imagenet_missing(root: Path, what: str) -> DataMissingError:
     return DataMissingError(
         f"ImageNet {what} not found under {root}. Put ILSVRC2012 there as data/README.md describes: "
         f"train/<wnid>/*.JPEG, and val/ either in class folders val/<wnid>/*.JPEG or flat "
-        f"(val/ILSVRC2012_val_*.JPEG) with ILSVRC2012_devkit_t12.tar.gz beside it.")
+        f"(val/ILSVRC2012_val_*.JPEG) with {DEVKIT} beside it (or Kaggle's {KAGGLE_SOLUTION} and {KAGGLE_SYNSETS}).")
 
 
 def imagenet(split: str, root) -> torch.utils.data.Dataset:
     """ILSVRC2012 'train' or 'val' as an ImageFolder-like dataset with the paper's transform.
 
-    Accepted layouts under `root`: train/<wnid>/…; val/<wnid>/… (class folders), or flat
-    val/*.JPEG with the devkit (ILSVRC2012_devkit_t12.tar.gz, or torchvision's meta.bin made
-    from it), or the original archives, which torchvision's ImageNet dataset unpacks.
+    Accepted layouts under `root`: train/<wnid>/…; val/<wnid>/… (class folders; the same classes as
+    train/); flat val/*.JPEG with the devkit (ILSVRC2012_devkit_t12.tar.gz, or torchvision's meta.bin made
+    from it), or with Kaggle's LOC_val_solution.csv and LOC_synset_mapping.txt (train/ and val/ also under
+    ILSVRC/Data/CLS-LOC/, as Kaggle unpacks them); or the original archives, which torchvision's ImageNet
+    dataset unpacks. Labels are the index of the wnid in sorted order (torchvision's convention).
     """
     from torchvision import datasets
     root = Path(root)
     transform = imagenet_transform()
     folder = root / split
+    if not folder.is_dir() and (root / KAGGLE_IMAGES / split).is_dir():
+        folder = root / KAGGLE_IMAGES / split
     archive = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}[split]
     if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
-        return datasets.ImageFolder(str(folder), transform=transform, loader=load_image)
-    has_devkit = (root / "ILSVRC2012_devkit_t12.tar.gz").exists() or (root / "meta.bin").exists()
-    if split == "val" and folder.is_dir() and has_devkit:
-        return _flat_imagenet_val(root, transform)
-    if (root / archive).exists() and has_devkit:
+        dataset = datasets.ImageFolder(str(folder), transform=transform, loader=load_image)
+        train = folder.parent / "train"
+        if split == "val" and train.is_dir():
+            trained = sorted(p.name for p in train.iterdir() if p.is_dir())
+            if trained and dataset.classes != trained:  # the labels would be another class's
+                differ = sorted(set(dataset.classes) ^ set(trained))[:3]
+                raise DataMissingError(f"{folder} has class folders other than {train}'s ({len(dataset.classes)} "
+                                       f"against {len(trained)}, e.g. {differ}): labels are indices in the sorted "
+                                       f"wnids, so both need the same classes")
+        return dataset
+    if split == "val" and folder.is_dir():
+        if (root / "meta.bin").exists() or (root / DEVKIT).exists():
+            return _flat_imagenet_val(root, folder, transform)
+        if (root / KAGGLE_SOLUTION).exists() and (root / KAGGLE_SYNSETS).exists():
+            return _kaggle_imagenet_val(root, folder, transform)
+        raise DataMissingError(f"{folder} holds images in no class folders, and nothing labels them: put {DEVKIT} "
+                               f"(or torchvision's meta.bin) in {root}, or Kaggle's {KAGGLE_SOLUTION} and "
+                               f"{KAGGLE_SYNSETS}; see data/README.md")
+    if (root / archive).exists() and ((root / DEVKIT).exists() or (root / "meta.bin").exists()):
         return datasets.ImageNet(str(root), split=split, transform=transform, loader=load_image)
     raise _imagenet_missing(root, split)
 
@@ -157,18 +182,65 @@ class LabelledImages(torch.utils.data.Dataset):
         return self.transform(self.loader(path)), label
 
 
-def _flat_imagenet_val(root: Path, transform) -> LabelledImages:
-    """Flat val/*.JPEG labelled with the devkit's ground truth, through torchvision's parser."""
-    from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
-    if not (root / "meta.bin").exists():
-        parse_devkit_archive(str(root))
-    wnid_to_classes, val_wnids = load_meta_file(str(root))
-    files = sorted(p for p in (root / "val").iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+def _flat_files(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png") and p.is_file())
+
+
+def devkit_labels(archive: Path):
+    """(wnids of the 1000 classes, wnid of each validation image in file order) from the devkit archive:
+    data/meta.mat's 'synsets' (ILSVRC2012_ID, WNID, …, num_children; the leaves are the classes) and
+    data/ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per image). DataMissingError if unreadable."""
+    import tarfile
+    from scipy.io import loadmat
+    base = "ILSVRC2012_devkit_t12/data/"
+    try:
+        with tarfile.open(archive) as tar:
+            meta = tar.extractfile(base + "meta.mat").read()
+            truth = tar.extractfile(base + "ILSVRC2012_validation_ground_truth.txt").read().split()
+        synsets = np.atleast_1d(loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"])
+        by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        return sorted(by_id.values()), [by_id[int(number)] for number in truth]
+    except (OSError, EOFError, KeyError, ValueError, IndexError, tarfile.TarError) as error:
+        raise DataMissingError(f"cannot read the validation labels from {archive} ({type(error).__name__}: "
+                               f"{error}); it should hold {base}meta.mat and "
+                               f"{base}ILSVRC2012_validation_ground_truth.txt (the official devkit)") from error
+
+
+def _flat_imagenet_val(root: Path, folder: Path, transform) -> LabelledImages:
+    """Flat val/*.JPEG (sorted names: image k is ILSVRC2012_val_<k>) labelled by torchvision's meta.bin or
+    the devkit archive."""
+    if (root / "meta.bin").exists():
+        from torchvision.datasets.imagenet import load_meta_file
+        wnid_to_classes, val_wnids = load_meta_file(str(root))
+        wnids = sorted(wnid_to_classes)
+    else:
+        wnids, val_wnids = devkit_labels(root / DEVKIT)
+    files = _flat_files(folder)
     if len(files) != len(val_wnids):
-        raise DataMissingError(f"{root / 'val'} holds {len(files)} images but the devkit labels {len(val_wnids)}")
-    wnids = sorted(wnid_to_classes)  # torchvision's class order: sorted WordNet ids
-    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+        raise DataMissingError(f"{folder} holds {len(files)} images but the devkit labels {len(val_wnids)}")
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}  # torchvision's class order: sorted WordNet ids
     return LabelledImages([(str(p), class_index[w]) for p, w in zip(files, val_wnids)], wnids, transform)
+
+
+def _kaggle_imagenet_val(root: Path, folder: Path, transform) -> LabelledImages:
+    """Flat val/ labelled by Kaggle's LOC_val_solution.csv (ImageId, PredictionString: the first token is the
+    wnid) over the classes of LOC_synset_mapping.txt ('<wnid> <words>' per line)."""
+    import csv
+    wnids = sorted(line.split()[0] for line in (root / KAGGLE_SYNSETS).read_text().splitlines() if line.strip())
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+    with open(root / KAGGLE_SOLUTION, newline="") as f:
+        truth = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)
+                 if row.get("ImageId") and (row.get("PredictionString") or "").split()}
+    files = _flat_files(folder)
+    unlabelled = [p.name for p in files if p.stem not in truth]
+    missing = sorted(set(truth) - {p.stem for p in files})
+    unknown = sorted({w for w in truth.values() if w not in class_index})
+    if unlabelled or missing or unknown:
+        what = (f"{len(unlabelled)} images of {folder} have no row in it (e.g. {unlabelled[0]})" if unlabelled else
+                f"{len(missing)} of its images are not in {folder} (e.g. {missing[0]})" if missing else
+                f"its wnids {unknown[:3]} are not in {KAGGLE_SYNSETS}")
+        raise DataMissingError(f"{root / KAGGLE_SOLUTION} does not fit the flat validation folder: {what}")
+    return LabelledImages([(str(p), class_index[truth[p.stem]]) for p in files], wnids, transform)
 
 
 def _image_files(folder: Path) -> list:
@@ -272,11 +344,25 @@ class ImageStream:
             yield chunk[:take]
 
 
+class _ResumedShuffle(RandomSampler):
+    """RandomSampler whose next pass starts `skip` indices in: a stream restored mid-epoch draws the same
+    permutation (same generator calls) without loading the images before `skip`."""
+
+    def __init__(self, data_source, generator, skip: int = 0):
+        super().__init__(data_source, generator=generator)
+        self.skip = skip
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 class CalibrationStream(ImageStream):
     """Endless seeded shuffle of a dataset; `draw(m)` returns the next m images in chunks.
 
     Each layer calls `draw(m)` for a fresh batch (the paper's default). The order depends
-    only on the seed, not on num_workers.
+    only on the seed, not on num_workers. `state()` / `restore(state)` save and continue the
+    stream at the same image, with the same chunk boundaries (a per-layer checkpoint).
     """
 
     def __init__(self, dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
@@ -286,17 +372,96 @@ class CalibrationStream(ImageStream):
         self.num_workers = num_workers
         self.generator = torch.Generator().manual_seed(seed)
         self._iterator = None
+        # the generator's state when this epoch's loader started (it draws the worker seed, then the
+        # permutation), where in the epoch the loader is, and where its last batch started
+        self._epoch_state, self._loader_position, self._batch_start = None, 0, 0
+
+    def _start_epoch(self, skip: int = 0):
+        self._epoch_state = self.generator.get_state()
+        # an explicit RandomSampler is what DataLoader(shuffle=True, generator=g) builds: the same order
+        loader = DataLoader(self.dataset, batch_size=self.chunk_size, sampler=_ResumedShuffle(
+            self.dataset, self.generator, skip), generator=self.generator, num_workers=self.num_workers)
+        self._iterator, self._loader_position = iter(loader), skip
 
     def _next_chunk(self):
         while True:
             if self._iterator is None:
-                loader = DataLoader(self.dataset, batch_size=self.chunk_size, shuffle=True,
-                                    generator=self.generator, num_workers=self.num_workers)
-                self._iterator = iter(loader)
+                self._start_epoch()
             try:
-                return as_inputs(next(self._iterator)[0])
+                chunk = as_inputs(next(self._iterator)[0])
             except StopIteration:
                 self._iterator = None
+                continue
+            self._batch_start = self._loader_position
+            self._loader_position += chunk.shape[0]
+            return chunk
+
+    def state(self) -> dict:
+        """Where the stream is: {epoch_state (ByteTensor or None), loader_position, batch_start, pending,
+        chunk_size, generator}; pending: images of the last batch not yet given out."""
+        pending = sum(chunk.shape[0] for chunk in self._pending)
+        return {"epoch_state": self._epoch_state, "loader_position": self._loader_position,
+                "batch_start": self._batch_start, "pending": pending, "chunk_size": self.chunk_size,
+                "generator": self.generator.get_state()}
+
+    def restore(self, state: dict) -> None:
+        """Continue where `state()` was taken (of a stream with the same dataset, seed and chunk size): the
+        next images, in the same chunks. Loads at most one batch (the one the pending images are the end of).
+        ValueError if the restored generator does not come out where it was (another dataset or torch)."""
+        if state["chunk_size"] != self.chunk_size:
+            raise ValueError(f"the stream was saved with chunk size {state['chunk_size']}, not {self.chunk_size}")
+        self._pending, self._iterator = [], None
+        if state["epoch_state"] is None:  # nothing drawn yet
+            self.generator.set_state(state["generator"])
+            self._epoch_state, self._loader_position, self._batch_start = None, 0, 0
+            return
+        self.generator.set_state(state["epoch_state"])
+        pending = state["pending"]
+        self._start_epoch(skip=state["batch_start"] if pending else state["loader_position"])
+        if pending:
+            chunk = self._next_chunk()
+            self._pending = [chunk[chunk.shape[0] - pending:]]
+        if self._loader_position != state["loader_position"]:
+            raise ValueError(f"the stream came back at image {self._loader_position} of its epoch, not "
+                             f"{state['loader_position']}")
+
+
+def dataset_labels(dataset) -> list:
+    """The label of every item, read without decoding images where the dataset keeps them (samples, targets,
+    a TensorDataset's second tensor; through Subsets); else item by item."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if hasattr(dataset, "samples"):
+        return [int(label) for _, label in dataset.samples]
+    if getattr(dataset, "targets", None) is not None:
+        return [int(label) for label in dataset.targets]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        return dataset.tensors[1].tolist()
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def eval_subset(dataset, n: int) -> torch.utils.data.Subset:
+    """A fixed class-balanced subset of n images: with K classes (the distinct labels), each class gets
+    ⌊n/K⌋ images and the first n mod K classes (in label order) one more; a class's images are its first
+    ones in the dataset's order (sorted files for image folders). The subset keeps the dataset's order.
+    BadHyperparameterError when n exceeds the set or a class has fewer images than its share."""
+    labels = dataset_labels(dataset)
+    if n > len(labels):
+        raise bad_hyperparameter(f"eval_subset {n} is larger than the evaluation set ({len(labels)} images)")
+    classes = sorted(set(labels))
+    share = {label: n // len(classes) + (rank < n % len(classes)) for rank, label in enumerate(classes)}
+    counts = {label: labels.count(label) for label in classes}
+    short = [label for label in classes if counts[label] < share[label]]
+    if short:
+        raise bad_hyperparameter(f"eval_subset {n} takes {share[short[0]]} images of each class, but class "
+                                 f"{short[0]} has only {counts[short[0]]} in the evaluation set")
+    taken, indices = dict.fromkeys(classes, 0), []
+    for index, label in enumerate(labels):
+        if taken[label] < share[label]:
+            taken[label] += 1
+            indices.append(index)
+    return torch.utils.data.Subset(dataset, indices)
 
 
 def evaluation_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from . import __version__, api, distributed
 from .capture import Coverage, check_model_finite, find_layers
+from .checkpoint import LayerCheckpoint
 from .config import QuantConfig
-from .data import CalibrationStream, calibration_set, evaluation_loader, evaluation_set
+from .data import CalibrationStream, calibration_set, eval_subset, evaluation_loader, evaluation_set
 from .deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
 from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate
@@ -53,11 +54,11 @@ class Resources:
 
 def float_accuracy(point, model, resources, loader_of, device):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
-    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet"
+    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet" and point.get("eval_subset") is None
             and published_accuracy(point["model_name"]) is not None):
         return published_accuracy(point["model_name"])
     folded = QuantConfig.from_point(point).fold_batchnorm
-    return resources.get(("float", point["model_name"], str(point["weights"]), folded),
+    return resources.get(("float", point["model_name"], str(point["weights"]), folded, point.get("eval_subset")),
                          lambda: evaluate(model, loader_of(), device=device, desc="float model"))
 
 
@@ -72,6 +73,7 @@ class Context:
     original_top5: float
     device: str
     log: object
+    checkpoint: object = None  # a checkpoint.LayerCheckpoint (the plain script's), or None
 
     def stream(self) -> CalibrationStream:
         """A fresh seeded calibration stream (the same images for the same seed)."""
@@ -135,6 +137,9 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
     for point in points:
         calibration, evaluation, model = load_inputs(point, resources)
         check_batch_size("batch_size", point["batch_size"], calibration)
+        if point.get("eval_subset") is not None:  # a subset the set cannot give is found before any work
+            resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                          lambda: eval_subset(evaluation, point["eval_subset"]))
 
         def checked_layers():
             check_model_takes(point["model_name"], model, point["dataset"], calibration)
@@ -164,6 +169,11 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
             return model
         analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
+    if point.get("eval_subset") is not None:
+        evaluation = resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                                   lambda: eval_subset(evaluation, point["eval_subset"]))
+        log(f"eval_subset: accuracy on a class-balanced {len(evaluation)} images of the evaluation set (the first of "
+            f"each class), logged in the Eval Subset column")
     context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
     context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
                                                                   device)
@@ -173,7 +183,7 @@ def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
 def plain_quantize(context: Context):
     """The paper's GPFQ: every layer with the header's settings. Returns (model, reports, {})."""
     result = api.quantize(context.analog_model, context.stream(), context.config, device=context.device,
-                          log=context.log)
+                          log=context.log, checkpoint=context.checkpoint)
     return result.model, result.reports, {}
 
 
@@ -226,6 +236,7 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
     config = context.config
+    context.checkpoint = point_checkpoint(point, model_dir, variant, log)
     own_options = {key: value for key, value in variant.own_columns(point).items() if value not in ("", None)}
     log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
         f"{config.method_description()} {point['bits']} bits, m={point['batch_size']}, "
@@ -291,6 +302,8 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
         for log_path in log_paths if shard.writer else []:
             append_row(log_path, row, variant.logs[log_path.name], saved=where)
     unlogged.clear()
+    if context.checkpoint is not None:  # the row holds the point now
+        context.checkpoint.remove()
     log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
         f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
@@ -318,6 +331,24 @@ def save_results(model, reports, record, model_dir: Path, stem: str, point: dict
                                f"{' and '.join(str(path) for path in written)}; not saved: "
                                f"{', '.join(path.name for path in missing)}, the evaluation and the log row"
                                ) from error
+
+
+def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log):
+    """The point's per-layer checkpoint (gpfq.checkpoint) in its model folder; None when off. Only the plain
+    script has them: the variants keep state outside the layer loop (bias streams, fine-tuning)."""
+    mode = point.get("checkpoint", "auto")
+    if mode is False:
+        return None
+    if variant.quantize is not plain_quantize:
+        if mode is True:
+            log("checkpoint: per-layer checkpoints are for the plain script only; this variant restarts an "
+                "interrupted point from its first layer")
+        return None
+    if distributed.current().active:  # each rank's share of the stream lives in gpfq.distributed
+        return None
+    identity = point_identity(point, variant.logs[variant.log_names_of(point)[0]], variant)
+    identity.update(chunk_size=point.get("chunk_size", 256), device=str(point.get("device", "cpu")))
+    return LayerCheckpoint(model_dir, identity, code_revision(), mode, bool(point.get("resume")), log)
 
 
 # A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.

@@ -22,15 +22,20 @@ from .preprocessing import check_model_and_data
 # The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
 GRID_KEYS = ("model_name",) + GRID_FIELDS
 # Header keys that are not quantization hyperparameters, and the log column of those that have one.
-RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights"}
+RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights",
+               "eval_subset": "Eval Subset"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug")
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug", "checkpoint",
+            "eval_subset")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
 # Keys every variant understands, whether or not its header lists them.
 # debug: known errors show their stack (gpfq.cli).
-COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False}
+# checkpoint: per-layer checkpoints of the plain script, 'auto', True or False (gpfq.checkpoint).
+# eval_subset: None (the whole evaluation set) or N, a class-balanced N of its images (gpfq.data.eval_subset).
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False, "checkpoint": "auto",
+                   "eval_subset": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +133,11 @@ def validate(point: dict) -> None:
     for key in ("resume", "debug"):
         if not isinstance(point.get(key, False), bool):
             fail(f"{key} must be True or False, got {point[key]!r}")
+    if not (point.get("checkpoint", "auto") == "auto" or isinstance(point.get("checkpoint"), bool)):
+        fail(f"checkpoint must be 'auto', True or False, got {point['checkpoint']!r}")
+    subset = point.get("eval_subset")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        fail(f"eval_subset must be None (the whole evaluation set) or an integer ≥ 1, got {subset!r}")
     if not isinstance(point.get("export_onnx", False), bool):
         fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -155,4 +165,6 @@ def point_columns(point: dict) -> dict:
                "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size"))}
     columns.update(QuantConfig.from_point(point).log_columns())
     columns["Weights"] = weights_label(point["model_name"], point["weights"])  # other weights: another point
+    subset = point.get("eval_subset")
+    columns["Eval Subset"] = "" if subset is None else subset  # a subset's accuracy is never read as the full one
     return columns

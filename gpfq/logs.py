@@ -36,6 +36,7 @@ EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
     "Ignore Layers", "Engine", "Calibration", "Strict Coverage", "Quantized Tensors", "Quantized Parameters",
     "Largest Float", "Weights",
+    "Eval Subset",  # blank: the whole evaluation set; N: accuracy on a class-balanced N images (data.eval_subset)
     "Quantization Seconds", "Model File", "Package Version", "Code Revision",
     "Date",
     # the quantized model file (gpfq.deploy): levels L, ⌈log2 L⌉ and the codes' entropy per weight, bytes on disk

@@ -38,6 +38,7 @@ from .alphabet import channel_alphabets, make_alphabet, row_radii
 from . import distributed
 from .codes import code_entropy, encode, layer_codebook, stored_bits
 from .column_order import gram_rule_in_order, rows_rule_in_order
+from .checkpoint import reports_from_state, reports_state, summary as checkpoint_summary
 from .capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
                       layer_rows, owner_module, trace_graph, write_weight)
 from .engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
@@ -391,7 +392,8 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
 def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
-                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False):
+                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False,
+                     checkpoint=None):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
@@ -404,6 +406,9 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
     share of every layer's images and the layer's sums are all-reduced (`gpfq.distributed`).
     Coverage (`capture.Coverage`) is logged, and returned as `reports.coverage`; more than 5 % of the
     matmul parameters that cannot be quantized gives a warning, or with strict_coverage a ValueError.
+    checkpoint: a `checkpoint.LayerCheckpoint`: its state is saved after each quantized layer, and a
+    matching saved state is continued from (not with in_place, after_layer or several ranks, whose state
+    lives outside this loop).
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
@@ -431,7 +436,14 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
         quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
     generator = torch.Generator().manual_seed(seed)
     reports = LayerReports()
+    if checkpoint is not None and (in_place or after_layer is not None or shard.active):
+        log("checkpoint: off (in_place, after_layer or several ranks keep state outside the layer loop)")
+        checkpoint = None
+    start_index = _resume(checkpoint, names, quantized_model, generator, stream, reports, log)
+    loop_start = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="layers", disable=not shard.writer)):  # one bar: rank 0's
+        if index < start_index:
+            continue
         name = layer.name
         settings = None if index in ignored else settings_of(index, name, layer)
         if settings is None:
@@ -507,10 +519,42 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
             after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
                                   analog_model, quantized_model, analog_g, quantized_g, weight, quantized_weight,
                                   statistics))
+        if checkpoint is not None:
+            checkpoint.after_layer(index, lambda: {
+                "next_index": index + 1, "layers": names, "model": quantized_model.state_dict(),
+                "generator": generator.get_state(), "stream": stream.state() if hasattr(stream, "state") else None,
+                "reports": reports_state(reports)})
+    if checkpoint is not None and checkpoint.written:
+        log(checkpoint_summary(checkpoint, time.perf_counter() - loop_start))
     reports.coverage = Coverage.of(discovery, [layer.parameter for layer in layers
                                                if layer.name in {r.name for r in reports}])
     log(reports.coverage.summary())
     return quantized_model, reports
+
+
+def _resume(checkpoint, names, quantized_model, generator, stream, reports, log) -> int:
+    """Restore a matching checkpoint into the loop's state; the index of the layer to go on at (0: afresh)."""
+    state = checkpoint.load(names) if checkpoint is not None else None
+    if state is None:
+        return 0
+    if state["stream"] is not None:
+        if not hasattr(stream, "restore"):
+            log(f"checkpoint: ignoring {checkpoint.path} (this calibration stream cannot be restored)")
+            return 0
+        before = stream.state()
+        try:
+            stream.restore(state["stream"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            stream.restore(before)
+            log(f"checkpoint: ignoring {checkpoint.path} ({type(error).__name__}: {error}); starting the point afresh")
+            return 0
+    quantized_model.load_state_dict(state["model"])
+    generator.set_state(state["generator"])
+    reports.extend(reports_from_state(state["reports"], LayerReport))
+    index = state["next_index"]
+    log(f"checkpoint: layers 1-{index} of {len(names)} restored from {checkpoint.path}; continuing from layer "
+        f"{index} ({names[index - 1]}) with layer {index + 1}")
+    return index
 
 
 class LayerReports(list):

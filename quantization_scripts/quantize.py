@@ -46,7 +46,11 @@ author = ""
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
-resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`), and go on
+                                #   from the last finished layer of an interrupted one (its checkpoint)
+checkpoint = "auto"             # per-layer checkpoints: "auto" (after each layer while that costs ≤ 5 %), True, False
+eval_subset = None              # None: the whole evaluation set; N: a class-balanced N images (the first of each
+                                #   class), for quick looks; logged in the Eval Subset column
 # ------------------------------------------------------------------------------------
 
 HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=method, bits=bits,
@@ -59,7 +63,7 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               patch_stride=patch_stride, ignore_layers=ignore_layers, strict_coverage=strict_coverage, engine=engine,
               calibration=calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
-              resume=resume, log_dir=None, model_dir=None, data_dir=None, image_size=image_size)
+              resume=resume, checkpoint=checkpoint, eval_subset=eval_subset, log_dir=None, model_dir=None, data_dir=None, image_size=image_size)
 
 if __name__ == "__main__":
     try:

@@ -43,7 +43,7 @@ def test_header_defaults_are_the_config_defaults(folder):
 def test_log_columns_come_from_the_config_and_the_run_keys():
     point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
     # the weights are a run key with a column: other weights make another point (resume)
-    assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS) + ["Weights"]
+    assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS) + ["Weights", "Eval Subset"]
     assert {"Model Name", "Dataset", "Weights"} <= set(RUN_COLUMNS.values())
     for name, columns in LOG_COLUMNS.items():
         assert set(CONFIG_COLUMNS) <= set(columns), name
