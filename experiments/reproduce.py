@@ -166,19 +166,18 @@ def kept_patches(layer, retain_rate) -> int:
 
 
 def timed(function, repeats=3, at_least=1.0):
-    """The fastest of ≥ `repeats` calls, repeated for ≥ `at_least` s: on a shared machine the minimum is the
-    time least disturbed by other jobs."""
-    best, spent, count = math.inf, 0.0, 0
-    while count < repeats or spent < at_least:
+    """The median of ≥ `repeats` calls, repeated for ≥ `at_least` s. The median, not the minimum: on a machine
+    shared with other jobs the scripts will run as disturbed as the probe was."""
+    times = []
+    while len(times) < repeats or sum(times) < at_least:
         start = time.perf_counter()
         function()
-        seconds = time.perf_counter() - start
-        best, spent, count = min(best, seconds), spent + seconds, count + 1
-    return best
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def one_thread(function):
-    """Probes run on one thread: one-core times directly, and less disturbed by other jobs on the machine."""
+    """Probes run on one thread: one-core times directly (S(N) scales them to N threads)."""
     def wrapped(*args, **kwargs):
         import torch
         threads = torch.get_num_threads()
