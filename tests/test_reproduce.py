@@ -1,0 +1,165 @@
+"""experiments/reproduce.py: the paper's rows, the commands, the cost model, the comparison, one real run."""
+import csv
+import importlib.util
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import python_env, script_header
+from gpfq.header import parse_overrides
+from gpfq.logs import PLAIN_COLUMNS
+from gpfq.paths import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "experiments" / "reproduce.py"
+PAPER = REPO_ROOT / "experiments" / "paper_results.csv"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env=python_env(), cwd=cwd, timeout=600)
+
+
+def paper_rows():
+    with open(PAPER, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_paper_csv_carries_the_logged_numbers():
+    rows = {r["id"]: r for r in paper_rows()}
+    assert len(rows) == 42  # 7·3 + 2·3 plain, 1 B7, 4·3 bias correction, 2 float first/last
+    r = rows["plain-resnet50-m512-b3"]
+    assert (r["scalar_C"], r["logged_top1"], r["logged_top5"], r["float_top1"]) == ("1.81", "68.51", "89.18", "76.13")
+    assert rows["adhoc_bias-resnet18-m2048-b5"]["logged_top1"] == "69.18"
+    assert rows["adhoc_bias-resnet18-m2048-b5"]["seed"] == "1"
+    assert rows["adhoc_float_ends-resnet18-m2048-b4"]["logged_top1"] == "68.70"
+    assert rows["plain_4to6-mobilenet_v2-m2048-b6"]["logged_top5"] == "89.85"
+    assert all(r["source"] and r["note"] for r in rows.values())
+
+
+def test_list_prints_every_row():
+    result = run("--list")  # a subprocess once: the script runs as a user calls it
+    assert result.returncode == 0, result.stderr
+    for row in paper_rows():
+        assert row["id"] in result.stdout
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    reproduce = load()
+    for args in (["--row", "no-such-row", "--dry-run"], ["--table", "nope", "--list"],
+                 ["--row", "plain-vgg16-m512-b4", "--data_dir", str(tmp_path)]):  # no ImageNet there
+        assert reproduce.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and err.startswith("error: ")
+    assert "ImageNet" in err
+
+
+def test_dry_run_commands_parse_in_their_scripts(capsys):
+    """Each command's flags are the script's header keys, and give the row's hyperparameters."""
+    assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if "quantize.py" in line]
+    rows = paper_rows()
+    assert len(commands) == len({(r["variant"], r["model"], r["m"], r["options"], r["seed"]) for r in rows})
+    covered = set()
+    for argv in commands:
+        variant = argv[1].split("/")[-2]
+        config = parse_overrides(script_header(variant), argv[2:])  # exits on an unknown flag
+        assert config["dataset"] == "imagenet" and config["data_dir"] == "/data" and config["resume"] is True
+        bits = config["bits"] if isinstance(config["bits"], list) else [config["bits"]]
+        for row in rows:
+            if (row["variant"], row["model"], int(row["m"])) == (variant, config["model_name"], config["batch_size"]) \
+                    and int(row["bits"]) in bits and int(row["seed"]) == config["seed"] \
+                    and (variant == "quantization_scripts" or config["bias_correction"] ==
+                         (None if "bias_correction=None" in row["options"] else "last")):
+                assert config["cnn_scalar"] == config["mlp_scalar"] == float(row["scalar_C"])
+                covered.add(row["id"])
+    assert covered == {r["id"] for r in rows}
+
+
+def fake_probe(layers, t_img=1e-3):
+    return dict(t_img=t_img, layers=layers, c_rows=0.0, c0=0.0, model_bytes=1000)
+
+
+def test_cost_model_scales_as_stated():
+    reproduce = load()
+    machine = dict(rates={"residual": 1e9, "gram": 1e9}, t_dec=0.0, startup=0.0)
+    layer = dict(kind="linear", n0=64, n1=32, groups=1, patches=1, macs=64 * 32, activation=64)
+    shallow = fake_probe([layer] * 4)
+    deep = fake_probe([layer] * 8, t_img=2e-3)  # twice the layers, each image twice as long to run
+    a = reproduce.point_cost(shallow, machine, 128, engine="residual", dataset="fashion_mnist")
+    b = reproduce.point_cost(deep, machine, 128, engine="residual", dataset="fashion_mnist")
+    c = reproduce.point_cost(shallow, machine, 512, engine="residual", dataset="fashion_mnist")
+    # fresh forwards: 2·m·t_img·Σ f_i, f_i = i/L for equal layers: (L+1)/2 → m·t_img·(L+1)
+    assert a["forwards"] == pytest.approx(128 * 1e-3 * 5)
+    assert b["forwards"] == pytest.approx(128 * 2e-3 * 9)  # ~ depth²
+    assert c["forwards"] == pytest.approx(4 * a["forwards"])  # linear in m
+    # residual rule: rows·N0·(3·N1 + 2·B) per layer, B = min(block, N0); linear in m
+    assert c["rule"] == pytest.approx(4 * a["rule"])
+    assert a["rule"] > 4 * 128 * 64 * 3 * 32 / 1e9
+    # memory: X and X̃ rows of the largest layer in float32, flat in m under the Gram form
+    assert c["memory"] - a["memory"] == pytest.approx(2 * (512 - 128) * 64 * 4 + 3 * (256 - 128) * 64 * 4)
+    g1 = reproduce.point_cost(shallow, machine, 128, engine="gram", dataset="fashion_mnist")
+    g2 = reproduce.point_cost(shallow, machine, 4096, engine="gram", dataset="fashion_mnist")
+    held = lambda m: 2 * 64 * 64 * 8 + 2 * min(m, 256) * 64 * 4 + 3 * min(m, 256) * 64 * 4
+    assert g2["memory"] - g1["memory"] == pytest.approx(held(4096) - held(128))
+    assert reproduce.speedup(1) == 1 and reproduce.speedup(5) == pytest.approx(1 + 4 * reproduce.PARALLEL_EFFICIENCY)
+    assert reproduce.makespan([3, 2, 2, 1], 2) == 4
+
+
+def test_plan_fits_jobs_to_memory():
+    reproduce = load()
+    units = [[{}]] * 8
+    jobs, threads, reason = reproduce.plan(units, [dict(memory=10 * 2 ** 30)] * 8, 32, 8, 50 * 2 ** 30)
+    assert (jobs, threads) == (4, 8) and "GiB" in reason
+    assert reproduce.plan(units, [dict(memory=2 ** 30)] * 8, 32, 4, 50 * 2 ** 30) == (4, 8, "")
+
+
+def test_compare_gives_the_deltas_of_a_logged_row(tmp_path):
+    reproduce = load()
+    row = next(r for r in paper_rows() if r["id"] == "plain-resnet18-m1024-b4")
+    logged = {c: "" for c in PLAIN_COLUMNS}
+    logged.update({"Model Name": "resnet18", "Dataset": "imagenet", "Quantization Batch Size": "1024", "Bits": "4",
+                   "MLP_Alphabet_Scalar": "1.16", "CNN_Alphabet_Scalar": "1.16", "Seed": "0",
+                   "Quantized Top1 Accuracy": "0.6801", "Quantized Top5 Accuracy": "0.8790"})
+    other = dict(logged, Bits="3", **{"Quantized Top1 Accuracy": "0.1"})
+    with open(tmp_path / "Quantization_Log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, PLAIN_COLUMNS)
+        writer.writeheader()
+        writer.writerows([other, logged])
+    [line] = reproduce.compare([row], tmp_path)
+    assert line["ours_top1"] == 68.01 and line["delta_top1"] == pytest.approx(68.01 - 67.70)
+    assert line["delta_top5"] == pytest.approx(87.90 - 88.09)
+    table = reproduce.markdown([line])
+    assert "| 67.7 | 68.01 | +0.31 |" in table and "-0.19" in table
+    [missing] = reproduce.compare([dict(row, bits="5")], tmp_path)
+    assert missing["ours_top1"] is None and "–" in reproduce.markdown([missing])
+
+
+@pytest.mark.slow
+def test_end_to_end_one_tiny_row(tmp_path):
+    """A one-row table on Fashion-MNIST: the script runs, its row is matched, the side-by-side table printed."""
+    fields = paper_rows()[0].keys()
+    tiny = dict.fromkeys(fields, "")
+    tiny.update(id="tiny", table="tiny", variant="quantization_scripts", model="fashion_resnet",
+                dataset="fashion_mnist", bits="4", scalar_C="1.3", m="64", percentile="1.0", retain_rate="0.25",
+                seed="0", options="alphabet=gpfq2022", logged_top1="90.00", logged_top5="99.00", source="test")
+    with open(tmp_path / "tiny.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerow(tiny)
+    result = run("--paper_csv", str(tmp_path / "tiny.csv"), "--log_dir", str(tmp_path / "logs"), "--out",
+                 str(tmp_path / "out"), "--no_estimate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [logged] = list(csv.DictReader(open(tmp_path / "logs" / "Quantization_Log.csv")))
+    ours = round(100 * float(logged["Quantized Top1 Accuracy"]), 2)
+    assert f"| tiny | fashion_resnet | 4 | 64 | 1.3 | 90.0 | {ours} | {ours - 90:+.2f} |" in result.stdout
+    assert (tmp_path / "out" / "reproduce.md").read_text() in result.stdout
+    assert (tmp_path / "out" / "reproduce.png").stat().st_size > 0
