@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         verdicts = {}
         for name in names:
             verdicts[name] = [compare(results[0][name], other[name]) for other in results[1:]]
-            print(f"  {name:32s} " + " | ".join(verdicts[name]))
+            print(f"  {name:36s} " + " | ".join(verdicts[name]))
     return 0 if all(v == "equal" for row in verdicts.values() for v in row) else 1
 
 

@@ -18,7 +18,8 @@ with the weights moved by one ulp at random (3 draws), against a bug of each kin
 
 (a gap is |error / recorded − 1|). ResNet-18 at m = 4 is the chaotic case: 4 images per layer leave each
 layer's error free to move by up to 110 % under one ulp, so only the mean over its 21 layers is held. Top-1
-moved by at most 0.10 points across the settings.
+moved by at most 0.10 points for the plain and ad hoc defaults, and by 0.24 points for retraining (its Adam
+steps follow the float paths too: 91.81 % on 1 thread, 91.57 % on 2, 91.60 % on 3).
 """
 import csv
 import json
@@ -49,10 +50,12 @@ RESNET18_ERRORS = {
     0.032247, 0.03178, 0.228276, 0.019279, 0.038613, 0.01788, 0.061725, 0.1123, 0.010242, 0.021326, 0.040821,
   ],
 }
-SCRIPT_TOP1 = {"quantization_scripts": 0.9177, "adhoc_quantization_scripts": 0.9172, "retraining_scripts": 0.9181}
+# top-1 of each script's default; retraining's is the middle of what 1 to 3 threads gave
+SCRIPT_TOP1 = {"quantization_scripts": 0.9177, "adhoc_quantization_scripts": 0.9172, "retraining_scripts": 0.9169}
 ERROR_TOLERANCE = 0.03  # the default: largest |error / recorded − 1| of a layer (spread 2e-3, act-order 0.11)
 MEAN_ERROR_TOLERANCE = 0.08  # ResNet-18: |mean error / recorded mean − 1| (spread 0.033, one bit more 0.19)
 TOP1_TOLERANCE = 0.003  # top-1 as a fraction (spread 0.001; round to nearest 0.006)
+RETRAINING_TOP1_TOLERANCE = 0.005  # spread ±0.0012 around the middle
 
 
 def test_plain_default(default_data):
@@ -108,7 +111,8 @@ def assert_saved_model_quality(row: dict, saved, record: dict, folder: str):
     for layer in layers:
         weight = state[layer["parameter"]]
         assert torch.unique(weight).numel() <= layer["levels"], layer["name"]
-    assert abs(float(row["Quantized Top1 Accuracy"]) - SCRIPT_TOP1[folder]) <= TOP1_TOLERANCE
+    tolerance = RETRAINING_TOP1_TOLERANCE if folder == "retraining_scripts" else TOP1_TOLERANCE
+    assert abs(float(row["Quantized Top1 Accuracy"]) - SCRIPT_TOP1[folder]) <= tolerance
     assert float(row["Original Top1 Accuracy"]) == 0.919  # the float model: no quantization, same on any CPU
 
 
