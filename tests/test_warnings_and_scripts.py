@@ -145,7 +145,8 @@ def test_imagefolder_example_offline_says_where_the_weights_go(tmp_path, monkeyp
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+    # an empty cache (get_dir itself: an earlier torch.hub.set_dir in the session outranks TORCH_HOME)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(sys, "argv", ["quantize_imagefolder.py", str(tmp_path / "photos"), "--model", "resnet18"])
     with pytest.raises(SystemExit) as exit_info:
@@ -228,7 +229,8 @@ def _point_files(root: Path) -> list:
 
 def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     """SIGINT after the point's .pt/.json/.safetensors are saved, before its row: status 130, and none of the
-    point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it."""
+    point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it; its
+    per-layer checkpoint stays, so that the redone point starts after its last finished layer."""
     from gpfq.logs import read_rows
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -243,7 +245,8 @@ def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted during grid point 1 of 1" in err
-    assert _point_files(tmp_path) == []
+    left = _point_files(tmp_path)
+    assert len(left) == 1 and left[0].startswith("checkpoint-") and left[0].endswith(".ckpt"), left
     log = tmp_path / "logs" / "Quantization_Log.csv"
     assert not log.exists() or read_rows(log) == []
 
