@@ -61,3 +61,8 @@ def worst_relative_gap(errors: list, recorded: list) -> float:
     """max over layers of |error / recorded − 1|: how far a run's per-layer errors are from a recorded run's."""
     assert len(errors) == len(recorded), (len(errors), len(recorded))
     return max(abs(e / r - 1) for e, r in zip(errors, recorded))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (C order), what a quantized file's header records per tensor."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
