@@ -58,7 +58,7 @@ def rank_main(rank, world_size, port, m, rule, out):
     import torchvision
     from gpfq import distributed
     from gpfq.data import CalibrationStream
-    from gpfq.network import _quantize_network, settings_for
+    from gpfq.network import quantize_network, settings_for
     where = pin(rank)
     torch.set_num_threads(1)
     if world_size > 1:
@@ -77,9 +77,9 @@ def rank_main(rank, world_size, port, m, rule, out):
 
     communication = []
     start = time.perf_counter()
-    _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, log=lambda *a: None, keep_rows=False,
-                                   after_layer=lambda step: communication.append(shard.communication_seconds),
-                                   shard=shard)
+    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, log=lambda *a: None, keep_rows=False,
+                                  after_layer=lambda step: communication.append(shard.communication_seconds),
+                                  shard=shard)
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "communication_seconds": shard.communication_seconds, "where": where,
               "rule_seconds": sum(r.rule_seconds for r in reports), "forms": sorted({r.form for r in reports}),

@@ -28,7 +28,7 @@ CHUNK = 64
 
 def child(engine, m, threads):
     from gpfq.data import CalibrationStream
-    from gpfq.network import _quantize_network, settings_for
+    from gpfq.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
@@ -37,7 +37,7 @@ def child(engine, m, threads):
                                                        1.0, 1.0, engine=engine)
     before = peak_rss_mb()  # torch, the model, the first images: what every run holds anyway
     start = time.perf_counter()
-    _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
+    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
     layer = reports[0]
     report({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "baseline_mb": before,
             "rows": layer.rows, "form": layer.form, "streamed": layer.streamed, "error": layer.relative_error})

@@ -32,7 +32,7 @@ CONFIGURATIONS = [("columns", "fresh"), ("auto", "fresh"), ("columns", "fixed"),
 def child(engine, calibration, m, threads):
     import torchvision
     from gpfq.data import CalibrationStream
-    from gpfq.network import _quantize_network, settings_for
+    from gpfq.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
@@ -40,7 +40,7 @@ def child(engine, calibration, m, threads):
     settings = lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.16, 1.16,  # noqa: E731
                                                        1.0, 1.0, engine=engine)
     start = time.perf_counter()
-    _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
+    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
                                   log=lambda *a: None)
     seconds = time.perf_counter() - start
     report({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "layers": len(reports),

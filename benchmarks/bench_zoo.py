@@ -2,7 +2,7 @@
 
 For each name in `torchvision.models.list_models(module=torchvision.models)` (the classifiers): build it
 with random weights, draw m synthetic images of a small size the model accepts, and run 4-bit GPFQ
-through `_quantize_network` in fixed calibration (fresh where fx cannot run the model). Each model has a
+through `quantize_network` in fixed calibration (fresh where fx cannot run the model). Each model has a
 cap on the CPU time of its process (not wall time: on a shared machine wall time measures the other jobs);
 models run one after another in a worker process, replaced if one crashes it. Models larger than
 --max_parameters (torchvision's metadata) are not built. The table (model, calibration, image side,
@@ -86,7 +86,7 @@ def _over_cap(signum, frame):
 def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
     from gpfq.data import CalibrationStream
-    from gpfq.network import _quantize_network, settings_for
+    from gpfq.network import quantize_network, settings_for
     torch.manual_seed(0)
     model, size = build(name, size)
     if name not in SIZES and not name.startswith("vit_"):
@@ -97,7 +97,7 @@ def quantize_one(name, size, m):
     while True:
         stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)
         try:
-            _, reports = _quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
+            _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
                                           log=lambda *a: None)
             break
         except ValueError as error:

@@ -19,7 +19,7 @@ from .errors import bad_hyperparameter
 from .folding import fold_batchnorm, foldable_pairs
 from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
 from .network import LayerReport, LayerSettings, settings_for
-from .network import _quantize_network
+from . import network
 from .network import quantize_layer as _quantize_grouped_layer
 
 
@@ -305,7 +305,7 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
         model, pairs = fold_batchnorm(model)
         log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
     settings_of = _settings_function(model, stream, config, layers, device)
-    quantized, reports = _quantize_network(
+    quantized, reports = network.quantize_network(  # looked up here: the documented seam
         model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
         calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,

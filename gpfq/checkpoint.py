@@ -1,6 +1,6 @@
 """Per-layer checkpoints: a grid point interrupted after layer k goes on at layer k + 1 (`--resume`).
 
-After a quantized layer, `_quantize_network` hands `LayerCheckpoint.after_layer` what it needs to go on:
+After a quantized layer, `quantize_network` hands `LayerCheckpoint.after_layer` what it needs to go on:
 the partially quantized model's state dict, the patch-sampling generator's state, the calibration
 stream's position (`data.CalibrationStream.state`) and the layer reports. The file is written
 atomically (a temporary file in the same folder, fsync, os.replace) and removed once the point's row

@@ -158,7 +158,7 @@ class LayerStep:
     """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
 
     For the Gram form, `statistics` holds the rows' sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); the
-    rows themselves are None unless `_quantize_network(keep_rows=True)` kept them.
+    rows themselves are None unless `quantize_network(keep_rows=True)` kept them.
     """
     report: LayerReport
     analog_layer: nn.Module
@@ -389,12 +389,17 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: Laye
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
-def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False,
                      checkpoint=None):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
+
+    The layer loop behind `gpfq.quantize`, public as the seam for what `quantize` does not expose: a stream
+    of one's own (its chunk_size), a settings function per layer, keep_rows, rows_budget, shard.
+    `gpfq.quantize` calls it as `network.quantize_network`, so replacing that attribute (a test's
+    monkeypatch) intercepts every quantization.
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
     from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
@@ -530,6 +535,9 @@ def _quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: 
                                                if layer.name in {r.name for r in reports}])
     log(reports.coverage.summary())
     return quantized_model, reports
+
+
+_quantize_network = quantize_network  # the old name, for code written against it
 
 
 def _resume(checkpoint, names, quantized_model, generator, stream, reports, log) -> int:

@@ -30,7 +30,7 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
     from gpfq.api import layer_settings
     from gpfq.data import CalibrationStream, calibration_set as load_calibration
     from gpfq.models import load_model
-    from gpfq.network import _quantize_network
+    from gpfq.network import quantize_network
     layers = {}
 
     def keep(step):
@@ -48,10 +48,10 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
             reports = gpfq.quantize(load_model("fashion_resnet"), stream, config, after_layer=keep,
                                     log=lambda *a: None).reports
         else:
-            _, reports = _quantize_network(load_model("fashion_resnet"), stream,
-                                           lambda index, name, layer: layer_settings(config, index, layer), m,
-                                           config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
-                                           log=lambda *a: None, calibration=calibration, shard=shard)
+            _, reports = quantize_network(load_model("fashion_resnet"), stream,
+                                          lambda index, name, layer: layer_settings(config, index, layer), m,
+                                          config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
+                                          log=lambda *a: None, calibration=calibration, shard=shard)
     finally:
         torch.set_num_threads(threads)
     return {"layers": layers, "errors": [r.relative_error for r in reports], "forms": [r.form for r in reports]}

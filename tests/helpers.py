@@ -1,5 +1,6 @@
 """What several tests share, built on the public surface only: hashes, alphabet checks, accuracy, tiny models."""
 import hashlib
+import json
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -61,3 +62,14 @@ def worst_relative_gap(errors: list, recorded: list) -> float:
     """max over layers of |error / recorded − 1|: how far a run's per-layer errors are from a recorded run's."""
     assert len(errors) == len(recorded), (len(errors), len(recorded))
     return max(abs(e / r - 1) for e, r in zip(errors, recorded))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (C order), what a quantized file's header records per tensor."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def safetensors_metadata(raw: bytes) -> dict:
+    """The "__metadata__" of a safetensors file's bytes: an 8-byte little-endian header length, then JSON."""
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length].decode("utf-8")).get("__metadata__") or {}

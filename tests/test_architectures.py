@@ -6,7 +6,7 @@ from torch.utils.data import TensorDataset
 
 from gpfq.data import CalibrationStream
 from gpfq.models import load_model
-from gpfq.network import LayerSettings, layer_alphabet, _quantize_network
+from gpfq.network import LayerSettings, layer_alphabet, quantize_network
 
 pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
 
@@ -19,7 +19,7 @@ def test_architecture_quantizes(name):
     model = load_model(name, "random")
     images = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
     settings = LayerSettings(method="gpfq", bits=3, scalar=1.2)
-    quantized, reports = _quantize_network(model, CalibrationStream(images, seed=0, chunk_size=2),
+    quantized, reports = quantize_network(model, CalibrationStream(images, seed=0, chunk_size=2),
                                           lambda i, n, layer: settings, batch_size=2, retain_rate=0.25, seed=0,
                                           log=lambda *_: None)
     called = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -14,6 +14,7 @@ import gpfq
 from gpfq.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
 from gpfq.models import load_model
 from gpfq.network import METHODS
+from helpers import tensor_sha256
 
 
 
@@ -224,8 +225,7 @@ def test_codes_beyond_the_alphabet_are_refused(saved, tmp_path):
     packed = tensors["fc.weight#codes"].clone()
     packed[0] = 0xFF
     tensors["fc.weight#codes"] = packed
-    from gpfq.model_file import _sha256
-    header["sha256"]["fc.weight#codes"] = _sha256(packed)
+    header["sha256"]["fc.weight#codes"] = tensor_sha256(packed)
     bad = tmp_path / "codes.safetensors"
     bad.write_bytes(save(tensors, metadata={"gpfq": json.dumps(header)}))
     with pytest.raises(QuantizedFileError, match="fc.weight has codes up to 31, but its alphabet has only 17 levels"):

@@ -39,7 +39,7 @@ from gpfq.procedures import LOG_COLUMNS
 from gpfq.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.models import WeightsUnavailableError, load_model
 from gpfq.engine import ENGINES
-from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, _quantize_network
+from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.quantizer import gpfq_reference, msq
 
@@ -75,7 +75,7 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("expensive work started before the bad input was reported")
     monkeypatch.setattr(experiment, "evaluate", started)
-    monkeypatch.setattr(gpfq.api, "_quantize_network", started)
+    monkeypatch.setattr(gpfq.network, "quantize_network", started)
 
 
 # ================================================================ bad input
@@ -183,7 +183,7 @@ def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
     settings = LayerSettings(bits=3)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        _quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
+        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
                          calibration=calibration)
 
 
@@ -203,7 +203,7 @@ def _zero_model() -> nn.Sequential:
 def _quantize_zero_model(settings, keep_rows=True):
     steps = []
     stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
-    quantized, reports = _quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
+    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
                                           log=lambda text: None, after_layer=steps.append, keep_rows=keep_rows)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     # layers 2 (W = 0) and 3 (X = 0) have ‖XWᵀ‖ = 0: their relative error is undefined (NaN), not 0
@@ -342,7 +342,7 @@ def test_truncated_jpeg_stops_with_its_path_also_from_workers(tmp_path):
 def test_truncated_jpeg_stops_the_run_before_quantization(tmp_path, monkeypatch, split):
     def started(*args, **kwargs):
         raise AssertionError("quantization started")
-    monkeypatch.setattr(gpfq.api, "_quantize_network", started)
+    monkeypatch.setattr(gpfq.network, "quantize_network", started)
     files = _tiny_imagenet(tmp_path / "data" / "ILSVRC2012")
     bad = next(p for p in files if p.parts[-3] == split)  # the first image: read by layer discovery (train)
     _truncate(bad)                                         # or by the float model's evaluation (val)
@@ -863,7 +863,7 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     results = {}
     for keep_rows in (False, True):
         stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
-        quantized, reports = _quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
+        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
                                               patch_stride="layer", log=lambda text: None, keep_rows=keep_rows)
         assert reports[0].rows == 110_000 and reports[0].form == "gram"
         results[keep_rows] = (quantized[0].weight, reports[0].relative_error)

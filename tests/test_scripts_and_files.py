@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Subset
 
 from conftest import python_env, script_header
+from helpers import safetensors_metadata
 
 import gpfq
 from gpfq import experiment
@@ -315,7 +316,7 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     """
     from gpfq.deploy import save_beside
     from gpfq.experiment import expand_grid, parse_overrides
-    from gpfq.model_file import HEADER_KEY, _metadata
+    from gpfq.model_file import HEADER_KEY
     calibration, _, model = default_data
     point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
     assert (point["method"], point["bits"]) == ("gpfq", 4)
@@ -333,7 +334,7 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     header_bytes = int.from_bytes(raw[:8], "little")
     from safetensors.torch import load
     assert len(raw) == 8 + header_bytes + sum(t.numel() * t.element_size() for t in load(raw).values())
-    header = json.loads(_metadata(raw)[HEADER_KEY])
+    header = json.loads(safetensors_metadata(raw)[HEADER_KEY])
     floats = sum(isinstance(value, float) for entry in header["layers"] + list(header["coded"].values())
                  for value in entry.values())  # the measured ones: errors, radii, entropies
     tolerance = 2 * floats + 8
