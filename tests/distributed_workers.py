@@ -1,6 +1,7 @@
 """Worker processes for tests/test_distributed.py, started with torch.multiprocessing (spawn)."""
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -97,8 +98,11 @@ def start_script_ranks(world_size: int, argv_of, env=None, prelude: str = "", sc
         code = (f"import os, runpy, sys\n{prelude}\n"
                 f"sys.argv = [{str(REPO_ROOT / script / 'quantize.py')!r}] + {list(map(str, argv_of(rank)))!r}\n"
                 f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+        # Ctrl-C as a terminal gives it: a shell without job control (CI, `make test &`) starts its background
+        # jobs with SIGINT ignored, which the ranks would inherit, and Python then never raises KeyboardInterrupt.
         processes.append(subprocess.Popen([sys.executable, "-c", code], env=rank_env, cwd=REPO_ROOT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
     return processes
 
 
