@@ -29,6 +29,7 @@ Faults: every collective is labelled and recorded in the rendezvous store, so wh
 that stopped and where. Errors raised on some ranks inside `Shard.step` reach every rank, which
 all raise the same `DistributedError`.
 """
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -87,7 +88,15 @@ def launch(device="cpu") -> "Shard":
     seconds = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_SECONDS))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Close the group before the interpreter tears down: a gloo group left to static destruction can abort the
+    # process ("terminate called without an active exception", SIGABRT) when a rank exits right away.
+    atexit.register(_close_group)
     return current()
+
+
+def _close_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def threads_per_rank() -> int:
