@@ -57,7 +57,7 @@ def rank_main(rank, world_size, port, m, rule, out):
     import torch.distributed as dist
     import torchvision
     from gpfq import distributed
-    from gpfq.data import CalibrationStream
+    from gpfq.streams import CalibrationStream
     from gpfq.network import quantize_network, settings_for
     where = pin(rank)
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ CHUNK = 64
 
 
 def child(engine, m, threads):
-    from gpfq.data import CalibrationStream
+    from gpfq.streams import CalibrationStream
     from gpfq.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)

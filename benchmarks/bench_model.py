@@ -31,7 +31,7 @@ CONFIGURATIONS = [("columns", "fresh"), ("auto", "fresh"), ("columns", "fixed"),
 
 def child(engine, calibration, m, threads):
     import torchvision
-    from gpfq.data import CalibrationStream
+    from gpfq.streams import CalibrationStream
     from gpfq.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)

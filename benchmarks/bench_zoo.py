@@ -85,7 +85,7 @@ def _over_cap(signum, frame):
 
 def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
-    from gpfq.data import CalibrationStream
+    from gpfq.streams import CalibrationStream
     from gpfq.network import quantize_network, settings_for
     torch.manual_seed(0)
     model, size = build(name, size)

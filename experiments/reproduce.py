@@ -46,7 +46,7 @@ VARIANT_LOG = {"quantization_scripts": "Quantization_Log.csv"}
 BIAS_LOG, SKIP_LOG = "Quantization_Log_Bias_Correct.csv", "Quantization_Log_Skip.csv"
 PARALLEL_EFFICIENCY = 0.6   # S(N) = 1 + E·(N−1): per-column products scale poorly past a few threads
 BASE_MEMORY = 0.6 * 2 ** 30  # torch and the script itself
-CHUNK_IMAGES = 256          # gpfq.data.CalibrationStream's chunk
+CHUNK_IMAGES = 256          # gpfq.streams.CalibrationStream's chunk
 N_EVAL = {"imagenet": 50000, "fashion_mnist": 10000}
 INPUT_SHAPE = {"fashion_mnist": (1, 28, 28), "imagenet": (3, 224, 224)}  # gpfq.data: Resize 256, crop 224
 PROBE_M, PROBE_LAYERS = (8, 32), 3

@@ -37,7 +37,7 @@ from .alphabet import MAX_BITS
 from .api import quantize as quantize_model
 from .capture import capture_input, layer_weight, layers_in_execution_order
 from .config import FIELDS
-from .data import CalibrationStream
+from .streams import CalibrationStream
 from .deploy import quantized_path, with_alphabets_from
 from .errors import bad_hyperparameter
 from .experiment import Variant

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .capture import Coverage, layers_in_execution_order
 from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
-from .data import CalibrationStream, ImageStream
+from .streams import CalibrationStream, ImageStream
 from .errors import bad_hyperparameter
 from .folding import fold_batchnorm, foldable_pairs
 from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
@@ -132,7 +132,7 @@ class LoaderStream(ImageStream):
 def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
     """A stream of calibration images from a DataLoader, a Dataset or a tensor of inputs (N, …).
 
-    A Dataset or tensor is drawn from in a seeded shuffle (`data.CalibrationStream`); a DataLoader in its
+    A Dataset or tensor is drawn from in a seeded shuffle (`streams.CalibrationStream`); a DataLoader in its
     own order. A dict of tensors {name: (N, …)} gives keyword inputs (model(**x)); items and batches may hold
     a tuple or dict x (gpfq.inputs). A stream (anything with `chunks` and `draw`) is used as it is.
     """

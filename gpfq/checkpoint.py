@@ -2,7 +2,7 @@
 
 After a quantized layer, `quantize_network` hands `LayerCheckpoint.after_layer` what it needs to go on:
 the partially quantized model's state dict, the patch-sampling generator's state, the calibration
-stream's position (`data.CalibrationStream.state`) and the layer reports. The file is written
+stream's position (`streams.CalibrationStream.state`) and the layer reports. The file is written
 atomically (a temporary file in the same folder, fsync, os.replace) and removed once the point's row
 is logged. Its name is a hash of the point's identity (the columns `--resume` matches rows on, plus the
 chunk size and device), so another point never finds it; its content repeats the identity, the code

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .capture import flat_weight, grouped, layer_rows, patch_grid, patch_indices
-from .data import CalibrationStream
+from .streams import CalibrationStream
 from .engine import GramStatistics
 from .errors import GPFQError
 from .inputs import as_inputs, cat

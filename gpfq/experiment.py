@@ -23,7 +23,8 @@ from . import __version__, api, distributed
 from .capture import Coverage, check_model_finite, find_layers
 from .checkpoint import LayerCheckpoint
 from .config import QuantConfig
-from .data import CalibrationStream, calibration_set, eval_subset, evaluation_loader, evaluation_set
+from .data import calibration_set, eval_subset, evaluation_loader, evaluation_set
+from .streams import CalibrationStream
 from .deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
 from .errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from .evaluate import evaluate

@@ -29,7 +29,8 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
     Returns {"layers": {name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [...], "forms": [...]}."""
     import gpfq
     from gpfq.api import layer_settings
-    from gpfq.data import CalibrationStream, calibration_set as load_calibration
+    from gpfq.data import calibration_set as load_calibration
+    from gpfq.streams import CalibrationStream
     from gpfq.models import load_model
     from gpfq.network import quantize_network
     layers = {}

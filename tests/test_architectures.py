@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 from gpfq.models import load_model
 from gpfq.network import LayerSettings, layer_alphabet, quantize_network
 

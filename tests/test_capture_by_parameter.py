@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 from gpfq.network import LayerSettings, layer_alphabet, quantize_network
 
 

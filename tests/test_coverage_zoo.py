@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq.capture import find_layers
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 from gpfq.network import LayerSettings, layer_alphabet, quantize_network
 
 # parameter name -> why it may stay float. Empty: every matmul weight of these models is quantized.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpfq import distributed
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 
 from distributed_workers import finish, quantize_default, run_ranks, start_script_ranks
 

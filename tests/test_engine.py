@@ -6,7 +6,7 @@ from torch import nn
 from gpfq.alphabet import layer_radius, make_alphabet, round_to_alphabet
 from gpfq.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
                           patch_indices, selected_patches, trace_graph)
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 from gpfq.engine import (DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, default_block_size, gpfq_blocked,
                          gpfq_gram, gpfq_residual, predicted_cost, rows_bytes)
 from gpfq.experiment import validate

@@ -12,7 +12,7 @@ from conftest import python_env
 from torch.utils.data import TensorDataset
 
 from gpfq.checkpoint import KILL_VARIABLE, LayerCheckpoint
-from gpfq.data import CalibrationStream
+from gpfq.streams import CalibrationStream
 from gpfq.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "quantization_scripts" / "quantize.py"

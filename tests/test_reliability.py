@@ -30,7 +30,8 @@ import gpfq
 from gpfq import adhoc, experiment, retrain
 from gpfq.alphabet import ALPHABET_KINDS, make_alphabet
 from gpfq.capture import NonFiniteError
-from gpfq.data import CalibrationStream, CorruptImageError, DataMissingError, calibration_set
+from gpfq.data import CorruptImageError, DataMissingError, calibration_set
+from gpfq.streams import CalibrationStream
 from gpfq.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
 from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
 from gpfq.experiment import PLAIN, Variant
