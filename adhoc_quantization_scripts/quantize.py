@@ -78,7 +78,7 @@ if __name__ == "__main__":
         import gpfq  # noqa: F401
     except ModuleNotFoundError:
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
-    from gpfq.adhoc import ADHOC
-    from gpfq.cli import run_script
-    from gpfq.experiment import main
+    from gpfq.runner.adhoc import ADHOC
+    from gpfq.runner.cli import run_script
+    from gpfq.runner.experiment import main
     run_script(main, HEADER, variant=ADHOC)

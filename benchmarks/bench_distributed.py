@@ -56,9 +56,9 @@ def rank_main(rank, world_size, port, m, rule, out):
     """One rank: quantize ResNet-18 (random weights, seed 0) in fresh mode; rank 0 writes the timings."""
     import torch.distributed as dist
     import torchvision
-    from gpfq import distributed
-    from gpfq.streams import CalibrationStream
-    from gpfq.network import quantize_network, settings_for
+    from gpfq.pipeline import distributed
+    from gpfq.pipeline.streams import CalibrationStream
+    from gpfq.pipeline.network import quantize_network, settings_for
     where = pin(rank)
     torch.set_num_threads(1)
     if world_size > 1:
@@ -174,7 +174,7 @@ def _timed(fn) -> float:
 def layer_costs(n0, n1, rows, world_size):
     """Multiply-adds (parallel over ranks, serial on one rank) and bytes each rank receives, for one layer
     with `rows` rows in the form one process would choose (the distributed run takes the same form)."""
-    from gpfq.engine import choose_form, predicted_cost
+    from gpfq.methods.gpfq.engine import choose_form, predicted_cost
     form = choose_form("auto", rows, n0, n1)
     if form == "gram":  # rows summed on every rank (parallel), rule on one, two N0×N0 float64 sums all-reduced
         parallel, serial = 2 * rows * n0 ** 2, n1 * n0 ** 2

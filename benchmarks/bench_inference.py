@@ -82,7 +82,7 @@ def peak_memory_mb(onnx_path, input_shape):
 
 def bench_model(name, model, input_shape, threads, repeats, folder, log, latency=True):
     import onnxruntime as ort
-    from gpfq.onnx_export import export_float_onnx, export_onnx
+    from gpfq.io.onnx_export import export_float_onnx, export_onnx
     model = model.eval()
     sizes = {}
     float_pt = folder / f"{name}_float.pt"
@@ -141,7 +141,7 @@ def main():
     args = parser.parse_args()
     import onnxruntime
     import torchvision
-    from gpfq.models import load_model
+    from gpfq.io.models import load_model
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lines = []

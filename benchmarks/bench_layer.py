@@ -1,8 +1,8 @@
 """Layer benchmark: per-column loop vs blocked engine vs the BLAS floor, in one run.
 
 For each shape (m rows, N0 inputs, N1 neurons) on synthetic rows at `--bits` bits:
-- columns: `gpfq.quantizer.gpfq_columns`, the per-column vectorized loop;
-- engine: `gpfq.engine.gpfq_blocked` with form 'auto' (and each form on its own);
+- columns: `gpfq.methods.gpfq.reference.gpfq_columns`, the per-column vectorized loop;
+- engine: `gpfq.methods.gpfq.engine.gpfq_blocked` with form 'auto' (and each form on its own);
 - floor: the matrix products G = X̃ᵀX and H = X̃ᵀX̃ alone;
 - bound: the largest columns/engine any exact float32 engine could reach here: the per-column loop's
   time over the time of the layer's least arithmetic (min of the residual form's 3·m·N0·N1 and the Gram
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from gpfq.alphabet import layer_radius, make_alphabet
-from gpfq.engine import choose_form, gpfq_blocked, predicted_cost
-from gpfq.quantizer import gpfq_columns
+from gpfq.methods.alphabet import layer_radius, make_alphabet
+from gpfq.methods.gpfq.engine import choose_form, gpfq_blocked, predicted_cost
+from gpfq.methods.gpfq.reference import gpfq_columns
 
 SHAPES = {"S1": (4096, 576, 64), "S2": (2048, 1152, 128), "S3": (1024, 4608, 512)}  # (m, N0, N1)
 

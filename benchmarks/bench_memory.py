@@ -27,8 +27,8 @@ CHUNK = 64
 
 
 def child(engine, m, threads):
-    from gpfq.streams import CalibrationStream
-    from gpfq.network import quantize_network, settings_for
+    from gpfq.pipeline.streams import CalibrationStream
+    from gpfq.pipeline.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()

@@ -31,8 +31,8 @@ CONFIGURATIONS = [("columns", "fresh"), ("auto", "fresh"), ("columns", "fixed"),
 
 def child(engine, calibration, m, threads):
     import torchvision
-    from gpfq.streams import CalibrationStream
-    from gpfq.network import quantize_network, settings_for
+    from gpfq.pipeline.streams import CalibrationStream
+    from gpfq.pipeline.network import quantize_network, settings_for
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()

@@ -85,8 +85,8 @@ def _over_cap(signum, frame):
 
 def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
-    from gpfq.streams import CalibrationStream
-    from gpfq.network import quantize_network, settings_for
+    from gpfq.pipeline.streams import CalibrationStream
+    from gpfq.pipeline.network import quantize_network, settings_for
     torch.manual_seed(0)
     model, size = build(name, size)
     if name not in SIZES and not name.startswith("vit_"):

@@ -7,8 +7,8 @@ import argparse
 import torch
 from torchvision import datasets, models
 
-import gpfq.cli
-import gpfq.models
+import gpfq.runner.cli
+import gpfq.io.models
 
 parser = argparse.ArgumentParser()
 parser.add_argument("folder")
@@ -17,7 +17,7 @@ parser.add_argument("--random", action="store_true")
 args = parser.parse_args()
 
 weights = models.get_model_weights(args.model).DEFAULT  # its transforms() are the model's own preprocessing
-model = gpfq.cli.run_script(gpfq.models.load_model, args.model, "random" if args.random else "DEFAULT")
+model = gpfq.runner.cli.run_script(gpfq.io.models.load_model, args.model, "random" if args.random else "DEFAULT")
 train, val = (datasets.ImageFolder(f"{args.folder}/{split}", weights.transforms()) for split in ("train", "val"))
 
 # 4 bits; calibration="fixed": one set of m images and one forward pass per network (the paper redraws per layer)

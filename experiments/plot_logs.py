@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from gpfq.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select
+from gpfq.runner.figures import M, plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, select
 
 DEFAULT_OUT = ROOT / "logs" / "figures"
 

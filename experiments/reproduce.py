@@ -17,7 +17,7 @@ ImageNet-sized JPEG). Per grid point, in one-core seconds:
     forwards = 2·m·t_img·Σ_i f_i + c_rows·Σ_i rows_i·N0_i   (f_i: share of the MACs up to layer i, both
                networks: fresh calibration re-runs the prefix, so ∝ m·depth²)
     rule     = Σ_i cost_i / rate_form   (cost_i = G·rows·N0·(3·N1 + 2·B) residual, G·(2·rows·N0² + N1·N0²)
-               Gram: gpfq.engine.predicted_cost, form as engine 'auto' picks it)
+               Gram: gpfq.methods.gpfq.engine.predicted_cost, form as engine 'auto' picks it)
     eval     = n_val·t_img (+ the float model once per command unless torchvision publishes it)
     decode   = (L·m + n_val)·t_dec, serial in the script's process (num_workers 0)
 Threads: time/S(N) with S(N) = 1 + E·(N−1), E = PARALLEL_EFFICIENCY (decode excluded).
@@ -46,9 +46,9 @@ VARIANT_LOG = {"quantization_scripts": "Quantization_Log.csv"}
 BIAS_LOG, SKIP_LOG = "Quantization_Log_Bias_Correct.csv", "Quantization_Log_Skip.csv"
 PARALLEL_EFFICIENCY = 0.6   # S(N) = 1 + E·(N−1): per-column products scale poorly past a few threads
 BASE_MEMORY = 0.6 * 2 ** 30  # torch and the script itself
-CHUNK_IMAGES = 256          # gpfq.streams.CalibrationStream's chunk
+CHUNK_IMAGES = 256          # gpfq.pipeline.streams.CalibrationStream's chunk
 N_EVAL = {"imagenet": 50000, "fashion_mnist": 10000}
-INPUT_SHAPE = {"fashion_mnist": (1, 28, 28), "imagenet": (3, 224, 224)}  # gpfq.data: Resize 256, crop 224
+INPUT_SHAPE = {"fashion_mnist": (1, 28, 28), "imagenet": (3, 224, 224)}  # gpfq.io.data: Resize 256, crop 224
 PROBE_M, PROBE_LAYERS = (8, 32), 3
 
 
@@ -159,7 +159,7 @@ def layer_profile(model, shape):
 
 
 def kept_patches(layer, retain_rate) -> int:
-    """Rows per image (gpfq.capture.patch_indices: int(p·L + 1) of a conv layer's L patches, all if p = 1)."""
+    """Rows per image (gpfq.pipeline.capture.patch_indices: int(p·L + 1) of a conv layer's L patches, all if p = 1)."""
     if layer["kind"] != "conv" or retain_rate >= 1:
         return layer["patches"]
     return int(retain_rate * layer["patches"] + 1)
@@ -199,8 +199,8 @@ def probe_machine() -> dict:
     from PIL import Image
 
     import gpfq
-    from gpfq.data import imagenet_transform
-    from gpfq.engine import predicted_cost
+    from gpfq.io.data import imagenet_transform
+    from gpfq.methods.gpfq.engine import predicted_cost
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(128, 64, 3, 3, generator=generator)
     rows = torch.randn(4096, 576, generator=generator)
@@ -215,7 +215,7 @@ def probe_machine() -> dict:
     transform = imagenet_transform()
     decode = timed(lambda: [transform(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")) for _ in range(8)]) / 8
     start = time.perf_counter()  # a script's start: Python, torch, torchvision and gpfq's imports
-    subprocess.run([sys.executable, "-c", "import gpfq.experiment, torchvision.models"], check=True,
+    subprocess.run([sys.executable, "-c", "import gpfq.runner.experiment, torchvision.models"], check=True,
                    env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     startup = time.perf_counter() - start
     return dict(rates=rates, t_dec=decode, startup=startup, threads=torch.get_num_threads())
@@ -227,7 +227,7 @@ def probe_model(name: str, dataset: str) -> dict:
     import torch
 
     import gpfq
-    from gpfq.models import load_model
+    from gpfq.io.models import load_model
     shape = INPUT_SHAPE[dataset]
     threads = torch.get_num_threads()
     model = load_model(name, "random").eval()
@@ -296,7 +296,7 @@ def probe_cached(name: str, dataset: str) -> dict:
 def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, engine: str = "auto",
                dataset: str = "imagenet", extra_forward_images: int = 0) -> dict:
     """One grid point in one-core seconds (forwards, rule, eval) and serial decode seconds, and peak bytes."""
-    from gpfq.engine import choose_form, predicted_cost
+    from gpfq.methods.gpfq.engine import choose_form, predicted_cost
     layers, t_img = probe["layers"], probe["t_img"]
     total = sum(layer["macs"] for layer in layers)
     prefix = forwards = rule = 0.0

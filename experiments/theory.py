@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from gpfq.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors
+from gpfq.runner.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors
 
 LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .capture import Coverage, layers_in_execution_order
-from .config import PER_LAYER_FIELDS, QuantConfig, layer_seed
-from .streams import CalibrationStream, ImageStream
-from .errors import bad_hyperparameter
-from .folding import fold_batchnorm, foldable_pairs
-from .inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
-from .network import LayerReport, LayerSettings, settings_for
-from . import network
-from .network import quantize_layer as _quantize_grouped_layer
+from gpfq.pipeline.capture import Coverage, layers_in_execution_order
+from gpfq.config import PER_LAYER_FIELDS, QuantConfig, layer_seed
+from gpfq.pipeline.streams import CalibrationStream, ImageStream
+from gpfq.errors import bad_hyperparameter
+from gpfq.pipeline.folding import fold_batchnorm, foldable_pairs
+from gpfq.pipeline.inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
+from gpfq.pipeline.network import LayerReport, LayerSettings, settings_for
+from gpfq.pipeline import network
+from gpfq.pipeline.network import quantize_layer as _quantize_grouped_layer
 
 
 @dataclass
@@ -67,7 +67,7 @@ class _DictItems(torch.utils.data.Dataset):
 
 
 def _inputs_of(batch):
-    """The inputs x of a batch that is x or (x, y, …): a tensor, or gpfq.inputs.ModelInputs for a tuple or dict x."""
+    """The inputs x of a batch that is x or (x, y, …): a tensor, or gpfq.pipeline.inputs.ModelInputs for a tuple or dict x."""
     return as_inputs(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
@@ -134,7 +134,7 @@ def calibration_stream(calibration_data, seed: int, chunk_size: int = 256):
 
     A Dataset or tensor is drawn from in a seeded shuffle (`streams.CalibrationStream`); a DataLoader in its
     own order. A dict of tensors {name: (N, …)} gives keyword inputs (model(**x)); items and batches may hold
-    a tuple or dict x (gpfq.inputs). A stream (anything with `chunks` and `draw`) is used as it is.
+    a tuple or dict x (gpfq.pipeline.inputs). A stream (anything with `chunks` and `draw`) is used as it is.
     """
     if hasattr(calibration_data, "chunks") and hasattr(calibration_data, "draw"):
         return calibration_data
@@ -270,7 +270,7 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
         step.analog_rows / quantized_rows are None for a layer whose rows were streamed.
     in_place: quantize `model` itself (later layers then see X̃ = X) instead of a copy.
     log: where the per-layer lines go (tqdm.write keeps the progress bar intact).
-    checkpoint: a `gpfq.checkpoint.LayerCheckpoint`, saved after each layer and continued from (the scripts').
+    checkpoint: a `gpfq.pipeline.checkpoint.LayerCheckpoint`, saved after each layer and continued from (the scripts').
 
     The caller's `model` comes back in the mode (train/eval, per submodule) and on the device it came in,
     with in_place too (its weights then are the quantized ones); result.model of a copy is in eval mode on
@@ -300,7 +300,7 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
     if config.fold_batchnorm and foldable_pairs(model):
         if in_place:  # folding builds a new model (BatchNorms become Identity), so `model` itself would stay float
             raise ValueError("in_place=True with fold_batchnorm=True: folding returns a new model, so the model "
-                             "passed in would not be the one quantized; fold first (gpfq.folding.fold_batchnorm) "
+                             "passed in would not be the one quantized; fold first (gpfq.pipeline.folding.fold_batchnorm) "
                              "and quantize the folded model in place")
         model, pairs = fold_batchnorm(model)
         log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")

@@ -8,14 +8,14 @@ Adding an option: add a field here (with its check in `__post_init__`), then use
 import dataclasses
 from dataclasses import dataclass, field
 
-from .alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
-from .column_order import COLUMN_ORDERS
-from .engine import ENGINES
-from .errors import bad_hyperparameter
-from .network import CALIBRATIONS, METHODS
-from .qronos import DEFAULT_DAMPING as QRONOS_DAMPING
-from .quantizer import FIRST_COLUMN_RULES
-from .rounding import THRESHOLDINGS
+from gpfq.methods.alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
+from gpfq.methods.gpfq.column_order import COLUMN_ORDERS
+from gpfq.methods.gpfq.engine import ENGINES
+from gpfq.errors import bad_hyperparameter
+from gpfq.pipeline.network import CALIBRATIONS, METHODS
+from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING
+from gpfq.methods.gpfq.reference import FIRST_COLUMN_RULES
+from gpfq.methods.rounding import THRESHOLDINGS
 
 PATCH_STRIDES = ("kernel", "layer")
 METHOD_OPTIONS = "Method Options"  # one log column describing the options of the point's method

@@ -1,4 +1,4 @@
-"""Errors the scripts report as one message, without a stack trace (see `gpfq.cli.run_script`).
+"""Errors the scripts report as one message, without a stack trace (see `gpfq.runner.cli.run_script`).
 
 An error of these classes is an expected failure with a message that says what to do: bad input
 (exit status 2) or a result that could not be written (exit status 1). Anything else is a bug, and
@@ -28,7 +28,7 @@ def bad_hyperparameter(message: str) -> BadHyperparameterError:
 
 
 class CalibrationInputError(BadInputError, ValueError):
-    """Calibration inputs the model cannot be run on, or that cannot be batched (gpfq.inputs)."""
+    """Calibration inputs the model cannot be run on, or that cannot be batched (gpfq.pipeline.inputs)."""
 
 
 class ResultWriteError(GPFQError, OSError):

@@ -81,7 +81,7 @@ if __name__ == "__main__":
         import gpfq  # noqa: F401
     except ModuleNotFoundError:
         raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
-    from gpfq.experiment import main
-    from gpfq.retrain import RETRAIN
-    from gpfq.cli import run_script
+    from gpfq.runner.experiment import main
+    from gpfq.runner.retrain import RETRAIN
+    from gpfq.runner.cli import run_script
     run_script(main, HEADER, variant=RETRAIN)

@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpfq.cli import run_script
-from gpfq.data import fashion_mnist, evaluation_loader
+from gpfq.runner.cli import run_script
+from gpfq.io.data import fashion_mnist, evaluation_loader
 from gpfq.errors import BadInputError
-from gpfq.evaluate import evaluate
-from gpfq.models import EMBEDDED_MODELS
+from gpfq.runner.evaluate import evaluate
+from gpfq.io.models import EMBEDDED_MODELS
 from gpfq.paths import MODEL_DIR, REPO_ROOT
 
 DEFAULT_OUT = MODEL_DIR / "trained"

@@ -31,7 +31,7 @@ def default_runs(tmp_path_factory):
 
     Returns (output folder, {(method, bits): logged row}).
     """
-    from gpfq.experiment import main
+    from gpfq.runner.experiment import main
     out = tmp_path_factory.mktemp("default")
     header = script_header("quantization_scripts")
     rows = main(header, ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir", str(out / "logs"),
@@ -42,22 +42,22 @@ def default_runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_data():
     """(calibration set, evaluation set, float fashion_resnet): loaded once per test session."""
-    from gpfq.data import calibration_set, evaluation_set
-    from gpfq.models import load_model
+    from gpfq.io.data import calibration_set, evaluation_set
+    from gpfq.io.models import load_model
     return calibration_set("fashion_mnist"), evaluation_set("fashion_mnist"), load_model("fashion_resnet")
 
 
 @pytest.fixture(scope="session")
 def plain_point():
     """The grid point of the plain script's default header at 3 bits (GPFQ), as default_runs ran it."""
-    from gpfq.experiment import expand_grid, parse_overrides
+    from gpfq.runner.experiment import expand_grid, parse_overrides
     return expand_grid(parse_overrides(script_header("quantization_scripts"), ["--bits", "3", "--method", "gpfq"]))[0]
 
 
 @pytest.fixture(scope="session")
 def make_context(default_data, plain_point):
-    """make_context(**overrides) -> a gpfq.experiment.Context on the 3-bit default point (no float evaluation)."""
-    from gpfq.experiment import Context
+    """make_context(**overrides) -> a gpfq.runner.experiment.Context on the 3-bit default point (no float evaluation)."""
+    from gpfq.runner.experiment import Context
     calibration, evaluation, model = default_data
 
     def make(**overrides):
@@ -68,8 +68,8 @@ def make_context(default_data, plain_point):
 @pytest.fixture(scope="session")
 def plain_default(default_runs, make_context):
     """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
-    from gpfq.adhoc import SAVED_KEYS, load_saved_model, saved_record
-    from gpfq.network import LayerReport
+    from gpfq.runner.adhoc import SAVED_KEYS, load_saved_model, saved_record
+    from gpfq.pipeline.network import LayerReport
     _, rows = default_runs
     row = rows[("gpfq", 3)]
     path = Path(row["Model File"])

@@ -29,10 +29,10 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
     Returns {"layers": {name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [...], "forms": [...]}."""
     import gpfq
     from gpfq.api import layer_settings
-    from gpfq.data import calibration_set as load_calibration
-    from gpfq.streams import CalibrationStream
-    from gpfq.models import load_model
-    from gpfq.network import quantize_network
+    from gpfq.io.data import calibration_set as load_calibration
+    from gpfq.pipeline.streams import CalibrationStream
+    from gpfq.io.models import load_model
+    from gpfq.pipeline.network import quantize_network
     layers = {}
 
     def keep(step):
@@ -62,8 +62,8 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
 def quantize_worker(rank, world_size, port, runs, out, rule=None):
     """One rank: quantize the default model for each run (kwargs of quantize_default), through gpfq.quantize
     in the process group (rule None) or with Shard(rule=rule); saves [result per run] to <out>.rank<r>."""
-    from gpfq import distributed
-    from gpfq.data import calibration_set
+    from gpfq.pipeline import distributed
+    from gpfq.io.data import calibration_set
     join(rank, world_size, port)
     try:
         shard = None if rule is None else distributed.Shard(rule=rule)

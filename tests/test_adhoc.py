@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpfq import adhoc
-from gpfq.alphabet import make_alphabet
-from gpfq.capture import capture_input
-from gpfq.evaluate import evaluate
-from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
-from gpfq.experiment import expand_grid, parse_overrides
-from gpfq.logs import read_rows
-from gpfq.procedures import LOG_COLUMNS
-from gpfq.retrain import RETRAIN_LOG
+from gpfq.runner import adhoc
+from gpfq.methods.alphabet import make_alphabet
+from gpfq.pipeline.capture import capture_input
+from gpfq.runner.evaluate import evaluate
+from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.runner.experiment import expand_grid, parse_overrides
+from gpfq.runner.logs import read_rows
+from gpfq.runner.procedures import LOG_COLUMNS
+from gpfq.runner.retrain import RETRAIN_LOG
 
 # fashion_resnet's weight tensors, counted by hand from its architecture (C_out · C_in · kh · kw):
 # a 3×3 stem 1→16, BasicBlocks 16→16, 16→32 (with a 1×1 downsample), 32→64 (with one), a 64→10 Linear.
@@ -242,7 +242,7 @@ class TinyAttention(nn.Module):
 
 
 def test_correctable_layers_are_the_called_linear_and_conv_modules():
-    from gpfq.capture import layers_in_execution_order
+    from gpfq.pipeline.capture import layers_in_execution_order
     torch.manual_seed(0)
     model = TinyAttention().eval()
     example = torch.randn(1, 1, 28, 28)
@@ -265,7 +265,7 @@ def test_bias_correction_of_a_conv1d_zeroes_its_mean_gap_per_channel():
         gap = (analog(images) - quantized(images)).double().mean(dim=(0, 2))  # (5,): by hand
     assert quantized[2].bias.shape == (5,)
     assert gap.abs().max() < 1e-6
-    from gpfq.state_dicts import load_state  # the corrected model's saved state fits the architecture again
+    from gpfq.io.state_dicts import load_state  # the corrected model's saved state fits the architecture again
     reloaded = load_state(copy.deepcopy(analog), quantized.state_dict())
     assert torch.equal(reloaded[2].bias, quantized[2].bias) and torch.equal(reloaded[0].bias, quantized[0].bias)
 
@@ -290,8 +290,8 @@ def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_
 
 
 def test_bias_correction_of_a_last_layer_that_is_no_module_is_refused_before_work():
-    from gpfq.capture import layers_in_execution_order
-    from gpfq.experiment import ModelFacts
+    from gpfq.pipeline.capture import layers_in_execution_order
+    from gpfq.runner.experiment import ModelFacts
     torch.manual_seed(0)
     model = TinyAttention(head=False).eval()
     example = torch.randn(1, 1, 28, 28)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpfq.alphabet import layer_radius, make_alphabet, round_to_alphabet
+from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])

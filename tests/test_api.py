@@ -5,8 +5,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gpfq
-from gpfq.alphabet import layer_radius, make_alphabet
-from gpfq.quantizer import gpfq_reference
+from gpfq.methods.alphabet import layer_radius, make_alphabet
+from gpfq.methods.gpfq.reference import gpfq_reference
 
 
 class SmallCNN(nn.Module):

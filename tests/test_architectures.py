@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gpfq.streams import CalibrationStream
-from gpfq.models import load_model
-from gpfq.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.io.models import load_model
+from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
 
 pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
 

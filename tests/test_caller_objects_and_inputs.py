@@ -155,9 +155,9 @@ def test_inputs_that_cannot_be_batched_are_one_clear_error(data, message):
 
 def test_tuple_and_dict_inputs_are_shared_out_across_ranks():
     """Under torch.distributed each rank keeps its share of the m inputs one process draws, for both forms."""
-    from gpfq import distributed
+    from gpfq.pipeline import distributed
     from gpfq.api import calibration_stream
-    from gpfq.inputs import cat
+    from gpfq.pipeline.inputs import cat
 
     def shard(rank):
         shard = distributed.Shard(group=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.capture import conv_patches, layer_rows, layers_in_execution_order, patch_indices
+from gpfq.pipeline.capture import conv_patches, layer_rows, layers_in_execution_order, patch_indices
 
 
 def test_patch_shapes_and_channel_major_order():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gpfq.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
-from gpfq.streams import CalibrationStream
-from gpfq.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
 
 
 def tf_same_pads(height, width, kernel, stride):

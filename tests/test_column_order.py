@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from gpfq.alphabet import channel_alphabets, make_alphabet, row_radii
-from gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
-from gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
-from gpfq.experiment import expand_grid, method_description, validate
-from gpfq.network import LAYER_METHODS, STATISTICS_METHODS, LayerSettings, quantize_layer
-from gpfq.quantizer import gpfq_reference
-from gpfq.rounding import StochasticScalar, seeded_uniforms
-from gpfq.variants import spfq
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
+from gpfq.methods.gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
+from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
+from gpfq.runner.experiment import expand_grid, method_description, validate
+from gpfq.pipeline.network import LAYER_METHODS, STATISTICS_METHODS, LayerSettings, quantize_layer
+from gpfq.methods.gpfq.reference import gpfq_reference
+from gpfq.methods.rounding import StochasticScalar, seeded_uniforms
+from gpfq.methods.gpfq.variants import spfq
 from conftest import script_header
 
 

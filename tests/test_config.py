@@ -7,13 +7,13 @@ import pytest
 from conftest import script_header
 
 from gpfq import QuantConfig
-from gpfq.adhoc import ADHOC
+from gpfq.runner.adhoc import ADHOC
 from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
-from gpfq.experiment import PLAIN
-from gpfq.header import COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
-from gpfq.logs import RESULT_COLUMNS
-from gpfq.procedures import LOG_COLUMNS
-from gpfq.retrain import RETRAIN
+from gpfq.runner.experiment import PLAIN
+from gpfq.runner.header import COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
+from gpfq.runner.logs import RESULT_COLUMNS
+from gpfq.runner.procedures import LOG_COLUMNS
+from gpfq.runner.retrain import RETRAIN
 from gpfq.paths import REPO_ROOT
 
 SCRIPTS = {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gpfq.capture import find_layers
-from gpfq.streams import CalibrationStream
-from gpfq.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.capture import find_layers
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
 
 # parameter name -> why it may stay float. Empty: every matmul weight of these models is quantized.
 ALLOWED_FLOAT = {}

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from gpfq.experiment import main
-from gpfq.logs import read_rows
-from gpfq.models import load_model
+from gpfq.runner.experiment import main
+from gpfq.runner.logs import read_rows
+from gpfq.io.models import load_model
 
 from conftest import script_header  # noqa: E402  (default_runs, the session fixture, is there too)
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpfq.codes import code_entropy, stored_bits
-from gpfq.deploy import SIZE_COLUMNS
-from gpfq.evaluate import evaluate
-from gpfq.experiment import main
-from gpfq.model_file import load_quantized, read_quantized
+from gpfq.methods.codes import code_entropy, stored_bits
+from gpfq.runner.deploy import SIZE_COLUMNS
+from gpfq.runner.evaluate import evaluate
+from gpfq.runner.experiment import main
+from gpfq.io.model_file import load_quantized, read_quantized
 from gpfq.paths import REPO_ROOT
 
 from conftest import script_header
@@ -59,7 +59,7 @@ def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_ru
 @pytest.mark.slow  # whole default runs
 def test_export_onnx_flag_writes_the_onnx_beside(tmp_path):
     import onnxruntime as ort
-    from gpfq.data import evaluation_set
+    from gpfq.io.data import evaluation_set
     rows = main(script_header("quantization_scripts"),
                 ["--bits", "4", "--alphabet", "strict", "--batch_size", "32", "--export_onnx",
                  "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
@@ -81,5 +81,5 @@ def test_export_onnx_must_be_a_boolean(tmp_path):
 
 
 def test_size_columns_are_results():
-    from gpfq.logs import RESULT_COLUMNS
+    from gpfq.runner.logs import RESULT_COLUMNS
     assert set(SIZE_COLUMNS) <= RESULT_COLUMNS and "Quantized Model File" in RESULT_COLUMNS

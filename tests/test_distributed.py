@@ -1,4 +1,4 @@
-"""Calibration across processes (gpfq.distributed) against one process, on gloo on this machine.
+"""Calibration across processes (gpfq.pipeline.distributed) against one process, on gloo on this machine.
 
 The ranks are started from the tests (torch.multiprocessing, or a torchrun subprocess for the
 scripts), one torch thread each, on the default model with a small m.
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from gpfq import distributed
-from gpfq.streams import CalibrationStream
+from gpfq.pipeline import distributed
+from gpfq.pipeline.streams import CalibrationStream
 
 from distributed_workers import finish, quantize_default, run_ranks, start_script_ranks
 
@@ -158,7 +158,7 @@ def test_mismatched_bits_stop_every_rank_before_any_work(tmp_path):
 KILL_RANK_1_IN_LAYER_3 = """
 import signal
 if os.environ["RANK"] == "1":
-    import gpfq.network as network
+    import gpfq.pipeline.network as network
     original = network.distributed_layer
 
     def dying(shard, layer, settings, input_pairs, *rest):
@@ -208,9 +208,9 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
     process's and Q equal on ≥ 99.9 % of the entries; --resume then runs nothing."""
     import subprocess
     import sys
-    from gpfq.adhoc import load_saved_model
-    from gpfq.evaluate import evaluate
-    from gpfq.logs import read_rows
+    from gpfq.runner.adhoc import load_saved_model
+    from gpfq.runner.evaluate import evaluate
+    from gpfq.runner.logs import read_rows
     from gpfq.paths import REPO_ROOT
     _, evaluation, model = default_data
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -3,16 +3,16 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.alphabet import layer_radius, make_alphabet, round_to_alphabet
-from gpfq.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
+from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
+from gpfq.pipeline.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
                           patch_indices, selected_patches, trace_graph)
-from gpfq.streams import CalibrationStream
-from gpfq.engine import (DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, default_block_size, gpfq_blocked,
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, default_block_size, gpfq_blocked,
                          gpfq_gram, gpfq_residual, predicted_cost, rows_bytes)
-from gpfq.experiment import validate
-from gpfq.models import FashionMobileNet, FashionResNet, load_model
-from gpfq.network import quantize_network, settings_for
-from gpfq.quantizer import gpfq_columns, gpfq_reference, relative_error
+from gpfq.runner.experiment import validate
+from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
+from gpfq.pipeline.network import quantize_network, settings_for
+from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 from gpfq.threads import single_thread
 
 
@@ -297,13 +297,13 @@ def test_bad_engine_and_calibration_are_rejected_by_validation():
         validate(dict(point, calibration="once"))
 
 
-# ---------------------------------------------------------------- other rounding rules (gpfq.rounding)
+# ---------------------------------------------------------------- other rounding rules (gpfq.methods.rounding)
 @pytest.mark.parametrize("per_neuron", [False, True])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("rule", ["stochastic", "soft", "hard"])
 def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled, per_neuron):
     """Several blocks (B = 8 over N0 = 45), so each block reads its own columns' uniforms."""
-    from gpfq.rounding import (StochasticRounding, StochasticScalar, ThresholdedRounding, ThresholdedScalar,
+    from gpfq.methods.rounding import (StochasticRounding, StochasticScalar, ThresholdedRounding, ThresholdedScalar,
                                seeded_uniforms)
     weight, analog, quantized, alphabet = _layer(2, 70, 45, 6, seed=11, per_neuron=per_neuron, bits=3)
     uniforms = seeded_uniforms(weight.shape, 3)
@@ -331,7 +331,7 @@ def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled,
 def test_other_rules_on_the_default_model_kept_and_streamed(default_model, method):
     """SPFQ and sparse GPFQ through the network: the engine (rows kept, and streamed Gram form) makes the
     per-column loop's choices on every layer of the trained model."""
-    from gpfq.variants import sparse_gpfq, spfq
+    from gpfq.methods.gpfq.variants import sparse_gpfq, spfq
 
     def settings(engine):
         return lambda index, name, layer: settings_for(layer, 3, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
@@ -360,7 +360,7 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
 @pytest.mark.slow
 def test_gptq_streamed_equals_gptq_on_rows(default_model):
     """GPTQ needs only X̃ᵀX̃: from streamed sums it makes the choices it makes on kept rows."""
-    from gpfq.gptq import gptq, gptq_from_gram
+    from gpfq.methods.gptq import gptq, gptq_from_gram
     weight, analog, quantized, alphabet = _layer(2, 90, 30, 5, seed=3)
     gram = torch.bmm(quantized.double().transpose(1, 2), quantized.double())
     assert torch.equal(gptq_from_gram(weight, gram, alphabet, block_size=8), gptq(weight, quantized, alphabet,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.alphabet import layer_radius, make_alphabet
+from gpfq.methods.alphabet import layer_radius, make_alphabet
 from gpfq.paths import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"

@@ -1,9 +1,9 @@
 """The figures' tables from a small hand-made log."""
 import pytest
 
-from gpfq.figures import (plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, top1_against_bits,
+from gpfq.runner.figures import (plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, top1_against_bits,
                           top1_against_m)
-from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
+from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
 
 # (method, granularity, options, bits, m, seed, top-1)
 RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0.84),

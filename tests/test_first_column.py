@@ -3,11 +3,11 @@ loop, both engine forms and both in-block implementations."""
 import pytest
 import torch
 
-from gpfq.alphabet import make_alphabet, round_to_alphabet
-from gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
-from gpfq.experiment import expand_grid, method_description, validate
-from gpfq.network import LayerSettings, quantize_layer
-from gpfq.quantizer import gpfq_columns, gpfq_reference
+from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
+from gpfq.methods.gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
+from gpfq.runner.experiment import expand_grid, method_description, validate
+from gpfq.pipeline.network import LayerSettings, quantize_layer
+from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from conftest import script_header
 
 LEVELS = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)

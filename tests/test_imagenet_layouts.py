@@ -1,6 +1,6 @@
 """ImageNet's real layouts, offline, on a synthetic mini-ILSVRC2012 (3 wnids, small random JPEGs): labels are the
 index of the image's true wnid in sorted order; an incomplete layout is one clear error (exit 2 from a script).
-And --eval_subset's class-balanced subset (gpfq.data.eval_subset) on Fashion-MNIST."""
+And --eval_subset's class-balanced subset (gpfq.io.data.eval_subset) on Fashion-MNIST."""
 import csv
 import io
 import subprocess
@@ -13,7 +13,7 @@ import scipy.io
 from conftest import python_env
 from PIL import Image
 
-from gpfq.data import DataMissingError, eval_subset, evaluation_set, fashion_mnist
+from gpfq.io.data import DataMissingError, eval_subset, evaluation_set, fashion_mnist
 from gpfq.errors import BadHyperparameterError
 from gpfq.paths import REPO_ROOT
 
@@ -93,7 +93,7 @@ def root(tmp_path):
 
 
 def test_train_in_class_folders(root):
-    from gpfq.data import calibration_set
+    from gpfq.io.data import calibration_set
     write_train(root)
     train = calibration_set("imagenet", root.parent)
     expected = {f"{w}_{i}.JPEG": SORTED.index(w) for c, w in enumerate(WNIDS) for i in range(2 + c % 2)}
@@ -128,7 +128,7 @@ def test_kaggle_nested_folders(root):
     write_train(nested)
     write_flat_val(nested)
     write_kaggle(root)
-    from gpfq.data import calibration_set
+    from gpfq.io.data import calibration_set
     assert len(calibration_set("imagenet", root.parent)) == 7
     check_flat_labels(root)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from gpfq.data import DataMissingError, evaluation_set
-from gpfq.experiment import main
-from gpfq.logs import read_rows
-from gpfq.models import WeightsUnavailableError, load_model
+from gpfq.io.data import DataMissingError, evaluation_set
+from gpfq.runner.experiment import main
+from gpfq.runner.logs import read_rows
+from gpfq.io.models import WeightsUnavailableError, load_model
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 HEADER = dict(model_name="resnet18", dataset="imagenet", weights="random", method="gpfq", bits=4, batch_size=4,

@@ -1,5 +1,6 @@
 """The package's modules import downward only: the graph of gpfq's imports (at any depth of a module,
-function-level imports included) has no circle."""
+function-level imports included) has no circle, and every import goes to the same layer or one below it
+(docs/design.md): the foundations (errors, paths, threads) < methods < pipeline < io < config < api < runner."""
 import ast
 
 from gpfq.paths import REPO_ROOT
@@ -69,6 +70,37 @@ def test_the_finder_sees_a_circle():
 
 def test_gpfq_imports_form_no_circle():
     graph = import_graph()
-    assert "gpfq.api" in graph and "gpfq.engine" in graph["gpfq.variants"]  # the walk sees real edges
+    assert "gpfq.api" in graph and "gpfq.methods.gpfq.engine" in graph["gpfq.methods.gpfq.variants"]  # the walk sees real edges
     circle = find_circle(graph)
     assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+LAYERS = [("gpfq.errors", "gpfq.paths", "gpfq.threads"), ("gpfq.methods",), ("gpfq.pipeline",), ("gpfq.io",),
+          ("gpfq.config",), ("gpfq.api",), ("gpfq.runner",), ("gpfq",)]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix that names `module` or a package above it."""
+    for depth in range(module.count(".") + 1, 0, -1):
+        prefix = ".".join(module.split(".")[:depth])
+        for index, names in enumerate(LAYERS):
+            if prefix in names:
+                return index
+    raise KeyError(f"{module} is in no layer of LAYERS: add it where it belongs")
+
+
+def upward_imports(graph: dict) -> list:
+    """(importer, imported) pairs where the imported module sits in a higher layer than the importer."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert upward_imports({"gpfq.methods.alphabet": {"gpfq.pipeline.network"}}) == [
+        ("gpfq.methods.alphabet", "gpfq.pipeline.network")]
+    assert upward_imports({"gpfq.pipeline.network": {"gpfq.methods.alphabet", "gpfq.errors"}}) == []
+
+
+def test_gpfq_imports_go_downward_through_the_layers():
+    graph = import_graph()
+    assert "gpfq.methods.gpfq.engine" in graph["gpfq.pipeline.network"]  # the walk sees edges across layers
+    assert upward_imports(graph) == []

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from gpfq.alphabet import make_alphabet, round_to_alphabet
-from gpfq.inblock import LINEAR_SEARCH_MAX_MIDPOINTS, block_rounder, compiled_available
+from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
+from gpfq.methods.gpfq.inblock import LINEAR_SEARCH_MAX_MIDPOINTS, block_rounder, compiled_available
 
 
 def _plain_loop(numerators, quantized_gram, alphabet):

@@ -1,4 +1,4 @@
-"""Per-layer checkpoints (gpfq.checkpoint): a run SIGKILLed after layer k goes on at layer k + 1 with --resume and
+"""Per-layer checkpoints (gpfq.pipeline.checkpoint): a run SIGKILLed after layer k goes on at layer k + 1 with --resume and
 ends bit for bit where an uninterrupted run ends; a corrupt checkpoint gives one line and a fresh start."""
 import csv
 import hashlib
@@ -11,8 +11,8 @@ import torch
 from conftest import python_env
 from torch.utils.data import TensorDataset
 
-from gpfq.checkpoint import KILL_VARIABLE, LayerCheckpoint
-from gpfq.streams import CalibrationStream
+from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint
+from gpfq.pipeline.streams import CalibrationStream
 from gpfq.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "quantization_scripts" / "quantize.py"
@@ -98,8 +98,8 @@ def test_truncated_checkpoint_is_one_line_and_a_fresh_start(runs):
 def test_row_says_eval_subset_and_accuracy_is_on_those_images(runs):
     """--eval_subset 100: the row says 100, and its top-1 is the saved model's on the first 10 test images of
     each class (found here from the raw labels)."""
-    from gpfq.data import fashion_mnist
-    from gpfq.models import load_model
+    from gpfq.io.data import fashion_mnist
+    from gpfq.io.models import load_model
     results, _ = runs
     folder, _ = results["fresh"]
     row = logged_row(folder)

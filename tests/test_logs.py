@@ -5,8 +5,8 @@ import sys
 import pytest
 from conftest import python_env
 
-from gpfq.procedures import LOG_COLUMNS
-from gpfq.logs import PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
+from gpfq.runner.procedures import LOG_COLUMNS
+from gpfq.runner.logs import PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
 from gpfq.paths import REPO_ROOT
 
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 from conftest import script_header
-from gpfq.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
-from gpfq.capture import layers_in_execution_order
-from gpfq.experiment import expand_grid, main, validate
-from gpfq.folding import fold_batchnorm
-from gpfq.gptq import gptq, gptq_reference
-from gpfq.models import load_model
-from gpfq.network import LayerSettings, quantize_layer
-from gpfq.quantizer import gpfq_columns, gpfq_reference
-from gpfq.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
-from gpfq.variants import sparse_gpfq, spfq
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
+from gpfq.pipeline.capture import layers_in_execution_order
+from gpfq.runner.experiment import expand_grid, main, validate
+from gpfq.pipeline.folding import fold_batchnorm
+from gpfq.methods.gptq import gptq, gptq_reference
+from gpfq.io.models import load_model
+from gpfq.pipeline.network import LayerSettings, quantize_layer
+from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
+from gpfq.methods.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
+from gpfq.methods.gpfq.variants import sparse_gpfq, spfq
 
 
 

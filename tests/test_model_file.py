@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from gpfq.alphabet import make_alphabet
-from gpfq.codes import (NotOnAlphabetError, code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits,
+from gpfq.methods.alphabet import make_alphabet
+from gpfq.methods.codes import (NotOnAlphabetError, code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits,
                         unpack_codes)
 import gpfq
-from gpfq.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
-from gpfq.models import load_model
-from gpfq.network import METHODS
+from gpfq.io.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
+from gpfq.io.models import load_model
+from gpfq.pipeline.network import METHODS
 from helpers import tensor_sha256
 
 
@@ -72,7 +72,7 @@ def test_encode_refuses_a_weight_off_the_alphabet():
 # ---------------------------------------------------------------- round trip on the default model
 @pytest.fixture(scope="module")
 def fashion():
-    from gpfq.data import calibration_set
+    from gpfq.io.data import calibration_set
     return calibration_set("fashion_mnist"), load_model("fashion_resnet")
 
 
@@ -123,7 +123,7 @@ def test_round_trip_bit_for_bit(fashion, tmp_path, method, alphabet, granularity
 
 @pytest.mark.slow  # quantizes the default model per case
 def test_bias_corrected_and_folded_models_round_trip(fashion, tmp_path):
-    from gpfq.folding import fold_batchnorm
+    from gpfq.pipeline.folding import fold_batchnorm
     calibration, model = fashion
     folded, _ = fold_batchnorm(model)
     quantized, reports = _quantize((calibration, folded), "msq")
@@ -235,7 +235,7 @@ def test_codes_beyond_the_alphabet_are_refused(saved, tmp_path):
 def test_wrong_architecture_is_refused(saved):
     with pytest.raises(QuantizedFileError, match="does not fit the architecture FashionMobileNet"):
         load_quantized(saved[0], architecture=load_model("fashion_mobilenet", "random"))
-    from gpfq.models import FashionResNet
+    from gpfq.io.models import FashionResNet
     with pytest.raises(QuantizedFileError, match=r"stem.0.weight: \(16, 1, 3, 3\) in the file, \(8, 1, 3, 3\)"):
         load_quantized(saved[0], architecture=FashionResNet(widths=(8, 32, 64)))
 
@@ -245,7 +245,7 @@ def test_every_method_is_in_the_cases():
 
 
 def test_describe_reports_each_layer(saved, capsys):
-    from gpfq.describe import main
+    from gpfq.io.describe import main
     path, model, _ = saved
     assert main([str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -290,7 +290,7 @@ class MatmulAndAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_input_major_and_attention_weights_round_trip_with_their_codebooks(tmp_path, granularity):
-    from gpfq.deploy import with_alphabets_from
+    from gpfq.runner.deploy import with_alphabets_from
     torch.manual_seed(0)
     model = MatmulAndAttention().eval()
     tokens = torch.randn(128, 6, 12, generator=torch.Generator().manual_seed(1))
@@ -316,7 +316,7 @@ def test_input_major_and_attention_weights_round_trip_with_their_codebooks(tmp_p
 def test_input_major_weight_exports_to_onnx_as_codes(tmp_path):
     """The transposed codes of an x @ W weight become W again in the ONNX graph (a Transpose after the lookup)."""
     import onnxruntime as ort
-    from gpfq.onnx_export import export_onnx
+    from gpfq.io.onnx_export import export_onnx
     torch.manual_seed(0)
     model = MatmulAndAttention().eval()
     tokens = torch.randn(128, 6, 12, generator=torch.Generator().manual_seed(1))

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import gpfq
-from gpfq.data import calibration_set, evaluation_set
-from gpfq.model_file import load_quantized, read_quantized, save_quantized
-from gpfq.models import load_model
-from gpfq.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid
-from gpfq.alphabet import channel_alphabets, make_alphabet
+from gpfq.io.data import calibration_set, evaluation_set
+from gpfq.io.model_file import load_quantized, read_quantized, save_quantized
+from gpfq.io.models import load_model
+from gpfq.io.onnx_export import OPSET, export_float_onnx, export_onnx, integer_grid
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet
 
 INPUT_SHAPE = (1, 28, 28)
 # One model that takes every export path: layer i gets MIXED[i % 4] = (alphabet, granularity, bits).

@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
-from gpfq.column_order import gram_rule_in_order, rows_rule_in_order
-from gpfq.engine import GramStatistics
-from gpfq.gptq import HessianNotPositiveDefinite, gptq_reference
-from gpfq.network import LayerSettings, layer_form, quantize_layer
-from gpfq.qronos import qronos, qronos_from_gram, qronos_reference, ridge
-from gpfq.quantizer import relative_error
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
+from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
+from gpfq.methods.gpfq.engine import GramStatistics
+from gpfq.methods.gptq import HessianNotPositiveDefinite, gptq_reference
+from gpfq.pipeline.network import LayerSettings, layer_form, quantize_layer
+from gpfq.methods.qronos import qronos, qronos_from_gram, qronos_reference, ridge
+from gpfq.methods.gpfq.reference import relative_error
 
 
 def _layer(groups, rows, inputs, neurons, seed, per_channel=False, bits=3):

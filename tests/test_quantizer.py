@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.alphabet import layer_radius, make_alphabet
-from gpfq.capture import layer_rows
-from gpfq.network import LayerSettings, quantize_layer
-from gpfq.quantizer import gpfq_columns, gpfq_reference, relative_error
+from gpfq.methods.alphabet import layer_radius, make_alphabet
+from gpfq.pipeline.capture import layer_rows
+from gpfq.pipeline.network import LayerSettings, quantize_layer
+from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 
 
 def _alphabet(weight, bits=3):

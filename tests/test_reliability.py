@@ -1,7 +1,7 @@
 """Reliability: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
 
 Runs of the embedded default use tiny m and, to fit the test budget, evaluate on the first
-EVAL_IMAGES Fashion-MNIST test images (gpfq.experiment.evaluation_set is narrowed; the code
+EVAL_IMAGES Fashion-MNIST test images (gpfq.runner.experiment.evaluation_set is narrowed; the code
 paths are the real ones).
 """
 import csv
@@ -27,22 +27,24 @@ from torch.utils.data import Subset, TensorDataset
 from conftest import TESTS_DIR, python_env
 
 import gpfq
-from gpfq import adhoc, experiment, retrain
-from gpfq.alphabet import ALPHABET_KINDS, make_alphabet
-from gpfq.capture import NonFiniteError
-from gpfq.data import CorruptImageError, DataMissingError, calibration_set
-from gpfq.streams import CalibrationStream
-from gpfq.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
-from gpfq.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
-from gpfq.experiment import PLAIN, Variant
-from gpfq.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
-from gpfq.procedures import LOG_COLUMNS
-from gpfq.retrain import RETRAIN, RETRAIN_LOG
-from gpfq.models import WeightsUnavailableError, load_model
-from gpfq.engine import ENGINES
-from gpfq.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
+from gpfq.runner import adhoc
+from gpfq.runner import experiment
+from gpfq.runner import retrain
+from gpfq.methods.alphabet import ALPHABET_KINDS, make_alphabet
+from gpfq.pipeline.capture import NonFiniteError
+from gpfq.io.data import CorruptImageError, DataMissingError, calibration_set
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.runner.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
+from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.runner.experiment import PLAIN, Variant
+from gpfq.runner.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
+from gpfq.runner.procedures import LOG_COLUMNS
+from gpfq.runner.retrain import RETRAIN, RETRAIN_LOG
+from gpfq.io.models import WeightsUnavailableError, load_model
+from gpfq.methods.gpfq.engine import ENGINES
+from gpfq.pipeline.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
-from gpfq.quantizer import gpfq_reference, msq
+from gpfq.methods.gpfq.reference import gpfq_reference, msq
 
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]
 EVAL_IMAGES = 256
@@ -76,7 +78,7 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("expensive work started before the bad input was reported")
     monkeypatch.setattr(experiment, "evaluate", started)
-    monkeypatch.setattr(gpfq.network, "quantize_network", started)
+    monkeypatch.setattr(gpfq.pipeline.network, "quantize_network", started)
 
 
 # ================================================================ bad input
@@ -278,7 +280,7 @@ def _run_script(folder: str, argv: list, monkeypatch):
 ])
 def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, capsys, argv, message):
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line (gpfq.cli.run_script)
+    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line (gpfq.runner.cli.run_script)
         _run_script("adhoc_quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
@@ -343,7 +345,7 @@ def test_truncated_jpeg_stops_with_its_path_also_from_workers(tmp_path):
 def test_truncated_jpeg_stops_the_run_before_quantization(tmp_path, monkeypatch, split):
     def started(*args, **kwargs):
         raise AssertionError("quantization started")
-    monkeypatch.setattr(gpfq.network, "quantize_network", started)
+    monkeypatch.setattr(gpfq.pipeline.network, "quantize_network", started)
     files = _tiny_imagenet(tmp_path / "data" / "ILSVRC2012")
     bad = next(p for p in files if p.parts[-3] == split)  # the first image: read by layer discovery (train)
     _truncate(bad)                                         # or by the float model's evaluation (val)
@@ -358,8 +360,8 @@ CONCURRENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from gpfq.experiment import save_model
-    from gpfq.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
+    from gpfq.runner.experiment import save_model
+    from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
     tag, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     columns = PLAIN_COLUMNS
     (out / f"ready-{{tag}}").touch()
@@ -427,7 +429,8 @@ GRID = textwrap.dedent("""
     import sys
     import time
     from torch.utils.data import Subset
-    from gpfq import experiment, network
+    from gpfq.runner import experiment
+    from gpfq.pipeline import network
     # Each layer takes ≥ 0.2 s, so a grid point lasts seconds whatever the engine's speed and a signal
     # sent after a point's row lands inside the next point (the rows themselves are real).
     real_quantize_layer = network.quantize_layer
@@ -577,7 +580,7 @@ def _logged_row(point: dict, top1: float = 0.9) -> dict:
 
 
 def test_torn_quoted_last_line_is_moved_aside_and_the_new_row_starts_clean(tmp_path, capsys):
-    from gpfq.figures import read_logs
+    from gpfq.runner.figures import read_logs
     log = tmp_path / PLAIN_LOG
     append_row(log, {c: "first" for c in COLUMNS}, COLUMNS)
     whole = log.read_bytes()
@@ -594,7 +597,7 @@ def test_torn_quoted_last_line_is_moved_aside_and_the_new_row_starts_clean(tmp_p
 
 def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_path, capsys):
     """A log an earlier version left with a torn quoted line in the middle and rows after it."""
-    from gpfq.figures import read_logs
+    from gpfq.runner.figures import read_logs
     plot_logs = runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
     points = expand_grid(parse_overrides(HEADER, ["--bits", "3", "4", "--batch_size", "64"]))
     log_dir = tmp_path / "logs"
@@ -616,8 +619,8 @@ def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_pa
 
 def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_path, small_eval, monkeypatch,
                                                                           capsys):
-    from gpfq.cli import run_script
-    from gpfq.logs import init_log
+    from gpfq.runner.cli import run_script
+    from gpfq.runner.logs import init_log
     log = tmp_path / "logs" / PLAIN_LOG
     init_log(log, COLUMNS)
     before = log.read_bytes()
@@ -644,8 +647,8 @@ def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_pa
 
 
 def test_layer_warnings_and_chance_warning_thresholds():
-    from gpfq.experiment import chance_warnings
-    from gpfq.network import layer_warnings
+    from gpfq.runner.experiment import chance_warnings
+    from gpfq.pipeline.network import layer_warnings
     assert layer_warnings(64, 64, 98, 100, 0.49) == []
     assert layer_warnings(63, 64, 0, 100, 0.1) == [
         "63 calibration rows < 64 weights per neuron (GPFQ needs m ≫ N0: raise batch_size or retain_rate)"]
@@ -702,7 +705,7 @@ CLEAN_ERRORS = [
 
 @pytest.mark.parametrize("argv,message", CLEAN_ERRORS, ids=[" ".join(a) for a, _ in CLEAN_ERRORS])
 def test_known_error_is_one_line_and_exit_2_without_stack(tmp_path, no_work, monkeypatch, capsys, argv, message):
-    from gpfq.cli import run_script
+    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["quantize.py"] + argv + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as exit_:
@@ -712,7 +715,7 @@ def test_known_error_is_one_line_and_exit_2_without_stack(tmp_path, no_work, mon
 
 
 def test_foreign_log_and_non_finite_model_are_clean_errors(tmp_path, no_work, monkeypatch, capsys):
-    from gpfq.cli import run_script
+    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / PLAIN_LOG).write_text("Model,Acc\nalexnet,0.5\n")
@@ -731,7 +734,7 @@ def test_foreign_log_and_non_finite_model_are_clean_errors(tmp_path, no_work, mo
 
 @pytest.mark.slow
 def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeypatch):
-    from gpfq.cli import run_script
+    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["quantize.py", "--bits", "0", "--debug"] + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as stopped:
@@ -750,7 +753,7 @@ def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeyp
 
 
 def test_debug_from_the_command_line_the_header_or_the_environment(monkeypatch):
-    from gpfq.cli import debug_requested
+    from gpfq.runner.cli import debug_requested
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     assert debug_requested(["--bits", "3", "--debug"]) and debug_requested(["--debug", "--bits", "3"])
     assert debug_requested(["--debug", "True"]) and not debug_requested(["--debug", "False"])
@@ -762,7 +765,7 @@ def test_debug_from_the_command_line_the_header_or_the_environment(monkeypatch):
 
 
 def test_bits_beyond_the_alphabet_limit_refused_everywhere():
-    from gpfq.alphabet import MAX_BITS
+    from gpfq.methods.alphabet import MAX_BITS
     assert make_alphabet("midtread", MAX_BITS, 1.0, 1.0).numel() == 2 ** MAX_BITS + 1  # the limit itself works
     with pytest.raises(ValueError, match=f"bits must be an integer from 1 to {MAX_BITS}, got {MAX_BITS + 1}"):
         make_alphabet("gpfq2022", MAX_BITS + 1, 1.0, 1.0)
@@ -775,7 +778,7 @@ def test_bits_beyond_the_alphabet_limit_refused_everywhere():
 def test_resume_tells_other_weights_apart(tmp_path, monkeypatch):
     import hashlib
     import shutil
-    import gpfq.models
+    import gpfq.io.models
     point = expand_grid(parse_overrides(HEADER, []))[0]
     shipped = PRETRAINED_DIR / "fashion_resnet.pt"
     append_row(tmp_path / PLAIN_LOG, _logged_row(point), COLUMNS)
@@ -789,7 +792,7 @@ def test_resume_tells_other_weights_apart(tmp_path, monkeypatch):
     # the shipped file retrained in place: 'DEFAULT' now names other weights
     (tmp_path / "pretrained").mkdir()
     shutil.copy(other, tmp_path / "pretrained" / "fashion_resnet.pt")
-    monkeypatch.setattr(gpfq.models, "PRETRAINED_DIR", tmp_path / "pretrained")
+    monkeypatch.setattr(gpfq.io.models, "PRETRAINED_DIR", tmp_path / "pretrained")
     assert pending_points([point], tmp_path) == [point]
 
 
@@ -813,8 +816,8 @@ def test_training_script_never_replaces_the_shipped_weights_by_default(tmp_path,
 # ---------------------------------------------------------------- one loader for saved models
 def test_load_model_loads_bias_corrected_and_folded_models(tmp_path):
     import copy
-    from gpfq.folding import fold_batchnorm
-    from gpfq.models import load_saved_model
+    from gpfq.pipeline.folding import fold_batchnorm
+    from gpfq.io.models import load_saved_model
     float_model = load_model("fashion_resnet")
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     corrected = copy.deepcopy(float_model)
@@ -835,8 +838,8 @@ def test_load_model_loads_bias_corrected_and_folded_models(tmp_path):
 
 
 def test_adhoc_model_file_and_header_name_the_options_and_the_model_loads(tmp_path, small_eval, monkeypatch, capsys):
-    from gpfq.models import load_saved_model
-    from gpfq.evaluate import evaluate
+    from gpfq.io.models import load_saved_model
+    from gpfq.runner.evaluate import evaluate
     argv = ["--bias_correction", "all", "--bias_batch_size", "16", "--batch_size", "8", "--bits", "3",
             "--num_threads", "1"] + out_dirs(tmp_path)
     _run_script("adhoc_quantization_scripts", argv, monkeypatch)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import python_env, script_header
-from gpfq.header import parse_overrides
-from gpfq.logs import PLAIN_COLUMNS
+from gpfq.runner.header import parse_overrides
+from gpfq.runner.logs import PLAIN_COLUMNS
 from gpfq.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "experiments" / "reproduce.py"

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gpfq import retrain
-from gpfq.alphabet import make_alphabet
-from gpfq.evaluate import evaluate
-from gpfq.experiment import expand_grid
+from gpfq.runner import retrain
+from gpfq.methods.alphabet import make_alphabet
+from gpfq.runner.evaluate import evaluate
+from gpfq.runner.experiment import expand_grid
 
 # Settings every hyperparameter test starts from (valid ones).
 VALID = dict(retrain_start=1, retrain_samples=2048, retrain_batch_size=256, retrain_epochs=1, retrain_lr=1e-4,

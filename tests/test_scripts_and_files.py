@@ -3,7 +3,7 @@ command line and logs/init_logs.py, and the quantized model file's bytes.
 
 Bad input is run as a user runs the script (a subprocess): the test checks the whole of stderr and the exit
 status. Runs that must reach the saving step use tiny m and one thread, and evaluate on the first EVAL_IMAGES
-test images (gpfq.experiment.evaluation_set narrowed, as in test_reliability.py).
+test images (gpfq.runner.experiment.evaluation_set narrowed, as in test_reliability.py).
 """
 import errno
 import json
@@ -23,10 +23,10 @@ from conftest import python_env, script_header
 from helpers import safetensors_metadata
 
 import gpfq
-from gpfq import experiment
+from gpfq.runner import experiment
 from gpfq.errors import BadInputError
-from gpfq.logs import PLAIN_LOG, read_rows
-from gpfq.models import FashionMobileNet, FashionResNet, load_model
+from gpfq.runner.logs import PLAIN_LOG, read_rows
+from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
 from gpfq.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "quantization_scripts" / "quantize.py"
@@ -147,7 +147,7 @@ def test_unreadable_safetensors_file_says_so(tmp_path):
 
 
 def test_quantized_model_file_as_weights_points_to_the_pt_beside_it(tmp_path):
-    from gpfq.network import LayerReport
+    from gpfq.pipeline.network import LayerReport
     model = FashionResNet()
     model.fc.weight.data = torch.linspace(-1, 1, 3)[torch.arange(640) % 3].reshape(10, 64)  # on a 3-level grid
     report = LayerReport(9, "fc", "Linear", (10, 64), 8, 2, 3, 1.0, 0.0, 0.0, parameter="fc.weight",
@@ -212,8 +212,9 @@ FREE_BYTES = 4096
 @pytest.mark.parametrize("suffix", [".pt", ".json", ".safetensors"])
 def test_disk_full_while_saving_names_what_was_saved_and_what_not(tmp_path, small_eval, monkeypatch, capsys,
                                                                   suffix):
-    from gpfq import model_file, storage
-    from gpfq.cli import run_script
+    from gpfq.io import model_file
+    from gpfq.io import storage
+    from gpfq.runner.cli import run_script
     for module in (storage, model_file):  # their writes of temporary files go through the module's open()
         monkeypatch.setattr(module, "open", _full_disk_open(open, suffix), raising=False)
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
@@ -270,7 +271,7 @@ def test_foreign_log_advice_names_the_log_dir_and_the_advised_command_works(tmp_
     assert run([INIT_LOGS, "--log_dir", logs], REPO_ROOT).returncode == 0  # what the message advises
     archived = list(logs.glob("Quantization_Log_2*.csv"))  # renamed with its timestamp
     assert len(archived) == 1 and archived[0].read_text() == "a,b\n1,2\n"
-    from gpfq.logs import PLAIN_COLUMNS, check_log
+    from gpfq.runner.logs import PLAIN_COLUMNS, check_log
     assert check_log(logs / PLAIN_LOG, PLAIN_COLUMNS) and read_rows(logs / PLAIN_LOG) == []
 
 
@@ -314,9 +315,9 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     entropies) can print a digit longer or shorter; hence the tolerance, two characters per such float plus
     the 8 bytes of padding (measured here: the same bytes at 1 and 2 threads).
     """
-    from gpfq.deploy import save_beside
-    from gpfq.experiment import expand_grid, parse_overrides
-    from gpfq.model_file import HEADER_KEY
+    from gpfq.runner.deploy import save_beside
+    from gpfq.runner.experiment import expand_grid, parse_overrides
+    from gpfq.io.model_file import HEADER_KEY
     calibration, _, model = default_data
     point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
     assert (point["method"], point["bits"]) == ("gpfq", 4)

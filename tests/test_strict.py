@@ -2,12 +2,13 @@
 import pytest
 import torch
 
-from gpfq import adhoc, retrain
-from gpfq.alphabet import GRANULARITIES
-from gpfq.codes import encode, layer_codebook
+from gpfq.runner import adhoc
+from gpfq.runner import retrain
+from gpfq.methods.alphabet import GRANULARITIES
+from gpfq.methods.codes import encode, layer_codebook
 import gpfq
-from gpfq.model_file import load_quantized, save_quantized
-from gpfq.network import METHODS
+from gpfq.io.model_file import load_quantized, save_quantized
+from gpfq.pipeline.network import METHODS
 
 BITS = 3
 

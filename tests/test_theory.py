@@ -2,7 +2,7 @@
 round-to-nearest's does not."""
 import pytest
 
-from gpfq.theory import fitted_slope, gaussian_layer_errors, mean_errors
+from gpfq.runner.theory import fitted_slope, gaussian_layer_errors, mean_errors
 
 M = 64
 N0_VALUES = (4 * M, 8 * M, 16 * M)

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from conftest import python_env, script_header, write_photo_folder
-from gpfq import experiment, user_models
-from gpfq.data import DataMissingError, image_folder_classes
-from gpfq.logs import read_rows
-from gpfq.models import WeightsUnavailableError, load_model
+from gpfq.runner import experiment
+from gpfq.io import user_models
+from gpfq.io.data import DataMissingError, image_folder_classes
+from gpfq.runner.logs import read_rows
+from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.paths import REPO_ROOT
-from gpfq.preprocessing import ModelDataMismatchError, check_model_and_data, check_model_takes, model_transform
-from gpfq.user_models import ModelSpecError, model_folder
+from gpfq.runner.preprocessing import ModelDataMismatchError, check_model_and_data, check_model_takes, model_transform
+from gpfq.io.user_models import ModelSpecError, model_folder
 
 HEADER = script_header("quantization_scripts")
 MY_MODEL = "examples/my_model.py:build"
@@ -213,7 +214,7 @@ def test_bad_folder_stops_the_script_before_loading(model_file, tmp_path, no_eva
 
 
 def test_photos_are_prepared_as_each_model_declares(photo_folder, model_file):
-    from gpfq.preprocessing import image_folder_sets
+    from gpfq.runner.preprocessing import image_folder_sets
     cases = [(f"{model_file}:rgb16", None, (3, 16, 16)), (f"{model_file}:gray16", None, (1, 16, 16)),
              (f"{model_file}:undeclared", None, (3, 224, 224)), (f"{model_file}:undeclared", 40, (3, 40, 40)),
              ("fashion_resnet", None, (1, 28, 28)), ("resnet18", None, (3, 224, 224)), ("resnet18", 64, (3, 64, 64))]
@@ -244,7 +245,7 @@ def test_model_that_does_not_fit_the_images(model_file, photo_folder, tmp_path, 
 
 
 def test_wrong_channels_on_fashion_mnist(model_file):
-    from gpfq.data import calibration_set
+    from gpfq.io.data import calibration_set
     model = load_model(f"{model_file}:rgb16")
     with pytest.raises(ModelDataMismatchError, match="one image is 1×28×28 and the model raised RuntimeError"):
         check_model_takes("rgb16", model, "fashion_mnist", calibration_set("fashion_mnist"))
@@ -320,7 +321,7 @@ def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
 def test_published_accuracy_only_on_imagenet(monkeypatch):
     """torchvision's published ImageNet accuracy stands for its own weights on ImageNet only; on an image folder
     the float model is measured."""
-    from gpfq.header import expand_grid, parse_overrides
+    from gpfq.runner.header import expand_grid, parse_overrides
     monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: (0.25, 0.5))
     point = expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0]
     measured = lambda p: experiment.float_accuracy(p, None, experiment.Resources(), lambda: None, "cpu")  # noqa

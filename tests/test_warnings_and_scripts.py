@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import gpfq
-from gpfq.network import reports_as_dicts
+from gpfq.pipeline.network import reports_as_dicts
 
 from conftest import TESTS_DIR, python_env
 
@@ -60,7 +60,7 @@ def test_ordinary_calibration_data_has_no_input_warning():
 
 # ---------------------------------------------------------------- the chance warning
 def test_chance_warning_counts_the_evaluation_classes_and_says_below():
-    from gpfq.experiment import chance_warnings, classes_in
+    from gpfq.runner.experiment import chance_warnings, classes_in
     labels = torch.arange(1000) % 10
     data = TensorDataset(torch.zeros(1000, 1), labels)
     assert classes_in(data) == 10
@@ -78,8 +78,8 @@ def test_chance_warning_counts_the_evaluation_classes_and_says_below():
 def test_plot_logs_draws_models_whose_names_hold_slashes(tmp_path):
     """'path/file.py:factory' and 'package.module:factory' models get one figure pair each, in --out itself."""
     import runpy
-    from gpfq.experiment import expand_grid, parse_overrides
-    from gpfq.logs import append_row
+    from gpfq.runner.experiment import expand_grid, parse_overrides
+    from gpfq.runner.logs import append_row
     from test_reliability import COLUMNS, HEADER, _logged_row
     log = tmp_path / "log.csv"
     names = ["examples/my_model.py:build", "examples.my_model:build"]
@@ -197,7 +197,7 @@ INTERRUPT_PRELUDE = """
 import os, time
 from pathlib import Path
 from torch.utils.data import Subset
-from gpfq import experiment
+from gpfq.runner import experiment
 full = experiment.evaluation_set
 experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range(64))
 real_evaluate = experiment.evaluate
@@ -231,7 +231,7 @@ def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     """SIGINT after the point's .pt/.json/.safetensors are saved, before its row: status 130, and none of the
     point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it; its
     per-layer checkpoint stays, so that the redone point starts after its last finished layer."""
-    from gpfq.logs import read_rows
+    from gpfq.runner.logs import read_rows
     marks = tmp_path / "marks"
     marks.mkdir()
     script = str(REPO / "quantization_scripts" / "quantize.py")

@@ -1,0 +1,605 @@
+"""Quantize a whole network layer by layer (the paper's procedure).
+
+For each layer (a weight the model multiplies with an activation: Linear, Conv1d/2d/3d, matmul,
+attention projections; `capture.find_layers`) in order of first use: draw a fresh batch of m
+calibration images, capture what the weight is multiplied with in the float ("analog") network (X)
+and in the network whose earlier layers are already quantized (X̃), turn both into rows (conv
+patches, subsampled with the same indices), and replace the weight by its quantization.
+BatchNorm, pooling, activations and every other parameter stay float (`capture.Coverage`).
+
+Calibration modes: 'fresh' (the paper) draws m new images for every layer and runs both
+networks up to that layer, so forward cost grows with depth²; 'fixed' draws one set of m
+images and runs it once through both networks, layer by layer (`capture.CachedForward`),
+so forward cost is linear in depth.
+
+Rows flow chunk by chunk. For GPFQ with the Gram form (`engine.choose_form`: the cheaper
+form, or the one whose memory does not grow with m), the chunks are summed into
+`engine.GramStatistics` (rows kept only for an `after_layer` that asks, `keep_rows`; the same sums give Q
+either way), so a layer's peak memory is flat in m.
+
+Extension points used by the variants:
+- `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
+  or returns None to leave the layer float (skip lists, mixed precision);
+- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
+- `after_layer(step)` runs after each quantized layer (bias correction, retraining);
+- `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
+"""
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
+from gpfq.pipeline import distributed
+from gpfq.methods.codes import code_entropy, encode, layer_codebook, stored_bits
+from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
+from gpfq.pipeline.checkpoint import reports_from_state, reports_state, summary as checkpoint_summary
+from gpfq.pipeline.capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
+                      layer_rows, owner_module, trace_graph, write_weight)
+from gpfq.methods.gpfq.engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
+from gpfq.errors import bad_hyperparameter
+from gpfq.methods.gptq import gptq, gptq_from_gram
+from gpfq.pipeline.inputs import as_inputs, floating_dtype, move
+from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
+from gpfq.methods.gpfq.reference import msq, relative_error
+from gpfq.methods.rounding import ThresholdedRounding, spfq_rounding
+from gpfq.methods.gpfq.variants import gpfq_walk, sparse_gpfq, spfq
+
+CALIBRATIONS = ("fresh", "fixed")
+
+
+@dataclass
+class LayerSettings:
+    """How one layer is quantized."""
+    method: str = "gpfq"
+    bits: int = 4
+    scalar: float = 1.0
+    percentile: float = 1.0
+    alphabet: str = "gpfq2022"
+    include_zero: bool = True
+    granularity: str = "layer"  # one alphabet radius per "layer" or per output "channel"
+    seed: int = 0  # spfq: seeds this layer's stochastic rounding
+    threshold: float = 0.0  # sparse_gpfq: λ, relative to the alphabet's largest level
+    thresholding: str = "soft"  # sparse_gpfq: "soft" (L1) or "hard" (L0)
+    block_size: int = 128  # gptq: columns per lazy-batch block
+    damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
+    act_order: bool = False  # gptq: columns in order of decreasing H_tt
+    engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
+    first_column: str = "paper"  # gpfq: "paper" or "code2022" (the 2022 code's shortcut, gpfq.methods.gpfq.reference)
+    column_order: str = "natural"  # GPFQ family and qronos: "natural" or "act_order" (gpfq.methods.gpfq.column_order)
+    qronos_damping: float = QRONOS_DAMPING  # qronos: λ = damping · λ_max(X̃ᵀX̃) (gpfq.methods.qronos)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    name: str
+    kind: str
+    weight_shape: tuple
+    rows: int
+    bits: int
+    levels: int
+    radius: float  # the layer's radius; with per-channel alphabets, the mean of the channels' radii
+    relative_error: float  # NaN when ‖XWᵀ‖ = 0 on the calibration rows (undefined)
+    seconds: float
+    zero_weights: int = 0  # quantized weights equal to 0 (sparsity)
+    form: str = ""  # how the layer was computed: "residual", "gram", "columns" or the method's name
+    streamed: bool = False  # rows summed into Gram statistics chunk by chunk, never held
+    rule_seconds: float = 0.0  # of `seconds`, the time in the layer rule alone (no forward passes, no rows)
+    stored_bits: int = 0  # ⌈log2 levels⌉: bits per weight of its packed integer code
+    code_entropy: float = 0.0  # empirical entropy of the codes, bits per weight
+    parameter: str = ""  # the weight's parameter name ('layer1.0.conv1.weight', '…in_proj_weight')
+    input_major: bool = False  # the parameter is stored (N0, N1) and multiplied as x @ W (an output per column)
+    # the layer's alphabet, (L,) or (G, N1, L) per channel: the codebook of the saved codes (not in the JSON record)
+    alphabet: torch.Tensor = field(default=None, repr=False, compare=False)
+    warnings: list = field(default_factory=list)  # signs of a degenerate result (`layer_warnings`)
+
+
+# A layer is flagged when most of its weights quantize to 0 or its relative error is this large: with
+# either, the network's output is mostly lost, whatever the other layers do.
+ZERO_WARNING = 0.99
+ERROR_WARNING = 0.5
+
+
+def layer_warnings(rows: int, n_inputs: int, zeros: int, size: int, error: float, input_kind: str = None) -> list:
+    """Warnings for a quantized layer: fewer calibration rows than weights per neuron (GPFQ's error bound
+    needs m large compared with N0; with m < N0 the layer fits its few rows and nothing else), a float input
+    that is zero or the same on every row (`input_degeneracy`), ≥ 99 % zeros, relative error ≥ 0.5."""
+    warnings = []
+    if input_kind == "zero":
+        warnings.append(f"its float input is zero on all {rows} calibration rows (all-zero calibration data, or a "
+                        f"layer before it whose output is zero?): the data do not constrain its weights")
+    elif input_kind == "constant":
+        warnings.append(f"its float input is the same on all {rows} calibration rows (constant calibration data?): "
+                        f"the data constrain only one direction of each neuron's weights")
+    if rows < n_inputs:
+        warnings.append(f"{rows} calibration rows < {n_inputs} weights per neuron (GPFQ needs m ≫ N0: raise "
+                        f"batch_size or retain_rate)")
+    if size and zeros / size >= ZERO_WARNING:
+        # with degenerate input the cause is the data, not the alphabet
+        guess = "" if input_kind else " (alphabet too coarse for them?)"
+        warnings.append(f"{zeros / size:.1%} of the weights quantized to 0{guess}")
+    if error >= ERROR_WARNING:
+        warnings.append(f"relative error {error:.4f} ≥ {ERROR_WARNING}")
+    return warnings
+
+
+# Rows whose total variance is below this fraction of their second moment count as all the same row
+# (float sums of identical rows leave a residue of about 1e-12 of it).
+CONSTANT_INPUT_TOLERANCE = 1e-9
+
+
+def input_degeneracy(rows: int, column_sums: torch.Tensor, square_sum: float) -> str:
+    """'zero' when every calibration row of X is 0, 'constant' when all rows are equal, else None.
+    column_sums: Σ_i x_i (any shape); square_sum: ‖X‖²_F."""
+    square_sum = float(square_sum)
+    if square_sum == 0.0:
+        return "zero"
+    variance = square_sum - float(column_sums.double().pow(2).sum()) / rows  # Σ_i ‖x_i − mean‖²
+    if rows > 1 and variance <= CONSTANT_INPUT_TOLERANCE * square_sum:
+        return "constant"
+    return None
+
+
+def format_error(error: float) -> str:
+    """A relative error for the log; NaN (‖XWᵀ‖ = 0) is undefined, not 0."""
+    if math.isnan(error):
+        return "undefined (the layer's float output is zero on the calibration data)"
+    return f"{error:.4f}"
+
+
+@dataclass
+class LayerStep:
+    """What `after_layer` sees once a layer is quantized. Rows and weights are per group (G, …).
+
+    For the Gram form, `statistics` holds the rows' sums (X̃ᵀX, X̃ᵀX̃, column sums, row count); the
+    rows themselves are None unless `quantize_network(keep_rows=True)` kept them.
+    """
+    report: LayerReport
+    analog_layer: nn.Module
+    quantized_layer: nn.Module
+    analog_model: nn.Module
+    quantized_model: nn.Module
+    analog_rows: torch.Tensor  # (G, m, N0), or None when streamed
+    quantized_rows: torch.Tensor  # (G, m, N0), or None when streamed
+    weight: torch.Tensor  # (G, N1, N0), float
+    quantized_weight: torch.Tensor  # (G, N1, N0)
+    statistics: GramStatistics = None
+
+
+def _gpfq(weight, analog, quantized, alphabet, settings):
+    def rule(w, x, xq):
+        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
+    return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
+
+
+def _msq(weight, analog, quantized, alphabet, settings):
+    return msq(weight, alphabet)
+
+
+def _gpfq_from_statistics(weight, statistics, alphabet, settings):
+    first_column = settings.first_column if settings.method == "gpfq" else "paper"
+    return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet,
+                                                               rounding=_gpfq_rule(settings, weight),
+                                                               first_column=first_column),
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
+
+
+def _msq_from_statistics(weight, statistics, alphabet, settings):
+    return msq(weight, alphabet)
+
+
+def _gptq(weight, analog, quantized, alphabet, settings):
+    return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
+
+
+def _gptq_from_statistics(weight, statistics, alphabet, settings):
+    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, settings.block_size, settings.damping,
+                          settings.act_order)
+
+
+def _spfq(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, settings.seed, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
+
+
+def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, settings.threshold,
+                                                           settings.thresholding, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
+
+
+def _qronos(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, settings.qronos_damping),
+                              weight, analog, quantized, settings.column_order)
+
+
+def _qronos_from_statistics(weight, statistics, alphabet, settings):
+    return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet,
+                                                                      settings.qronos_damping),
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
+
+
+def _gpfq_rule(settings, weight):
+    """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
+    if settings.method == "spfq":
+        return spfq_rounding(weight.shape, settings.seed)
+    if settings.method == "sparse_gpfq":
+        return ThresholdedRounding(settings.threshold, settings.thresholding)
+    return None
+
+
+# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
+# alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
+LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq,
+                 "qronos": _qronos}
+METHODS = tuple(LAYER_METHODS)
+# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
+# They are streamed when `engine.choose_form` picks the Gram form for the layer.
+# (MSQ needs no rows; its entry serves the relative error from sums when the rows are spread over ranks.)
+STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
+                      "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
+                      "qronos": _qronos_from_statistics, "msq": _msq_from_statistics}
+# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
+GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
+
+
+def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
+                 mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float,
+                 **options) -> LayerSettings:
+    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones.
+
+    options: the other LayerSettings fields (granularity, seed, threshold, …).
+    """
+    conv = is_conv(layer)
+    return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
+                         scalar=cnn_scalar if conv else mlp_scalar,
+                         percentile=cnn_percentile if conv else mlp_percentile, **options)
+
+
+def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
+    """Yield the inputs (X, X̃) of `layer` (capture.LayerInput) for each image chunk; quantized_model None: X̃ = X.
+    Floating-point images are cast to the model's dtype (an fp16 model on fp32 data)."""
+    dtype = floating_dtype(analog_model)
+    for images in chunks:
+        images = move(images, device, dtype)
+        analog = capture_uses(analog_model, layer, images)
+        quantized = analog if quantized_model is None else capture_uses(quantized_model, layer, images)
+        yield analog, quantized
+
+
+def checked_inputs(name, input_pairs):
+    """Pass the (X input, X̃ input) chunks of layer `name` on; NonFiniteError naming the layer at a NaN or Inf."""
+    for analog, quantized in input_pairs:
+        for use in analog.uses:
+            check_finite(use.input, f"the input of layer {name} in the float model")
+        for use in quantized.uses:
+            check_finite(use.input, f"the input of layer {name} in the partially quantized model")
+        yield analog, quantized
+
+
+def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
+               rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
+    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
+    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
+    else the method's name."""
+    if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
+        streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
+        return "gram" if streamed else settings.method
+    if settings.method not in GPFQ_FAMILY:
+        return settings.method
+    if settings.engine == "columns":
+        return "columns"
+    return choose_form(settings.engine, rows, n_inputs, n_neurons, n_groups, rows_budget)
+
+
+def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
+                 rows_budget=DEFAULT_ROWS_BUDGET):
+    """Turn a layer's input chunks into rows (m, G·N0) and, for the Gram form, into GramStatistics.
+
+    input_pairs: (X input, X̃ input) per chunk of the `n_images` calibration images. The form is
+    decided at the first chunk (every image gives the same number of rows). The Gram form always sums
+    the chunks into GramStatistics, and keeps the rows only with `keep_rows`: the layer's Q then comes
+    from the same sums, bit for bit, whether its rows are kept or not. Returns
+    (analog_rows, quantized_rows, statistics, form): rows None when not kept, statistics None if not Gram.
+    """
+    flat = flat_weight(layer)
+    weight = grouped(layer, flat)
+    n_groups, n_neurons, n_inputs = weight.shape
+    analog_parts, quantized_parts, statistics, form = [], [], None, None
+    for analog, quantized in input_pairs:
+        x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
+        if form is None:
+            rows = x.shape[0] // analog.images * n_images
+            form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
+            if form == "gram" and settings.method in STATISTICS_METHODS:
+                statistics = new_statistics(settings, weight, x.device)
+        if statistics is not None:
+            statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
+        if statistics is None or keep_rows:
+            analog_parts.append(x)
+            quantized_parts.append(xq)
+    if statistics is not None and not keep_rows:
+        return None, None, statistics, form
+    return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
+
+
+def new_statistics(settings: LayerSettings, weight: torch.Tensor, device) -> GramStatistics:
+    """Empty Gram sums for the rows of a layer with grouped weight (G, N1, N0). Qronos's are float64: its ridge
+    (1e-6 · λ_max by default) is below float32's resolution of the sums."""
+    n_groups, _, n_inputs = weight.shape
+    return GramStatistics(n_groups, n_inputs, weight=weight, device=device,
+                          dtype=torch.float64 if settings.method == "qronos" else torch.float32)
+
+
+def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
+                      keep_rows, label, rows_budget=DEFAULT_ROWS_BUDGET):
+    """`gather_layer` across ranks: input_pairs hold this rank's share of the `n_images` images.
+
+    The layer takes the form one process would (`layer_form` on all m images' rows): a streamed
+    layer's sums are all-reduced; a layer computed from rows (the residual form, GPTQ from rows, the
+    per-column loop, or `keep_rows`) gathers every rank's rows, in the single-process order. MSQ needs
+    neither and streams, for its relative error.
+    """
+    flat = flat_weight(layer)
+    n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
+
+    def streams(rows, weight, device):
+        """Empty sums if the layer streams (the form one process would take), else None (its rows are gathered)."""
+        summed = not keep_rows and settings.method in STATISTICS_METHODS and (
+            settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
+        return new_statistics(settings, weight, device) if summed else None
+
+    analog_rows, quantized_rows, statistics = shard.gather_layer(
+        layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)
+    rows = statistics.rows if statistics is not None else analog_rows.shape[0]
+    form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
+    return analog_rows, quantized_rows, statistics, form
+
+
+def layer_alphabet(layer: nn.Module, settings: LayerSettings):
+    """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
+    (G, N1, L) with 'channel' (radius reported as that mean too)."""
+    radii = row_radii(flat_weight(layer), settings.percentile)
+    radius = float(radii.mean())
+    if settings.granularity == "layer":
+        return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+    if settings.granularity == "channel":
+        per_channel = channel_alphabets(settings.alphabet, settings.bits, settings.scalar, radii, settings.include_zero)
+        return grouped(layer, per_channel), radius
+    raise ValueError(f"unknown alphabet granularity {settings.granularity!r}; choose 'layer' or 'channel'")
+
+
+def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: LayerSettings):
+    """Quantize one layer from its rows (m, G·N0).
+
+    Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
+    """
+    if settings.method not in LAYER_METHODS:
+        raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
+    alphabet, radius = layer_alphabet(layer, settings)
+    weight_g, analog_g = grouped(layer, flat_weight(layer), analog_rows)
+    _, quantized_g = grouped(layer, flat_weight(layer), quantized_rows)
+    quantized_weight = LAYER_METHODS[settings.method](weight_g, analog_g, quantized_g, alphabet, settings)
+    return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
+
+
+def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+                     seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
+                     after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
+                     rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False,
+                     checkpoint=None):
+    """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
+
+    The layer loop behind `gpfq.quantize`, public as the seam for what `quantize` does not expose: a stream
+    of one's own (its chunk_size), a settings function per layer, keep_rows, rows_budget, shard.
+    `gpfq.quantize` calls it as `network.quantize_network`, so replacing that attribute (a test's
+    monkeypatch) intercepts every quantization.
+
+    stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
+    from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
+    settings_of(index, name, layer) -> LayerSettings, or None to leave that layer float.
+    ignore_layers: indices (execution order, negative counts from the end) left float.
+    keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
+    exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
+    shard: a `distributed.Shard` (default: the initialized process group, if any): each rank draws its
+    share of every layer's images and the layer's sums are all-reduced (`gpfq.pipeline.distributed`).
+    Coverage (`capture.Coverage`) is logged, and returned as `reports.coverage`; more than 5 % of the
+    matmul parameters that cannot be quantized gives a warning, or with strict_coverage a ValueError.
+    checkpoint: a `checkpoint.LayerCheckpoint`: its state is saved after each quantized layer, and a
+    matching saved state is continued from (not with in_place, after_layer or several ranks, whose state
+    lives outside this loop).
+    """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    keep_rows = after_layer is not None if keep_rows is None else keep_rows
+    shard = distributed.current() if shard is None else shard
+    if shard.active:
+        stream = shard.stream(stream)
+        if batch_size < shard.world_size:
+            raise bad_hyperparameter(f"batch_size (m) {batch_size} is smaller than the world size "
+                                     f"{shard.world_size}; every rank needs at least one calibration image")
+    analog_model = analog_model.eval().to(device)
+    quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
+    dtype = floating_dtype(analog_model)
+    example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, dtype)
+    discovery = find_layers(analog_model, example)
+    layers = discovery.layers
+    names = [layer.name for layer in layers]
+    check_layer_indices("ignore_layers", ignore_layers, names)
+    ignored = {i % len(names) for i in ignore_layers}
+    check_coverage(Coverage.of(discovery), strict_coverage, log)
+    if calibration == "fixed":
+        graph = trace_graph(analog_model, example, layers)  # fails here, before any work, if fx cannot run it
+        fixed_chunks = [move(images, device, dtype) for images in stream.draw(batch_size)]
+        analog_forward = CachedForward(analog_model, graph, fixed_chunks)
+        quantized_forward = analog_forward if in_place else CachedForward(quantized_model, graph, fixed_chunks)
+    generator = torch.Generator().manual_seed(seed)
+    reports = LayerReports()
+    if checkpoint is not None and (in_place or after_layer is not None or shard.active):
+        log("checkpoint: off (in_place, after_layer or several ranks keep state outside the layer loop)")
+        checkpoint = None
+    start_index = _resume(checkpoint, names, quantized_model, generator, stream, reports, log)
+    loop_start = time.perf_counter()
+    for index, layer in enumerate(tqdm(layers, desc="layers", disable=not shard.writer)):  # one bar: rank 0's
+        if index < start_index:
+            continue
+        name = layer.name
+        settings = None if index in ignored else settings_of(index, name, layer)
+        if settings is None:
+            log(f"[{index + 1}/{len(names)}] {name}: left float")
+            continue
+        if settings.method not in LAYER_METHODS:
+            raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
+        start = time.time()
+        if calibration == "fresh":
+            input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, layer,
+                                       stream.chunks(batch_size), device)  # one chunk of images held at a time
+        else:
+            analog_inputs = analog_forward.inputs_of(layer)
+            quantized_inputs = analog_inputs if in_place else quantized_forward.inputs_of(layer)
+            input_pairs = zip(analog_inputs, quantized_inputs)
+        check_finite(layer.weight, f"the weight of layer {name}")
+        input_pairs = checked_inputs(name, input_pairs)
+        if shard.active:
+            analog_rows, quantized_rows, statistics, form = distributed_layer(
+                shard, layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                f"layer {index + 1} ({name})", rows_budget)
+        else:
+            analog_rows, quantized_rows, statistics, form = gather_layer(
+                layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                rows_budget)
+        if statistics is not None:
+            alphabet, radius = layer_alphabet(layer, settings)
+            weight = grouped(layer, flat_weight(layer))
+            rule_start = time.perf_counter()
+            quantized_weight = shard.run_rule(
+                lambda: STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings), weight,
+                f"layer {index + 1} ({name})")
+            rule_seconds = time.perf_counter() - rule_start
+            error = statistics.relative_error(weight, quantized_weight)
+            analog_g = quantized_g = None
+            if analog_rows is not None:  # kept for after_layer
+                analog_g, quantized_g = grouped(layer, flat_weight(layer), analog_rows)[1], \
+                    grouped(layer, flat_weight(layer), quantized_rows)[1]
+            n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
+            input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
+        else:
+            layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
+            rule_start = time.perf_counter()
+            weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
+                layer, analog_rows, quantized_rows, layer_settings)
+            quantized_weight = shard.agree_on(quantized_weight, f"layer {index + 1} ({name}): broadcast Q")
+            rule_seconds = time.perf_counter() - rule_start
+            error = relative_error(weight, quantized_weight, analog_g, quantized_g)
+            n_rows, width = analog_rows.shape
+            rows64 = analog_rows.double()
+            input_kind = input_degeneracy(n_rows, rows64.sum(dim=0), rows64.pow(2).sum())
+        write_weight(quantized_model, layer, quantized_weight)
+        zeros = int((quantized_weight == 0).sum())
+        stored = quantized_model.get_parameter(layer.parameter)
+        stored = stored.t().contiguous() if layer.input_major else stored  # (N1, …): a row per output
+        codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
+        report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
+                             alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
+                             streamed=statistics is not None and analog_rows is None, rule_seconds=rule_seconds,
+                             stored_bits=stored_bits(alphabet.shape[-1]),
+                             code_entropy=code_entropy(codes, alphabet.shape[-1]), alphabet=alphabet.detach().cpu(),
+                             parameter=layer.parameter, input_major=layer.input_major,
+                             warnings=layer_warnings(n_rows, weight.shape[2], zeros, quantized_weight.numel(), error,
+                                                     input_kind))
+        reports.append(report)
+        log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
+            f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
+            f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
+            f"rel. error {format_error(error)}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
+            + "".join(f"; WARNING: {warning}" for warning in report.warnings))
+        if after_layer is not None:
+            after_layer(LayerStep(report, owner_module(analog_model, layer), owner_module(quantized_model, layer),
+                                  analog_model, quantized_model, analog_g, quantized_g, weight, quantized_weight,
+                                  statistics))
+        if checkpoint is not None:
+            checkpoint.after_layer(index, lambda: {
+                "next_index": index + 1, "layers": names, "model": quantized_model.state_dict(),
+                "generator": generator.get_state(), "stream": stream.state() if hasattr(stream, "state") else None,
+                "reports": reports_state(reports)})
+    if checkpoint is not None and checkpoint.written:
+        log(checkpoint_summary(checkpoint, time.perf_counter() - loop_start))
+    reports.coverage = Coverage.of(discovery, [layer.parameter for layer in layers
+                                               if layer.name in {r.name for r in reports}])
+    log(reports.coverage.summary())
+    return quantized_model, reports
+
+
+_quantize_network = quantize_network  # the old name, for code written against it
+
+
+def _resume(checkpoint, names, quantized_model, generator, stream, reports, log) -> int:
+    """Restore a matching checkpoint into the loop's state; the index of the layer to go on at (0: afresh)."""
+    state = checkpoint.load(names) if checkpoint is not None else None
+    if state is None:
+        return 0
+    if state["stream"] is not None:
+        if not hasattr(stream, "restore"):
+            log(f"checkpoint: ignoring {checkpoint.path} (this calibration stream cannot be restored)")
+            return 0
+        before = stream.state()
+        try:
+            stream.restore(state["stream"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            stream.restore(before)
+            log(f"checkpoint: ignoring {checkpoint.path} ({type(error).__name__}: {error}); starting the point afresh")
+            return 0
+    quantized_model.load_state_dict(state["model"])
+    generator.set_state(state["generator"])
+    reports.extend(reports_from_state(state["reports"], LayerReport))
+    index = state["next_index"]
+    log(f"checkpoint: layers 1-{index} of {len(names)} restored from {checkpoint.path}; continuing from layer "
+        f"{index} ({names[index - 1]}) with layer {index + 1}")
+    return index
+
+
+class LayerReports(list):
+    """[LayerReport] of the quantized layers, with the run's `coverage` (capture.Coverage)."""
+    coverage: Coverage = None
+
+
+def check_coverage(coverage: Coverage, strict: bool, log=tqdm.write) -> None:
+    """Warn (or, strict, refuse with a ValueError) when more than 5 % of the matmul parameters cannot be quantized."""
+    warning = coverage.warning()
+    if warning is None:
+        return
+    if strict:
+        raise bad_hyperparameter(f"strict_coverage: {warning}")
+    warnings.warn(warning, stacklevel=3)
+    log(f"warning: {warning}")
+
+
+def check_layer_indices(key: str, indices, names: list) -> None:
+    """ValueError if a layer index (execution order, negative from the end) of `key` matches no layer."""
+    bad = [i for i in indices if not -len(names) <= i < len(names)]
+    if bad:
+        raise bad_hyperparameter(f"{key} {bad} match no layer; the model has {len(names)} "
+                                 f"(0 … {len(names) - 1}): {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+
+
+def reports_as_dicts(reports) -> list:
+    """The reports as JSON-ready dicts (without the alphabet tensors); an undefined (NaN) relative error is None
+    (JSON null: NaN is not JSON)."""
+    dicts = [{k: v for k, v in asdict(replace(r, alphabet=None)).items() if k != "alphabet"} for r in reports]
+    for record in dicts:
+        if isinstance(record["relative_error"], float) and math.isnan(record["relative_error"]):
+            record["relative_error"] = None
+    return dicts
+
+
+def zero_fraction(reports) -> float:
+    """Fraction of the quantized layers' weights that are 0."""
+    total = sum(math.prod(r.weight_shape) for r in reports)
+    return sum(r.zero_weights for r in reports) / total if total else 0.0

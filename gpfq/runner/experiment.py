@@ -1,0 +1,508 @@
+"""One experiment = one grid point: load, quantize, save, evaluate, log.
+
+`main(header, argv, variant)` applies command-line overrides to a script's header, checks every
+point of the grid (`gpfq.runner.header`), then runs each point, appending one CSV row (`gpfq.runner.logs`) and
+saving its model (`gpfq.io.storage`). A script's variant of the procedure (ad hoc improvements,
+retraining) plugs in through one `Variant` object; the plain script runs `PLAIN`.
+
+Before any point runs, every bad input is reported with one clear error: the hyperparameters
+(`validate`), the result folders and logs, then the data, the models and their layers (`preflight`).
+With `resume`, points whose row is already in the log are skipped. An interrupted grid keeps every
+finished row and model.
+"""
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from gpfq import api
+from gpfq.paths import __version__
+from gpfq.pipeline import distributed
+from gpfq.pipeline.capture import Coverage, check_model_finite, find_layers
+from gpfq.pipeline.checkpoint import LayerCheckpoint
+from gpfq.config import QuantConfig
+from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evaluation_set
+from gpfq.pipeline.streams import CalibrationStream
+from gpfq.runner.deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
+from gpfq.errors import ResultWriteError, bad_hyperparameter, os_error_reason
+from gpfq.runner.evaluate import evaluate
+from gpfq.pipeline.folding import fold_batchnorm
+from gpfq.runner.header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
+                     expand_grid, method_description, parse_overrides, point_columns, validate)
+from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
+from gpfq.io.models import load_model, published_accuracy, weights_label
+from gpfq.pipeline.network import check_layer_indices, reports_as_dicts, zero_fraction
+from gpfq.paths import DATA_DIR, LOG_DIR, MODEL_DIR
+from gpfq.runner.preprocessing import check_model_takes, image_folder_sets
+from gpfq.io.storage import check_writable, code_revision, display_path, save_model, write_record  # noqa: F401
+from gpfq.io.user_models import model_folder
+
+
+# ---------------------------------------------------------------- running
+class Resources:
+    """Datasets, models and float accuracies shared by the points of one grid."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def float_accuracy(point, model, resources, loader_of, device):
+    """torchvision's published numbers for its own weights, otherwise measured once per model."""
+    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet" and point.get("eval_subset") is None
+            and published_accuracy(point["model_name"]) is not None):
+        return published_accuracy(point["model_name"])
+    folded = QuantConfig.from_point(point).fold_batchnorm
+    return resources.get(("float", point["model_name"], str(point["weights"]), folded, point.get("eval_subset")),
+                         lambda: evaluate(model, loader_of(), device=device, desc="float model"))
+
+
+@dataclass
+class Context:
+    """What one grid point works with, shared with the variants' quantize functions."""
+    point: dict
+    calibration: object
+    evaluation: object
+    analog_model: torch.nn.Module
+    original_top1: float
+    original_top5: float
+    device: str
+    log: object
+    checkpoint: object = None  # a checkpoint.LayerCheckpoint (the plain script's), or None
+
+    def stream(self) -> CalibrationStream:
+        """A fresh seeded calibration stream (the same images for the same seed)."""
+        return CalibrationStream(self.calibration, self.point["seed"], chunk_size=self.point.get("chunk_size", 256),
+                                 num_workers=self.point.get("num_workers", 0))
+
+    def loader(self):
+        return evaluation_loader(self.evaluation, self.point.get("eval_batch_size", 256),
+                                 self.point.get("num_workers", 0))
+
+    @property
+    def config(self) -> QuantConfig:
+        """The point's quantization hyperparameters."""
+        return QuantConfig.from_point(self.point)
+
+
+def load_inputs(point: dict, resources: Resources):
+    """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
+    data_dir = Path(point.get("data_dir") or DATA_DIR)
+    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
+                                 lambda: load_model(point["model_name"], point["weights"]))
+    if point["dataset"] == "imagefolder":  # prepared as the model declares (gpfq.runner.preprocessing)
+        calibration, evaluation = resources.get(
+            ("imagefolder", str(data_dir), point["model_name"], point.get("image_size")),
+            lambda: image_folder_sets(point["model_name"], analog_model, data_dir, point.get("image_size")))
+        return calibration, evaluation, analog_model
+    calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
+                                lambda: calibration_set(point["dataset"], data_dir))
+    evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
+                               lambda: evaluation_set(point["dataset"], data_dir))
+    return calibration, evaluation, analog_model
+
+
+def check_batch_size(key: str, m: int, calibration) -> None:
+    if m > len(calibration):
+        raise bad_hyperparameter(f"{key} {m} is larger than the calibration set ({len(calibration)} images)")
+
+
+@dataclass
+class ModelFacts:
+    """What `preflight` learns about a grid point's model and data, for a variant's `validate_model`."""
+    layer_names: list  # the Conv2d/Linear layers in execution order (what layer indices count)
+    model: torch.nn.Module  # the float model
+    calibration_size: int
+    evaluation_size: int
+    example: torch.Tensor  # one calibration input (1, …), on the model's device
+
+
+def coverage_columns(reports) -> dict:
+    """The coverage columns of a row (blank when the reports carry no coverage, e.g. a loaded model)."""
+    coverage = getattr(reports, "coverage", None)
+    if coverage is None:
+        return {"Quantized Tensors": "", "Quantized Parameters": "", "Largest Float": ""}
+    return coverage.columns()
+
+
+def preflight(points: list, resources: Resources, validate_model=None) -> None:
+    """Load every point's data and float model (kept in `resources` for the run) and check, before any
+    point runs: m against the calibration set, NaN/Inf in the model (naming the parameter or layer),
+    ignore_layers against the model's layers, and the variant's validate_model(point, ModelFacts)."""
+    for point in points:
+        calibration, evaluation, model = load_inputs(point, resources)
+        check_batch_size("batch_size", point["batch_size"], calibration)
+        if point.get("eval_subset") is not None:  # a subset the set cannot give is found before any work
+            resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                          lambda: eval_subset(evaluation, point["eval_subset"]))
+
+        def checked_layers():
+            check_model_takes(point["model_name"], model, point["dataset"], calibration)
+            example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
+            check_model_finite(model, example)
+            discovery = find_layers(model, example)
+            return [layer.name for layer in discovery.layers], Coverage.of(discovery).warning()
+        names, coverage_warning = resources.get(("layers", point["model_name"], str(point["weights"])),
+                                                checked_layers)
+        if coverage_warning and point.get("strict_coverage"):
+            raise bad_hyperparameter(f"strict_coverage is on, and {coverage_warning}")
+        check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
+        if validate_model is not None:
+            example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
+            validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation), example))
+
+
+def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
+    """Load (or reuse) the data and float model of a grid point and its float accuracy."""
+    device = point.get("device", "cpu")
+    torch.manual_seed(point["seed"])
+    calibration, evaluation, analog_model = load_inputs(point, resources)
+    check_batch_size("batch_size", point["batch_size"], calibration)
+    if QuantConfig.from_point(point).fold_batchnorm:
+        def folded():
+            model, pairs = fold_batchnorm(analog_model)
+            log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
+            return model
+        analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
+    if point.get("eval_subset") is not None:
+        evaluation = resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
+                                   lambda: eval_subset(evaluation, point["eval_subset"]))
+        log(f"eval_subset: accuracy on a class-balanced {len(evaluation)} images of the evaluation set (the first of "
+            f"each class), logged in the Eval Subset column")
+    context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
+    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
+                                                                  device)
+    return context
+
+
+def plain_quantize(context: Context):
+    """The paper's GPFQ: every layer with the header's settings. Returns (model, reports, {})."""
+    result = api.quantize(context.analog_model, context.stream(), context.config, device=context.device,
+                          log=context.log, checkpoint=context.checkpoint)
+    return result.model, result.reports, {}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a script's procedure plugs into `main`; the defaults are the plain script's (the paper's GPFQ).
+
+    quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    logs: {log file name: its columns}; log_names(point) -> the logs a point's row goes to (default: all).
+    header_keys: the keys the variant adds to the plain header; grid_keys: those that expand into a grid.
+    columns(point) -> {column: value}: the variant's own hyperparameter columns, written into each row and
+        used, with `header.point_columns`, to recognise a logged point (`resume`).
+    result_columns: the variant's own columns that record results (not hyperparameters).
+    resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model);
+    validate_point(point) adds cheap checks; validate_model(point, ModelFacts) adds checks that need the
+        model's layers or the data's size (in `preflight`, before any point runs).
+    name: starts the saved models' file names, so variants' models stand apart; file_prefix(point), when
+        given, replaces it with one that also names the point's options (e.g. 'adhoc_bias-all').
+    """
+    name: str = ""
+    file_prefix: Optional[Callable] = None
+    quantize: Callable = plain_quantize
+    logs: dict = field(default_factory=lambda: {PLAIN_LOG: PLAIN_COLUMNS})
+    log_names: Optional[Callable] = None
+    header_keys: tuple = ()
+    grid_keys: tuple = ()
+    columns: Optional[Callable] = None
+    result_columns: frozenset = frozenset()
+    resolve_point: Optional[Callable] = None
+    validate_point: Optional[Callable] = None
+    validate_model: Optional[Callable] = None
+
+    def log_names_of(self, point: dict) -> list:
+        """The logs a point's row goes to."""
+        names = list(self.logs) if self.log_names is None else self.log_names(point)
+        return [names] if isinstance(names, str) else list(names)
+
+    def own_columns(self, point: dict) -> dict:
+        return self.columns(point) if self.columns is not None else {}
+
+
+PLAIN = Variant()
+
+
+def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
+    """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
+    unlogged: a list holding the point's saved files until its row is logged (`main` drops them at Ctrl-C)."""
+    unlogged = [] if unlogged is None else unlogged
+    model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
+    log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
+    context = prepare(point, resources, log)
+    config = context.config
+    context.checkpoint = point_checkpoint(point, model_dir, variant, log)
+    own_options = {key: value for key, value in variant.own_columns(point).items() if value not in ("", None)}
+    log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
+        f"{config.method_description()} {point['bits']} bits, m={point['batch_size']}, "
+        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), {config.alphabet_granularity} alphabets, "
+        f"seed {point['seed']}" + "".join(f", {key} {value}" for key, value in own_options.items()))
+    start = time.time()
+    quantized_model, reports, extra = variant.quantize(context)
+    seconds = time.time() - start
+
+    prefix = variant.file_prefix(point) if variant.file_prefix is not None else variant.name
+    stem = (f"{prefix + '_' if prefix else ''}{point['method']}_{point['alphabet']}"
+            f"_{config.alphabet_granularity}_b{point['bits']}_m{point['batch_size']}"
+            f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
+              "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
+    shard = distributed.current()  # several ranks: only rank 0 writes, the others learn the path
+    record["world_size"], record["backend"] = shard.world_size, shard.backend or "none"
+    # Saved before evaluation, so a crash there leaves the quantized model on disk.
+    with shard.step("saving the quantized model (rank 0)"):
+        saved = None
+        if shard.writer:
+            saved = save_results(quantized_model, reports, record, model_dir, stem, point,
+                                 context.calibration[0][0].shape, log)
+            unlogged.extend([saved[0], saved[0].with_suffix(".json"), quantized_path(saved[0])])
+    saved = shard.broadcast_object(saved, "sharing the saved files' paths") if shard.active else saved
+    model_path, quantized_file, size = saved
+
+    top1, top5 = evaluate(quantized_model, context.loader(), device=context.device, desc="quantized model")
+    warnings = [f"{report.name}: {warning}" for report in reports for warning in report.warnings]
+    n_classes = classes_in(context.evaluation)
+    warnings += (chance_warnings(top1, n_classes) if n_classes else
+                 chance_warnings(top1, output_width(context), "outputs of the model: the data's classes are unknown"))
+    for warning in warnings:
+        log(f"WARNING: {warning}")
+    record["results"] = {"original_top1": context.original_top1, "original_top5": context.original_top5,
+                         "quantized_top1": top1, "quantized_top5": top5, "warnings": warnings}
+    record["quantized_model_file"] = dict(path=str(quantized_file), **asdict(size)) if size else None
+    where = (f"The quantized model is saved at {model_path}, its record (hyperparameters, per-layer errors) at "
+             f"{model_path.with_suffix('.json')}; top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 "
+             f"{context.original_top5:.4f} -> {top5:.4f}.")
+    with shard.step("writing the record (rank 0)"):
+        if shard.writer:
+            try:
+                write_record(model_path.with_suffix(".json"), record)
+            except OSError as error:
+                raise ResultWriteError(f"could not add the results to {model_path.with_suffix('.json')} "
+                                       f"({os_error_reason(error)}). {where}") from error
+    row = point_columns(point)
+    row.update(variant.own_columns(point))
+    row.update({
+        "Original Top1 Accuracy": round(context.original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
+        "Original Top5 Accuracy": round(context.original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
+        "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
+        "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
+        "Package Version": __version__, "Code Revision": record["code_revision"],
+        "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        FILE_COLUMN: display_path(quantized_file) if quantized_file else "", **size_columns(size),
+        "World Size": shard.world_size, "Backend": record["backend"], "Warnings": "; ".join(warnings),
+    })
+    row.update(coverage_columns(reports))
+    row.update(extra)
+    with shard.step("appending the log row (rank 0)"):
+        for log_path in log_paths if shard.writer else []:
+            append_row(log_path, row, variant.logs[log_path.name], saved=where)
+    unlogged.clear()
+    if context.checkpoint is not None:  # the row holds the point now
+        context.checkpoint.remove()
+    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
+        f"row appended to {', '.join(str(p) for p in log_paths)}")
+    if point.get("export_onnx") and quantized_file is not None and shard.writer:
+        export_beside(quantized_file, log)
+    return row
+
+
+def save_results(model, reports, record, model_dir: Path, stem: str, point: dict, input_shape, log):
+    """Save the .pt and its record (`save_model`), then the quantized model file beside them; returns
+    (.pt path, quantized file, SizeReport). A failed write is one ResultWriteError saying which files of the
+    point were saved (each complete) and which were not."""
+    written = []
+    try:
+        model_path = save_model(model, record, model_dir, stem, written)
+        log(f"saved {model_path}")
+        return (model_path,) + tuple(save_beside(model, reports, model_path, point, input_shape, log))
+    except OSError as error:
+        if not written:
+            raise ResultWriteError(f"could not save the quantized model in {model_dir} ({os_error_reason(error)}); "
+                                   f"nothing of this grid point was written") from error
+        model_path = written[0]
+        missing = [model_path.with_suffix(".json")] if len(written) == 1 else []
+        missing.append(model_path.with_suffix(".safetensors"))
+        raise ResultWriteError(f"could not write {missing[0]} ({os_error_reason(error)}); saved: "
+                               f"{' and '.join(str(path) for path in written)}; not saved: "
+                               f"{', '.join(path.name for path in missing)}, the evaluation and the log row"
+                               ) from error
+
+
+def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log):
+    """The point's per-layer checkpoint (gpfq.pipeline.checkpoint) in its model folder; None when off. Only the plain
+    script has them: the variants keep state outside the layer loop (bias streams, fine-tuning)."""
+    mode = point.get("checkpoint", "auto")
+    if mode is False:
+        return None
+    if variant.quantize is not plain_quantize:
+        if mode is True:
+            log("checkpoint: per-layer checkpoints are for the plain script only; this variant restarts an "
+                "interrupted point from its first layer")
+        return None
+    if distributed.current().active:  # each rank's share of the stream lives in gpfq.pipeline.distributed
+        return None
+    identity = point_identity(point, variant.logs[variant.log_names_of(point)[0]], variant)
+    identity.update(chunk_size=point.get("chunk_size", 256), device=str(point.get("device", "cpu")))
+    return LayerCheckpoint(model_dir, identity, code_revision(), mode, bool(point.get("resume")), log)
+
+
+# A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.
+CHANCE_MARGIN = 0.02
+
+
+@torch.no_grad()
+def output_width(context: Context) -> int:
+    """The model's output width on one calibration image (the number of classes when the data's is unknown)."""
+    example = context.calibration[0][0].unsqueeze(0).to(context.device)
+    return int(context.analog_model.eval().to(context.device)(example).shape[-1])
+
+
+def classes_in(dataset) -> Optional[int]:
+    """The number of distinct labels in an evaluation set, when its labels can be read without loading the
+    images: `targets` (torchvision, ImageFolder) or a TensorDataset's second tensor, through Subsets; else None."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    labels = getattr(dataset, "targets", None)
+    if labels is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) > 1:
+        labels = dataset.tensors[1]
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
+        return None
+    return int(torch.unique(labels if indices is None else labels[indices]).numel())
+
+
+def chance_warnings(top1: float, n_classes: int, counted: str = "classes") -> list:
+    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes), another when it is below that.
+    counted: what n_classes counts ('classes' of the evaluation data, or the model's 'outputs')."""
+    chance = 1.0 / n_classes
+    level = f"chance ({chance:.4f} for {n_classes} {counted})"
+    if abs(top1 - chance) <= CHANCE_MARGIN:
+        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of {level}"]
+    if top1 < chance:
+        return [f"final top-1 {top1:.4f} is below {level}: worse than guessing"]
+    return []
+
+
+# ---------------------------------------------------------------- resume
+def point_identity(point: dict, columns, variant: Variant = PLAIN) -> dict:
+    """The values a point would log in the hyperparameter columns of a log: all but the results
+    (logs.RESULT_COLUMNS and the variant's result_columns)."""
+    values = point_columns(point)
+    values.update(variant.own_columns(point))
+    identity = [c for c in columns if c not in RESULT_COLUMNS and c not in variant.result_columns]
+    unknown = [c for c in identity if c not in values]
+    if unknown:  # a variant's column that is neither a result nor filled from the point: refuse to guess
+        raise ValueError(f"resume cannot tell grid points apart: the log's columns {unknown} are neither results "
+                         f"(gpfq.runner.logs.RESULT_COLUMNS, the variant's result_columns) nor filled from the "
+                         f"point (header.point_columns, or the variant's columns)")
+    return {c: values[c] for c in identity}
+
+
+def _same_value(logged, value) -> bool:
+    """A logged CSV cell against a hyperparameter value (numbers compare as numbers: 1 == 1.0)."""
+    text = "" if value is None else str(value)
+    if logged == text:
+        return True
+    try:
+        return float(logged) == float(text)
+    except (TypeError, ValueError):
+        return False
+
+
+def pending_points(points: list, log_dir: Path, variant: Variant = PLAIN) -> list:
+    """The points whose row is not yet in each of their logs (a row with equal hyperparameter columns)."""
+    rows_of = {}
+    pending = []
+    for point in points:
+        for name in variant.log_names_of(point):
+            if name not in rows_of:
+                path = Path(log_dir) / name
+                rows_of[name] = read_rows(path) if check_log(path, variant.logs[name]) else []
+            identity = point_identity(point, variant.logs[name], variant)
+            if not any(all(_same_value(row.get(c), v) for c, v in identity.items()) for row in rows_of[name]):
+                pending.append(point)
+                break
+    return pending
+
+
+def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
+    """Run the grid of a script's header (with command-line overrides); returns the logged rows."""
+    config = parse_overrides(header, argv)
+    # Under torchrun: join the process group, and compare a hash of the settings on every rank before any work.
+    shard = distributed.launch(config.get("device", "cpu"))
+    shard.check_same(config)
+    say = print if shard.writer else _quiet
+    with shard.step("checking the hyperparameters"):
+        points = expand_grid(config, variant.grid_keys)
+        if variant.resolve_point is not None:
+            points = [variant.resolve_point(point) for point in points]
+        for point in points:  # every point checked before any work starts
+            validate(point)
+            if variant.validate_point is not None:
+                variant.validate_point(point)
+    log_dir = Path(config.get("log_dir") or LOG_DIR)
+    model_dir = Path(config.get("model_dir") or MODEL_DIR)
+    log_names = list(dict.fromkeys(n for point in points for n in variant.log_names_of(point)))
+    with shard.step("checking the result folders and logs (rank 0)"):
+        if shard.writer:  # only rank 0 writes, so only its folders and logs matter
+            check_writable(log_dir, "log_dir")
+            check_writable(model_dir, "model_dir")
+            for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
+                if (model_dir / name).exists():
+                    check_writable(model_dir / name, "model_dir")
+            for name in log_names:
+                check_log(log_dir / name, variant.logs[name])
+            if config["resume"]:
+                total = len(points)
+                points = pending_points(points, log_dir, variant)
+                say(f"resume: {total - len(points)} of {total} grid points are already in {', '.join(log_names)}; "
+                    f"running the other {len(points)}")
+    if config["resume"] and shard.active:
+        points = shard.broadcast_object(points, "sharing the grid points still to run")
+    # On a machine shared with other jobs, fewer threads than cores avoids oversubscription, which slows
+    # the small per-column products of the quantizers many times over.
+    # The caller's thread count comes back at the end: main() is also called in-process (tests, notebooks).
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(config.get("num_threads") or distributed.threads_per_rank())
+    try:
+        resources = Resources()
+        with shard.step("loading the data and the models"):
+            preflight(points, resources, variant.validate_model)
+        rows, number, unlogged = [], 0, []
+        try:
+            for number, point in enumerate(points, 1):
+                if len(points) > 1:
+                    say(f"\n### grid point {number}/{len(points)}")
+                rows.append(run_point(point, resources, variant, log=tqdm.write if shard.writer else _quiet,
+                                      unlogged=unlogged))
+        except Exception as error:
+            shard.record_error(error)  # where the other ranks' diagnosis finds it
+            raise
+        except KeyboardInterrupt:
+            for path in unlogged:  # the interrupted point's files, saved but not logged: --resume recomputes it
+                path.unlink(missing_ok=True)
+            if shard.writer:  # every rank is interrupted (Ctrl-C reaches them all, or `Shard.step` passes it on)
+                print(f"\ninterrupted during grid point {number} of {len(points)}: the rows of the finished points are "
+                      f"in {', '.join(str(log_dir / n) for n in log_names)}, their models in {model_dir}. Run the same "
+                      f"command with --resume to go on.", file=sys.stderr)
+            raise SystemExit(130) from None
+    finally:
+        torch.set_num_threads(caller_threads)
+    return rows
+
+
+def _quiet(*args, **kwargs):
+    """The log of ranks other than 0: rank 0 speaks for all."""

@@ -1,0 +1,170 @@
+"""The scripts' headers: command-line overrides, the grid of points, and the checks of a point.
+
+A script holds a header dict of hyperparameters. `parse_overrides` applies `--name value …`,
+`expand_grid` turns list values of the grid keys into one point per combination, and `validate`
+checks a point before anything loads. The quantization hyperparameters are `QuantConfig`'s fields;
+the other keys (RUN_KEYS) say what runs where; a variant adds its own (`experiment.Variant`).
+"""
+import argparse
+import ast
+import difflib
+import importlib.util
+import itertools
+
+import torch
+
+from gpfq.config import GRID_FIELDS, QuantConfig
+from gpfq.io.data import DATASETS, dataset_label
+from gpfq.errors import bad_hyperparameter
+from gpfq.io.models import weights_label
+from gpfq.runner.preprocessing import check_model_and_data
+
+# The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
+GRID_KEYS = ("model_name",) + GRID_FIELDS
+# Header keys that are not quantization hyperparameters, and the log column of those that have one.
+RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights",
+               "eval_subset": "Eval Subset"}
+RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug", "checkpoint",
+            "eval_subset")
+# Keys whose value is itself a list (never expanded).
+LIST_KEYS = ("ignore_layers",)
+CLI_ALIASES = {"model_name": ["--model"]}
+# Keys every variant understands, whether or not its header lists them.
+# debug: known errors show their stack (gpfq.runner.cli).
+# checkpoint: per-layer checkpoints of the plain script, 'auto', True or False (gpfq.pipeline.checkpoint).
+# eval_subset: None (the whole evaluation set) or N, a class-balanced N of its images (gpfq.io.data.eval_subset).
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False, "checkpoint": "auto",
+                   "eval_subset": None}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are short: the error and one line of usage, not the usage of every header name."""
+
+    def short_usage(self) -> str:
+        return f"usage: {self.prog} [--NAME VALUE ...], NAME any header name ({self.prog} --help lists them)"
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n{self.short_usage()}\n")
+
+
+def _unknown_options(extras: list, flags: list) -> str:
+    """The error for the tokens argparse could not place: each unknown --flag with the closest valid one."""
+    described, after_flag = [], False
+    for token in extras:
+        if token.startswith("-"):
+            flag = token.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, flags, n=1)
+            described.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+            after_flag = True
+        elif not after_flag:  # a value before any option: it belongs to none
+            described.append(f"{token!r} (a value must follow its --NAME)")
+    kind = "unknown option" if any(token.startswith("-") for token in extras) else "unexpected value"
+    return f"{kind}{'s' if len(described) > 1 else ''} {', '.join(described)}"
+
+
+def parse_overrides(header: dict, argv=None) -> dict:
+    """Header values replaced by any `--name value [value …]` given on the command line.
+
+    A name given with no value is set to True (`--resume`).
+    """
+    header = {**COMMON_DEFAULTS, **header}
+    parser = _Parser(description="GPFQ quantization. Every header name can be overridden: "
+                                 "--bits 3 4 --model resnet18")
+    all_flags = []
+    for key, default in header.items():
+        flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else []) + CLI_ALIASES.get(key, [])
+        parser.add_argument(*flags, dest=key, nargs="*", default=None, metavar="VALUE",
+                            help=f"(header: {default!r})")
+        all_flags += flags
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unknown_options(extras, all_flags))
+    config = dict(header)
+    for key, values in vars(args).items():
+        if values is None:
+            continue
+        parsed = [_literal(v) for v in values]
+        if key in LIST_KEYS:
+            config[key] = parsed
+        elif not parsed:
+            config[key] = True
+        elif len(parsed) == 1:
+            config[key] = parsed[0]
+        else:
+            config[key] = parsed
+    return config
+
+
+def _literal(text: str):
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def expand_grid(config: dict, grid_keys=()) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+    keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
+    axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
+    points = []
+    for values in itertools.product(*axes.values()):
+        point = dict(config)
+        point.update(zip(axes.keys(), values))
+        points.append(point)
+    return points
+
+
+def validate(point: dict) -> None:
+    """Raise ValueError on the first bad hyperparameter of one grid point (cheap checks only)."""
+    def fail(message):
+        raise bad_hyperparameter(message)
+
+    for key, value in point.items():  # grid keys' lists are expanded by now; what is left takes one value
+        if isinstance(value, (list, tuple)) and key not in LIST_KEYS:
+            fail(f"{key} takes one value, got {len(value)}: {list(value)!r}; it does not expand into a grid "
+                 f"(quote a value that has spaces: --{key} 'a b')")
+    QuantConfig.from_point(point)  # the quantization hyperparameters
+    workers = point.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
+    for key in ("resume", "debug"):
+        if not isinstance(point.get(key, False), bool):
+            fail(f"{key} must be True or False, got {point[key]!r}")
+    if not (point.get("checkpoint", "auto") == "auto" or isinstance(point.get("checkpoint"), bool)):
+        fail(f"checkpoint must be 'auto', True or False, got {point['checkpoint']!r}")
+    subset = point.get("eval_subset")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        fail(f"eval_subset must be None (the whole evaluation set) or an integer ≥ 1, got {subset!r}")
+    if not isinstance(point.get("export_onnx", False), bool):
+        fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if point.get("export_onnx") and missing:
+        fail(f"export_onnx needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
+    if point["dataset"] not in DATASETS:
+        fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
+    threads = point.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
+    check_model_and_data(point["model_name"], point["dataset"], point.get("image_size"), point.get("data_dir"))
+    device = str(point.get("device", "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+
+
+def method_description(point: dict) -> str:
+    """The options that matter for the point's method (the log's Method Options column)."""
+    return QuantConfig.from_point(point).method_description()
+
+
+def point_columns(point: dict) -> dict:
+    """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
+    columns = {"Model Name": point["model_name"],
+               "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size"))}
+    columns.update(QuantConfig.from_point(point).log_columns())
+    columns["Weights"] = weights_label(point["model_name"], point["weights"])  # other weights: another point
+    subset = point.get("eval_subset")
+    columns["Eval Subset"] = "" if subset is None else subset  # a subset's accuracy is never read as the full one
+    return columns

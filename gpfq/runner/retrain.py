@@ -1,0 +1,172 @@
+"""Retraining variant (docs/variants.md): quantize layer by layer in place, fine-tuning what is still float.
+
+The network is quantized in place (`gpfq.quantize(..., in_place=True)`), so every layer's X̃ = X:
+its input comes from the network as it is now, earlier layers quantized and later ones fine-tuned.
+After each quantized layer (from the `retrain_start`-th on), that layer is frozen and every parameter
+that does not belong to a quantized layer (later Conv2d/Linear layers, every BatchNorm's scale and
+shift) is fine-tuned with Adam and cross-entropy on labelled training images, so the later layers
+learn to compensate for the quantization error before they are quantized themselves.
+
+Frozen means requires_grad=False and absent from the optimizer, so neither the gradient step nor
+Adam's weight decay can move a quantized weight off its alphabet.
+
+BatchNorm during fine-tuning (`retrain_batchnorm`): 'frozen' runs the network in eval mode (running
+statistics fixed, used as at test time; scale and shift still trained), 'update' in train mode (batch
+statistics, running statistics updated; dropout, where a model has it, on).
+"""
+import copy
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from gpfq.api import quantize as quantize_model
+from gpfq.errors import bad_hyperparameter
+from gpfq.runner.evaluate import evaluate
+from gpfq.runner.experiment import Variant
+from gpfq.runner.logs import EXTRA_COLUMNS, PAPER_COLUMNS
+
+RETRAIN_LOG = "Quantization_Log_Retrain.csv"
+LOGS = {RETRAIN_LOG: PAPER_COLUMNS + [
+    "Retrain Start", "Retrain Samples", "Retrain Batch Size", "Retrain Epochs", "Retrain Learning Rate",
+    "Retrain Weight Decay", "Retrain BatchNorm", "Retrain Seconds", "Per-Step Top1"] + EXTRA_COLUMNS}
+BATCHNORM_MODES = ("frozen", "update")
+RETRAIN_SEED_OFFSET = 2_000_003  # the retraining images and their order are seeded with seed + this
+# Keys of the retraining header that expand into the grid (beside the plain ones).
+GRID_KEYS = ("retrain_start", "retrain_samples", "retrain_batch_size", "retrain_epochs", "retrain_lr",
+             "retrain_weight_decay", "retrain_batchnorm")
+# Every key the retraining header adds to the plain one.
+HEADER_KEYS = GRID_KEYS + ("evaluate_each_step",)
+
+
+def validate_point(point: dict) -> None:
+    """The retraining hyperparameters' checks."""
+    def fail(message):
+        raise bad_hyperparameter(message)
+
+    def integer(key, low):
+        value = point.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(f"{key} must be an integer ≥ {low}, got {value!r}")
+
+    integer("retrain_start", 1)
+    integer("retrain_batch_size", 1)
+    integer("retrain_epochs", 0)
+    if point.get("retrain_samples") is not None:
+        integer("retrain_samples", 1)
+    lr, decay = point.get("retrain_lr"), point.get("retrain_weight_decay")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        fail(f"retrain_lr must be a number > 0, got {lr!r}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+        fail(f"retrain_weight_decay must be a number ≥ 0, got {decay!r}")
+    if point.get("retrain_batchnorm") not in BATCHNORM_MODES:
+        fail(f"retrain_batchnorm must be one of {BATCHNORM_MODES}, got {point.get('retrain_batchnorm')!r}")
+    if not isinstance(point.get("evaluate_each_step"), bool):
+        fail(f"evaluate_each_step must be True or False, got {point.get('evaluate_each_step')!r}")
+    if point.get("calibration", "fresh") != "fresh":
+        # 'fixed' caches activations as it walks the network; fine-tuning changes layers it has passed
+        fail(f"retraining needs calibration='fresh' (fine-tuning changes layers whose outputs 'fixed' has "
+             f"cached), got {point.get('calibration')!r}")
+
+
+def freeze(layer: nn.Module) -> None:
+    """Take a quantized layer out of every later optimization: the parameters of the module that holds its
+    weight (weight and bias), not those of its submodules (MultiheadAttention's out_proj is quantized, and
+    frozen, after its in-projection, and is fine-tuned until then)."""
+    for parameter in layer.parameters(recurse=False):
+        parameter.requires_grad_(False)
+
+
+def fine_tune(model: nn.Module, dataset, indices, batch_size: int, epochs: int, lr: float, weight_decay: float,
+              batchnorm: str, generator: torch.Generator, device="cpu", num_workers: int = 0, desc="retrain"):
+    """Adam on cross-entropy over `dataset[indices]` for `epochs`, on the parameters with requires_grad.
+
+    Returns (mean loss of the last epoch, number of optimizer steps). The model is left in eval mode.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, generator=generator,
+                        num_workers=num_workers)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train(batchnorm == "update")
+    mean_loss, steps = float("nan"), 0
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                total, count, steps = total + float(loss.detach()) * labels.numel(), count + labels.numel(), steps + 1
+            mean_loss = total / count
+    finally:
+        model.eval()
+    return mean_loss, steps
+
+
+def quantize(context):
+    """Quantize a copy of the float model in place with fine-tuning between layers.
+
+    Returns (model, [LayerReport], extra log columns).
+    """
+    p, log, device = context.point, context.log, context.device
+    model = copy.deepcopy(context.analog_model).eval().to(device)  # the shared float model stays float
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    generator = torch.Generator().manual_seed(p["seed"] + RETRAIN_SEED_OFFSET)
+    train_set = context.calibration
+    samples = len(train_set) if p.get("retrain_samples") is None else min(p["retrain_samples"], len(train_set))
+    quantized_count, per_step, retrain_seconds = 0, [], 0.0
+
+    def after_layer(step):
+        nonlocal quantized_count, retrain_seconds
+        freeze(step.quantized_layer)
+        quantized_count += 1
+        if quantized_count < p["retrain_start"] or p["retrain_epochs"] == 0:
+            return
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        if not trainable:
+            log("    retrain: no float parameters left")
+            return
+        start = time.time()
+        indices = torch.randperm(len(train_set), generator=generator)[:samples].tolist()
+        loss, steps = fine_tune(model, train_set, indices, p["retrain_batch_size"], p["retrain_epochs"],
+                                p["retrain_lr"], p["retrain_weight_decay"], p["retrain_batchnorm"], generator,
+                                device, p.get("num_workers", 0))
+        retrain_seconds += time.time() - start
+        message = (f"    retrain after {step.report.name}: {steps} Adam steps on {samples} images × "
+                   f"{p['retrain_epochs']} epochs, {sum(q.numel() for q in trainable)} float parameters, "
+                   f"loss {loss:.4f}, {time.time() - start:.1f}s")
+        if p["evaluate_each_step"]:
+            top1, _ = evaluate(model, context.loader(), device=device, desc=f"after {step.report.name}")
+            per_step.append(f"{step.report.name}={top1:.4f}")
+            message += f"; test top-1 {top1:.4f}"
+        log(message)
+
+    result = quantize_model(model, context.stream(), context.config, device=device, after_layer=after_layer,
+                            in_place=True, log=log)
+    model, reports = result.model, result.reports
+    model.requires_grad_(False)
+    extra = dict(variant_columns(p), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
+                                        "Per-Step Top1": " ".join(per_step)})
+    return model, reports, extra
+
+
+def variant_columns(point: dict) -> dict:
+    """The retraining hyperparameter columns of a point's row (with the plain ones, they identify it for
+    `resume`). Retrain Samples None (the whole train set) is logged as the set's size, so it never matches:
+    such a point is run again."""
+    return {
+        "Retrain Start": point["retrain_start"], "Retrain Samples": point.get("retrain_samples"),
+        "Retrain Batch Size": point["retrain_batch_size"], "Retrain Epochs": point["retrain_epochs"],
+        "Retrain Learning Rate": point["retrain_lr"], "Retrain Weight Decay": point["retrain_weight_decay"],
+        "Retrain BatchNorm": point["retrain_batchnorm"],
+    }
+
+
+RETRAIN = Variant(name="retrain", quantize=quantize, logs=LOGS, header_keys=HEADER_KEYS, grid_keys=GRID_KEYS,
+                  columns=variant_columns, result_columns=frozenset({"Retrain Seconds", "Per-Step Top1"}),
+                  validate_point=validate_point)
