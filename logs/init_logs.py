@@ -9,9 +9,9 @@ only its header is already fresh and is left as it is (no empty archives).
 import argparse
 from pathlib import Path
 
-from gpfq.logs import holds_only_header, init_log
+from gpfq.runner.logs import holds_only_header, init_log
 from gpfq.paths import LOG_DIR
-from gpfq.procedures import LOG_COLUMNS
+from gpfq.runner.procedures import LOG_COLUMNS
 
 
 def main(log_dir=LOG_DIR):
@@ -38,5 +38,5 @@ def parse_folder(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    from gpfq.cli import run_script
+    from gpfq.runner.cli import run_script
     run_script(main, parse_folder())
