@@ -164,9 +164,9 @@ def test_timm_unknown_name():
 @pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
 def test_timm_pretrained_offline_is_one_line(monkeypatch, tmp_path, how):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
-    monkeypatch.setattr(user_models, "_cached_timm_file", lambda hub_id: None)
+    monkeypatch.setattr(user_models, "cached_timm_file", lambda hub_id: None)
     if how == "unreachable":
-        monkeypatch.setattr(user_models, "_reachable", lambda url, timeout=5.0: False)
+        monkeypatch.setattr(user_models, "reachable", lambda url, timeout=5.0: False)
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError) as error:

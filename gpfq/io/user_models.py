@@ -256,8 +256,9 @@ def _hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds. A seam: looked up on this
+    module at each call, so a test replaces it (monkeypatch.setattr) to play a machine without network."""
     parsed = urlparse(url)
     try:
         with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
@@ -266,8 +267,9 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def _cached_timm_file(hub_id: str):
-    """The cached weights file of a Hugging Face repo id, or None."""
+def cached_timm_file(hub_id: str):
+    """The cached weights file of a Hugging Face repo id, or None. A seam like `reachable`: a test replaces it
+    to play a machine whose cache is empty."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -289,12 +291,12 @@ def _timm_model(timm_name: str, pretrained: bool) -> nn.Module:
     if not hub_id and not cfg.get("url"):
         raise WeightsUnavailableError(f"timm has no pretrained weights for {timm_name!r}; use --weights random or "
                                       f"--weights /path/to/state_dict.pth")
-    cached = _cached_timm_file(hub_id) if hub_id else None
+    cached = cached_timm_file(hub_id) if hub_id else None
     if cached:
         return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached})
     endpoint = _hub_endpoint() if hub_id else cfg["url"]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _reachable(endpoint):
+    if offline or not reachable(endpoint):
         raise WeightsUnavailableError(
             f"timm's pretrained weights for {timm_name!r} are not cached and {urlparse(endpoint).hostname} cannot "
             f"be reached{' (HF_HUB_OFFLINE is set)' if offline else ''}: download them once with network access, "

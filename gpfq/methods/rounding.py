@@ -13,8 +13,8 @@ z = <X̃_t, u_{t-1} + w_t X_t> / ||X̃_t||² to a level differs:
 
 A vectorized rule has the signature
     rounding(argument (G, N1), alphabet (L,) or (G, N1, L), column t) -> q (G, N1)
-(the per-column loop `quantizer.gpfq_columns` and the blocked engine take it; the compiled in-block
-kernel knows these three). A scalar rule, for the float64 reference `quantizer.gpfq_reference`, is
+(the per-column loop `reference.gpfq_columns` and the blocked engine take it; the compiled in-block
+kernel knows these three). A scalar rule, for the float64 reference `reference.gpfq_reference`, is
     rounding(argument (float), levels (L,) float64, neuron i, column t) -> level (float).
 This module imports nothing of the kernel, so the engine, the in-block step and the layer rules
 all import it.

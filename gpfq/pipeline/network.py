@@ -537,9 +537,6 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     return quantized_model, reports
 
 
-_quantize_network = quantize_network  # the old name, for code written against it
-
-
 def _resume(checkpoint, names, quantized_model, generator, stream, reports, log) -> int:
     """Restore a matching checkpoint into the loop's state; the index of the layer to go on at (0: afresh)."""
     state = checkpoint.load(names) if checkpoint is not None else None

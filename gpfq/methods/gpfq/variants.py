@@ -1,7 +1,7 @@
 """The GPFQ family's layer rules with other rounding rules: stochastic GPFQ (SPFQ) and sparse GPFQ.
 
-The walk is GPFQ's (`quantizer.gpfq_columns` or the blocked engine); only the rounding rule of
-`gpfq.methods.rounding` changes. Shapes as `quantizer.gpfq_columns`: weight (G, N1, N0), rows (G, m, N0),
+The walk is GPFQ's (`reference.gpfq_columns` or the blocked engine); only the rounding rule of
+`gpfq.methods.rounding` changes. Shapes as `reference.gpfq_columns`: weight (G, N1, N0), rows (G, m, N0),
 alphabet (L,) or (G, N1, L) -> Q (G, N1, N0).
 """
 import torch
@@ -14,7 +14,7 @@ from gpfq.methods.rounding import ThresholdedRounding, nearest_rounding, spfq_ro
 def gpfq_walk(weight, analog_input, quantized_input, alphabet, rounding=None, engine="auto", dtype=torch.float32,
               first_column="paper"):
     """GPFQ with `rounding` (None: nearest): the per-column loop for engine 'columns', else the blocked
-    engine in the form `engine` ('auto', 'residual', 'gram'). first_column: as `quantizer.gpfq_columns`."""
+    engine in the form `engine` ('auto', 'residual', 'gram'). first_column: as `reference.gpfq_columns`."""
     if engine == "columns":
         return gpfq_columns(weight, analog_input, quantized_input, alphabet, dtype, rounding or nearest_rounding,
                             first_column=first_column)
