@@ -68,7 +68,8 @@ def make_context(default_data, plain_point):
 @pytest.fixture(scope="session")
 def plain_default(default_runs, make_context):
     """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
-    from gpfq.runner.adhoc import SAVED_KEYS, load_saved_model, saved_record
+    from gpfq.io.models import load_saved_model
+    from gpfq.runner.adhoc import SAVED_KEYS, saved_record
     from gpfq.pipeline.network import LayerReport
     _, rows = default_runs
     row = rows[("gpfq", 3)]
@@ -81,7 +82,7 @@ def plain_default(default_runs, make_context):
     same = {k: context.point[k] for k in SAVED_KEYS if k in context.point}
     assert {k: record["hyperparameters"][k] for k in same} == same  # make_context() is the point it ran
     reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
-    model = load_saved_model(context.analog_model, path)
+    model = load_saved_model(path, context.analog_model)
     return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)
 
 

@@ -11,6 +11,7 @@ from gpfq.methods.alphabet import make_alphabet
 from gpfq.pipeline.capture import capture_input
 from gpfq.runner.evaluate import evaluate
 from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
+from gpfq.io.models import load_saved_model
 from gpfq.runner.experiment import expand_grid, parse_overrides
 from gpfq.runner.logs import read_rows
 from gpfq.runner.procedures import LOG_COLUMNS
@@ -121,7 +122,7 @@ def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, t
     # the saved state (with the biases the convolutions gained) loads back
     path = tmp_path / "all.pt"
     torch.save(model.state_dict(), path)
-    loaded = adhoc.load_saved_model(float_model, path)
+    loaded = load_saved_model(path, float_model)
     assert loaded.stages[2].conv2.bias is not None
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 

@@ -208,7 +208,7 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
     process's and Q equal on ≥ 99.9 % of the entries; --resume then runs nothing."""
     import subprocess
     import sys
-    from gpfq.runner.adhoc import load_saved_model
+    from gpfq.io.models import load_saved_model
     from gpfq.runner.evaluate import evaluate
     from gpfq.runner.logs import read_rows
     from gpfq.paths import REPO_ROOT
@@ -225,8 +225,8 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
     single = quantize_default(M, 256)  # one thread, as each rank ran
     loader = torch.utils.data.DataLoader(evaluation, batch_size=256)
     float_top1, _ = evaluate(model, loader, progress=False)
-    quantized = load_saved_model(model, REPO_ROOT / row["Model File"] if not os.path.isabs(row["Model File"])
-                                 else row["Model File"])
+    quantized = load_saved_model(REPO_ROOT / row["Model File"] if not os.path.isabs(row["Model File"])
+                                 else row["Model File"], model)
     distributed_q = {name: module.weight for name, module in quantized.named_modules() if name in single["layers"]}
     equal = sum(int((distributed_q[n].reshape(q.shape) == q).sum()) for n, (q, _) in single["layers"].items())
     total = sum(q.numel() for q, _ in single["layers"].values())

@@ -1,7 +1,6 @@
 """Per-layer checkpoints (gpfq.pipeline.checkpoint): a run SIGKILLed after layer k goes on at layer k + 1 with --resume and
 ends bit for bit where an uninterrupted run ends; a corrupt checkpoint gives one line and a fresh start."""
 import csv
-import hashlib
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import python_env
+from helpers import state_hash
 from torch.utils.data import TensorDataset
 
 from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint
@@ -26,12 +26,8 @@ def run(folder, *extra, env=None):
     return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
 
 
-def state_hash(path) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-        digest.update(key.encode())
-        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def file_hash(path) -> str:
+    return state_hash(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def logged_row(folder) -> dict:
@@ -74,7 +70,7 @@ def test_killed_run_resumes_at_the_next_layer_bit_identical(runs):
     a, b = logged_row(killed), logged_row(fresh)
     assert a["Quantized Top1 Accuracy"] == b["Quantized Top1 Accuracy"]
     assert a["Quantized Top5 Accuracy"] == b["Quantized Top5 Accuracy"]
-    assert state_hash(REPO_ROOT / a["Model File"]) == state_hash(REPO_ROOT / b["Model File"])
+    assert file_hash(REPO_ROOT / a["Model File"]) == file_hash(REPO_ROOT / b["Model File"])
     assert a["Sparsity"] == b["Sparsity"]
 
 

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from gpfq.methods.codes import code_entropy, decode, encode, layer_codebook, pack_codes, stored_bits, unpack_codes
 from gpfq.io.state_dicts import add_missing_biases
+from gpfq.io.storage import write_new_file
 
 FORMAT = "gpfq.quantized"
 FORMAT_VERSION = 1
@@ -146,24 +146,6 @@ def size_report(entries: dict, file_bytes: int, float_bytes: int) -> SizeReport:
     mean = (lambda key: sum(e[key] * e["count"] for e in entries.values()) / count) if count else (lambda key: 0.0)
     levels = "/".join(str(n) for n in sorted({e["levels"] for e in entries.values()}))
     return SizeReport(count, levels, mean("stored_bits"), mean("entropy"), file_bytes, float_bytes)
-
-
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file, flush it to disk, then hard-link it to `path` (which fails,
-    leaving no partial file, if `path` exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; a quantized model file is never overwritten") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- reading

@@ -9,6 +9,7 @@ Every model the scripts save loads with `load_model(name, path)`, or `load_saved
 reads the name from the JSON sidecar: layers that gained a bias (bias correction, folded BatchNorm)
 get one, and BatchNorm layers folded away become Identity, before the state is loaded strictly.
 """
+import copy
 import hashlib
 import json
 import os
@@ -159,9 +160,13 @@ def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
     return model.eval()
 
 
-def load_saved_model(path) -> nn.Module:
-    """A model the scripts saved (`models/<model>/….pt`), built from the model name in its JSON sidecar."""
+def load_saved_model(path, architecture: nn.Module = None) -> nn.Module:
+    """A model the scripts saved (`models/<model>/….pt`), in eval mode: a copy of `architecture` with the saved
+    state dict (layers that gained a bias through bias correction get a zero bias first), or without one built
+    from the model name in its JSON sidecar."""
     path = Path(path)
+    if architecture is not None:
+        return load_weights(copy.deepcopy(architecture), path, None).eval()
     sidecar = path.with_suffix(".json")
     if not sidecar.exists():
         raise WeightsUnavailableError(f"{sidecar} not found: load a saved model without its sidecar with "

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpfq.io.model_file import QuantizedFileError, model_of, read_quantized, write_new_file
+from gpfq.io.model_file import QuantizedFileError, model_of, read_quantized
+from gpfq.io.storage import write_new_file
 
 OPSET = 21  # INT4/UINT4 tensors and per-axis DequantizeLinear of them
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

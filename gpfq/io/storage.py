@@ -45,6 +45,19 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(_write_temporary(path.parent, path.name, write), path)
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write `data` to a hidden temporary file, flush it to disk, then hard-link it to `path` (which fails,
+    leaving no partial file, if `path` exists): a quantized model file or its ONNX export."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temporary(path.parent, path.name, lambda f: f.write(data))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; a quantized model file is never overwritten") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _state_bytes(model) -> memoryview:
     """The model's state dict as torch.save writes it. Serialized in memory first: torch turns a failed write to
     a file (a full disk) into a RuntimeError 'unexpected pos …' that no longer says why; writing the bytes

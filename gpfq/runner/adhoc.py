@@ -23,7 +23,6 @@ biases alone and says so before it starts; 'last' and 'last_float' are refused w
 Works on a fresh quantization or on a saved model (`saved_model`: a .pt in models/ whose JSON sidecar
 gives the hyperparameters it was quantized with); the saved path can only correct biases.
 """
-import copy
 import dataclasses
 import fnmatch
 import json
@@ -43,7 +42,7 @@ from gpfq.errors import bad_hyperparameter
 from gpfq.runner.experiment import Variant
 from gpfq.runner.logs import EXTRA_COLUMNS, PAPER_COLUMNS
 from gpfq.pipeline.network import LayerReport
-from gpfq.io.state_dicts import load_state
+from gpfq.io.models import load_saved_model
 from gpfq.paths import MODEL_DIR, REPO_ROOT
 from gpfq.io.storage import display_path
 
@@ -249,13 +248,6 @@ def correct_bias(analog_model, quantized_model, name: str, chunks, device="cpu",
 
 
 # ---------------------------------------------------------------- saved models
-def load_saved_model(architecture: nn.Module, path) -> nn.Module:
-    """A copy of `architecture` with the state dict saved at `path` (`gpfq.io.state_dicts.load_state`: layers that
-    gained a bias through bias correction get a zero bias first, so the saved state fits)."""
-    model = copy.deepcopy(architecture)
-    return load_state(model, torch.load(path, map_location="cpu", weights_only=True)).eval()
-
-
 def _report_from_dict(record: dict) -> LayerReport:
     fields = {f.name for f in dataclasses.fields(LayerReport)}
     values = {k: v for k, v in record.items() if k in fields}
@@ -286,7 +278,7 @@ def quantize(context):
             f"the forward pass calls, and keep their biases: {', '.join(uncorrectable)}")
 
     if p.get("saved_model"):
-        model = load_saved_model(analog_model, p["saved_model"]).to(device)
+        model = load_saved_model(p["saved_model"], analog_model).to(device)
         reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
         # the codebooks of the source's quantized model file, so the bias-corrected model has one too
         reports = with_alphabets_from(reports, quantized_path(p["saved_model"]))
