@@ -217,10 +217,11 @@ def probe_machine() -> dict:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buffer, "JPEG")
     transform = imagenet_transform()
     decode = timed(lambda: [transform(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")) for _ in range(8)]) / 8
-    start = time.perf_counter()  # a script's start: Python, torch, torchvision and gpfq's imports
-    subprocess.run([sys.executable, "-c", "import gpfq.experiment, torchvision.models"], check=True,
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
-    startup = time.perf_counter() - start
+    # a script's start: Python, torch, torchvision and gpfq's imports. The median of 3: one start measured
+    # while another job loads the disk or the cores was 2.5× the quiet one, and that error then enters every command
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    startup = timed(lambda: subprocess.run([sys.executable, "-c", "import gpfq.experiment, torchvision.models"],
+                                           check=True, env=env), repeats=3, at_least=0)
     return dict(rates=rates, t_dec=decode, startup=startup, threads=torch.get_num_threads())
 
 
