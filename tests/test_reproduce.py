@@ -35,12 +35,13 @@ def paper_rows():
 
 def test_paper_csv_carries_the_logged_numbers():
     rows = {r["id"]: r for r in paper_rows()}
-    assert len(rows) == 45  # 7·3 + 2·3 plain, 1 B7, 4·3 bias correction, 2 float first/last, 3 of ours
+    assert len(rows) == 46  # 7·3 + 2·3 plain, 1 B7, 1 sweep point, 4·3 bias correction, 2 float ends, 3 of ours
     r = rows["plain-resnet50-m512-b3"]
     assert (r["scalar_C"], r["logged_top1"], r["logged_top5"], r["float_top1"]) == ("1.81", "68.51", "89.18", "76.13")
     assert rows["adhoc_bias-resnet18-m2048-b5"]["logged_top1"] == "69.18"
     assert rows["adhoc_bias-resnet18-m2048-b5"]["seed"] == "1"
     assert rows["adhoc_float_ends-resnet18-m2048-b4"]["logged_top1"] == "68.70"
+    assert (rows["batch_sweep-resnet18-m32-b4"]["m"], rows["batch_sweep-resnet18-m32-b4"]["logged_top1"]) == ("32", "19.52")
     assert rows["plain_4to6-mobilenet_v2-m2048-b6"]["logged_top5"] == "89.85"
     assert all(r["source"] and r["note"] for r in rows.values())
     ours = [r for r in rows.values() if r["table"] == "ours_vgg16_m2048"]  # VGG-16 at m 2048: not in the paper
