@@ -46,7 +46,10 @@ author = ""
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
-resume = False                  # True: skip grid points whose row is already in the log (`--resume`)
+resume = False                  # True: skip grid points whose row is already in the log (`--resume`), and go on
+                                #   from the last finished layer of an interrupted one (its checkpoint)
+checkpoint = "auto"             # per-layer checkpoints: "auto" (after each layer while that costs ≤ 5 %), True, False
+                                #   (not with bias_correction "all", which corrects inside the layer loop)
 # --- ad hoc options (at least one on)
 bias_correction = "last_float"  # None; "last": correct the quantized last layer's bias (paper variant 1);
                                 # "last_float": last layer keeps float weights, bias corrected with X̃ (variant 2);
@@ -71,7 +74,7 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               bias_correction=bias_correction,
               bias_batch_size=bias_batch_size, skip_layers=skip_layers, bits_map=bits_map, saved_model=saved_model,
-              resume=resume, log_dir=None, model_dir=None, data_dir=None)
+              resume=resume, checkpoint=checkpoint, log_dir=None, model_dir=None, data_dir=None)
 
 if __name__ == "__main__":
     try:

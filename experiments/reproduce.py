@@ -21,8 +21,9 @@ ImageNet-sized JPEG). Per grid point, in one-core seconds:
     eval     = n_val·t_img (+ the float model once per command unless torchvision publishes it)
     decode   = (L·m + n_val)·t_dec, serial in the script's process (num_workers 0)
 Threads: time/S(N) with S(N) = 1 + E·(N−1), E = PARALLEL_EFFICIENCY (decode excluded).
-Peak memory: 2·model + the largest layer's rows 2·G·rows·N0·4 B (Gram form: 2·G·N0²·8 B plus one chunk's
-rows) + one chunk's activations + BASE_MEMORY.
+Peak memory: BASE_MEMORY + 2·model + the larger of [the largest layer's rows 2·G·rows·N0·4 B (Gram form:
+2·G·N0²·8 B plus one chunk's rows) + three of one chunk's largest activations (fixed calibration: two per
+image of all m, per network)] and [three of an evaluation batch's largest activations].
 """
 import argparse
 import csv
@@ -47,6 +48,7 @@ BIAS_LOG, SKIP_LOG = "Quantization_Log_Bias_Correct.csv", "Quantization_Log_Skip
 PARALLEL_EFFICIENCY = 0.6   # S(N) = 1 + E·(N−1): per-column products scale poorly past a few threads
 BASE_MEMORY = 0.6 * 2 ** 30  # torch and the script itself
 CHUNK_IMAGES = 256          # gpfq.pipeline.streams.CalibrationStream's chunk
+EVAL_BATCH = 256            # gpfq.runner.experiment's evaluation batch (eval_batch_size)
 N_EVAL = {"imagenet": 50000, "fashion_mnist": 10000}
 INPUT_SHAPE = {"fashion_mnist": (1, 28, 28), "imagenet": (3, 224, 224)}  # gpfq.io.data: Resize 256, crop 224
 PROBE_M, PROBE_LAYERS = (8, 32), 3
@@ -97,7 +99,7 @@ def units_of(rows, per_point: bool) -> list:
     return list(groups.values())
 
 
-def command(unit, data_dir, log_dir, threads, python=sys.executable) -> list:
+def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration="fresh") -> list:
     first = unit[0]
     argv = [python, str(ROOT / first["variant"] / "quantize.py"), "--model", first["model"],
             "--dataset", first["dataset"]]
@@ -109,6 +111,7 @@ def command(unit, data_dir, log_dir, threads, python=sys.executable) -> list:
              "--retain_rate", first["retain_rate"], "--seed", first["seed"]]
     for key, value in options_of(first).items():
         argv += [f"--{key}", value]
+    argv += ["--calibration", calibration]  # explicit: the paper's 'fresh' unless asked, whatever a header says
     argv += ["--num_threads", str(threads), "--log_dir", str(log_dir), "--resume"]
     return argv
 
@@ -214,10 +217,11 @@ def probe_machine() -> dict:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buffer, "JPEG")
     transform = imagenet_transform()
     decode = timed(lambda: [transform(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")) for _ in range(8)]) / 8
-    start = time.perf_counter()  # a script's start: Python, torch, torchvision and gpfq's imports
-    subprocess.run([sys.executable, "-c", "import gpfq.runner.experiment, torchvision.models"], check=True,
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
-    startup = time.perf_counter() - start
+    # a script's start: Python, torch, torchvision and gpfq's imports. The median of 3: one start measured
+    # while another job loads the disk or the cores was 2.5× the quiet one, and that error then enters every command
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    startup = timed(lambda: subprocess.run([sys.executable, "-c", "import gpfq.runner.experiment, torchvision.models"],
+                                           check=True, env=env), repeats=3, at_least=0)
     return dict(rates=rates, t_dec=decode, startup=startup, threads=torch.get_num_threads())
 
 
@@ -294,8 +298,13 @@ def probe_cached(name: str, dataset: str) -> dict:
 
 # ---------------------------------------------------------------- cost model
 def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, engine: str = "auto",
-               dataset: str = "imagenet", extra_forward_images: int = 0) -> dict:
-    """One grid point in one-core seconds (forwards, rule, eval) and serial decode seconds, and peak bytes."""
+               dataset: str = "imagenet", extra_forward_images: int = 0, calibration: str = "fresh",
+               n_eval: int = None) -> dict:
+    """One grid point in one-core seconds (forwards, rule, eval) and serial decode seconds, and peak bytes.
+
+    calibration 'fresh' re-runs both networks' prefix on m new images per layer (forwards ∝ m·depth²) and
+    decodes L·m images; 'fixed' runs m images once through both networks (∝ m·depth), decodes m, and holds
+    every image's live activations of both networks at once (`gpfq.pipeline.capture.CachedForward`)."""
     from gpfq.methods.gpfq.engine import choose_form, predicted_cost
     layers, t_img = probe["layers"], probe["t_img"]
     total = sum(layer["macs"] for layer in layers)
@@ -305,7 +314,8 @@ def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, en
         prefix += layer["macs"]
         rows = m * kept_patches(layer, retain_rate)
         g, n0, n1 = layer["groups"], layer["n0"], layer["n1"]
-        forwards += 2 * m * t_img * prefix / total + probe["c_rows"] * g * rows * n0 + probe["c0"]
+        share = prefix / total if calibration == "fresh" else 0.0  # fixed: the one pass is added below
+        forwards += 2 * m * t_img * share + probe["c_rows"] * g * rows * n0 + probe["c0"]
         form = choose_form(engine, rows, n0, n1, g)
         rule += predicted_cost(form, rows, n0, n1, g) / machine["rates"][form]
         if form == "residual":
@@ -313,23 +323,30 @@ def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, en
         else:  # streamed: the float64 sums and one chunk's rows
             held = 2 * g * n0 * n0 * 8 + 2 * g * min(m, CHUNK_IMAGES) * kept_patches(layer, retain_rate) * n0 * 4
         largest = max(largest, held)
-    forwards += extra_forward_images * 2 * t_img
-    n_eval = N_EVAL.get(dataset, 50000)
-    decode_images = len(layers) * m + n_eval + extra_forward_images if dataset == "imagenet" else 0
-    activations = 3 * min(m, CHUNK_IMAGES) * max(layer["activation"] for layer in layers) * 4
-    memory = BASE_MEMORY + 2 * probe["model_bytes"] + largest + activations
+    forwards += extra_forward_images * 2 * t_img + (2 * m * t_img if calibration == "fixed" else 0.0)
+    n_eval = N_EVAL.get(dataset, 50000) if n_eval is None else n_eval
+    drawn = len(layers) * m if calibration == "fresh" else m
+    decode_images = drawn + n_eval + extra_forward_images if dataset == "imagenet" else 0
+    largest_activation = max(layer["activation"] for layer in layers)
+    # evaluation runs batches of EVAL_BATCH images: on ImageNet its activations, not the rows, are the peak
+    evaluation = 3 * min(n_eval, EVAL_BATCH) * largest_activation * 4
+    if calibration == "fresh":
+        activations = 3 * min(m, CHUNK_IMAGES) * largest_activation * 4  # one chunk in flight
+    else:  # every chunk's cached values, two live tensors (a block's input and its branch) per network
+        activations = 2 * 2 * m * largest_activation * 4
+    memory = BASE_MEMORY + 2 * probe["model_bytes"] + max(largest + activations, evaluation)
     return dict(forwards=forwards, rule=rule, eval=n_eval * t_img, decode=decode_images * machine["t_dec"],
                 memory=memory)
 
 
-def unit_estimate(unit, probe, machine, threads: int, workers: int = 0) -> dict:
+def unit_estimate(unit, probe, machine, threads: int, workers: int = 0, calibration: str = "fresh") -> dict:
     """Seconds and peak bytes of one command (its rows' grid points) at `threads` threads."""
     first = unit[0]
     options = options_of(first)
     m = int(first["m"])
     extra = 1024 if options.get("bias_correction", "None") != "None" else 0  # bias_batch_size default
     cost = point_cost(probe, machine, m, float(first["retain_rate"]), options.get("engine", "auto"),
-                      first["dataset"], extra)
+                      first["dataset"], extra, calibration)
     compute = len(unit) * (cost["forwards"] + cost["rule"] + cost["eval"])
     if not (first["dataset"] == "imagenet"):  # the float model is evaluated once per command
         compute += cost["eval"]
@@ -394,20 +411,22 @@ def log_name(row) -> str:
     return BIAS_LOG if options.get("bias_correction", "None") != "None" else SKIP_LOG
 
 
-def match(row, log_rows):
-    """The last log row of the paper row's (model, dataset, bits, C, m, seed, ad hoc options), or None."""
+def match(row, log_rows, calibration="fresh"):
+    """The last log row of the paper row's (model, dataset, bits, C, m, seed, ad hoc options) and calibration
+    mode, or None."""
     options = options_of(row)
     wanted = {"Model Name": row["model"], "Dataset": row["dataset"], "Bits": row["bits"],
               "CNN_Alphabet_Scalar": row["scalar_C"], "MLP_Alphabet_Scalar": row["scalar_C"],
               "Quantization Batch Size": row["m"], "Seed": row["seed"]}
+    hits = [r for r in log_rows if (r.get("Calibration") or "fresh") == calibration]  # older logs: fresh
     if row["variant"] != "quantization_scripts":
         wanted["Bias Correction"] = "" if options.get("bias_correction", "None") == "None" else options["bias_correction"]
         wanted["Skip Layers"] = "" if options.get("skip_layers", "None") == "None" else options["skip_layers"]
-    hits = [r for r in log_rows if all(_same(r.get(c), v) for c, v in wanted.items())]
+    hits = [r for r in hits if all(_same(r.get(c), v) for c, v in wanted.items())]
     return hits[-1] if hits else None
 
 
-def compare(rows, log_dir: Path) -> list:
+def compare(rows, log_dir: Path, calibration="fresh") -> list:
     """One line per paper row: ours (%, from the logs) beside the logged numbers, and the deltas."""
     logs = {}
     lines = []
@@ -415,7 +434,7 @@ def compare(rows, log_dir: Path) -> list:
         name = log_name(row)
         if name not in logs:
             logs[name] = read_log(Path(log_dir) / name)
-        hit = match(row, logs[name])
+        hit = match(row, logs[name], calibration)
         line = dict(id=row["id"], model=row["model"], bits=row["bits"], m=row["m"], C=row["scalar_C"],
                     paper_top1=_number(row["logged_top1"]), paper_top5=_number(row["logged_top5"]),
                     ours_top1=None, ours_top5=None, delta_top1=None, delta_top5=None)
@@ -493,8 +512,8 @@ def list_rows(rows):
         print(f"{table} ({mine[0]['variant']}, {len(mine)} rows)")
         for r in mine:
             top5 = f"/{r['logged_top5']}" if r["logged_top5"] else ""
-            print(f"  {r['id']:<40} {r['model']:<16} {r['bits']} bits  m {r['m']:<5} C {r['scalar_C']:<6} "
-                  f"logged {r['logged_top1']}{top5}")
+            logged = f"logged {r['logged_top1']}{top5}" if r["logged_top1"] else "not in the paper (ours)"
+            print(f"  {r['id']:<40} {r['model']:<16} {r['bits']} bits  m {r['m']:<5} C {r['scalar_C']:<6} {logged}")
 
 
 def parse(argv=None):
@@ -514,6 +533,9 @@ def parse(argv=None):
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown table and figure (default logs/reproduce/)")
     parser.add_argument("--paper_csv", default=str(PAPER_CSV), help="the rows (default experiments/paper_results.csv)")
     parser.add_argument("--cache", default=None, help=f"probe cache (default {cache_path()})")
+    parser.add_argument("--calibration", choices=("fresh", "fixed"), default="fresh",
+                        help="'fresh' (the paper's, default: m new images per layer) or 'fixed' (one set of m "
+                             "images; forwards linear in depth, but every image's activations held: docs/results.md)")
     parser.add_argument("--compare_only", action="store_true", help="run nothing: compare the logs with the paper")
     return parser.parse_args(argv)
 
@@ -541,14 +563,15 @@ def run(args) -> int:
         for model, dataset in tqdm(list(dict.fromkeys((u[0]["model"], u[0]["dataset"]) for u in units)),
                                    desc="probes", leave=False):
             probes[model, dataset] = probe_cached(model, dataset)
-        jobs, threads, reason = plan(units, [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, 1)
+        jobs, threads, reason = plan(units, [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, 1,
+                                                           calibration=args.calibration)
                                              for u in units], args.cores, args.jobs, memory)
-        estimates = [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, threads, args.num_workers)
-                     for u in units]
+        estimates = [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, threads, args.num_workers,
+                                   args.calibration) for u in units]
     if reason:
         print(f"note: {reason}")
     commands = [command(u, args.data_dir or (None if u[0]["dataset"] != "imagenet" else ROOT / "data"),
-                        args.log_dir, threads) for u in units]
+                        args.log_dir, threads, calibration=args.calibration) for u in units]
     if args.num_workers:
         commands = [c + ["--num_workers", str(args.num_workers)] for c in commands]
     if args.compare_only:
@@ -569,7 +592,7 @@ def run(args) -> int:
                   f"(cost model: experiments/reproduce.py docstring, docs/paper.md)")
         return 0
     run_commands(commands, jobs, Path(args.out), estimates)
-    lines = compare(rows, Path(args.log_dir))
+    lines = compare(rows, Path(args.log_dir), args.calibration)
     table = markdown(lines)
     print(table, end="")
     out = Path(args.out)

@@ -154,3 +154,37 @@ def test_stream_order_is_the_seeded_shuffle_of_before():
         dataset, batch_size=7, shuffle=True, generator=generator)])
     stream = CalibrationStream(dataset, 5, chunk_size=7)
     assert torch.equal(torch.cat([c for _ in range(6) for c in stream.chunks(15)]), expected)
+
+
+ADHOC = REPO_ROOT / "adhoc_quantization_scripts" / "quantize.py"
+
+
+def adhoc_run(folder, *extra, env=None):
+    argv = [sys.executable, str(ADHOC), "--batch_size", "64", "--num_threads", "1", "--bias_correction", "last",
+            "--bias_batch_size", "128", "--checkpoint", "True", "--log_dir", str(folder / "logs"), "--model_dir",
+            str(folder / "models"), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
+
+
+def test_adhoc_run_killed_mid_way_resumes_bit_identical(tmp_path):
+    """The ad hoc script (bias correction of the last layer, drawn from its own stream after the layer loop):
+    SIGKILLed after layer KILL_AFTER, resumed, it logs the row and saves the model an uninterrupted run does."""
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    first = adhoc_run(killed, env={KILL_VARIABLE: str(KILL_AFTER)})
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert len(checkpoints(killed)) == 1 and not (killed / "logs" / "Quantization_Log_Bias_Correct.csv").exists()
+    resumed, reference = adhoc_run(killed, "--resume"), adhoc_run(whole)
+    assert resumed.returncode == 0 and reference.returncode == 0, resumed.stderr[-2000:] + reference.stderr[-2000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"layers 1-{KILL_AFTER} of 10 restored from" in output and f"[{KILL_AFTER}/10]" not in output
+    rows = []
+    for folder in (killed, whole):
+        with open(folder / "logs" / "Quantization_Log_Bias_Correct.csv", newline="") as f:
+            [row] = list(csv.DictReader(f))
+        rows.append(row)
+    a, b = rows
+    assert a["Bias Correction"] == "last"
+    for column in ("Quantized Top1 Accuracy", "Quantized Top5 Accuracy", "Average Bits", "Sparsity"):
+        assert a[column] == b[column], column
+    assert state_hash(REPO_ROOT / a["Model File"]) == state_hash(REPO_ROOT / b["Model File"])
+    assert checkpoints(killed) == [] and checkpoints(whole) == []  # removed once the row is logged

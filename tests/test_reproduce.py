@@ -35,14 +35,18 @@ def paper_rows():
 
 def test_paper_csv_carries_the_logged_numbers():
     rows = {r["id"]: r for r in paper_rows()}
-    assert len(rows) == 42  # 7·3 + 2·3 plain, 1 B7, 4·3 bias correction, 2 float first/last
+    assert len(rows) == 46  # 7·3 + 2·3 plain, 1 B7, 1 sweep point, 4·3 bias correction, 2 float ends, 3 of ours
     r = rows["plain-resnet50-m512-b3"]
     assert (r["scalar_C"], r["logged_top1"], r["logged_top5"], r["float_top1"]) == ("1.81", "68.51", "89.18", "76.13")
     assert rows["adhoc_bias-resnet18-m2048-b5"]["logged_top1"] == "69.18"
     assert rows["adhoc_bias-resnet18-m2048-b5"]["seed"] == "1"
     assert rows["adhoc_float_ends-resnet18-m2048-b4"]["logged_top1"] == "68.70"
+    assert (rows["batch_sweep-resnet18-m32-b4"]["m"], rows["batch_sweep-resnet18-m32-b4"]["logged_top1"]) == ("32", "19.52")
     assert rows["plain_4to6-mobilenet_v2-m2048-b6"]["logged_top5"] == "89.85"
     assert all(r["source"] and r["note"] for r in rows.values())
+    ours = [r for r in rows.values() if r["table"] == "ours_vgg16_m2048"]  # VGG-16 at m 2048: not in the paper
+    assert [(r["model"], r["m"], r["bits"], r["logged_top1"]) for r in ours] == [("vgg16", "2048", b, "") for b in "345"]
+    assert all(r["source"].startswith("ours: not in the paper") for r in ours)
 
 
 def test_list_prints_every_row():
@@ -62,10 +66,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "ImageNet" in err
 
 
+def dry_run_commands(capsys, *args):
+    assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data", *args]) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.splitlines() if "quantize.py" in line]
+
+
 def test_dry_run_commands_parse_in_their_scripts(capsys):
     """Each command's flags are the script's header keys, and give the row's hyperparameters."""
-    assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data"]) == 0
-    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if "quantize.py" in line]
+    commands = dry_run_commands(capsys)
     rows = paper_rows()
     assert len(commands) == len({(r["variant"], r["model"], r["m"], r["options"], r["seed"]) for r in rows})
     covered = set()
@@ -73,6 +81,7 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
         variant = argv[1].split("/")[-2]
         config = parse_overrides(script_header(variant), argv[2:])  # exits on an unknown flag
         assert config["dataset"] == "imagenet" and config["data_dir"] == "/data" and config["resume"] is True
+        assert config["calibration"] == "fresh"  # the paper's procedure unless asked otherwise
         bits = config["bits"] if isinstance(config["bits"], list) else [config["bits"]]
         for row in rows:
             if (row["variant"], row["model"], int(row["m"])) == (variant, config["model_name"], config["batch_size"]) \
@@ -82,6 +91,12 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
                 assert config["cnn_scalar"] == config["mlp_scalar"] == float(row["scalar_C"])
                 covered.add(row["id"])
     assert covered == {r["id"] for r in rows}
+
+
+def test_calibration_fixed_reaches_every_command(capsys):
+    commands = dry_run_commands(capsys, "--calibration", "fixed", "--table", "plain", "adhoc_bias")
+    assert commands and all(parse_overrides(script_header(argv[1].split("/")[-2]), argv[2:])["calibration"] == "fixed"
+                            for argv in commands)
 
 
 def fake_probe(layers, t_img=1e-3):
@@ -94,9 +109,9 @@ def test_cost_model_scales_as_stated():
     layer = dict(kind="linear", n0=64, n1=32, groups=1, patches=1, macs=64 * 32, activation=64)
     shallow = fake_probe([layer] * 4)
     deep = fake_probe([layer] * 8, t_img=2e-3)  # twice the layers, each image twice as long to run
-    a = reproduce.point_cost(shallow, machine, 128, engine="residual", dataset="fashion_mnist")
-    b = reproduce.point_cost(deep, machine, 128, engine="residual", dataset="fashion_mnist")
-    c = reproduce.point_cost(shallow, machine, 512, engine="residual", dataset="fashion_mnist")
+    cost = lambda probe, m, **kw: reproduce.point_cost(probe, machine, m, dataset="fashion_mnist", n_eval=1,
+                                                        **dict(dict(engine="residual"), **kw))
+    a, b, c = cost(shallow, 128), cost(deep, 128), cost(shallow, 512)
     # fresh forwards: 2·m·t_img·Σ f_i, f_i = i/L for equal layers: (L+1)/2 → m·t_img·(L+1)
     assert a["forwards"] == pytest.approx(128 * 1e-3 * 5)
     assert b["forwards"] == pytest.approx(128 * 2e-3 * 9)  # ~ depth²
@@ -106,10 +121,16 @@ def test_cost_model_scales_as_stated():
     assert a["rule"] > 4 * 128 * 64 * 3 * 32 / 1e9
     # memory: X and X̃ rows of the largest layer in float32, flat in m under the Gram form
     assert c["memory"] - a["memory"] == pytest.approx(2 * (512 - 128) * 64 * 4 + 3 * (256 - 128) * 64 * 4)
-    g1 = reproduce.point_cost(shallow, machine, 128, engine="gram", dataset="fashion_mnist")
-    g2 = reproduce.point_cost(shallow, machine, 4096, engine="gram", dataset="fashion_mnist")
+    g1, g2 = cost(shallow, 128, engine="gram"), cost(shallow, 4096, engine="gram")
     held = lambda m: 2 * 64 * 64 * 8 + 2 * min(m, 256) * 64 * 4 + 3 * min(m, 256) * 64 * 4
     assert g2["memory"] - g1["memory"] == pytest.approx(held(4096) - held(128))
+    # an evaluation batch of 256 images (3 activations each) outweighs 2·128 rows + 3 of 128 images' activations
+    full_eval = reproduce.point_cost(shallow, machine, 128, engine="residual", dataset="fashion_mnist")
+    assert full_eval["memory"] - a["memory"] == pytest.approx(3 * 256 * 64 * 4 - (2 * 128 + 3 * 128) * 64 * 4)
+    # fixed calibration: one pass of m images through both networks (linear in depth), all m images held
+    f_shallow, f_deep = cost(shallow, 128, calibration="fixed"), cost(deep, 128, calibration="fixed")
+    assert f_shallow["forwards"] == pytest.approx(2 * 128 * 1e-3) and f_deep["forwards"] == pytest.approx(2 * 128 * 2e-3)
+    assert f_shallow["memory"] - a["memory"] == pytest.approx(2 * 2 * 128 * 64 * 4 - 3 * 128 * 64 * 4)
     assert reproduce.speedup(1) == 1 and reproduce.speedup(5) == pytest.approx(1 + 4 * reproduce.PARALLEL_EFFICIENCY)
     assert reproduce.makespan([3, 2, 2, 1], 2) == 4
 
@@ -139,6 +160,7 @@ def test_compare_gives_the_deltas_of_a_logged_row(tmp_path):
     assert line["delta_top5"] == pytest.approx(87.90 - 88.09)
     table = reproduce.markdown([line])
     assert "| 67.7 | 68.01 | +0.31 |" in table and "-0.19" in table
+    assert reproduce.compare([row], tmp_path, calibration="fixed")[0]["ours_top1"] is None  # logged as fresh
     [missing] = reproduce.compare([dict(row, bits="5")], tmp_path)
     assert missing["ours_top1"] is None and "–" in reproduce.markdown([missing])
 

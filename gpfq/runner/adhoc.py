@@ -312,8 +312,11 @@ def quantize(context):
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
                          corrections.draw(p["bias_batch_size"]), device, log)
 
+        # the checkpoint holds the loop's state; 'last' corrections draw from their own stream after the loop,
+        # so a resumed point ends as an uninterrupted one ('all' corrects inside the loop: the loop turns it off)
         result = quantize_model(analog_model, context.stream(), context.config, device=device, layers=layers,
-                                after_layer=after_layer if mode == "all" else None, log=log)
+                                after_layer=after_layer if mode == "all" else None, log=log,
+                                checkpoint=context.checkpoint)
         model, reports = result.model, result.reports
     if mode in ("last", "last_float"):
         correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)

@@ -205,6 +205,8 @@ class Variant:
         model's layers or the data's size (in `preflight`, before any point runs).
     name: starts the saved models' file names, so variants' models stand apart; file_prefix(point), when
         given, replaces it with one that also names the point's options (e.g. 'adhoc_bias-all').
+    layer_checkpoints: whether quantize passes `context.checkpoint` to the layer loop (per-layer resume); off
+        for a variant whose state lives outside that loop (retraining's fine-tuned model and optimizer).
     """
     name: str = ""
     file_prefix: Optional[Callable] = None
@@ -218,6 +220,7 @@ class Variant:
     resolve_point: Optional[Callable] = None
     validate_point: Optional[Callable] = None
     validate_model: Optional[Callable] = None
+    layer_checkpoints: bool = True
 
     def log_names_of(self, point: dict) -> list:
         """The logs a point's row goes to."""
@@ -337,15 +340,15 @@ def save_results(model, reports, record, model_dir: Path, stem: str, point: dict
 
 
 def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log):
-    """The point's per-layer checkpoint (gpfq.pipeline.checkpoint) in its model folder; None when off. Only the plain
-    script has them: the variants keep state outside the layer loop (bias streams, fine-tuning)."""
+    """The point's per-layer checkpoint (gpfq.pipeline.checkpoint) in its model folder; None when off or when the variant
+    keeps state outside the layer loop (`Variant.layer_checkpoints`: the retraining variant)."""
     mode = point.get("checkpoint", "auto")
     if mode is False:
         return None
-    if variant.quantize is not plain_quantize:
+    if not variant.layer_checkpoints:
         if mode is True:
-            log("checkpoint: per-layer checkpoints are for the plain script only; this variant restarts an "
-                "interrupted point from its first layer")
+            log(f"checkpoint: the {variant.name} variant has no per-layer checkpoints (its state lives outside the "
+                f"layer loop); an interrupted point restarts from its first layer")
         return None
     if distributed.current().active:  # each rank's share of the stream lives in gpfq.pipeline.distributed
         return None

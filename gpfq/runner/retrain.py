@@ -169,4 +169,4 @@ def variant_columns(point: dict) -> dict:
 
 RETRAIN = Variant(name="retrain", quantize=quantize, logs=LOGS, header_keys=HEADER_KEYS, grid_keys=GRID_KEYS,
                   columns=variant_columns, result_columns=frozenset({"Retrain Seconds", "Per-Step Top1"}),
-                  validate_point=validate_point)
+                  validate_point=validate_point, layer_checkpoints=False)
