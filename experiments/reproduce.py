@@ -99,7 +99,8 @@ def units_of(rows, per_point: bool) -> list:
     return list(groups.values())
 
 
-def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration="fresh") -> list:
+def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration="fresh", weights=None,
+            eval_subset=None) -> list:
     first = unit[0]
     argv = [python, str(ROOT / first["variant"] / "quantize.py"), "--model", first["model"],
             "--dataset", first["dataset"]]
@@ -112,6 +113,10 @@ def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration
     for key, value in options_of(first).items():
         argv += [f"--{key}", value]
     argv += ["--calibration", calibration]  # explicit: the paper's 'fresh' unless asked, whatever a header says
+    if weights:
+        argv += ["--weights", weights]
+    if eval_subset:
+        argv += ["--eval_subset", str(eval_subset)]
     argv += ["--num_threads", str(threads), "--log_dir", str(log_dir), "--resume"]
     return argv
 
@@ -339,14 +344,15 @@ def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, en
                 memory=memory)
 
 
-def unit_estimate(unit, probe, machine, threads: int, workers: int = 0, calibration: str = "fresh") -> dict:
+def unit_estimate(unit, probe, machine, threads: int, workers: int = 0, calibration: str = "fresh",
+                  n_eval: int = None) -> dict:
     """Seconds and peak bytes of one command (its rows' grid points) at `threads` threads."""
     first = unit[0]
     options = options_of(first)
     m = int(first["m"])
     extra = 1024 if options.get("bias_correction", "None") != "None" else 0  # bias_batch_size default
     cost = point_cost(probe, machine, m, float(first["retain_rate"]), options.get("engine", "auto"),
-                      first["dataset"], extra, calibration)
+                      first["dataset"], extra, calibration, n_eval)
     compute = len(unit) * (cost["forwards"] + cost["rule"] + cost["eval"])
     if not (first["dataset"] == "imagenet"):  # the float model is evaluated once per command
         compute += cost["eval"]
@@ -411,14 +417,16 @@ def log_name(row) -> str:
     return BIAS_LOG if options.get("bias_correction", "None") != "None" else SKIP_LOG
 
 
-def match(row, log_rows, calibration="fresh"):
-    """The last log row of the paper row's (model, dataset, bits, C, m, seed, ad hoc options) and calibration
-    mode, or None."""
+def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=None):
+    """The last log row of the paper row's (model, dataset, bits, C, m, seed, ad hoc options), calibration
+    mode, weights and eval subset, or None: a rehearsal (random weights, a subset) never passes for a real run."""
     options = options_of(row)
     wanted = {"Model Name": row["model"], "Dataset": row["dataset"], "Bits": row["bits"],
               "CNN_Alphabet_Scalar": row["scalar_C"], "MLP_Alphabet_Scalar": row["scalar_C"],
               "Quantization Batch Size": row["m"], "Seed": row["seed"]}
-    hits = [r for r in log_rows if (r.get("Calibration") or "fresh") == calibration]  # older logs: fresh
+    hits = [r for r in log_rows if (r.get("Calibration") or "fresh") == calibration  # older logs: fresh
+            and (r.get("Weights") or "DEFAULT").split()[0] == (weights or "DEFAULT")
+            and (r.get("Eval Subset") or "") == (str(eval_subset) if eval_subset else "")]
     if row["variant"] != "quantization_scripts":
         wanted["Bias Correction"] = "" if options.get("bias_correction", "None") == "None" else options["bias_correction"]
         wanted["Skip Layers"] = "" if options.get("skip_layers", "None") == "None" else options["skip_layers"]
@@ -426,7 +434,7 @@ def match(row, log_rows, calibration="fresh"):
     return hits[-1] if hits else None
 
 
-def compare(rows, log_dir: Path, calibration="fresh") -> list:
+def compare(rows, log_dir: Path, calibration="fresh", weights="DEFAULT", eval_subset=None) -> list:
     """One line per paper row: ours (%, from the logs) beside the logged numbers, and the deltas."""
     logs = {}
     lines = []
@@ -434,7 +442,7 @@ def compare(rows, log_dir: Path, calibration="fresh") -> list:
         name = log_name(row)
         if name not in logs:
             logs[name] = read_log(Path(log_dir) / name)
-        hit = match(row, logs[name], calibration)
+        hit = match(row, logs[name], calibration, weights, eval_subset)
         line = dict(id=row["id"], model=row["model"], bits=row["bits"], m=row["m"], C=row["scalar_C"],
                     paper_top1=_number(row["logged_top1"]), paper_top5=_number(row["logged_top5"]),
                     ours_top1=None, ours_top5=None, delta_top1=None, delta_top5=None)
@@ -536,6 +544,12 @@ def parse(argv=None):
     parser.add_argument("--calibration", choices=("fresh", "fixed"), default="fresh",
                         help="'fresh' (the paper's, default: m new images per layer) or 'fixed' (one set of m "
                              "images; forwards linear in depth, but every image's activations held: docs/results.md)")
+    parser.add_argument("--weights", default=None,
+                        help="passed to the scripts, e.g. 'random' for a rehearsal without the pretrained weights "
+                             "(compared only with rows logged with the same weights)")
+    parser.add_argument("--eval_subset", type=int, default=None,
+                        help="passed to the scripts: a class-balanced N of the evaluation set, for a quick look "
+                             "(logged in the row's Eval Subset column and compared only with such rows)")
     parser.add_argument("--compare_only", action="store_true", help="run nothing: compare the logs with the paper")
     return parser.parse_args(argv)
 
@@ -564,14 +578,15 @@ def run(args) -> int:
                                    desc="probes", leave=False):
             probes[model, dataset] = probe_cached(model, dataset)
         jobs, threads, reason = plan(units, [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, 1,
-                                                           calibration=args.calibration)
+                                                           calibration=args.calibration, n_eval=args.eval_subset)
                                              for u in units], args.cores, args.jobs, memory)
         estimates = [unit_estimate(u, probes[u[0]["model"], u[0]["dataset"]], machine, threads, args.num_workers,
-                                   args.calibration) for u in units]
+                                   args.calibration, args.eval_subset) for u in units]
     if reason:
         print(f"note: {reason}")
     commands = [command(u, args.data_dir or (None if u[0]["dataset"] != "imagenet" else ROOT / "data"),
-                        args.log_dir, threads, calibration=args.calibration) for u in units]
+                        args.log_dir, threads, calibration=args.calibration, weights=args.weights,
+                        eval_subset=args.eval_subset) for u in units]
     if args.num_workers:
         commands = [c + ["--num_workers", str(args.num_workers)] for c in commands]
     if args.compare_only:
@@ -592,7 +607,7 @@ def run(args) -> int:
                   f"(cost model: experiments/reproduce.py docstring, docs/paper.md)")
         return 0
     run_commands(commands, jobs, Path(args.out), estimates)
-    lines = compare(rows, Path(args.log_dir), args.calibration)
+    lines = compare(rows, Path(args.log_dir), args.calibration, args.weights, args.eval_subset)
     table = markdown(lines)
     print(table, end="")
     out = Path(args.out)

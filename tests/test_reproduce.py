@@ -185,3 +185,42 @@ def test_end_to_end_one_tiny_row(tmp_path):
     assert f"| tiny | fashion_resnet | 4 | 64 | 1.3 | 90.0 | {ours} | {ours - 90:+.2f} |" in result.stdout
     assert (tmp_path / "out" / "reproduce.md").read_text() in result.stdout
     assert (tmp_path / "out" / "reproduce.png").stat().st_size > 0
+
+
+def write_mini_imagenet(root):
+    """ILSVRC2012/train and val in class folders: 3 wnids, 4 train and 2 val JPEGs each (random pixels)."""
+    import numpy as np
+    from PIL import Image
+    for c, wnid in enumerate(["n01440764", "n01443537", "n01484850"]):
+        for split, n in (("train", 4), ("val", 2)):
+            for i in range(n):
+                path = root / "ILSVRC2012" / split / wnid / f"{wnid}_{split}_{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.random.default_rng(100 * c + 10 * i + len(split)).integers(0, 255, (240, 260, 3))
+                Image.fromarray(pixels.astype(np.uint8)).save(path, "JPEG")
+
+
+@pytest.mark.slow
+def test_end_to_end_paper_row_random_weights_synthetic_imagenet(tmp_path):
+    """A paper row (ResNet-18, 4 bits) at m 4 on a synthetic ImageNet with random weights: the command carries
+    --weights random and --eval_subset, the row is matched with the same weights and subset only, and the table
+    shows ours beside the logged 67.70 with the delta."""
+    write_mini_imagenet(tmp_path / "data")
+    rows = paper_rows()
+    row = dict(next(r for r in rows if r["id"] == "plain-resnet18-m1024-b4"), m="4")
+    with open(tmp_path / "one.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerow(row)
+    args = ["--paper_csv", str(tmp_path / "one.csv"), "--log_dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out"),
+            "--data_dir", str(tmp_path / "data"), "--weights", "random", "--eval_subset", "6", "--no_estimate"]
+    result = run(*args, "--cores", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [logged] = list(csv.DictReader(open(tmp_path / "logs" / "Quantization_Log.csv")))
+    assert (logged["Weights"], logged["Eval Subset"], logged["Calibration"], logged["Model Name"]) == (
+        "random", "6", "fresh", "resnet18")
+    ours = round(100 * float(logged["Quantized Top1 Accuracy"]), 2)
+    assert f"| plain-resnet18-m1024-b4 | resnet18 | 4 | 4 | 1.16 | 67.7 | {ours} | {ours - 67.70:+.2f} |" in result.stdout
+    # the same log read for the pretrained weights or the whole set: nothing of ours to show
+    assert load().compare([row], tmp_path / "logs")[0]["ours_top1"] is None
+    assert load().compare([row], tmp_path / "logs", weights="random", eval_subset=6)[0]["ours_top1"] == ours
