@@ -79,8 +79,10 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     `rounding`: None (nearest) or a vectorized rule of `gpfq.rounding` (SPFQ, sparse GPFQ).
     `first_column`: "paper" or "code2022" (`gpfq.quantizer`).
     """
-    X = analog_input.detach().to(dtype)
-    Xq = quantized_input.detach().to(dtype)
+    # The rows stay as given (any dtype, a strided view per group): each block's columns are converted while
+    # they are copied into the workspace, so no whole-layer copy of X, X̃ is made.
+    X = analog_input.detach()
+    Xq = quantized_input.detach()
     n_groups, n_neurons, n_inputs = weight.shape
     n_rows = X.shape[1]
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
@@ -90,8 +92,10 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
     # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
     # projection X̃_bᵀU and both in-block Grams, and one product [X_b | X̃_b][W_b | −Q_b]ᵀ updates U.
-    workspace = torch.zeros(n_groups, n_rows, n_neurons + 2 * block_size, dtype=dtype, device=Wt.device)
+    # Only U starts at zero; the [X_b | X̃_b] columns are written by every block before they are read.
+    workspace = torch.empty(n_groups, n_rows, n_neurons + 2 * block_size, dtype=dtype, device=Wt.device)
     residual = workspace[:, :, :n_neurons]
+    residual.zero_()
     Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)  # Qᵀ
     coefficients = torch.empty(n_groups, 2 * block_size, n_neurons, dtype=dtype, device=Wt.device)
     for start in range(0, n_inputs, block_size):
@@ -133,7 +137,7 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
     H = quantized_gram.to(dtype)
-    Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)
+    Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)  # rows < start are written
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
         with block_threads(n_groups * (stop - start) * stop * n_neurons):

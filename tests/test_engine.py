@@ -103,6 +103,23 @@ def test_streamed_statistics_are_the_sums_over_chunks():
     assert GramStatistics(2, 20).add(analog, quantized).cross.numel() == 2 * 20 * 20  # no trace of m
 
 
+def test_rows_of_another_dtype_or_layout_give_the_bits_of_float32_rows():
+    # The residual form converts each block's columns as it copies them (no whole-layer copy): float64 rows, and
+    # rows as the per-group strided view the pipeline passes, give exactly the Q of contiguous float32 rows.
+    weight, analog, quantized, alphabet = _layer(3, 150, 36, 5, seed=7)
+    expected = gpfq_residual(weight, analog, quantized, alphabet, block_size=8)
+    from_float64 = gpfq_residual(weight, analog.double(), quantized.double().float().double(), alphabet,
+                                 block_size=8)
+    assert torch.equal(from_float64, expected)
+    strided = [rows.permute(1, 0, 2).contiguous().permute(1, 0, 2) for rows in (analog, quantized)]
+    assert not strided[0].is_contiguous()
+    assert torch.equal(gpfq_residual(weight, *strided, alphabet, block_size=8), expected)
+    # float64 rows that float32 cannot hold round as `.float()` rounds them
+    fine = analog.double() + 1e-9
+    assert torch.equal(gpfq_residual(weight, fine, quantized, alphabet, block_size=8),
+                       gpfq_residual(weight, fine.float(), quantized, alphabet, block_size=8))
+
+
 def test_form_choice_follows_the_cost_formulas():
     # residual ≈ 3·m·N0·N1 (+ 2·m·N0·B), Gram ≈ 2·m·N0² + N1·N0²
     block = default_block_size("residual", 64)
