@@ -189,9 +189,9 @@ class GramStatistics:
         X64 = X.double()  # exact sums of float32 rows: all-equal rows are told apart from nearly equal ones
         self.analog_sum += X64.sum(dim=1)
         self.quantized_sum += Xq.sum(dim=1)
-        self.analog_square_sum += X64.pow(2).sum()
+        self.analog_square_sum += X64.pow_(2).sum()  # squared in place: the float64 copy is not needed again
         if self.weight is not None:
-            self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow(2).sum()
+            self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow_(2).sum()
         self.rows += X.shape[1]
         return self
 
@@ -211,13 +211,55 @@ class GramStatistics:
 
 # ---------------------------------------------------------------- choosing a form
 def predicted_cost(form, rows, n_inputs, n_neurons, n_groups=1, block_size=None):
-    """Multiply-adds of one layer in `form` (the dominant terms; the same for both alphabet kinds)."""
+    """Multiply-adds of one layer's matrix products in `form` (the dominant terms; both alphabet kinds)."""
     if form == "residual":
         block_size = block_size or default_block_size("residual", n_neurons)
         return n_groups * rows * n_inputs * (3 * n_neurons + 2 * min(block_size, n_inputs))
     if form == "gram":
         return n_groups * (2 * rows * n_inputs ** 2 + n_neurons * n_inputs ** 2)
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def cost_terms(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUNK_ROWS):
+    """The counts `predicted_seconds` weighs for one layer in `form`, as {term: count}.
+
+    residual: products = G·m·N0·(3·N1 + 2·B) multiply-adds; rows = G·m·N0, the entries of X, X̃ copied into the
+    workspace (memory-bound); inblock = G·N0·B·N1, the in-block step; grouped = G·m·N0 when G > 1 (batched
+    products of tiny matrices run at about copy speed).
+    gram: sums = 2·G·m·N0² + G·m·N0·N1 multiply-adds (the streamed X̃ᵀX, X̃ᵀX̃ and XWᵀ); rows = G·m·(N0 + N1), the
+    float64 sums of each chunk; rule = G·N1·N0², the block products from the sums; grouped as above.
+    `chunk_rows` is kept for other models (the fitted one has no per-chunk term).
+    """
+    del chunk_rows
+    block = min(default_block_size(form, n_neurons), n_inputs)
+    grouped = n_groups * rows * n_inputs if n_groups > 1 else 0
+    if form == "residual":
+        return {"products": predicted_cost("residual", rows, n_inputs, n_neurons, n_groups),
+                "rows": n_groups * rows * n_inputs, "inblock": n_groups * n_inputs * block * n_neurons,
+                "grouped": grouped}
+    if form == "gram":
+        return {"sums": n_groups * rows * n_inputs * (2 * n_inputs + n_neurons),
+                "rows": n_groups * rows * (n_inputs + n_neurons), "rule": n_groups * n_neurons * n_inputs ** 2,
+                "grouped": grouped}
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+# Seconds per count of `cost_terms`, fitted by `benchmarks/bench_layer.py --grid --fit` on this project's 2-core
+# machine, one thread (docs/engine.md). Only the ratio of the two forms' sums decides, so another machine
+# needs other constants only where its products and copies differ in relative speed.
+FORM_SECONDS = {
+    "residual": {"products": 4.38e-11, "rows": 5.98e-09, "inblock": 1.54e-10, "grouped": 1.26e-08},
+    "gram": {"sums": 2.98e-11, "rows": 1.23e-08, "rule": 1.09e-10, "grouped": 4.71e-08},
+}
+
+
+def predicted_seconds(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUNK_ROWS):
+    """Seconds of one layer in `form` by the fitted cost model: Σ FORM_SECONDS[form][term] · count of term."""
+    constants = FORM_SECONDS[form] if form in FORM_SECONDS else None
+    if constants is None:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    terms = cost_terms(form, rows, n_inputs, n_neurons, n_groups, chunk_rows)
+    return sum(constants[term] * count for term, count in terms.items())
 
 
 def rows_bytes(rows, n_inputs, n_groups=1, element_size=4):
@@ -233,8 +275,8 @@ def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAU
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if rows_bytes(rows, n_inputs, n_groups) > rows_budget:
         return "gram"
-    residual = predicted_cost("residual", rows, n_inputs, n_neurons, n_groups)
-    gram = predicted_cost("gram", rows, n_inputs, n_neurons, n_groups)
+    residual = predicted_seconds("residual", rows, n_inputs, n_neurons, n_groups)
+    gram = predicted_seconds("gram", rows, n_inputs, n_neurons, n_groups)
     return "residual" if residual <= gram else "gram"
 
 
