@@ -18,8 +18,8 @@ contribution of earlier blocks, both exact up to floating-point order:
   see `GramStatistics`); the block needs G[b, ≤t] Wᵀ − H[b, <s] Qᵀ.
   Cost ≈ 2·m·N0² (the Grams) + N1·N0²; memory independent of m.
 
-`choose_form` picks the cheaper one per layer, or the Gram form when the rows would
-not fit in memory. The in-block step is `gpfq.inblock` (compiled on the CPU); it rounds with
+`choose_form` picks the one with fewer predicted seconds (`predicted_seconds`: a cost model fitted to measured
+times, docs/engine.md) per layer, or the Gram form when the rows would not fit in memory. The in-block step is `gpfq.inblock` (compiled on the CPU); it rounds with
 the midpoints of `round_to_alphabet`, so a 1-D alphabet (L,) and per-neuron alphabets
 (G, N1, L) both work, and takes the other rounding rules of `gpfq.rounding` (`rounding=`).
 """
@@ -244,17 +244,18 @@ def cost_terms(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUN
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
-# Seconds per count of `cost_terms`, fitted by `benchmarks/bench_layer.py --grid --fit` on this project's 2-core
-# machine, one thread (docs/engine.md). Only the ratio of the two forms' sums decides, so another machine
+# Seconds per count of `cost_terms`, fitted by `benchmarks/bench_layer.py --grid --fit` to two runs on this
+# project's 2-core machine, one thread (docs/engine.md). Only the ratio of the two forms' sums decides, so another machine
 # needs other constants only where its products and copies differ in relative speed.
 FORM_SECONDS = {
-    "residual": {"products": 4.38e-11, "rows": 5.98e-09, "inblock": 1.54e-10, "grouped": 1.26e-08},
-    "gram": {"sums": 2.98e-11, "rows": 1.23e-08, "rule": 1.09e-10, "grouped": 4.71e-08},
+    "residual": {"products": 3.97e-11, "rows": 5.6e-09, "inblock": 2.22e-10, "grouped": 1.22e-08},
+    "gram": {"sums": 2.91e-11, "rows": 9.73e-09, "rule": 1.11e-10, "grouped": 5.02e-08},
 }
 
 
 def predicted_seconds(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUNK_ROWS):
-    """Seconds of one layer in `form` by the fitted cost model: Σ FORM_SECONDS[form][term] · count of term."""
+    """Seconds of one layer in `form` by the fitted cost model: Σ FORM_SECONDS[form][term] · cost_terms[term]
+    (both sums, with their constants, in docs/engine.md). Shapes: m = `rows`, N0 = `n_inputs`, N1 = `n_neurons`."""
     constants = FORM_SECONDS[form] if form in FORM_SECONDS else None
     if constants is None:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -268,7 +269,8 @@ def rows_bytes(rows, n_inputs, n_groups=1, element_size=4):
 
 
 def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAULT_ROWS_BUDGET):
-    """'residual' or 'gram' for `engine` ('auto' picks the cheaper, or 'gram' when rows exceed the budget)."""
+    """'residual' or 'gram' for `engine` ('auto': the one `predicted_seconds` finds faster, or 'gram' when the
+    rows exceed the budget)."""
     if engine in FORMS:
         return engine
     if engine != "auto":
