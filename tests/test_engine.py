@@ -7,8 +7,9 @@ from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
 from gpfq.pipeline.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
                           patch_indices, selected_patches, trace_graph)
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, default_block_size, gpfq_blocked,
-                         gpfq_gram, gpfq_residual, predicted_cost, rows_bytes)
+from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, choose_form, cost_terms,
+                         default_block_size, gpfq_blocked, gpfq_gram, gpfq_residual, predicted_cost, predicted_seconds,
+                         rows_bytes)
 from gpfq.runner.experiment import validate
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
 from gpfq.pipeline.network import quantize_network, settings_for
@@ -103,20 +104,55 @@ def test_streamed_statistics_are_the_sums_over_chunks():
     assert GramStatistics(2, 20).add(analog, quantized).cross.numel() == 2 * 20 * 20  # no trace of m
 
 
+def test_rows_of_another_dtype_or_layout_give_the_bits_of_float32_rows():
+    # The residual form converts each block's columns as it copies them (no whole-layer copy): float64 rows, and
+    # rows as the per-group strided view the pipeline passes, give exactly the Q of contiguous float32 rows.
+    weight, analog, quantized, alphabet = _layer(3, 150, 36, 5, seed=7)
+    expected = gpfq_residual(weight, analog, quantized, alphabet, block_size=8)
+    from_float64 = gpfq_residual(weight, analog.double(), quantized.double().float().double(), alphabet,
+                                 block_size=8)
+    assert torch.equal(from_float64, expected)
+    strided = [rows.permute(1, 0, 2).contiguous().permute(1, 0, 2) for rows in (analog, quantized)]
+    assert not strided[0].is_contiguous()
+    assert torch.equal(gpfq_residual(weight, *strided, alphabet, block_size=8), expected)
+    # float64 rows that float32 cannot hold round as `.float()` rounds them
+    fine = analog.double() + 1e-9
+    assert torch.equal(gpfq_residual(weight, fine, quantized, alphabet, block_size=8),
+                       gpfq_residual(weight, fine.float(), quantized, alphabet, block_size=8))
+
+
 def test_form_choice_follows_the_cost_formulas():
-    # residual ≈ 3·m·N0·N1 (+ 2·m·N0·B), Gram ≈ 2·m·N0² + N1·N0²
+    # multiply-adds: residual 3·m·N0·N1 + 2·m·N0·B, Gram 2·m·N0² + N1·N0²
     block = default_block_size("residual", 64)
     assert predicted_cost("residual", 4096, 576, 64) == 4096 * 576 * (3 * 64 + 2 * block)
     assert predicted_cost("gram", 4096, 576, 64, n_groups=2) == 2 * (2 * 4096 * 576 ** 2 + 64 * 576 ** 2)
-    for m, n_inputs, n_neurons in [(4096, 576, 64), (2048, 1152, 128), (1024, 4608, 512)]:
-        assert choose_form("auto", m, n_inputs, n_neurons) == "residual"  # the benchmark shapes: N1 ≪ N0
-    assert choose_form("auto", 8192, 64, 512) == "gram"  # a wide 1×1 conv or Linear layer: N1 ≫ N0
+    # the fitted model's counts, written out for a grouped layer (G = 4, m = 1000, N0 = 9 < B, N1 = 2)
+    assert cost_terms("residual", 1000, 9, 2, 4) == {"products": 4 * 1000 * 9 * (3 * 2 + 2 * 9), "rows": 36000,
+                                                     "inblock": 4 * 9 * 9 * 2, "grouped": 36000}
+    assert cost_terms("gram", 1000, 9, 2, 4) == {"sums": 4 * 1000 * 9 * (2 * 9 + 2), "rows": 4 * 1000 * 11,
+                                                 "rule": 4 * 2 * 81, "grouped": 36000}
+    assert cost_terms("gram", 1000, 9, 2)["grouped"] == 0
+    terms = cost_terms("gram", 4096, 576, 64)
+    assert predicted_seconds("gram", 4096, 576, 64) == pytest.approx(
+        sum(FORM_SECONDS["gram"][name] * count for name, count in terms.items()), rel=1e-12)
+    # Picks measured faster in both of two runs on this machine (docs/performance.md: `bench_layer.py` and its
+    # --grid, 1 thread): the benchmark shapes and tall, skinny 3×3 convs (MNIST size, N0 = 288): residual 1.2–2.3×;
+    for m, n_inputs, n_neurons in [(4096, 576, 64), (2048, 1152, 128), (1024, 4608, 512), (196608, 288, 32),
+                                   (196608, 288, 64)]:
+        assert choose_form("auto", m, n_inputs, n_neurons) == "residual"
+    # depthwise 3×3 of MobileNetV2 (N0 = 9, N1 = 1, G = 192): residual 3.4–4.2×
+    assert choose_form("auto", 13312, 9, 1, n_groups=192) == "residual"
+    # wide 1×1 convs, N1 ≫ N0 (MobileNetV2's 160 → 960, ResNet-50's 512 → 2048): Gram 1.5–1.9×
+    assert choose_form("auto", 26624, 160, 960) == "gram"
+    assert choose_form("auto", 6656, 512, 2048) == "gram"
     # rows that exceed the budget are streamed whatever the cost
     assert rows_bytes(10 ** 6, 576) > DEFAULT_ROWS_BUDGET
     assert choose_form("auto", 10 ** 6, 576, 8) == "gram"
     assert choose_form("residual", 10 ** 6, 576, 8) == "residual"
     with pytest.raises(ValueError, match="engine must be one of"):
         choose_form("fast", 100, 10, 10)
+    with pytest.raises(ValueError, match="form must be one of"):
+        predicted_seconds("columns", 100, 10, 10)
 
 
 # ---------------------------------------------------------------- whole networks

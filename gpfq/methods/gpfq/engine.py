@@ -18,8 +18,8 @@ contribution of earlier blocks, both exact up to floating-point order:
   see `GramStatistics`); the block needs G[b, ≤t] Wᵀ − H[b, <s] Qᵀ.
   Cost ≈ 2·m·N0² (the Grams) + N1·N0²; memory independent of m.
 
-`choose_form` picks the cheaper one per layer, or the Gram form when the rows would
-not fit in memory. The in-block step is `gpfq.methods.gpfq.inblock` (compiled on the CPU); it rounds with
+`choose_form` picks the one with fewer predicted seconds (`predicted_seconds`: a cost model fitted to measured
+times, docs/engine.md) per layer, or the Gram form when the rows would not fit in memory. The in-block step is `gpfq.methods.gpfq.inblock` (compiled on the CPU); it rounds with
 the midpoints of `round_to_alphabet`, so a 1-D alphabet (L,) and per-neuron alphabets
 (G, N1, L) both work, and takes the other rounding rules of `gpfq.methods.rounding` (`rounding=`).
 """
@@ -79,8 +79,10 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     `rounding`: None (nearest) or a vectorized rule of `gpfq.methods.rounding` (SPFQ, sparse GPFQ).
     `first_column`: "paper" or "code2022" (`gpfq.methods.gpfq.reference`).
     """
-    X = analog_input.detach().to(dtype)
-    Xq = quantized_input.detach().to(dtype)
+    # The rows stay as given (any dtype, a strided view per group): each block's columns are converted while
+    # they are copied into the workspace, so no whole-layer copy of X, X̃ is made.
+    X = analog_input.detach()
+    Xq = quantized_input.detach()
     n_groups, n_neurons, n_inputs = weight.shape
     n_rows = X.shape[1]
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
@@ -90,8 +92,10 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
     # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
     # projection X̃_bᵀU and both in-block Grams, and one product [X_b | X̃_b][W_b | −Q_b]ᵀ updates U.
-    workspace = torch.zeros(n_groups, n_rows, n_neurons + 2 * block_size, dtype=dtype, device=Wt.device)
+    # Only U starts at zero; the [X_b | X̃_b] columns are written by every block before they are read.
+    workspace = torch.empty(n_groups, n_rows, n_neurons + 2 * block_size, dtype=dtype, device=Wt.device)
     residual = workspace[:, :, :n_neurons]
+    residual.zero_()
     Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)  # Qᵀ
     coefficients = torch.empty(n_groups, 2 * block_size, n_neurons, dtype=dtype, device=Wt.device)
     for start in range(0, n_inputs, block_size):
@@ -133,7 +137,7 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
     H = quantized_gram.to(dtype)
-    Qt = torch.zeros(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)
+    Qt = torch.empty(n_groups, n_inputs, n_neurons, dtype=dtype, device=Wt.device)  # rows < start are written
     for start in range(0, n_inputs, block_size):
         stop = min(start + block_size, n_inputs)
         with block_threads(n_groups * (stop - start) * stop * n_neurons):
@@ -185,9 +189,9 @@ class GramStatistics:
         X64 = X.double()  # exact sums of float32 rows: all-equal rows are told apart from nearly equal ones
         self.analog_sum += X64.sum(dim=1)
         self.quantized_sum += Xq.sum(dim=1)
-        self.analog_square_sum += X64.pow(2).sum()
+        self.analog_square_sum += X64.pow_(2).sum()  # squared in place: the float64 copy is not needed again
         if self.weight is not None:
-            self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow(2).sum()
+            self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow_(2).sum()
         self.rows += X.shape[1]
         return self
 
@@ -207,7 +211,7 @@ class GramStatistics:
 
 # ---------------------------------------------------------------- choosing a form
 def predicted_cost(form, rows, n_inputs, n_neurons, n_groups=1, block_size=None):
-    """Multiply-adds of one layer in `form` (the dominant terms; the same for both alphabet kinds)."""
+    """Multiply-adds of one layer's matrix products in `form` (the dominant terms; both alphabet kinds)."""
     if form == "residual":
         block_size = block_size or default_block_size("residual", n_neurons)
         return n_groups * rows * n_inputs * (3 * n_neurons + 2 * min(block_size, n_inputs))
@@ -216,21 +220,65 @@ def predicted_cost(form, rows, n_inputs, n_neurons, n_groups=1, block_size=None)
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
+def cost_terms(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUNK_ROWS):
+    """The counts `predicted_seconds` weighs for one layer in `form`, as {term: count}.
+
+    residual: products = G·m·N0·(3·N1 + 2·B) multiply-adds; rows = G·m·N0, the entries of X, X̃ copied into the
+    workspace (memory-bound); inblock = G·N0·B·N1, the in-block step; grouped = G·m·N0 when G > 1 (batched
+    products of tiny matrices run at about copy speed).
+    gram: sums = 2·G·m·N0² + G·m·N0·N1 multiply-adds (the streamed X̃ᵀX, X̃ᵀX̃ and XWᵀ); rows = G·m·(N0 + N1), the
+    float64 sums of each chunk; rule = G·N1·N0², the block products from the sums; grouped as above.
+    `chunk_rows` is kept for other models (the fitted one has no per-chunk term).
+    """
+    del chunk_rows
+    block = min(default_block_size(form, n_neurons), n_inputs)
+    grouped = n_groups * rows * n_inputs if n_groups > 1 else 0
+    if form == "residual":
+        return {"products": predicted_cost("residual", rows, n_inputs, n_neurons, n_groups),
+                "rows": n_groups * rows * n_inputs, "inblock": n_groups * n_inputs * block * n_neurons,
+                "grouped": grouped}
+    if form == "gram":
+        return {"sums": n_groups * rows * n_inputs * (2 * n_inputs + n_neurons),
+                "rows": n_groups * rows * (n_inputs + n_neurons), "rule": n_groups * n_neurons * n_inputs ** 2,
+                "grouped": grouped}
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+# Seconds per count of `cost_terms`, fitted by `benchmarks/bench_layer.py --grid --fit` to two runs on this
+# project's 2-core machine, one thread (docs/engine.md). Only the ratio of the two forms' sums decides, so another machine
+# needs other constants only where its products and copies differ in relative speed.
+FORM_SECONDS = {
+    "residual": {"products": 3.97e-11, "rows": 5.6e-09, "inblock": 2.22e-10, "grouped": 1.22e-08},
+    "gram": {"sums": 2.91e-11, "rows": 9.73e-09, "rule": 1.11e-10, "grouped": 5.02e-08},
+}
+
+
+def predicted_seconds(form, rows, n_inputs, n_neurons, n_groups=1, chunk_rows=GRAM_CHUNK_ROWS):
+    """Seconds of one layer in `form` by the fitted cost model: Σ FORM_SECONDS[form][term] · cost_terms[term]
+    (both sums, with their constants, in docs/engine.md). Shapes: m = `rows`, N0 = `n_inputs`, N1 = `n_neurons`."""
+    constants = FORM_SECONDS[form] if form in FORM_SECONDS else None
+    if constants is None:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    terms = cost_terms(form, rows, n_inputs, n_neurons, n_groups, chunk_rows)
+    return sum(constants[term] * count for term, count in terms.items())
+
+
 def rows_bytes(rows, n_inputs, n_groups=1, element_size=4):
     """Memory of X and X̃ as rows (the residual form needs them all at once)."""
     return 2 * n_groups * rows * n_inputs * element_size
 
 
 def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAULT_ROWS_BUDGET):
-    """'residual' or 'gram' for `engine` ('auto' picks the cheaper, or 'gram' when rows exceed the budget)."""
+    """'residual' or 'gram' for `engine` ('auto': the one `predicted_seconds` finds faster, or 'gram' when the
+    rows exceed the budget)."""
     if engine in FORMS:
         return engine
     if engine != "auto":
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if rows_bytes(rows, n_inputs, n_groups) > rows_budget:
         return "gram"
-    residual = predicted_cost("residual", rows, n_inputs, n_neurons, n_groups)
-    gram = predicted_cost("gram", rows, n_inputs, n_neurons, n_groups)
+    residual = predicted_seconds("residual", rows, n_inputs, n_neurons, n_groups)
+    gram = predicted_seconds("gram", rows, n_inputs, n_neurons, n_groups)
     return "residual" if residual <= gram else "gram"
 
 
