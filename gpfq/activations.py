@@ -103,6 +103,11 @@ class ActivationQuantizers:
             handle.remove()
         self.handles = []
 
+    @classmethod
+    def from_dict(cls, entries: dict) -> "ActivationQuantizers":
+        """The inverse of `as_dict`."""
+        return cls({name: ActScale(float(e["scale"]), int(e["zero_point"]), int(e["bits"])) for name, e in entries.items()})
+
     def as_dict(self) -> dict:
         """{module name: {scale, zero_point, bits}}, JSON-ready (the model file's header)."""
         return {name: {"scale": g.scale, "zero_point": g.zero_point, "bits": g.bits} for name, g in self.scales.items()}

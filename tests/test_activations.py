@@ -137,3 +137,14 @@ def test_gpfq2022_levels_map_exactly_onto_int8():
     grid, scale = int8_levels(levels)
     assert set(grid.abs().unique().tolist()) == {0, 1, 3, 5, 7, 9, 11, 13, 15}  # odd steps of s/2, and 0
     torch.testing.assert_close(grid[0].float() * scale, levels.float(), rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+
+
+def test_the_model_file_carries_the_activation_grids(tmp_path):
+    images = torch.randn(64, 1, 8, 8)
+    result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, batch_size=64), log=lambda line: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "model.safetensors")
+    loaded = gpfq.load_quantized(tmp_path / "model.safetensors", architecture=conv_net())
+    with torch.no_grad():
+        assert torch.equal(loaded(images), result.model(images))  # the loaded model rounds its inputs the same way
+        result.activations.remove()
+        assert not torch.equal(loaded(images), result.model(images))  # and that rounding is visible
