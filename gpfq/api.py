@@ -314,6 +314,7 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
         calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,
         checkpoint=checkpoint, prepare_quantized=None if activations is None else activations.install)
+    reports.activations = activations  # what save_quantized records, from the result or from the reports alone
     return QuantizedResult(quantized, reports, config, reports.coverage, activations)
 
 

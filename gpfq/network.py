@@ -572,6 +572,7 @@ def _resume(checkpoint, names, quantized_model, generator, stream, reports, log)
 class LayerReports(list):
     """[LayerReport] of the quantized layers, with the run's `coverage` (capture.Coverage)."""
     coverage: Coverage = None
+    activations = None  # gpfq.activations.ActivationQuantizers, set by gpfq.quantize with act_bits
 
 
 def check_coverage(coverage: Coverage, strict: bool, log=tqdm.write) -> None:
