@@ -107,7 +107,6 @@ def conv_net():
 
 @pytest.mark.parametrize("alphabet", ["gpfq2022", "midtread"])
 def test_qdq_export_runs_on_integer_kernels_and_agrees_with_torch(tmp_path, alphabet):
-    pytest.importorskip("onnxruntime")
     import numpy as np
     import onnxruntime as ort
     from gpfq.qdq_export import export_qdq_onnx, integer_kernels
