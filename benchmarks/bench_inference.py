@@ -148,9 +148,9 @@ def qdq_exports(model, input_shape, folder, log):
     model, _ = fold_batchnorm(model.eval())
     paths = {"onnxruntime float": export_float_onnx(model, folder / "float.onnx", input_shape)}
     for bits in (8, 4):
-        config = gpfq.QuantConfig(method="msq", bits=bits, alphabet="midtread", batch_size=8, mlp_scalar=1.0,
+        config = gpfq.QuantConfig(method="msq", bits=bits, alphabet="strict", batch_size=4, mlp_scalar=1.0,
                                   cnn_scalar=1.0, act_bits=8)
-        result = gpfq.quantize(model, SyntheticImages(8, input_shape), config, log=lambda *_: None)
+        result = gpfq.quantize(model, SyntheticImages(4, input_shape), config, log=lambda *_: None)
         path = export_qdq_onnx(result, folder / f"w{bits}a8.onnx", input_shape)
         kernels = integer_kernels(path, folder / f"w{bits}a8_optimized.onnx")
         log(f"  W{bits}A8 QDQ: {path.stat().st_size:,d} bytes; ONNX Runtime's optimized graph: "

@@ -21,7 +21,7 @@ from .onnx_export import float_onnx_model
 
 
 def int8_levels(codebook: torch.Tensor):
-    """(K, scale): integers K (rows, L), |K| ≤ 127, and float32 scales (rows,) with K·scale = the levels, or None.
+    """(K, scale): integers K (rows, L), |K| ≤ 128, and float32 scales (rows,) with K·scale = the levels, or None.
 
     codebook: (L,) or (…, C_out, L). The step tried is the smallest gap between levels, then half of it:
     `midtread`/`strict` levels are k·s; `gpfq2022` levels are (k + ½)·s, with 0 appended: on the grid of step s/2
@@ -38,7 +38,7 @@ def int8_levels(codebook: torch.Tensor):
         step = float(gaps[gaps > 0].min()) if gaps.numel() else float(levels.abs().max())
         for s in (step, step / 2):
             k = row / s
-            if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 127.5:
+            if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 128.5:  # the weights used are checked for int8
                 grid[r], scale[r] = k.round().long(), s
                 break
         else:
@@ -57,8 +57,9 @@ def _weight_integers(weight: torch.Tensor, codebook: torch.Tensor, key: str):
     integers = torch.round(weight.double() / scale.double().reshape(shape))
     rebuilt = integers * scale.double().reshape(shape)
     tolerance = 4 * torch.finfo(torch.float32).eps * float(weight.abs().max() + 1e-30)
-    if not bool(((rebuilt - weight.double()).abs() <= tolerance).all()) or float(integers.abs().max()) > 127:
-        raise ValueError(f"{key}: its weights are not on the integer grid of its alphabet")
+    if not bool(((rebuilt - weight.double()).abs() <= tolerance).all()) or float(integers.min()) < -128 or float(integers.max()) > 127:
+        raise ValueError(f"{key}: its weights are not on an int8 grid of its alphabet (8-bit `midtread` has the "
+                         f"level +128·s: use `strict`, the signed 8-bit grid)")
     return integers.to(torch.int8).numpy(), scale.numpy().astype(np.float32)
 
 
