@@ -106,7 +106,8 @@ class ActivationQuantizers:
     @classmethod
     def from_dict(cls, entries: dict) -> "ActivationQuantizers":
         """The inverse of `as_dict`."""
-        return cls({name: ActScale(float(e["scale"]), int(e["zero_point"]), int(e["bits"])) for name, e in entries.items()})
+        return cls({name: ActScale(float(e["scale"]), int(e["zero_point"]), int(e["bits"]))
+                    for name, e in entries.items()})
 
     def as_dict(self) -> dict:
         """{module name: {scale, zero_point, bits}}, JSON-ready (the model file's header)."""

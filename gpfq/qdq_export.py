@@ -38,7 +38,8 @@ def int8_levels(codebook: torch.Tensor):
         step = float(gaps[gaps > 0].min()) if gaps.numel() else float(levels.abs().max())
         for s in (step, step / 2):
             k = row / s
-            if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 128.5:  # the weights used are checked for int8
+            # up to 128: midtread's top level; the weights actually used are checked against int8 on export
+            if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 128.5:
                 grid[r], scale[r] = k.round().long(), s
                 break
         else:
@@ -57,14 +58,15 @@ def _weight_integers(weight: torch.Tensor, codebook: torch.Tensor, key: str):
     integers = torch.round(weight.double() / scale.double().reshape(shape))
     rebuilt = integers * scale.double().reshape(shape)
     tolerance = 4 * torch.finfo(torch.float32).eps * float(weight.abs().max() + 1e-30)
-    if not bool(((rebuilt - weight.double()).abs() <= tolerance).all()) or float(integers.min()) < -128 or float(integers.max()) > 127:
+    on_grid = bool(((rebuilt - weight.double()).abs() <= tolerance).all())
+    if not on_grid or float(integers.min()) < -128 or float(integers.max()) > 127:
         raise ValueError(f"{key}: its weights are not on an int8 grid of its alphabet (8-bit `midtread` has the "
                          f"level +128·s: use `strict`, the signed 8-bit grid)")
     return integers.to(torch.int8).numpy(), scale.numpy().astype(np.float32)
 
 
 def qdq_onnx_model(result, input_shape):
-    """The QDQ ONNX model (ModelProto) of `result` (a gpfq.quantize result with act_bits) for inputs (N, *input_shape)."""
+    """The QDQ ONNX model (ModelProto) of `result` (gpfq.quantize's, with act_bits=8), inputs (N, *input_shape)."""
     from onnx import TensorProto, helper, numpy_helper
     if result.activations is None:
         raise ValueError("a QDQ export needs quantized activations: quantize with QuantConfig(act_bits=8)")
