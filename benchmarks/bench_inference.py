@@ -214,8 +214,9 @@ def main():
     def log(line):
         print(line, flush=True)
         lines.append(line)
-    log(f"# bench_inference: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} "
-        f"thread(s), load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start")
+    threads = "1 and 2 threads" if args.qdq else f"{args.threads} thread(s)"
+    log(f"# bench_inference: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {threads}, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start")
     models = {"fashion_resnet": (lambda: load_model("fashion_resnet"), (1, 28, 28)),
               "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 224, 224))}
     if args.qdq:
