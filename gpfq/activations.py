@@ -94,7 +94,11 @@ class ActivationQuantizers:
     def install(self, model: nn.Module) -> "ActivationQuantizers":
         for name, grid in self.scales.items():
             def hook(module, args, grid=grid):
-                return (fake_quantize(args[0], grid),) + tuple(args[1:])
+                x = args[0]
+                rounded = fake_quantize(x, grid)
+                if torch.is_grad_enabled() and x.requires_grad:  # retraining: a straight-through gradient
+                    rounded = x + (rounded - x).detach()
+                return (rounded,) + tuple(args[1:])
             self.handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         return self
 

@@ -147,3 +147,14 @@ def test_the_model_file_carries_the_activation_grids(tmp_path):
         assert torch.equal(loaded(images), result.model(images))  # the loaded model rounds its inputs the same way
         result.activations.remove()
         assert not torch.equal(loaded(images), result.model(images))  # and that rounding is visible
+
+
+def test_gradients_pass_the_quantizers_straight_through():
+    """Retraining after a layer (in_place) trains through the rounding: d(x̂)/dx = 1, not round's 0."""
+    result = gpfq.quantize(tiny_mlp(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64),
+                           log=lambda line: None)
+    x = torch.randn(5, 8, requires_grad=True)
+    result.model(x).sum().backward()
+    hidden = torch.relu(result.model[0](x)) > 0  # the ReLU's mask, what the float gradient goes through
+    expected = (hidden.float() * result.model[2].weight.sum(dim=0)) @ result.model[0].weight
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
