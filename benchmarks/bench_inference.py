@@ -14,6 +14,13 @@ export, and ONNX Runtime on each quantized export, all with the same number of t
 
     python benchmarks/bench_inference.py                 # 1 thread
     python benchmarks/bench_inference.py --threads 2 --repeats 20
+
+`--qdq` measures instead what quantized activations buy (ResNet-18 shape, 224 px, random weights, BatchNorm
+folded): torch float, ONNX Runtime on the float export, and ONNX Runtime on the W8A8 and W4A8 QDQ exports
+(gpfq.io.qdq_export: int8 kernels), batch 1 and 32, 1 and 2 threads, ≥ 20 calls, with each latency's ratio to
+the float ONNX export's from the same run:
+
+    python benchmarks/bench_inference.py --qdq --repeats 20
 """
 import argparse
 import os
@@ -132,11 +139,69 @@ def bench_model(name, model, input_shape, threads, repeats, folder, log, latency
                 f"{fastest / reference:4.2f}")
 
 
+def qdq_exports(model, input_shape, folder, log):
+    """{label: ONNX path}: the float export and the W8A8 / W4A8 QDQ exports of `model` (BatchNorm folded)."""
+    import gpfq
+    from gpfq.onnx_export import export_float_onnx
+    from gpfq.io.qdq_export import export_qdq_onnx, integer_kernels
+    from gpfq.folding import fold_batchnorm
+    model, _ = fold_batchnorm(model.eval())
+    paths = {"onnxruntime float": export_float_onnx(model, folder / "float.onnx", input_shape)}
+    for bits in (8, 4):
+        config = gpfq.QuantConfig(method="msq", bits=bits, alphabet="strict", batch_size=4, mlp_scalar=1.0,
+                                  cnn_scalar=1.0, act_bits=8)
+        result = gpfq.quantize(model, SyntheticImages(4, input_shape), config, log=lambda *_: None)
+        path = export_qdq_onnx(result, folder / f"w{bits}a8.onnx", input_shape)
+        kernels = integer_kernels(path, folder / f"w{bits}a8_optimized.onnx")
+        log(f"  W{bits}A8 QDQ: {path.stat().st_size:,d} bytes; ONNX Runtime's optimized graph: "
+            f"{', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))} of {len(result.reports)} quantized layers")
+        paths[f"onnxruntime W{bits}A8 QDQ"] = path
+    return model, paths
+
+
+def bench_qdq(input_shape, repeats, folder, log):
+    import onnxruntime as ort
+    import torchvision
+    torch.manual_seed(0)
+    log(f"## resnet18 {tuple(input_shape)}, BatchNorm folded: exports")
+    model, paths = qdq_exports(torchvision.models.resnet18(weights=None), input_shape, folder, log)
+    log(f"## latency per forward pass, {repeats} calls after a warm-up: fastest and median; ratio = float ONNX's "
+        f"fastest / this one's fastest (same run)")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    for label, path in paths.items()}
+        for batch in (1, 32):
+            images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
+            feed = {"images": images.numpy()}
+            rows = []
+            with torch.no_grad():
+                rows.append(("torch float",) + seconds(lambda: model(images), repeats))
+            for label, session in sessions.items():
+                rows.append((label,) + seconds(lambda: session.run(None, feed), repeats))
+            reference = dict((label, fastest) for label, fastest, _ in rows)["onnxruntime float"]
+            for label, fastest, median in rows:
+                log(f"  {threads} thread(s) batch {batch:2d}  {label:28s} {fastest * 1000:9.2f} ms  "
+                    f"{median * 1000:9.2f} ms  x{reference / fastest:5.2f}")
+
+
+def cpu_flags() -> str:
+    try:
+        words = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in words) \
+        or "none of avx2/avx512f/vnni/amx"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=["fashion_resnet", "resnet18"])
+    parser.add_argument("--qdq", action="store_true", help="W8A8/W4A8 QDQ exports on int8 kernels against float")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="sizes and memory only")
     args = parser.parse_args()
     import onnxruntime
@@ -149,10 +214,17 @@ def main():
     def log(line):
         print(line, flush=True)
         lines.append(line)
-    log(f"# bench_inference: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} "
-        f"thread(s), load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start")
+    threads = "1 and 2 threads" if args.qdq else f"{args.threads} thread(s)"
+    log(f"# bench_inference: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {threads}, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start")
     models = {"fashion_resnet": (lambda: load_model("fashion_resnet"), (1, 28, 28)),
               "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 224, 224))}
+    if args.qdq:
+        log(f"# CPU flags: {cpu_flags()}")
+        with tempfile.TemporaryDirectory() as folder:
+            bench_qdq((3, 224, 224), max(args.repeats, 20), Path(folder), log)
+        log(f"# load average {os.getloadavg()[0]:.2f} at the end")
+        return
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             make, shape = models[name]

@@ -11,6 +11,7 @@ from gpfq.pipeline.network import LayerReport  # noqa: E402
 # the deployable model: integer codes in a safetensors file, and its ONNX export
 from gpfq.io.model_file import load_quantized, read_quantized, save_quantized  # noqa: E402
 from gpfq.io.onnx_export import export_onnx  # noqa: E402
+from gpfq.io.qdq_export import export_qdq_onnx  # noqa: E402 (act_bits=8: a QDQ graph on int8 kernels)
 
 __all__ = ["QuantConfig", "QuantizedResult", "LayerReport", "quantize", "quantize_layer", "save_quantized",
-           "load_quantized", "read_quantized", "export_onnx", "__version__"]
+           "load_quantized", "read_quantized", "export_onnx", "export_qdq_onnx", "__version__"]

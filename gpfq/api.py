@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpfq.pipeline.capture import Coverage, layers_in_execution_order
+from gpfq.pipeline.activations import ActivationQuantizers, calibrate, quantizable_modules
+from gpfq.pipeline.capture import Coverage, find_layers, layers_in_execution_order
 from gpfq.config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from gpfq.pipeline.streams import CalibrationStream, ImageStream
 from gpfq.errors import bad_hyperparameter
@@ -30,6 +31,8 @@ class QuantizedResult:
     reports: list = field(default_factory=list)  # [LayerReport]
     config: QuantConfig = None
     coverage: Coverage = None  # which parameters were quantized and which stayed float, and why
+    # with config.act_bits: the activation grids, installed on `model` as forward pre-hooks (gpfq.pipeline.activations)
+    activations: ActivationQuantizers = None
 
     @property
     def relative_errors(self) -> dict:
@@ -305,12 +308,28 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
         model, pairs = fold_batchnorm(model)
         log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
     settings_of = _settings_function(model, stream, config, layers, device)
+    activations = _calibrate_activations(model, stream, config, device, dtype, log)
     quantized, reports = network.quantize_network(  # looked up here: the documented seam
         model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
         calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,
-        checkpoint=checkpoint)
-    return QuantizedResult(quantized, reports, config, reports.coverage)
+        checkpoint=checkpoint, prepare_quantized=None if activations is None else activations.install)
+    reports.activations = activations  # what save_quantized records, from the result or from the reports alone
+    return QuantizedResult(quantized, reports, config, reports.coverage, activations)
+
+
+def _calibrate_activations(model, stream, config, device, dtype, log):
+    """The activation quantizers (config.act_bits), calibrated on the float model over `batch_size` calibration
+    images drawn before any weight is quantized; None for float activations."""
+    if config.act_bits is None:
+        return None
+    example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, dtype)
+    names = list(quantizable_modules(model, find_layers(model, example).layers))
+    chunks = (move(images, device, dtype) for images in stream.draw(config.batch_size))
+    scales = calibrate(model, names, chunks, config.act_bits)
+    log(f"activations: {config.act_bits}-bit inputs on {len(scales)} layers, {config.act_calibration} scales from "
+        f"{config.batch_size} calibration images")
+    return ActivationQuantizers(scales)
 
 
 def _settings_function(model, stream, config, layers, device):

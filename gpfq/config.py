@@ -8,6 +8,7 @@ Adding an option: add a field here (with its check in `__post_init__`), then use
 import dataclasses
 from dataclasses import dataclass, field
 
+from gpfq.pipeline.activations import ACT_CALIBRATIONS, ACT_GRANULARITIES
 from gpfq.methods.alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
 from gpfq.methods.gpfq.column_order import COLUMN_ORDERS
 from gpfq.methods.gpfq.engine import ENGINES
@@ -77,6 +78,11 @@ class QuantConfig:
     ignore_layers: tuple = option((), "Ignore Layers", grid=False, per_layer=False)  # indices left float
     # refuse a model of which more than 5 % of the matmul parameters cannot be quantized (docs/capture.md)
     strict_coverage: bool = option(False, "Strict Coverage", grid=False, per_layer=False)
+    # quantized activations (gpfq.pipeline.activations): None = float (the paper), or 2 … 8 bits on each quantized layer's
+    # input, one calibrated scale and zero point per tensor ('minmax' over the calibration images)
+    act_bits: int = option(None, "Act Bits", per_layer=False)
+    act_granularity: str = option("tensor", "Act Granularity", grid=False, per_layer=False, choices=ACT_GRANULARITIES)
+    act_calibration: str = option("minmax", "Act Calibration", grid=False, per_layer=False, choices=ACT_CALIBRATIONS)
 
     def __post_init__(self):
         if isinstance(self.ignore_layers, list):
@@ -117,6 +123,11 @@ class QuantConfig:
                 _fail(f"{key} must be a number ≥ 0, got {value!r}")
         if self.patch_stride not in PATCH_STRIDES:
             _fail(f"patch_stride must be 'kernel' or 'layer', got {self.patch_stride!r}")
+        if self.act_bits is not None and (not _is_int(self.act_bits) or not 2 <= self.act_bits <= 8):
+            _fail(f"act_bits must be None (float activations) or an integer in 2 … 8, got {self.act_bits!r}")
+        if self.act_bits is not None and self.calibration == "fixed":
+            _fail("act_bits with calibration 'fixed' is not supported (its cached forward pass does not run the "
+                  "activation quantizers): use calibration 'fresh'")
         if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
             _fail(f"ignore_layers must be a list of layer indices, got {list_or_value(self.ignore_layers)!r}")
 
@@ -158,6 +169,8 @@ class QuantConfig:
                 value = self.method_description()
             elif item.name == "ignore_layers":
                 value = " ".join(str(i) for i in value)
+            elif item.name.startswith("act_") and item.name != "act_bits" and self.act_bits is None:
+                value = ""  # float activations: their grid options say nothing
             columns[column] = value
         return columns
 

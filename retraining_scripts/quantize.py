@@ -43,6 +43,10 @@ engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per 
                                 #   (streamed: memory flat in m), or "columns" (the per-column loop)
 calibration = "fresh"           # "fresh" (paper: m new images per layer); retraining needs it ("fixed" caches
                                 #   activations that fine-tuning would make stale)
+act_bits = None                 # quantized activations: None (float, the paper) or 8 (W4A8; one min-max scale per
+                                #   layer input, calibrated on the float network; gpfq.pipeline.activations)
+act_granularity = "tensor"      # activations: one scale per layer input (what QLinearConv / QLinearMatMul take)
+act_calibration = "minmax"      # activations: the grid spans the input's min and max over the calibration images
 seed = 0
 author = ""
 num_workers = 0                 # data-loading processes
@@ -68,7 +72,8 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               gptq_damping=gptq_damping, gptq_act_order=gptq_act_order, gpfq_first_column=gpfq_first_column,
               column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, strict_coverage=strict_coverage, engine=engine,
-              calibration=calibration,
+              calibration=calibration, act_bits=act_bits, act_granularity=act_granularity,
+              act_calibration=act_calibration,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               retrain_start=retrain_start, retrain_samples=retrain_samples,
               retrain_batch_size=retrain_batch_size, retrain_epochs=retrain_epochs, retrain_lr=retrain_lr,

@@ -135,6 +135,9 @@ def save_quantized(model: nn.Module, result, path, *, hyperparameters: dict = No
               "hyperparameters": hyperparameters or {}, "coded": entries,
               "layers": [_report_dict(r) for r in reports],
               "sha256": {name: _sha256(t) for name, t in tensors.items()}}
+    activations = getattr(result, "activations", None)
+    if activations is not None:  # act_bits: the grid of each layer input (gpfq.pipeline.activations), reinstalled on loading
+        header["activations"] = activations.as_dict()
     from safetensors.torch import save
     data = save(tensors, metadata={HEADER_KEY: json.dumps(header, default=str)})
     write_new_file(path, data)
@@ -291,4 +294,7 @@ def model_of(quantized: QuantizedFile, architecture: nn.Module = None, path="the
         raise QuantizedFileError(f"{path} does not fit the architecture {type(model).__name__}: "
                                  f"{'; '.join(wrong[:5])}")
     model.load_state_dict(quantized.state_dict)
+    if quantized.header.get("activations"):
+        from gpfq.pipeline.activations import ActivationQuantizers
+        ActivationQuantizers.from_dict(quantized.header["activations"]).install(model)
     return model.eval()

@@ -393,7 +393,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False,
-                     checkpoint=None):
+                     checkpoint=None, prepare_quantized=None):
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
     The layer loop behind `gpfq.quantize`, public as the seam for what `quantize` does not expose: a stream
@@ -414,6 +414,8 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     checkpoint: a `checkpoint.LayerCheckpoint`: its state is saved after each quantized layer, and a
     matching saved state is continued from (not with in_place, after_layer or several ranks, whose state
     lives outside this loop).
+    prepare_quantized(quantized_model): runs once on the copy before the first layer (with in_place, on the model
+    itself): `gpfq.quantize` installs the activation quantizers there, so every X̃ is the fake-quantized input.
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
@@ -426,6 +428,8 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
                                      f"{shard.world_size}; every rank needs at least one calibration image")
     analog_model = analog_model.eval().to(device)
     quantized_model = analog_model if in_place else copy.deepcopy(analog_model)
+    if prepare_quantized is not None:
+        prepare_quantized(quantized_model)
     dtype = floating_dtype(analog_model)
     example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, dtype)
     discovery = find_layers(analog_model, example)
@@ -565,6 +569,7 @@ def _resume(checkpoint, names, quantized_model, generator, stream, reports, log)
 class LayerReports(list):
     """[LayerReport] of the quantized layers, with the run's `coverage` (capture.Coverage)."""
     coverage: Coverage = None
+    activations = None  # gpfq.pipeline.activations.ActivationQuantizers, set by gpfq.quantize with act_bits
 
 
 def check_coverage(coverage: Coverage, strict: bool, log=tqdm.write) -> None:

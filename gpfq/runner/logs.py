@@ -34,7 +34,8 @@ PAPER_COLUMNS = [
 # What this project adds, so a row says everything needed to reproduce it.
 EXTRA_COLUMNS = [
     "Method", "Alphabet", "Alphabet Granularity", "Method Options", "Fold BatchNorm", "Sparsity", "Patch Stride",
-    "Ignore Layers", "Engine", "Calibration", "Strict Coverage", "Quantized Tensors", "Quantized Parameters",
+    "Ignore Layers", "Engine", "Calibration", "Strict Coverage", "Act Bits", "Act Granularity", "Act Calibration",
+    "Quantized Tensors", "Quantized Parameters",
     "Largest Float", "Weights",
     "Eval Subset",  # blank: the whole evaluation set; N: accuracy on a class-balanced N images (data.eval_subset)
     "Quantization Seconds", "Model File", "Package Version", "Code Revision",

@@ -1,0 +1,190 @@
+"""ONNX export of a model quantized with `act_bits` as a standard QDQ graph, which ONNX Runtime runs on integer kernels.
+
+For each quantized Linear/Conv layer with an activation grid (gpfq.pipeline.activations):
+- its input goes through QuantizeLinear → DequantizeLinear (uint8 with the calibrated scale and zero point);
+- its weight is an INT8 initializer k with DequantizeLinear(k, s) (per output channel: axis 0), where k·s are the
+  layer's levels: every alphabet the project builds is a grid through 0 of step s or s/2 (`int8_levels`);
+- its bias is INT32 with scale s_x·s (what QLinearConv takes; a rounding of at most s_x·s/2 per output).
+
+ONNX Runtime's graph optimizer (level EXTENDED or ALL) then fuses DQ → Conv → Q into QLinearConv and
+DQ → Gemm into QGemm where the pattern allows: a Conv needs its output quantized too, which holds where it feeds
+(through a ReLU) the next quantized layer, so fold BatchNorm (`fold_batchnorm=True`) for a deployable model;
+a Conv whose output goes to a BatchNorm or a residual add stays a float Conv on dequantized inputs.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpfq.io.storage import write_new_file
+from gpfq.io.onnx_export import float_onnx_model
+
+
+def int8_levels(codebook: torch.Tensor):
+    """(K, scale): integers K (rows, L), |K| ≤ 128, and float32 scales (rows,) with K·scale = the levels, or None.
+
+    codebook: (L,) or (…, C_out, L). The step tried is the smallest gap between levels, then half of it:
+    `midtread`/`strict` levels are k·s; `gpfq2022` levels are (k + ½)·s, with 0 appended: on the grid of step s/2
+    (odd integers and 0), so that mapping is exact too (to float32 rounding of k·scale).
+    """
+    rows = codebook.double().reshape(-1, codebook.shape[-1])
+    grid = torch.zeros(rows.shape, dtype=torch.int64)
+    scale = torch.ones(rows.shape[0], dtype=torch.float64)
+    for r, row in enumerate(rows):
+        levels = row.unique()
+        if bool((levels == 0).all()):
+            continue
+        gaps = levels.diff()
+        step = float(gaps[gaps > 0].min()) if gaps.numel() else float(levels.abs().max())
+        for s in (step, step / 2):
+            k = row / s
+            # up to 128: midtread's top level; the weights actually used are checked against int8 on export
+            if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 128.5:
+                grid[r], scale[r] = k.round().long(), s
+                break
+        else:
+            return None
+    return grid, scale.float()
+
+
+def _weight_integers(weight: torch.Tensor, codebook: torch.Tensor, key: str):
+    """(int8 array of weight's shape, float32 scales (C_out,)): weight = ints · scale per output channel."""
+    found = int8_levels(codebook)
+    if found is None:
+        raise ValueError(f"{key}: its alphabet is not on an int8 grid through 0; cannot export it as QDQ")
+    _, scale = found
+    scale = scale.expand(weight.shape[0]) if scale.numel() == 1 else scale.reshape(weight.shape[0])
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    integers = torch.round(weight.double() / scale.double().reshape(shape))
+    rebuilt = integers * scale.double().reshape(shape)
+    tolerance = 4 * torch.finfo(torch.float32).eps * float(weight.abs().max() + 1e-30)
+    on_grid = bool(((rebuilt - weight.double()).abs() <= tolerance).all())
+    if not on_grid or float(integers.min()) < -128 or float(integers.max()) > 127:
+        raise ValueError(f"{key}: its weights are not on an int8 grid of its alphabet (8-bit `midtread` has the "
+                         f"level +128·s: use `strict`, the signed 8-bit grid)")
+    return integers.to(torch.int8).numpy(), scale.numpy().astype(np.float32)
+
+
+def qdq_onnx_model(result, input_shape):
+    """The QDQ ONNX model (ModelProto) of `result` (gpfq.quantize's, with act_bits=8), inputs (N, *input_shape)."""
+    from onnx import TensorProto, helper, numpy_helper
+    if result.activations is None:
+        raise ValueError("a QDQ export needs quantized activations: quantize with QuantConfig(act_bits=8)")
+    if any(grid.bits != 8 for grid in result.activations.scales.values()):
+        raise ValueError("a QDQ export takes 8-bit activations (uint8): quantize with act_bits=8")
+    model = result.model
+    result.activations.remove()  # the exporter traces the float ops; the grids become Q/DQ nodes
+    try:
+        proto = float_onnx_model(model, input_shape)
+    finally:
+        result.activations.install(model)
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    alphabets = {report.parameter: report.alphabet for report in result.reports}
+    consumers = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, position))
+    added, inserted = [], []
+    for module_name, grid in result.activations.scales.items():
+        key = f"{module_name}.weight" if module_name else "weight"
+        if key not in alphabets or key not in initializers:
+            continue
+        users = [(node, position) for node, position in consumers.get(key, []) if node.op_type in ("Conv", "Gemm")]
+        if len(users) != 1 or users[0][1] != 1 or (users[0][0].op_type == "Gemm" and not _trans_b(users[0][0])):
+            continue  # a weight the exporter used otherwise: left float
+        node = users[0][0]
+        weight = torch.from_numpy(numpy_helper.to_array(initializers[key]).copy())
+        integers, weight_scale = _weight_integers(weight, alphabets[key], key)
+        base = key.replace(".", "_")
+        graph.initializer.remove(initializers[key])
+        added += [numpy_helper.from_array(integers, base + "_int8"),
+                  numpy_helper.from_array(weight_scale, base + "_scale"),
+                  numpy_helper.from_array(np.zeros(weight_scale.shape, np.int8), base + "_zero")]
+        inserted.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"], [key],
+                                         name=base + "_dequantize", axis=0))
+        x_scale, x_zero = base + "_x_scale", base + "_x_zero"
+        added += [numpy_helper.from_array(np.array(grid.scale, np.float32), x_scale),
+                  numpy_helper.from_array(np.array(grid.zero_point, np.uint8), x_zero)]
+        activation = node.input[0]
+        inserted.append(helper.make_node("QuantizeLinear", [activation, x_scale, x_zero], [base + "_x_q"],
+                                         name=base + "_quantize_x"))
+        inserted.append(helper.make_node("DequantizeLinear", [base + "_x_q", x_scale, x_zero], [base + "_x_dq"],
+                                         name=base + "_dequantize_x"))
+        node.input[0] = base + "_x_dq"
+        if len(node.input) > 2 and node.input[2] in initializers:
+            bias_key = node.input[2]
+            bias = numpy_helper.to_array(initializers[bias_key]).astype(np.float64)
+            bias_scale = (np.float32(grid.scale) * weight_scale).astype(np.float32)
+            graph.initializer.remove(initializers[bias_key])
+            bias_base = bias_key.replace(".", "_")
+            added += [numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), bias_base + "_int32"),
+                      numpy_helper.from_array(bias_scale, bias_base + "_scale"),
+                      numpy_helper.from_array(np.zeros(bias_scale.shape, np.int32), bias_base + "_zero")]
+            inserted.append(helper.make_node("DequantizeLinear", [bias_base + "_int32", bias_base + "_scale",
+                                                                  bias_base + "_zero"], [bias_base + "_dq"],
+                                             name=bias_base + "_dequantize", axis=0))
+            node.input[2] = bias_base + "_dq"
+    graph.initializer.extend(added)
+    _insert_in_order(graph, inserted)
+    import onnx
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _trans_b(node) -> bool:
+    return any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+
+def _insert_in_order(graph, inserted):
+    """Put each new node just before the first node that reads its output (nodes stay in topological order)."""
+    nodes = list(graph.node)
+    produced = {out for node in inserted for out in node.output}
+    ordered, pending = [], list(inserted)
+    by_output = {out: node for node in inserted for out in node.output}
+    placed = set()
+
+    def place(node):
+        if id(node) in placed:
+            return
+        for name in node.input:
+            if name in by_output:
+                place(by_output[name])
+        placed.add(id(node))
+        ordered.append(node)
+    for node in nodes:
+        for name in node.input:
+            if name in produced:
+                place(by_output[name])
+        ordered.append(node)
+    ordered.extend(node for node in pending if id(node) not in placed)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def export_qdq_onnx(result, path, input_shape) -> Path:
+    """Write `result`'s QDQ ONNX model (`qdq_onnx_model`) at `path`, never overwriting it."""
+    path = Path(path)
+    write_new_file(path, qdq_onnx_model(result, input_shape).SerializeToString())
+    return path
+
+
+def integer_kernels(path, optimized_path, level: str = "extended") -> dict:
+    """{op type: count} of the integer ops in the graph ONNX Runtime makes of the model at `path` (saved at
+    `optimized_path`): QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger, MatMulIntegerToFloat."""
+    import onnx
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    options.optimized_model_filepath = str(optimized_path)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = {}
+    for node in onnx.load(str(optimized_path)).graph.node:
+        if node.op_type in INTEGER_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+               "NhwcQLinearConv")

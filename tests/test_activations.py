@@ -1,0 +1,160 @@
+"""Quantized activations (QuantConfig.act_bits): calibrated grids, X̃ fake-quantized, and the QDQ ONNX export."""
+import pytest
+import torch
+from torch import nn
+
+import gpfq
+from gpfq import network
+from gpfq.errors import BadHyperparameterError
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def grid_round(x, low, high, bits=8):
+    """Reference fake quantization from the formula: the unsigned grid through 0 over [min(low,0), max(high,0)]."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = float(torch.tensor((high - low) / (2 ** bits - 1), dtype=torch.float32))
+    zero = round(-low / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+    return (q - zero) * scale, scale
+
+
+def recording(monkeypatch):
+    """Record the (X, X̃) rows handed to the GPFQ rule, layer by layer."""
+    seen, rule = [], network.LAYER_METHODS["gpfq"]
+
+    def recorded(weight, analog, quantized, alphabet, settings):
+        seen.append((analog.clone(), quantized.clone()))
+        return rule(weight, analog, quantized, alphabet, settings)
+    monkeypatch.setitem(network.LAYER_METHODS, "gpfq", recorded)
+    return seen
+
+
+def test_rows_handed_to_the_rule_are_the_fake_quantized_activations(monkeypatch):
+    model = tiny_mlp()
+    images = torch.randn(64, 8)
+    seen = recording(monkeypatch)
+    # a DataLoader is drawn in its own order: every draw (the grids', each layer's) is these 64 images in order
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=64)
+    result = gpfq.quantize(model, loader, gpfq.QuantConfig(act_bits=8, batch_size=64, engine="residual"),
+                           log=lambda line: None)
+    assert len(seen) == 2
+    # layer 0: X is the float input, X̃ its rounding onto the grid of the images' range
+    analog0, quantized0 = seen[0]
+    expected0, scale0 = grid_round(analog0[0], images.min(), images.max())
+    assert torch.equal(quantized0[0], expected0)
+    assert result.activations.scales["0"].scale == scale0
+    assert not torch.equal(analog0[0], quantized0[0])  # the rounding is visible: the test can fail
+    # layer 2: X̃ = the grid rounding of ReLU(Q0 x̂ + b0); its grid comes from the float network's hidden layer
+    with torch.no_grad():
+        hidden = torch.relu(model[0](images))
+    x_hat, _ = grid_round(images, images.min(), images.max())
+    hidden_quantized = torch.relu(x_hat @ result.model[0].weight.T + result.model[0].bias)
+    expected2, _ = grid_round(hidden_quantized, hidden.min(), hidden.max())
+    analog2, quantized2 = seen[1]
+    torch.testing.assert_close(quantized2[0], expected2, rtol=0, atol=1e-6)
+    assert torch.equal(analog0[0], images)
+    torch.testing.assert_close(analog2[0], hidden, rtol=0, atol=1e-6)
+    # evaluation runs with the quantizers on: result.model(x) is the integer model's arithmetic
+    expected_out = expected2 @ result.model[2].weight.T + result.model[2].bias
+    torch.testing.assert_close(result.model(analog0[0]), expected_out, rtol=0, atol=1e-5)
+
+
+def test_float_activations_install_nothing(monkeypatch):
+    model = tiny_mlp()
+    images = torch.randn(64, 8)
+    seen = recording(monkeypatch)
+    result = gpfq.quantize(model, images, gpfq.QuantConfig(batch_size=64, engine="residual"), log=lambda line: None)
+    assert result.activations is None
+    analog0, quantized0 = seen[0]
+    assert torch.equal(analog0, quantized0)  # layer 0: X̃ = X, not rounded
+    assert not any(m._forward_pre_hooks for m in result.model.modules())
+
+
+def test_the_callers_model_keeps_no_quantizer():
+    model = tiny_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gpfq.quantize(model, torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64), log=lambda line: None)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [1, 9, 8.0, "8"])
+def test_bad_act_bits_is_refused(bad):
+    with pytest.raises(BadHyperparameterError, match="act_bits"):
+        gpfq.QuantConfig(act_bits=bad)
+
+
+def test_act_bits_with_fixed_calibration_is_refused():
+    with pytest.raises(BadHyperparameterError, match="fixed"):
+        gpfq.QuantConfig(act_bits=8, calibration="fixed")
+
+
+def test_log_columns():
+    assert gpfq.QuantConfig().log_columns()["Act Bits"] is None
+    assert gpfq.QuantConfig().log_columns()["Act Calibration"] == ""
+    assert gpfq.QuantConfig(act_bits=8).log_columns()["Act Calibration"] == "minmax"
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 3)).eval()
+
+
+@pytest.mark.parametrize("alphabet", ["gpfq2022", "midtread"])
+def test_qdq_export_runs_on_integer_kernels_and_agrees_with_torch(tmp_path, alphabet):
+    import numpy as np
+    import onnxruntime as ort
+    from gpfq.io.qdq_export import export_qdq_onnx, integer_kernels
+    images = torch.randn(64, 1, 8, 8)
+    result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, batch_size=64, alphabet=alphabet),
+                           log=lambda line: None)
+    path = export_qdq_onnx(result, tmp_path / "model.onnx", (1, 8, 8))
+    kernels = integer_kernels(path, tmp_path / "optimized.onnx")
+    assert kernels.get("QLinearConv") == 2 and kernels.get("QGemm") == 1, kernels
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        torch_out = result.model(images).numpy()
+    # the integer kernels requantize in their own order (and the bias is int32 of scale s_x·s_w): an activation
+    # at a rounding boundary may move by one grid step. Measured here: max gap 0.7 % of the largest output.
+    gap = np.abs(onnx_out - torch_out)
+    assert gap.max() <= 0.03 * np.abs(torch_out).max()
+    assert (onnx_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.95
+    assert not any(m._forward_pre_hooks for m in conv_net().modules())
+    assert result.model[0]._forward_pre_hooks  # the export puts the quantizers back
+
+
+def test_gpfq2022_levels_map_exactly_onto_int8():
+    from gpfq.alphabet import make_alphabet
+    from gpfq.io.qdq_export import int8_levels
+    levels = make_alphabet("gpfq2022", 4, 1.3, 0.7, True)
+    grid, scale = int8_levels(levels)
+    assert set(grid.abs().unique().tolist()) == {0, 1, 3, 5, 7, 9, 11, 13, 15}  # odd steps of s/2, and 0
+    torch.testing.assert_close(grid[0].float() * scale, levels.float(), rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+
+
+def test_the_model_file_carries_the_activation_grids(tmp_path):
+    images = torch.randn(64, 1, 8, 8)
+    result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, batch_size=64), log=lambda line: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "model.safetensors")
+    loaded = gpfq.load_quantized(tmp_path / "model.safetensors", architecture=conv_net())
+    with torch.no_grad():
+        assert torch.equal(loaded(images), result.model(images))  # the loaded model rounds its inputs the same way
+        result.activations.remove()
+        assert not torch.equal(loaded(images), result.model(images))  # and that rounding is visible
+
+
+def test_gradients_pass_the_quantizers_straight_through():
+    """Retraining after a layer (in_place) trains through the rounding: d(x̂)/dx = 1, not round's 0."""
+    result = gpfq.quantize(tiny_mlp(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64),
+                           log=lambda line: None)
+    x = torch.randn(5, 8, requires_grad=True)
+    result.model(x).sum().backward()
+    hidden = torch.relu(result.model[0](x)) > 0  # the ReLU's mask, what the float gradient goes through
+    expected = (hidden.float() * result.model[2].weight.sum(dim=0)) @ result.model[0].weight
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
