@@ -142,9 +142,9 @@ def bench_model(name, model, input_shape, threads, repeats, folder, log, latency
 def qdq_exports(model, input_shape, folder, log):
     """{label: ONNX path}: the float export and the W8A8 / W4A8 QDQ exports of `model` (BatchNorm folded)."""
     import gpfq
-    from gpfq.onnx_export import export_float_onnx
+    from gpfq.io.onnx_export import export_float_onnx
     from gpfq.io.qdq_export import export_qdq_onnx, integer_kernels
-    from gpfq.folding import fold_batchnorm
+    from gpfq.pipeline.folding import fold_batchnorm
     model, _ = fold_batchnorm(model.eval())
     paths = {"onnxruntime float": export_float_onnx(model, folder / "float.onnx", input_shape)}
     for bits in (8, 4):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import gpfq
-from gpfq import network
+from gpfq.pipeline import network
 from gpfq.errors import BadHyperparameterError
 
 
@@ -130,7 +130,7 @@ def test_qdq_export_runs_on_integer_kernels_and_agrees_with_torch(tmp_path, alph
 
 
 def test_gpfq2022_levels_map_exactly_onto_int8():
-    from gpfq.alphabet import make_alphabet
+    from gpfq.methods.alphabet import make_alphabet
     from gpfq.io.qdq_export import int8_levels
     levels = make_alphabet("gpfq2022", 4, 1.3, 0.7, True)
     grid, scale = int8_levels(levels)

@@ -77,8 +77,9 @@ def sums_agree(a, b):
 def two_ranks(tmp_path_factory):
     """2 gloo ranks calling gpfq.quantize in their process group (Q on rank 0, broadcast), m = 64 in chunks
     of 32: GPFQ (engine 'auto': rows gathered for the residual form, sums all-reduced for the Gram form)
-    fresh and fixed, GPTQ and Qronos (float64 sums) from sums."""
-    runs = [dict(m=M, chunk_size=32), dict(m=M, chunk_size=32, calibration="fixed"),
+    fresh and fixed, GPFQ's Gram form (sums all-reduced; at m = 64 'auto' takes the residual form on every layer
+    of the default model), GPTQ and Qronos (float64 sums) from sums."""
+    runs = [dict(m=M, chunk_size=32), dict(m=M, chunk_size=32, calibration="fixed"), dict(m=M, chunk_size=32, engine="gram"),
             dict(m=M, chunk_size=32, engine="gram", method="gptq"),
             dict(m=M, chunk_size=32, engine="gram", method="qronos")]
     return runs, run_ranks(2, runs, tmp_path_factory.mktemp("two_ranks") / "q")
@@ -94,7 +95,11 @@ def test_two_ranks_equal_one_process_bit_for_bit(two_ranks):
         single = quantize_default(**run)
         assert distributed_result["forms"] == single["forms"], run
         streamed = [name for name, (_, sums) in single["layers"].items() if sums is not None]
-        assert streamed and sums_agree(single, distributed_result) == streamed, run
+        assert sums_agree(single, distributed_result) == streamed, run
+        if run.get("engine") == "gram":  # every layer from all-reduced sums
+            assert len(streamed) == len(single["layers"]), run
+        else:  # 'auto': every layer from gathered rows here
+            assert set(single["forms"]) == {"residual"}, (run, single["forms"])
         fraction, different = q_agreement(single, distributed_result)
         assert fraction == 1.0 and different == [], run
         # (the relative errors agree to rounding: ‖XWᵀ − X̃Qᵀ‖ over rows cut from a gathered buffer)

@@ -418,3 +418,20 @@ def test_gptq_streamed_equals_gptq_on_rows(default_model):
     for kept_step, step, kept_report, report in zip(kept_steps, streamed_steps, kept, streamed):
         assert (step.quantized_weight == kept_step.quantized_weight).double().mean().item() >= 0.995
         assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_sums_leave_the_callers_rows_as_they_were(dtype):
+    """GramStatistics.add reads its chunks and never writes them (float64 rows are not copied on the way in),
+    and its sums are the direct products of those rows."""
+    generator = torch.Generator().manual_seed(3)
+    analog = torch.randn(2, 40, 6, generator=generator, dtype=dtype)
+    quantized = analog + 0.1 * torch.randn(2, 40, 6, generator=generator, dtype=dtype)
+    weight = torch.randn(2, 4, 6, generator=generator, dtype=dtype)
+    before = analog.clone(), quantized.clone()
+    statistics = GramStatistics(2, 6, dtype=torch.float64, weight=weight).add(analog, quantized)
+    assert torch.equal(analog, before[0]) and torch.equal(quantized, before[1])
+    X, Xq = analog.double(), quantized.double()
+    assert torch.allclose(statistics.analog_square_sum, (X ** 2).sum(), rtol=1e-12)
+    assert torch.allclose(statistics.analog_output_norm2, (X @ weight.double().transpose(1, 2)).pow(2).sum(), rtol=1e-12)
+    assert torch.allclose(statistics.cross, Xq.transpose(1, 2) @ X, rtol=1e-12)

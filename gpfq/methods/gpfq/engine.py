@@ -189,7 +189,8 @@ class GramStatistics:
         X64 = X.double()  # exact sums of float32 rows: all-equal rows are told apart from nearly equal ones
         self.analog_sum += X64.sum(dim=1)
         self.quantized_sum += Xq.sum(dim=1)
-        self.analog_square_sum += X64.pow_(2).sum()  # squared in place: the float64 copy is not needed again
+        # squared in place only when X64 is a copy of its own: float64 rows are X itself (and maybe the caller's)
+        self.analog_square_sum += (X64.pow_(2) if X.dtype != torch.float64 else X64.pow(2)).sum()
         if self.weight is not None:
             self.analog_output_norm2 += torch.bmm(X, self.weight.transpose(1, 2)).double().pow_(2).sum()
         self.rows += X.shape[1]
