@@ -73,8 +73,7 @@ def rank_main(rank, world_size, port, m, rule, out):
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
 
-    def settings(index, name, layer):
-        return QuantConfig(bits=4, method="gpfq", mlp_scalar=1.16, cnn_scalar=1.16)
+    settings = QuantConfig(bits=4, method="gpfq", mlp_scalar=1.16, cnn_scalar=1.16)
 
     communication = []
     start = time.perf_counter()

@@ -39,7 +39,7 @@ def child(engine, calibration, m, threads):
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
     config = QuantConfig(bits=4, method="gpfq", mlp_scalar=1.16, cnn_scalar=1.16, engine=engine)
-    settings = lambda index, name, layer: config  # noqa: E731
+    settings = config
     start = time.perf_counter()
     _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
                                   log=lambda *a: None)

@@ -93,7 +93,7 @@ def quantize_one(name, size, m):
     if name not in SIZES and not name.startswith("vit_"):
         size = accepted_size(model, size)
     config = QuantConfig(bits=4, method="gpfq", mlp_scalar=1.3, cnn_scalar=1.3)
-    settings = lambda index, layer_name, layer: config  # noqa: E731
+    settings = config
     calibration = "fixed"
     while True:
         stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)

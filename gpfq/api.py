@@ -302,17 +302,17 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
 
 
 def _settings_function(model, stream, config, layers, device):
-    """settings_of(index, name, layer) -> QuantConfig or None (float) for the network loop: the config with
-    `layers`' choices applied."""
+    """The network loop's settings: `config`, or with `layers`' choices settings_of(index, name) -> QuantConfig
+    or None (float)."""
     if layers is None:
-        return lambda index, name, layer: config
+        return config
     example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, floating_dtype(model))
     names = layers_in_execution_order(model.eval().to(device), example)
     chosen = {name: config for name in names}
     for name, overrides in _layer_rules(layers, names):
         chosen[name] = None if overrides is None else config.replace(**overrides)
 
-    def settings_of(index, name, layer):
+    def settings_of(index, name):
         return chosen[name]
     return settings_of
 

@@ -50,7 +50,7 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
                                     log=lambda *a: None).reports
         else:
             _, reports = quantize_network(load_model("fashion_resnet"), stream,
-                                          lambda index, name, layer: config, m,
+                                          config, m,
                                           config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
                                           log=lambda *a: None, calibration=calibration, shard=shard)
     finally:

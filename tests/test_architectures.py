@@ -21,7 +21,7 @@ def test_architecture_quantizes(name):
     images = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
     settings = QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2)
     quantized, reports = quantize_network(model, CalibrationStream(images, seed=0, chunk_size=2),
-                                          lambda i, n, layer: settings, batch_size=2, retain_rate=0.25, seed=0,
+                                          settings, batch_size=2, retain_rate=0.25, seed=0,
                                           log=lambda *_: None)
     called = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if name == "googlenet":  # auxiliary heads do not run in eval mode and stay float

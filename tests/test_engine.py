@@ -139,7 +139,7 @@ def default_model():
 
 def _settings(engine):
     config = QuantConfig(bits=4, method="gpfq", mlp_scalar=1.3, cnn_scalar=1.3, engine=engine)
-    return lambda index, name, layer: config
+    return config
 
 
 @pytest.mark.slow
@@ -337,7 +337,7 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
     def settings(engine):
         config = QuantConfig(bits=3, method=method, mlp_scalar=1.3, cnn_scalar=1.3, engine=engine, seed=5,
                              sparsity_threshold=0.1, thresholding="soft")
-        return lambda index, name, layer: config
+        return config
 
     stream = lambda: CalibrationStream(_Images(96, 4), 0, chunk_size=48)  # noqa: E731
     steps = []
@@ -370,7 +370,7 @@ def test_gptq_streamed_equals_gptq_on_rows(default_model):
 
     def settings(engine):
         config = QuantConfig(bits=3, method="gptq", mlp_scalar=1.3, cnn_scalar=1.3, engine=engine)
-        return lambda index, name, layer: config
+        return config
 
     stream = lambda: CalibrationStream(_Images(96, 5), 0, chunk_size=32)  # noqa: E731
     kept_steps = []

@@ -187,7 +187,7 @@ def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
     settings = QuantConfig(bits=3, mlp_scalar=1.0, cnn_scalar=1.0)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
+        quantize_network(model, stream, settings, 16, 1.0, 0, log=lambda text: None,
                          calibration=calibration)
 
 
@@ -207,7 +207,7 @@ def _zero_model() -> nn.Sequential:
 def _quantize_zero_model(settings, keep_rows=True):
     steps = []
     stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
-    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
+    quantized, reports = quantize_network(_zero_model(), stream, settings, 32, 1.0, 0,
                                           log=lambda text: None, after_layer=steps.append, keep_rows=keep_rows)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     # layers 2 (W = 0) and 3 (X = 0) have ‖XWᵀ‖ = 0: their relative error is undefined (NaN), not 0
@@ -868,7 +868,7 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     results = {}
     for keep_rows in (False, True):
         stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
-        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
+        quantized, reports = quantize_network(model, stream, settings, 1100, 1.0, 0,
                                               patch_stride="layer", log=lambda text: None, keep_rows=keep_rows)
         assert reports[0].rows == 110_000 and reports[0].form == "gram"
         results[keep_rows] = (quantized[0].weight, reports[0].relative_error)

@@ -18,8 +18,8 @@ form, or the one whose memory does not grow with m), the chunks are summed into
 either way), so a layer's peak memory is flat in m.
 
 Extension points used by the variants:
-- `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
-  or returns None to leave the layer float (skip lists, mixed precision);
+- `settings_of(index, name)` gives each layer's QuantConfig (its per-layer fields: method, bits,
+  alphabet, …), or None to leave the layer float (skip lists, mixed precision);
 - `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
@@ -395,8 +395,9 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
     from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
-    settings_of(index, name, layer) -> the QuantConfig of that layer (its per-layer fields act), or None to
-    leave that layer float; a stochastic rounding's seed is `layer_seed(config.seed, index)`.
+    settings_of: a QuantConfig for every layer, or settings_of(index, name) -> the QuantConfig of that layer
+    (its per-layer fields act), or None to leave it float. A layer's stochastic rounding is seeded with
+    `layer_seed(config.seed, index)`; conv layers take the config's cnn_* scalar and percentile, others mlp_*.
     ignore_layers: indices (execution order, negative counts from the end) left float.
     keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
     exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
@@ -443,7 +444,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if index < start_index:
             continue
         name = layer.name
-        settings = None if index in ignored else settings_of(index, name, layer)
+        settings = None if index in ignored else (settings_of(index, name) if callable(settings_of) else settings_of)
         if settings is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
             continue
