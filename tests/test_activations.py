@@ -26,9 +26,9 @@ def recording(monkeypatch):
     """Record the (X, X̃) rows handed to the GPFQ rule, layer by layer."""
     seen, rule = [], network.LAYER_METHODS["gpfq"]
 
-    def recorded(weight, analog, quantized, alphabet, settings):
+    def recorded(weight, analog, quantized, *alphabet_config_seed):
         seen.append((analog.clone(), quantized.clone()))
-        return rule(weight, analog, quantized, alphabet, settings)
+        return rule(weight, analog, quantized, *alphabet_config_seed)
     monkeypatch.setitem(network.LAYER_METHODS, "gpfq", recorded)
     return seen
 
