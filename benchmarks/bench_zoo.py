@@ -86,14 +86,13 @@ def _over_cap(signum, frame):
 def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
     from gpfq.pipeline.streams import CalibrationStream
-    from gpfq.config import QuantConfig
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import quantize_network, settings_for
     torch.manual_seed(0)
     model, size = build(name, size)
     if name not in SIZES and not name.startswith("vit_"):
         size = accepted_size(model, size)
-    config = QuantConfig(bits=4, method="gpfq", mlp_scalar=1.3, cnn_scalar=1.3)
-    settings = config
+    settings = lambda index, layer_name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
+                                                             1.0, 1.0)
     calibration = "fixed"
     while True:
         stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)

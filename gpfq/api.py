@@ -19,7 +19,7 @@ from gpfq.pipeline.streams import CalibrationStream, ImageStream
 from gpfq.errors import bad_hyperparameter
 from gpfq.pipeline.folding import fold_batchnorm, foldable_pairs
 from gpfq.pipeline.inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
-from gpfq.pipeline.network import LayerReport
+from gpfq.pipeline.network import LayerReport, LayerSettings, settings_for
 from gpfq.pipeline import network
 from gpfq.pipeline.network import quantize_layer as _quantize_grouped_layer
 
@@ -243,6 +243,18 @@ def _refuse_unmatched(unmatched, names):
                          f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
 
 
+def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSettings:
+    """The settings of layer `index` (execution order): CNN scalar and percentile for Conv2d, MLP for Linear."""
+    return settings_for(layer, config.bits, config.method, config.alphabet, config.include_0, config.mlp_scalar,
+                        config.cnn_scalar, config.mlp_percentile, config.cnn_percentile,
+                        granularity=config.alphabet_granularity, seed=layer_seed(config.seed, index),
+                        threshold=config.sparsity_threshold, thresholding=config.thresholding,
+                        block_size=config.gptq_block_size, damping=config.gptq_damping,
+                        act_order=config.gptq_act_order, engine=config.engine,
+                        first_column=config.gpfq_first_column, column_order=config.column_order,
+                        qronos_damping=config.qronos_damping)
+
+
 # ---------------------------------------------------------------- the network
 def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConfig(), *, device=None, layers=None,
              after_layer=None, in_place: bool = False, log=tqdm.write, checkpoint=None) -> QuantizedResult:
@@ -321,18 +333,17 @@ def _calibrate_activations(model, stream, config, device, dtype, log):
 
 
 def _settings_function(model, stream, config, layers, device):
-    """The network loop's settings: `config`, or with `layers`' choices settings_of(index, name) -> QuantConfig
-    or None (float)."""
+    """settings_of(index, name, layer) for the network loop: the config with `layers`' choices applied."""
     if layers is None:
-        return config
+        return lambda index, name, layer: layer_settings(config, index, layer)
     example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, floating_dtype(model))
     names = layers_in_execution_order(model.eval().to(device), example)
     chosen = {name: config for name in names}
     for name, overrides in _layer_rules(layers, names):
         chosen[name] = None if overrides is None else config.replace(**overrides)
 
-    def settings_of(index, name):
-        return chosen[name]
+    def settings_of(index, name, layer):
+        return None if chosen[name] is None else layer_settings(chosen[name], index, layer)
     return settings_of
 
 
@@ -364,7 +375,7 @@ def quantize_layer(weight: torch.Tensor, analog_rows: torch.Tensor, quantized_ro
     with torch.no_grad():
         layer.weight.copy_(weight)
     _, quantized_weight, _, _, _, _ = _quantize_grouped_layer(layer, analog_rows, quantized_rows,
-                                                              config, layer_seed(config.seed, 0))
+                                                              layer_settings(config, 0, layer))
     return quantized_weight.reshape(weight.shape)
 
 

@@ -13,7 +13,7 @@ from gpfq.methods.alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
 from gpfq.methods.gpfq.column_order import COLUMN_ORDERS
 from gpfq.methods.gpfq.engine import ENGINES
 from gpfq.errors import bad_hyperparameter
-from gpfq.pipeline.network import CALIBRATIONS, METHODS, layer_seed  # noqa: F401 (layer_seed: public here too)
+from gpfq.pipeline.network import CALIBRATIONS, METHODS
 from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING
 from gpfq.methods.gpfq.reference import FIRST_COLUMN_RULES
 from gpfq.methods.rounding import THRESHOLDINGS
@@ -184,3 +184,7 @@ GRID_FIELDS = tuple(item.name for item in dataclasses.fields(QuantConfig) if ite
 PER_LAYER_FIELDS = tuple(item.name for item in dataclasses.fields(QuantConfig) if item.metadata["per_layer"])
 CONFIG_COLUMNS = tuple(dict.fromkeys(item.metadata["column"] for item in dataclasses.fields(QuantConfig)))
 
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of layer `index`'s stochastic rounding: distinct per layer, fixed by the config's seed."""
+    return seed * 1_000_003 + index

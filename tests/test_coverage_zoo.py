@@ -13,8 +13,7 @@ from torch.utils.data import TensorDataset
 
 from gpfq.pipeline.capture import find_layers
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.config import QuantConfig
-from gpfq.pipeline.network import layer_alphabet, quantize_network
+from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
 
 # parameter name -> why it may stay float. Empty: every matmul weight of these models is quantized.
 ALLOWED_FLOAT = {}
@@ -88,8 +87,8 @@ def test_every_matmul_weight_is_quantized(name):
     model.eval()
     images = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
     data = TensorDataset(images, torch.zeros(8, dtype=torch.long))
-    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
-    quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4), settings,
+    settings = LayerSettings(bits=4, scalar=1.3)
+    quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4), lambda i, n, l: settings,
                                           4, 0.25, 0, calibration=calibration, log=lambda *a: None)
     required = weights_that_must_be_quantized(model, images[:1]) - set(ALLOWED_FLOAT)
     layers = {layer.parameter: layer for layer in find_layers(model, images[:1]).layers}

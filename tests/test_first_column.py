@@ -6,8 +6,7 @@ import torch
 from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
 from gpfq.runner.experiment import expand_grid, method_description, validate
-from gpfq.config import QuantConfig
-from gpfq.pipeline.network import quantize_layer
+from gpfq.pipeline.network import LayerSettings, quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from conftest import script_header
 
@@ -87,13 +86,13 @@ def test_default_is_the_paper_rule_and_the_option_reaches_the_layer():
         layer.weight.copy_(weight[0])
     results = {}
     for rule in ("paper", "code2022"):
-        settings = QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2, gpfq_first_column=rule)
+        settings = LayerSettings(method="gpfq", bits=3, scalar=1.2, first_column=rule)
         _, q, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0], settings)
         expected = gpfq_reference(weight[0], analog[0], quantized[0], levels, first_column=rule)
         assert (q[0] == expected.float()).double().mean() >= 0.995
         results[rule] = q
     assert torch.equal(results["paper"], quantize_layer(layer, analog[0], quantized[0],
-                                                        QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2))[1])
+                                                        LayerSettings(method="gpfq", bits=3, scalar=1.2))[1])
     assert not torch.equal(results["paper"], results["code2022"])
 
 

@@ -18,8 +18,8 @@ form, or the one whose memory does not grow with m), the chunks are summed into
 either way), so a layer's peak memory is flat in m.
 
 Extension points used by the variants:
-- `settings_of(index, name)` gives each layer's QuantConfig (its per-layer fields: method, bits,
-  alphabet, …), or None to leave the layer float (skip lists, mixed precision);
+- `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
+  or returns None to leave the layer float (skip lists, mixed precision);
 - `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
@@ -53,9 +53,26 @@ from gpfq.methods.gpfq.variants import gpfq_walk, sparse_gpfq, spfq
 CALIBRATIONS = ("fresh", "fixed")
 
 
-def layer_seed(seed: int, index: int) -> int:
-    """Seed of layer `index`'s stochastic rounding: distinct per layer, fixed by the config's seed."""
-    return seed * 1_000_003 + index
+@dataclass
+class LayerSettings:
+    """How one layer is quantized."""
+    method: str = "gpfq"
+    bits: int = 4
+    scalar: float = 1.0
+    percentile: float = 1.0
+    alphabet: str = "gpfq2022"
+    include_zero: bool = True
+    granularity: str = "layer"  # one alphabet radius per "layer" or per output "channel"
+    seed: int = 0  # spfq: seeds this layer's stochastic rounding
+    threshold: float = 0.0  # sparse_gpfq: λ, relative to the alphabet's largest level
+    thresholding: str = "soft"  # sparse_gpfq: "soft" (L1) or "hard" (L0)
+    block_size: int = 128  # gptq: columns per lazy-batch block
+    damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
+    act_order: bool = False  # gptq: columns in order of decreasing H_tt
+    engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
+    first_column: str = "paper"  # gpfq: "paper" or "code2022" (the 2022 code's shortcut, gpfq.methods.gpfq.reference)
+    column_order: str = "natural"  # GPFQ family and qronos: "natural" or "act_order" (gpfq.methods.gpfq.column_order)
+    qronos_damping: float = QRONOS_DAMPING  # qronos: λ = damping · λ_max(X̃ᵀX̃) (gpfq.methods.qronos)
 
 
 @dataclass
@@ -155,102 +172,94 @@ class LayerStep:
     statistics: GramStatistics = None
 
 
-def _gpfq(weight, analog, quantized, alphabet, config, seed=0):
+def _gpfq(weight, analog, quantized, alphabet, settings):
     def rule(w, x, xq):
-        return gpfq_walk(w, x, xq, alphabet, engine=config.engine, first_column=config.gpfq_first_column)
-    return rows_rule_in_order(rule, weight, analog, quantized, _order(config))
+        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
+    return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
 
 
-def _msq(weight, analog, quantized, alphabet, config, seed=0):
+def _msq(weight, analog, quantized, alphabet, settings):
     return msq(weight, alphabet)
 
 
-def _gpfq_from_statistics(weight, statistics, alphabet, config, seed=0):
-    first_column = config.gpfq_first_column if config.method == "gpfq" else "paper"
+def _gpfq_from_statistics(weight, statistics, alphabet, settings):
+    first_column = settings.first_column if settings.method == "gpfq" else "paper"
     return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet,
-                                                               rounding=_gpfq_rule(config, weight, seed),
+                                                               rounding=_gpfq_rule(settings, weight),
                                                                first_column=first_column),
-                              weight, statistics.cross, statistics.quantized_gram, _order(config))
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
 
 
-def _msq_from_statistics(weight, statistics, alphabet, config, seed=0):
+def _msq_from_statistics(weight, statistics, alphabet, settings):
     return msq(weight, alphabet)
 
 
-def _gptq(weight, analog, quantized, alphabet, config, seed=0):
-    return gptq(weight, quantized, alphabet, config.gptq_block_size, config.gptq_damping, act_order(config))
+def _gptq(weight, analog, quantized, alphabet, settings):
+    return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
 
 
-def _gptq_from_statistics(weight, statistics, alphabet, config, seed=0):
-    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, config.gptq_block_size, config.gptq_damping,
-                          act_order(config))
+def _gptq_from_statistics(weight, statistics, alphabet, settings):
+    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, settings.block_size, settings.damping,
+                          settings.act_order)
 
 
-def _spfq(weight, analog, quantized, alphabet, config, seed=0):
-    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, seed, engine=config.engine),
-                              weight, analog, quantized, _order(config))
+def _spfq(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, settings.seed, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
 
 
-def _sparse_gpfq(weight, analog, quantized, alphabet, config, seed=0):
-    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, config.sparsity_threshold,
-                                                           config.thresholding, engine=config.engine),
-                              weight, analog, quantized, _order(config))
+def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, settings.threshold,
+                                                           settings.thresholding, engine=settings.engine),
+                              weight, analog, quantized, settings.column_order)
 
 
-def _qronos(weight, analog, quantized, alphabet, config, seed=0):
-    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, config.qronos_damping),
-                              weight, analog, quantized, _order(config))
+def _qronos(weight, analog, quantized, alphabet, settings):
+    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, settings.qronos_damping),
+                              weight, analog, quantized, settings.column_order)
 
 
-def _qronos_from_statistics(weight, statistics, alphabet, config, seed=0):
+def _qronos_from_statistics(weight, statistics, alphabet, settings):
     return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet,
-                                                                      config.qronos_damping),
-                              weight, statistics.cross, statistics.quantized_gram, _order(config))
+                                                                      settings.qronos_damping),
+                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
 
 
-def _gpfq_rule(config, weight, seed):
+def _gpfq_rule(settings, weight):
     """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
-    if config.method == "spfq":
-        return spfq_rounding(weight.shape, seed)
-    if config.method == "sparse_gpfq":
-        return ThresholdedRounding(config.sparsity_threshold, config.thresholding)
+    if settings.method == "spfq":
+        return spfq_rounding(weight.shape, settings.seed)
+    if settings.method == "sparse_gpfq":
+        return ThresholdedRounding(settings.threshold, settings.thresholding)
     return None
 
 
-# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, QuantConfig,
-# seed of the layer's stochastic rounding) -> Q
+# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
 # alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
 LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq,
                  "qronos": _qronos}
 METHODS = tuple(LAYER_METHODS)
-# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, config, seed) -> Q.
+# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
 # (MSQ needs no rows; its entry serves the relative error from sums when the rows are spread over ranks.)
 STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
                       "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
                       "qronos": _qronos_from_statistics, "msq": _msq_from_statistics}
-# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `config.engine`.
+# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
 GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
 
 
-def layer_scalar(layer: nn.Module, config) -> float:
-    """The alphabet scalar of `layer`: the config's CNN one for a conv layer, the MLP one otherwise."""
-    return config.cnn_scalar if is_conv(layer) else config.mlp_scalar
+def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
+                 mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float,
+                 **options) -> LayerSettings:
+    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones.
 
-
-def layer_percentile(layer: nn.Module, config) -> float:
-    """The radius percentile of `layer`: the config's CNN one for a conv layer, the MLP one otherwise."""
-    return config.cnn_percentile if is_conv(layer) else config.mlp_percentile
-
-
-def act_order(config) -> bool:
-    """Whether the layer's columns go in order of decreasing ||X̃_t||² (H_tt): GPTQ's `gptq_act_order`,
-    the `column_order` of the other methods (derived here once, so the rules read one choice)."""
-    return config.gptq_act_order if config.method == "gptq" else config.column_order == "act_order"
-
-
-def _order(config) -> str:
-    return "act_order" if act_order(config) else "natural"
+    options: the other LayerSettings fields (granularity, seed, threshold, …).
+    """
+    conv = is_conv(layer)
+    return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
+                         scalar=cnn_scalar if conv else mlp_scalar,
+                         percentile=cnn_percentile if conv else mlp_percentile, **options)
 
 
 def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
@@ -274,7 +283,7 @@ def checked_inputs(name, input_pairs):
         yield analog, quantized
 
 
-def layer_form(settings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
+def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
     for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
@@ -320,7 +329,7 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
 
 
-def new_statistics(settings, weight: torch.Tensor, device) -> GramStatistics:
+def new_statistics(settings: LayerSettings, weight: torch.Tensor, device) -> GramStatistics:
     """Empty Gram sums for the rows of a layer with grouped weight (G, N1, N0). Qronos's are float64: its ridge
     (1e-6 · λ_max by default) is below float32's resolution of the sums."""
     n_groups, _, n_inputs = weight.shape
@@ -353,31 +362,30 @@ def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate
     return analog_rows, quantized_rows, statistics, form
 
 
-def layer_alphabet(layer: nn.Module, config):
-    """(alphabet, radius) of `layer` under a QuantConfig: alphabet (L,) with granularity 'layer' (radius = mean
-    of the rows' radii), (G, N1, L) with 'channel' (radius reported as that mean too)."""
-    radii = row_radii(flat_weight(layer), layer_percentile(layer, config))
+def layer_alphabet(layer: nn.Module, settings: LayerSettings):
+    """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
+    (G, N1, L) with 'channel' (radius reported as that mean too)."""
+    radii = row_radii(flat_weight(layer), settings.percentile)
     radius = float(radii.mean())
-    scalar = layer_scalar(layer, config)
-    if config.alphabet_granularity == "layer":
-        return make_alphabet(config.alphabet, config.bits, scalar, radius, config.include_0), radius
-    if config.alphabet_granularity == "channel":
-        per_channel = channel_alphabets(config.alphabet, config.bits, scalar, radii, config.include_0)
+    if settings.granularity == "layer":
+        return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
+    if settings.granularity == "channel":
+        per_channel = channel_alphabets(settings.alphabet, settings.bits, settings.scalar, radii, settings.include_zero)
         return grouped(layer, per_channel), radius
-    raise ValueError(f"unknown alphabet granularity {config.alphabet_granularity!r}; choose 'layer' or 'channel'")
+    raise ValueError(f"unknown alphabet granularity {settings.granularity!r}; choose 'layer' or 'channel'")
 
 
-def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, config, seed: int = 0):
-    """Quantize one layer from its rows (m, G·N0) as the QuantConfig `config` says (seed: its stochastic rounding's).
+def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: LayerSettings):
+    """Quantize one layer from its rows (m, G·N0).
 
     Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
     """
-    if config.method not in LAYER_METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of {tuple(LAYER_METHODS)}")
-    alphabet, radius = layer_alphabet(layer, config)
+    if settings.method not in LAYER_METHODS:
+        raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
+    alphabet, radius = layer_alphabet(layer, settings)
     weight_g, analog_g = grouped(layer, flat_weight(layer), analog_rows)
     _, quantized_g = grouped(layer, flat_weight(layer), quantized_rows)
-    quantized_weight = LAYER_METHODS[config.method](weight_g, analog_g, quantized_g, alphabet, config, seed)
+    quantized_weight = LAYER_METHODS[settings.method](weight_g, analog_g, quantized_g, alphabet, settings)
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
@@ -395,9 +403,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
     from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
-    settings_of: a QuantConfig for every layer, or settings_of(index, name) -> the QuantConfig of that layer
-    (its per-layer fields act), or None to leave it float. A layer's stochastic rounding is seeded with
-    `layer_seed(config.seed, index)`; conv layers take the config's cnn_* scalar and percentile, others mlp_*.
+    settings_of(index, name, layer) -> LayerSettings, or None to leave that layer float.
     ignore_layers: indices (execution order, negative counts from the end) left float.
     keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
     exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
@@ -448,13 +454,12 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if index < start_index:
             continue
         name = layer.name
-        settings = None if index in ignored else (settings_of(index, name) if callable(settings_of) else settings_of)
+        settings = None if index in ignored else settings_of(index, name, layer)
         if settings is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
             continue
         if settings.method not in LAYER_METHODS:
             raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
-        seed = layer_seed(settings.seed, index)
         start = time.time()
         if calibration == "fresh":
             input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, layer,
@@ -478,7 +483,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             weight = grouped(layer, flat_weight(layer))
             rule_start = time.perf_counter()
             quantized_weight = shard.run_rule(
-                lambda: STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings, seed), weight,
+                lambda: STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings), weight,
                 f"layer {index + 1} ({name})")
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
@@ -489,10 +494,10 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
             input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
         else:
-            layer_settings = settings.replace(engine=form) if settings.method in GPFQ_FAMILY else settings
+            layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
             rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
-                layer, analog_rows, quantized_rows, layer_settings, seed)
+                layer, analog_rows, quantized_rows, layer_settings)
             quantized_weight = shard.agree_on(quantized_weight, f"layer {index + 1} ({name}): broadcast Q")
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
@@ -515,7 +520,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
             f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels{' per channel' if settings.alphabet_granularity == 'channel' else ''} "
+            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
             f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {format_error(error)}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
             + "".join(f"; WARNING: {warning}" for warning in report.warnings))
