@@ -11,7 +11,7 @@ from conftest import python_env
 from helpers import state_hash
 from torch.utils.data import TensorDataset
 
-from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint
+from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint, read_checkpoint
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.paths import REPO_ROOT
 
@@ -115,18 +115,22 @@ def test_checkpoint_of_another_point_or_revision_is_ignored(runs, tmp_path):
     _, data = runs
     path = tmp_path / "c.ckpt"
     path.write_bytes(data)
-    state = torch.load(path, weights_only=True)
+    state = read_checkpoint(path)
     lines = []
     names = state["layers"]
-    same = LayerCheckpoint(tmp_path, state["identity"], state["revision"], resume=True, log=lines.append)
+    same = LayerCheckpoint(tmp_path, state["identity"], state["revision"], resume=True, log=lines.append,
+                           float_weights=state["float_weights"])
     same.path.write_bytes(data)
     assert same.load(names)["next_index"] == KILL_AFTER and lines == []
-    other = LayerCheckpoint(tmp_path, dict(state["identity"], Bits=3), state["revision"], resume=True, log=lines.append)
+    other = LayerCheckpoint(tmp_path, dict(state["identity"], Bits=3), state["revision"], resume=True, log=lines.append,
+                            float_weights=state["float_weights"])
     other.path.write_bytes(data)  # the file under the other point's name (copied, renamed)
     assert other.load(names) is None and "another grid point's settings" in lines[-1]
-    newer = LayerCheckpoint(tmp_path, state["identity"], "abc1234", resume=True, log=lines.append)
+    newer = LayerCheckpoint(tmp_path, state["identity"], "abc1234", resume=True, log=lines.append,
+                            float_weights=state["float_weights"])
     assert newer.load(names) is None and "written by code revision" in lines[-1]
-    without = LayerCheckpoint(tmp_path, state["identity"], state["revision"], resume=False, log=lines.append)
+    without = LayerCheckpoint(tmp_path, state["identity"], state["revision"], resume=False, log=lines.append,
+                              float_weights=state["float_weights"])
     assert without.load(names) is None and "--resume is not set" in lines[-1]
 
 

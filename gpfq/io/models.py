@@ -132,14 +132,23 @@ def published_accuracy(name: str):
     return metrics["acc@1"] / 100.0, metrics["acc@5"] / 100.0
 
 
-def load_model(name: str, weights: str = "DEFAULT") -> nn.Module:
+def load_model(name: str, weights: str = "DEFAULT", seed: int = 0) -> nn.Module:
     """Build model `name` in eval mode.
 
     weights: 'DEFAULT' (the embedded model's shipped weights, or torchvision's ImageNet weights,
-    downloaded into the torch.hub cache when missing), 'random' (untrained), or the path of
+    downloaded into the torch.hub cache when missing), 'random' (untrained, initialised from `seed`: the
+    same seed gives the same network, and torch's global random state is left as it was), or the path of
     a local state-dict file. User models (factories, timm): gpfq.io.user_models.build_user_model.
     """
     check_model_name(name)
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _load_model(name, weights)
+    return _load_model(name, weights)
+
+
+def _load_model(name: str, weights: str) -> nn.Module:
     if is_user_model(name):
         return build_user_model(name, weights)
     if is_embedded(name):

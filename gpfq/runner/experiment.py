@@ -23,7 +23,7 @@ from gpfq import api
 from gpfq.paths import __version__
 from gpfq.pipeline import distributed
 from gpfq.pipeline.capture import Coverage, check_model_finite, find_layers
-from gpfq.pipeline.checkpoint import LayerCheckpoint
+from gpfq.pipeline.checkpoint import LayerCheckpoint, weights_hash
 from gpfq.config import QuantConfig
 from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evaluation_set
 from gpfq.pipeline.streams import CalibrationStream
@@ -96,8 +96,10 @@ class Context:
 def load_inputs(point: dict, resources: Resources):
     """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
     data_dir = Path(point.get("data_dir") or DATA_DIR)
-    analog_model = resources.get(("model", point["model_name"], str(point["weights"])),
-                                 lambda: load_model(point["model_name"], point["weights"]))
+    # Random weights are drawn from the point's seed: a rerun (or --resume) rebuilds the same network.
+    seed = point.get("seed", 0) if point["weights"] == "random" else None
+    analog_model = resources.get(("model", point["model_name"], str(point["weights"]), seed),
+                                 lambda: load_model(point["model_name"], point["weights"], seed=seed or 0))
     if point["dataset"] == "imagefolder":  # prepared as the model declares (gpfq.runner.preprocessing)
         calibration, evaluation = resources.get(
             ("imagefolder", str(data_dir), point["model_name"], point.get("image_size")),
@@ -242,7 +244,17 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
     config = context.config
-    context.checkpoint = point_checkpoint(point, model_dir, variant, log)
+    context.checkpoint = point_checkpoint(point, model_dir, variant, log, context.analog_model)
+    try:
+        return _quantize_save_log(context, variant, model_dir, log_paths, log, unlogged)
+    finally:  # logged or not, the point's run is over: its checkpoint's lock goes (the checkpoint stays if unlogged)
+        if context.checkpoint is not None:
+            context.checkpoint.release()
+
+
+def _quantize_save_log(context: Context, variant: Variant, model_dir: Path, log_paths: list, log, unlogged) -> dict:
+    """run_point's work once the point is prepared: quantize, save, evaluate, log; returns the row."""
+    point, config = context.point, context.config
     own_options = {key: value for key, value in variant.own_columns(point).items() if value not in ("", None)}
     log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
         f"{config.method_description()} {point['bits']} bits, m={point['batch_size']}, "
@@ -304,14 +316,15 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
     })
     row.update(coverage_columns(reports))
     row.update(extra)
+    # The result is on the console before the append, which can wait for a lock or fail (the model is saved).
+    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}")
     with shard.step("appending the log row (rank 0)"):
         for log_path in log_paths if shard.writer else []:
             append_row(log_path, row, variant.logs[log_path.name], saved=where)
     unlogged.clear()
     if context.checkpoint is not None:  # the row holds the point now
         context.checkpoint.remove()
-    log(f"top-1 {context.original_top1:.4f} -> {top1:.4f}, top-5 {context.original_top5:.4f} -> {top5:.4f}; "
-        f"row appended to {', '.join(str(p) for p in log_paths)}")
+    log(f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
         export_beside(quantized_file, log)
     return row
@@ -339,9 +352,10 @@ def save_results(model, reports, record, model_dir: Path, stem: str, point: dict
                                ) from error
 
 
-def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log):
+def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log, analog_model=None):
     """The point's per-layer checkpoint (gpfq.pipeline.checkpoint) in its model folder; None when off or when the variant
-    keeps state outside the layer loop (`Variant.layer_checkpoints`: the retraining variant)."""
+    keeps state outside the layer loop (`Variant.layer_checkpoints`: the retraining variant). Its identity holds a
+    hash of the float weights, so a checkpoint made from other weights is never restored."""
     mode = point.get("checkpoint", "auto")
     if mode is False:
         return None
@@ -354,7 +368,8 @@ def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log):
         return None
     identity = point_identity(point, variant.logs[variant.log_names_of(point)[0]], variant)
     identity.update(chunk_size=point.get("chunk_size", 256), device=str(point.get("device", "cpu")))
-    return LayerCheckpoint(model_dir, identity, code_revision(), mode, bool(point.get("resume")), log)
+    return LayerCheckpoint(model_dir, identity, code_revision(), mode, bool(point.get("resume")), log,
+                           weights_hash(analog_model) if analog_model is not None else "")
 
 
 # A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.

@@ -297,8 +297,17 @@ def append_row(path: Path, row: dict, columns, saved: str = "") -> None:
         raise KeyError(f"row does not match {path.name}'s columns: missing {missing}, unknown {unknown}")
     line = io.StringIO()
     csv.writer(line, lineterminator="\n").writerow([row[c] for c in columns])
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        f = open(path, "a+b")
+    except OSError as error:  # read-only, immutable, or its folder gone and not creatable
+        raise LogWriteError(f"could not append the row to {path} ({os_error_reason(error)}); the log is unchanged."
+                            + (f" {saved}" if saved else "")) from error
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is appending, or holds the log: say so rather than hang silently
+            print(f"waiting for the lock on {path} (another process holds it) ...", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         size = f.seek(0, os.SEEK_END)
         try:
             if not check_log(path, columns):
