@@ -69,7 +69,17 @@ def options_of(row) -> dict:
     return dict(part.strip().split("=", 1) for part in row["options"].split(";") if part.strip())
 
 
-def select(rows, tables=None, ids=None) -> list:
+def cnn_scalar(row) -> str:
+    """C of the Conv2d layers: the row's scalar_C unless its options log another (cnn_scalar=...)."""
+    return options_of(row).get("cnn_scalar", row["scalar_C"])
+
+
+def select(rows, tables=None, ids=None, models=None) -> list:
+    if models:
+        unknown = sorted(set(models) - {r["model"] for r in rows})
+        if unknown:
+            fail(f"unknown model {', '.join(unknown)}: see --list")
+        rows = [r for r in rows if r["model"] in models]
     if tables:
         unknown = sorted(set(tables) - {r["table"] for r in rows})
         if unknown:
@@ -107,11 +117,12 @@ def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration
     if data_dir:
         argv += ["--data_dir", str(data_dir)]
     argv += ["--bits", *[r["bits"] for r in unit], "--batch_size", first["m"],
-             "--mlp_scalar", first["scalar_C"], "--cnn_scalar", first["scalar_C"],
+             "--mlp_scalar", first["scalar_C"], "--cnn_scalar", cnn_scalar(first),
              "--mlp_percentile", first["percentile"], "--cnn_percentile", first["percentile"],
              "--retain_rate", first["retain_rate"], "--seed", first["seed"]]
     for key, value in options_of(first).items():
-        argv += [f"--{key}", value]
+        if key != "cnn_scalar":
+            argv += [f"--{key}", value]
     argv += ["--calibration", calibration]  # explicit: the paper's 'fresh' unless asked, whatever a header says
     if weights:
         argv += ["--weights", weights]
@@ -422,7 +433,7 @@ def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=Non
     mode, weights and eval subset, or None: a rehearsal (random weights, a subset) never passes for a real run."""
     options = options_of(row)
     wanted = {"Model Name": row["model"], "Dataset": row["dataset"], "Bits": row["bits"],
-              "CNN_Alphabet_Scalar": row["scalar_C"], "MLP_Alphabet_Scalar": row["scalar_C"],
+              "CNN_Alphabet_Scalar": cnn_scalar(row), "MLP_Alphabet_Scalar": row["scalar_C"],
               "Quantization Batch Size": row["m"], "Seed": row["seed"]}
     hits = [r for r in log_rows if (r.get("Calibration") or "fresh") == calibration  # older logs: fresh
             and (r.get("Weights") or "DEFAULT").split()[0] == (weights or "DEFAULT")
@@ -430,6 +441,8 @@ def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=Non
     if row["variant"] != "quantization_scripts":
         wanted["Bias Correction"] = "" if options.get("bias_correction", "None") == "None" else options["bias_correction"]
         wanted["Skip Layers"] = "" if options.get("skip_layers", "None") == "None" else options["skip_layers"]
+        if "bias_batch_size" in options:
+            wanted["Bias Correction Batch Size"] = options["bias_batch_size"]
     hits = [r for r in hits if all(_same(r.get(c), v) for c, v in wanted.items())]
     return hits[-1] if hits else None
 
@@ -505,6 +518,127 @@ def figure(lines, path: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- top-1 against m
+PLOT_PATH = ROOT / "figures" / "paper_top1_vs_m.png"
+
+
+def authors_curves(rows) -> dict:
+    """{model: {bits: [(m, top-1, row)]}} of the plain GPFQ rows with a logged top-1 (tables plain, plain_4to6,
+    efficientnet_b7 and sweep: one C per model), sorted by m."""
+    curves = {}
+    for row in rows:
+        if row["variant"] == "quantization_scripts" and _number(row["logged_top1"]) is not None:
+            curves.setdefault(row["model"], {}).setdefault(int(row["bits"]), []).append(
+                (int(row["m"]), float(row["logged_top1"]), row))
+    for by_bits in curves.values():
+        for points in by_bits.values():
+            points.sort(key=lambda p: p[0])
+    return curves
+
+
+def drawn_C(by_bits) -> str:
+    return "/".join(sorted({r["scalar_C"] for points in by_bits.values() for _, _, r in points}))
+
+
+def _axes(count, plt):
+    columns = min(4, count)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def plot_paper_against_m(rows, log_dir, path: Path, calibration="fresh", weights="DEFAULT", eval_subset=None):
+    """Top-1 against m, one panel per model, one colour per bit width: the authors' logged points (circles, solid)
+    and ours (crosses, dashed) where our log has the row's run. Returns the lines of `compare` that were drawn."""
+    curves = authors_curves(rows)
+    if not curves:
+        fail("no row with a logged top-1 of plain GPFQ among the selected rows: nothing to draw")
+    drawn = [r for by_bits in curves.values() for points in by_bits.values() for _, _, r in points]
+    lines = compare(drawn, log_dir, calibration, weights, eval_subset)
+    ours = {l["id"]: l["ours_top1"] for l in lines}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = _axes(len(curves), plt)
+    colours = dict(zip(range(2, 9), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (model, by_bits) in zip(axes, curves.items()):
+        floats = {_number(r["float_top1"]) for points in by_bits.values() for _, _, r in points} - {None}
+        for bits, points in sorted(by_bits.items()):
+            colour = colours.get(bits)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, ms=3, lw=1,
+                    label=f"{bits} bits, logged")
+            mine = [(m, ours[r["id"]]) for m, _, r in points if ours.get(r["id"]) is not None]
+            if mine:
+                ax.plot(*zip(*mine), "x--", color=colour, ms=6, lw=1, label=f"{bits} bits, ours")
+        for value in floats:
+            ax.axhline(value, color="grey", ls=":", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} (C {drawn_C(by_bits)})", fontsize=9)
+        ax.set_xlabel("m (calibration images)", fontsize=8)
+        ax.set_ylabel("top-1 (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.suptitle("GPFQ top-1 against m: the authors' logs (o) and ours (x); dotted: float", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def sweep_of_our_log(log_rows, model) -> dict:
+    """{(calibration, bits): [(m, mean top-1 %, sd, seeds)]} of our log's plain GPFQ rows of `model`."""
+    groups = {}
+    for r in log_rows:
+        if r.get("Model Name") != model or (r.get("Method") or "gpfq") != "gpfq" \
+                or _number(r.get("Quantized Top1 Accuracy")) is None:
+            continue
+        key = ((r.get("Calibration") or "fresh"), int(r["Bits"]))
+        groups.setdefault(key, {}).setdefault(int(r["Quantization Batch Size"]), {})[r.get("Seed")] = \
+            100 * float(r["Quantized Top1 Accuracy"])
+    out = {}
+    for key, by_m in groups.items():
+        points = []
+        for m, by_seed in sorted(by_m.items()):
+            values = list(by_seed.values())
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            points.append((m, mean, sd, len(values)))
+        out[key] = points
+    return out
+
+
+def plot_our_sweep(log_dir, model, path: Path) -> str:
+    """Top-1 against m of our own sweep of `model` (mean ± sd over the logged seeds), fresh (solid) and fixed
+    (dashed) calibration, one colour per bit width. Returns a markdown table of the points."""
+    curves = sweep_of_our_log(read_log(Path(log_dir) / VARIANT_LOG["quantization_scripts"]), model)
+    if not curves:
+        fail(f"no GPFQ row of {model} in {Path(log_dir) / VARIANT_LOG['quantization_scripts']}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    colours = dict(zip(range(2, 9), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    table = ["| calibration | bits | m | top-1 (mean ± sd) | seeds |", "|---|---|---|---|---|"]
+    for (calibration, bits), points in sorted(curves.items()):
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                    fmt="o-" if calibration == "fresh" else "s--", color=colours.get(bits), ms=3, lw=1, capsize=2,
+                    label=f"{bits} bits, {calibration}")
+        table += [f"| {calibration} | {bits} | {m} | {mean:.2f} ± {sd:.2f} | {n} |" for m, mean, sd, n in points]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("m (calibration images)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{model}: GPFQ top-1 against m (ours)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "\n".join(table) + "\n"
+
+
 # ---------------------------------------------------------------- main
 def check_data(rows, data_dir):
     if any(r["dataset"] == "imagenet" for r in rows):
@@ -521,7 +655,8 @@ def list_rows(rows):
         for r in mine:
             top5 = f"/{r['logged_top5']}" if r["logged_top5"] else ""
             logged = f"logged {r['logged_top1']}{top5}" if r["logged_top1"] else "not in the paper (ours)"
-            print(f"  {r['id']:<40} {r['model']:<16} {r['bits']} bits  m {r['m']:<5} C {r['scalar_C']:<6} {logged}")
+            print(f"  {r['id']:<40} {r['model']:<16} {r['bits']} bits  m {r['m']:<5} C {r['scalar_C']:<6} {logged}"
+                  f"  [{r['source']}]")
 
 
 def parse(argv=None):
@@ -529,6 +664,13 @@ def parse(argv=None):
     parser.add_argument("--list", action="store_true", help="print the tables and their rows")
     parser.add_argument("--table", nargs="+", help="tables to run (default: all)")
     parser.add_argument("--row", nargs="+", help="row ids to run")
+    parser.add_argument("--models", nargs="+", help="only these models' rows")
+    parser.add_argument("--plot", nargs="?", const=str(PLOT_PATH), default=None, metavar="PNG",
+                        help="run nothing: draw top-1 against m per model and bit width, the authors' points with ours "
+                             f"overlaid where --log_dir has them (default {PLOT_PATH.relative_to(ROOT)})")
+    parser.add_argument("--plot_model", default=None, metavar="MODEL",
+                        help="with --plot: draw our own m sweep of MODEL from --log_dir instead (mean ± sd over "
+                             "seeds, fresh and fixed calibration; docs/paper.md)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the commands and the estimate, run nothing")
     parser.add_argument("--no_estimate", action="store_true", help="with --dry-run: the commands only (no probes)")
@@ -558,10 +700,23 @@ def run(args) -> int:
     if args.cache:
         CACHE_FILE[0] = Path(args.cache)
     rows = read_paper(args.paper_csv)
+    if args.plot_model and not args.plot:
+        fail("--plot_model goes with --plot")
     if args.list:
-        list_rows(select(rows, args.table, args.row))
+        list_rows(select(rows, args.table, args.row, args.models))
         return 0
-    rows = select(rows, args.table, args.row)
+    rows = select(rows, args.table, args.row, args.models)
+    if args.plot:
+        path = Path(args.plot)
+        if args.plot_model:
+            print(plot_our_sweep(args.log_dir, args.plot_model, path), end="")
+        else:
+            lines = plot_paper_against_m(rows, Path(args.log_dir), path, args.calibration, args.weights,
+                                         args.eval_subset)
+            mine = [l for l in lines if l["ours_top1"] is not None]
+            print(f"{len(lines)} logged points, {len(mine)} of ours")
+        print(f"wrote {path}")
+        return 0
     memory = int(args.memory_gb * 2 ** 30) if args.memory_gb else memory_total()
     per_point = args.jobs > 1  # parallel jobs take one grid point each, so the load spreads evenly
     units = units_of(rows, per_point)

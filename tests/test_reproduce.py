@@ -1,6 +1,7 @@
 """experiments/reproduce.py: the paper's rows, the commands, the cost model, the comparison, one real run."""
 import csv
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -35,18 +36,76 @@ def paper_rows():
 
 def test_paper_csv_carries_the_logged_numbers():
     rows = {r["id"]: r for r in paper_rows()}
-    assert len(rows) == 46  # 7·3 + 2·3 plain, 1 B7, 1 sweep point, 4·3 bias correction, 2 float ends, 3 of ours
+    tables = {}
+    for r in rows.values():
+        tables[r["table"]] = tables.get(r["table"], 0) + 1
+    assert tables == {"plain": 21, "plain_4to6": 6, "efficientnet_b7": 1, "sweep": 98, "adhoc_bias_last_float": 12,
+                      "adhoc_bias_last": 12, "adhoc_float_ends": 2, "ours_vgg16_m2048": 3}
     r = rows["plain-resnet50-m512-b3"]
     assert (r["scalar_C"], r["logged_top1"], r["logged_top5"], r["float_top1"]) == ("1.81", "68.51", "89.18", "76.13")
-    assert rows["adhoc_bias-resnet18-m2048-b5"]["logged_top1"] == "69.18"
-    assert rows["adhoc_bias-resnet18-m2048-b5"]["seed"] == "1"
+    assert (r["percentile"], r["retain_rate"], r["seed"]) == ("1.0", "0.25", "0") and "not stated" not in r["note"]
+    # the 12 ad hoc rows of 'correct bias and left last layer unquantized': last layer float, bias batch 2048, seed 1
+    r = rows["adhoc_bias_last_float-resnet18-m2048-b5"]
+    assert (r["logged_top1"], r["logged_top5"], r["seed"]) == ("69.18", "88.70", "1")
+    assert "bias_correction=last_float" in r["options"] and "bias_batch_size=2048" in r["options"]
+    # the quantized last layer corrected: other numbers (ResNet-50 3/4/5 bits 70.85/74.24/75.23)
+    assert [rows[f"adhoc_bias_last-resnet50-m1024-b{b}"]["logged_top1"] for b in "345"] == ["70.85", "74.24", "75.23"]
+    assert all("bias_correction=last;" in rows[f"adhoc_bias_last-resnet50-m1024-b{b}"]["options"] for b in "345")
     assert rows["adhoc_float_ends-resnet18-m2048-b4"]["logged_top1"] == "68.70"
-    assert (rows["batch_sweep-resnet18-m32-b4"]["m"], rows["batch_sweep-resnet18-m32-b4"]["logged_top1"]) == ("32", "19.52")
+    assert (rows["sweep-resnet18-m32-b4"]["logged_top1"], rows["sweep-resnet18-m32-b4"]["logged_top5"]) == ("19.52", "43.65")
     assert rows["plain_4to6-mobilenet_v2-m2048-b6"]["logged_top5"] == "89.85"
-    assert all(r["source"] and r["note"] for r in rows.values())
+    b7 = rows["efficientnet_b7-efficientnet_b7-m512-b5"]
+    assert (b7["float_top1"], b7["float_top5"]) == ("84.12", "96.91")
+    # two logged runs of the same settings: the figure's is kept, the other named in the note
+    assert rows["plain-googlenet-m2048-b5"]["logged_top1"] == "68.61" and "68.53/88.69" in rows["plain-googlenet-m2048-b5"]["note"]
+    assert rows["plain-alexnet-m2048-b3"]["logged_top1"] == "53.23"
+    assert "51.81" in rows["plain-alexnet-m2048-b3"]["note"] and "50.99" in rows["plain-alexnet-m2048-b3"]["note"]
     ours = [r for r in rows.values() if r["table"] == "ours_vgg16_m2048"]  # VGG-16 at m 2048: not in the paper
     assert [(r["model"], r["m"], r["bits"], r["logged_top1"]) for r in ours] == [("vgg16", "2048", b, "") for b in "345"]
     assert all(r["source"].startswith("ours: not in the paper") for r in ours)
+
+
+def test_paper_csv_is_consistent():
+    """Ids unique; every row sourced (a logged one by file@commit); one float accuracy per model; the sweep one
+    row per (model, bits, m) below the model's plain m, with top-1 and top-5; every logged row has both."""
+    rows = paper_rows()
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(r["id"] == f"{r['table']}-{r['model']}-m{r['m']}-b{r['bits']}" for r in rows)
+    for r in rows:
+        assert r["source"] and r["note"], r["id"]
+        if not r["table"].startswith("ours"):
+            assert re.search(r"\S+\.csv@[0-9a-f]{7}$", r["source"]), r["id"]
+            assert r["logged_top1"] and r["logged_top5"] and r["float_top1"] and r["float_top5"], r["id"]
+            assert 0 < float(r["logged_top1"]) <= float(r["logged_top5"]) <= 100, r["id"]
+            assert float(r["logged_top1"]) <= float(r["float_top1"]) + 1, r["id"]
+    floats = {}
+    for r in rows:
+        if r["float_top1"]:
+            floats.setdefault(r["model"], set()).add((r["float_top1"], r["float_top5"]))
+    assert all(len(v) == 1 for v in floats.values()), floats
+    plain_m = {}
+    for r in rows:
+        if r["table"] in ("plain", "plain_4to6", "efficientnet_b7"):
+            plain_m[r["model"]] = min(plain_m.get(r["model"], 1 << 30), int(r["m"]))
+    sweep = [r for r in rows if r["table"] == "sweep"]
+    assert {r["model"] for r in sweep} == set(plain_m)
+    for r in sweep:
+        plain_C = {p["scalar_C"] for p in rows if p["model"] == r["model"] and p["table"].startswith(("plain", "eff"))}
+        assert int(r["m"]) < plain_m[r["model"]] and plain_C == {r["scalar_C"]}, r["id"]
+    assert sorted({int(r["m"]) for r in sweep if r["model"] == "alexnet"}) == [32, 64, 128, 256, 512, 1024]
+
+
+def test_every_listed_table_has_rows_and_sources():
+    result = run("--list")
+    assert result.returncode == 0, result.stderr
+    listed = re.findall(r"^(\S+) \((\S+), (\d+) rows\)$", result.stdout, re.M)
+    counts = {}
+    for r in paper_rows():
+        counts[r["table"]] = counts.get(r["table"], 0) + 1
+    assert {t: int(n) for t, _, n in listed} == counts and all(int(n) > 0 for _, _, n in listed)
+    for row in paper_rows():
+        line = next(l for l in result.stdout.splitlines() if l.split() and l.split()[0] == row["id"])
+        assert f"[{row['source']}]" in line
 
 
 def test_list_prints_every_row():
@@ -75,6 +134,7 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
     """Each command's flags are the script's header keys, and give the row's hyperparameters."""
     commands = dry_run_commands(capsys)
     rows = paper_rows()
+    reproduce = load()
     assert len(commands) == len({(r["variant"], r["model"], r["m"], r["options"], r["seed"]) for r in rows})
     covered = set()
     for argv in commands:
@@ -86,15 +146,18 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
         for row in rows:
             if (row["variant"], row["model"], int(row["m"])) == (variant, config["model_name"], config["batch_size"]) \
                     and int(row["bits"]) in bits and int(row["seed"]) == config["seed"] \
-                    and (variant == "quantization_scripts" or config["bias_correction"] ==
-                         (None if "bias_correction=None" in row["options"] else "last")):
-                assert config["cnn_scalar"] == config["mlp_scalar"] == float(row["scalar_C"])
+                    and (variant == "quantization_scripts" or str(config["bias_correction"]) ==
+                         reproduce.options_of(row)["bias_correction"]):
+                assert config["mlp_scalar"] == float(row["scalar_C"])
+                assert config["cnn_scalar"] == float(reproduce.options_of(row).get("cnn_scalar", row["scalar_C"]))
+                if "bias_batch_size" in row["options"]:
+                    assert config["bias_batch_size"] == int(reproduce.options_of(row)["bias_batch_size"])
                 covered.add(row["id"])
     assert covered == {r["id"] for r in rows}
 
 
 def test_calibration_fixed_reaches_every_command(capsys):
-    commands = dry_run_commands(capsys, "--calibration", "fixed", "--table", "plain", "adhoc_bias")
+    commands = dry_run_commands(capsys, "--calibration", "fixed", "--table", "plain", "adhoc_bias_last")
     assert commands and all(parse_overrides(script_header(argv[1].split("/")[-2]), argv[2:])["calibration"] == "fixed"
                             for argv in commands)
 
@@ -224,3 +287,97 @@ def test_end_to_end_paper_row_random_weights_synthetic_imagenet(tmp_path):
     # the same log read for the pretrained weights or the whole set: nothing of ours to show
     assert load().compare([row], tmp_path / "logs")[0]["ours_top1"] is None
     assert load().compare([row], tmp_path / "logs", weights="random", eval_subset=6)[0]["ours_top1"] == ours
+
+
+def test_sweep_table_of_one_model_prices_one_command_per_m(capsys):
+    commands = dry_run_commands(capsys, "--table", "sweep", "--models", "resnet18")
+    ms = [parse_overrides(script_header("quantization_scripts"), argv[2:])["batch_size"] for argv in commands]
+    assert ms == [32, 64, 128, 256, 512]
+    for argv in commands:
+        config = parse_overrides(script_header("quantization_scripts"), argv[2:])
+        assert config["bits"] == [3, 4, 5] and config["cnn_scalar"] == config["mlp_scalar"] == 1.16
+    assert load().main(["--table", "sweep", "--models", "nope", "--dry-run", "--no_estimate"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown model nope")
+
+
+def _our_log(path, rows):
+    """A plain-GPFQ log with our rows: (model, m, bits, C, seed, top-1 fraction, calibration)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, PLAIN_COLUMNS)
+        writer.writeheader()
+        for model, m, bits, C, seed, top1, calibration in rows:
+            row = {c: "" for c in PLAIN_COLUMNS}
+            row.update({"Model Name": model, "Dataset": "imagenet", "Quantization Batch Size": str(m), "Bits": str(bits),
+                        "MLP_Alphabet_Scalar": C, "CNN_Alphabet_Scalar": C, "Seed": str(seed), "Method": "gpfq",
+                        "Quantized Top1 Accuracy": str(top1), "Quantized Top5 Accuracy": "0.9",
+                        "Calibration": calibration})
+            writer.writerow(row)
+
+
+def test_plot_draws_the_authors_points_and_ours(tmp_path, capsys):
+    reproduce = load()
+    _our_log(tmp_path / "Quantization_Log.csv", [("resnet18", 64, 4, "1.16", 0, 0.5, "fresh"),
+                                                 ("resnet18", 64, 4, "1.16", 0, 0.4, "fixed")])
+    png = tmp_path / "fig.png"
+    assert reproduce.main(["--plot", str(png), "--models", "resnet18", "--log_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "21 logged points, 1 of ours" in out and png.stat().st_size > 0  # 15 sweep + 6 plain (m 1024, 2048)
+    curves = reproduce.authors_curves(reproduce.select(paper_rows(), models=["resnet18"]))
+    assert [m for m, _, _ in curves["resnet18"][4]] == [32, 64, 128, 256, 512, 1024, 2048]
+    lines = reproduce.compare(reproduce.select(paper_rows(), ids=["sweep-resnet18-m64-b4"]), tmp_path)
+    assert lines[0]["ours_top1"] == 50.0 and lines[0]["delta_top1"] == pytest.approx(50.0 - 53.03)
+
+
+def test_plot_model_draws_our_sweep_mean_and_sd(tmp_path, capsys):
+    reproduce = load()
+    _our_log(tmp_path / "Quantization_Log.csv", [("fashion_resnet", m, 4, "1.3", seed, top1, calibration)
+                                                 for m, seed, top1, calibration in
+                                                 [(32, 0, 0.80, "fresh"), (32, 1, 0.82, "fresh"), (64, 0, 0.9, "fresh"),
+                                                  (32, 0, 0.70, "fixed")]])
+    png = tmp_path / "ours.png"
+    assert reproduce.main(["--plot", str(png), "--plot_model", "fashion_resnet", "--log_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fresh | 4 | 32 | 81.00 ± 1.41 | 2 |" in out and "| fixed | 4 | 32 | 70.00 ± 0.00 | 1 |" in out
+    assert png.stat().st_size > 0
+    assert reproduce.main(["--plot", str(png), "--plot_model", "nope", "--log_dir", str(tmp_path)]) == 2
+    assert reproduce.main(["--plot_model", "fashion_resnet"]) == 2
+
+
+def test_bias_rows_match_only_their_bias_batch_size_and_cnn_scalar(tmp_path):
+    reproduce = load()
+    row = next(r for r in paper_rows() if r["id"] == "adhoc_bias_last-vgg16-m512-b4")
+    assert reproduce.cnn_scalar(row) == "1.0" and row["scalar_C"] == "0.975"
+    argv = reproduce.command([row], None, tmp_path, 1)
+    assert argv[argv.index("--cnn_scalar") + 1] == "1.0" and argv.count("--cnn_scalar") == 1
+    assert argv[argv.index("--bias_batch_size") + 1] == "2048"
+    logged = {"Model Name": "vgg16", "Dataset": "imagenet", "Bits": "4", "MLP_Alphabet_Scalar": "0.975",
+              "CNN_Alphabet_Scalar": "1.0", "Quantization Batch Size": "512", "Seed": "1", "Bias Correction": "last",
+              "Skip Layers": "", "Bias Correction Batch Size": "1024", "Quantized Top1 Accuracy": "0.7"}
+    assert reproduce.match(row, [logged]) is None
+    assert reproduce.match(row, [dict(logged, **{"Bias Correction Batch Size": "2048"})]) is not None
+
+
+ASSEMBLE = REPO_ROOT / "scripts" / "assemble_paper_results.py"
+
+
+def test_assembly_script_reads_the_logs_columns_and_refuses_a_missing_copy(tmp_path):
+    spec = importlib.util.spec_from_file_location("assemble", ASSEMBLE)
+    assemble = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assemble)
+    assert assemble.percent("0.69666") == "69.67" and assemble.percent("0.7525") == "75.25"
+    # a file without header: 16-field rows take the MLP/CNN header, 15-field rows one unnamed column after Bits
+    text = ("alexnet,ILSVRC2012,2048,0.56522,0.51812,0.79066,0.76162,3,3,1.1,1.0,True,0.25,0,Y\n"
+            "efficientnet_b1,ILSVRC2012,512,0.7761,0.75788,0.93596,0.92674,5,1.6,1.6,1.0,1.0,True,0.25,0,Y\n")
+    a, b = assemble.runs_of("log_1208", text)
+    assert assemble.agrees(a, "alexnet", 2048, 3, "1.1", seed=0) and assemble.numbers(a) == "51.81/76.16"
+    assert assemble.agrees(b, "efficientnet_b1", 512, 5, "1.6", seed=0) and not assemble.agrees(b, "efficientnet_b1", 512, 5, "1.5")
+    # every logged row of the CSV names one of the script's files
+    sources = {f"{assemble.REPO} {assemble.where(k)}" for k in assemble.FILES}
+    assert {r["source"] for r in paper_rows() if not r["table"].startswith("ours")} <= sources
+    result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "none")], capture_output=True,
+                            text=True, env=python_env())
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    (tmp_path / "copy").mkdir()
+    result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "copy")], capture_output=True,
+                            text=True, env=python_env())
+    assert result.returncode == 2 and "DIR/COMMIT/PATH" in result.stderr
