@@ -22,7 +22,7 @@ def join(rank: int, world_size: int, port: int, timeout: float = 60.0) -> None:
 
 
 def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", calibration="fresh", shard=None,
-                     calibration_set=None):
+                     calibration_set=None, act_bits=None):
     """Quantize fashion_resnet with gpfq.QuantConfig's defaults (the plain script's: 4 bits, C = 1.3, seed 0,
     retain_rate 0.25) at m images per layer, chunks of `chunk_size`, one torch thread. With `shard`, through
     the network loop with that Shard; else through gpfq.quantize (which finds an initialized process group).
@@ -42,7 +42,7 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
 
     data = load_calibration("fashion_mnist") if calibration_set is None else calibration_set
     stream = CalibrationStream(data, 0, chunk_size=chunk_size)
-    config = gpfq.QuantConfig(batch_size=m, engine=engine, method=method, calibration=calibration)
+    config = gpfq.QuantConfig(batch_size=m, engine=engine, method=method, calibration=calibration, act_bits=act_bits)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every rank runs: float sums of products depend on the thread count
     try:

@@ -38,6 +38,23 @@ def test_shares_cover_the_single_process_draw(world_size, m):
         assert torch.equal(torch.cat(shares), expected)
 
 
+@pytest.mark.parametrize("before", [16, 40, 530])  # a whole chunk, a chunk and a half, past the first epoch
+def test_shares_continue_a_stream_that_was_already_drawn(before):
+    """gpfq.quantize draws act_bits' calibration images before the layer loop shards the stream: the shares
+    go on from where one process's stream is (mid-epoch, with part of a chunk pending)."""
+    data = torch.utils.data.TensorDataset(torch.arange(500.0).reshape(500, 1), torch.zeros(500))
+    single = CalibrationStream(data, 3, chunk_size=16)
+    single.draw(before)
+    streams = []
+    for rank in range(2):
+        stream = CalibrationStream(data, 3, chunk_size=16)
+        stream.draw(before)
+        streams.append(distributed.ShardedStream(stream, shard_of(rank, 2)))
+    for _ in range(10):
+        expected = torch.cat(single.draw(50)).flatten()
+        assert torch.equal(torch.cat([torch.cat(s.draw(50)).flatten() for s in streams]), expected)
+
+
 @pytest.mark.parametrize("world_size, m", [(2, 64), (3, 50)])
 def test_a_dataloader_is_shared_out_in_its_own_order(world_size, m):
     """gpfq.quantize's stream of a user's DataLoader: each rank keeps its share of the m images one process
@@ -78,10 +95,11 @@ def two_ranks(tmp_path_factory):
     """2 gloo ranks calling gpfq.quantize in their process group (Q on rank 0, broadcast), m = 64 in chunks
     of 32: GPFQ (engine 'auto': rows gathered for the residual form, sums all-reduced for the Gram form)
     fresh and fixed, GPFQ's Gram form (sums all-reduced; at m = 64 'auto' takes the residual form on every layer
-    of the default model), GPTQ and Qronos (float64 sums) from sums."""
+    of the default model), GPTQ and Qronos (float64 sums) from sums, and GPFQ with 8-bit activations."""
     runs = [dict(m=M, chunk_size=32), dict(m=M, chunk_size=32, calibration="fixed"), dict(m=M, chunk_size=32, engine="gram"),
             dict(m=M, chunk_size=32, engine="gram", method="gptq"),
-            dict(m=M, chunk_size=32, engine="gram", method="qronos")]
+            dict(m=M, chunk_size=32, engine="gram", method="qronos"),
+            dict(m=M, chunk_size=32, act_bits=8)]  # activation scales drawn first: the ranks go on from there
     return runs, run_ranks(2, runs, tmp_path_factory.mktemp("two_ranks") / "q")
 
 

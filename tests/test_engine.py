@@ -415,9 +415,13 @@ def test_gptq_streamed_equals_gptq_on_rows(default_model):
                                    after_layer=streamed_steps.append, log=lambda *a: None)
     assert all(r.form == "gptq" and not r.streamed for r in kept)
     assert all(r.form == "gram" and r.streamed for r in streamed)
+    # The same algebra, summed in another order: on this machine's AVX2/AVX-512 paths every layer is equal, but under
+    # ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE one near-tie flips and GPTQ's cascade moves the rest of its
+    # row: worst layer 97.66 % equal, relative errors 1.02e-3 apart. A real bug is far outside that: damping 10×
+    # too large gives 69.7 % and 2.9e-2 (measured on all three ISA settings, docs/testing.md).
     for kept_step, step, kept_report, report in zip(kept_steps, streamed_steps, kept, streamed):
-        assert (step.quantized_weight == kept_step.quantized_weight).double().mean().item() >= 0.995
-        assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
+        assert (step.quantized_weight == kept_step.quantized_weight).double().mean().item() >= 0.95
+        assert abs(report.relative_error - kept_report.relative_error) <= 3e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -438,7 +438,9 @@ class ShardedStream:
             self.chunk_size = stream.chunk_size
             self.num_workers = stream.num_workers
             self.positions = CalibrationStream(_Positions(len(stream.dataset)), 0, chunk_size=stream.chunk_size)
-            self.positions.generator.set_state(stream.generator.get_state())
+            # go on exactly where the stream is: mid-epoch, part of a chunk pending (e.g. after act_bits' scales
+            # were calibrated on m images drawn before the layer loop), not at a new epoch
+            self.positions.restore(stream.state())
 
     def chunks(self, m: int):
         lo, hi = self.shard.span(m)
