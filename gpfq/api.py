@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpfq.pipeline.activations import ActivationQuantizers, calibrate, quantizable_modules
+from gpfq.pipeline.activations import ActivationQuantizers, calibrate
 from gpfq.pipeline.capture import Coverage, find_layers, layers_in_execution_order
 from gpfq.config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from gpfq.pipeline.streams import CalibrationStream, ImageStream
@@ -324,12 +324,13 @@ def _calibrate_activations(model, stream, config, device, dtype, log):
     if config.act_bits is None:
         return None
     example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, dtype)
-    names = list(quantizable_modules(model, find_layers(model, example).layers))
     chunks = (move(images, device, dtype) for images in stream.draw(config.batch_size))
-    scales = calibrate(model, names, chunks, config.act_bits)
-    log(f"activations: {config.act_bits}-bit inputs on {len(scales)} layers, {config.act_calibration} scales from "
-        f"{config.batch_size} calibration images")
-    return ActivationQuantizers(scales)
+    activations = calibrate(model, find_layers(model, example).layers, chunks, config.act_bits)
+    where = ("tensors between integer ops (torch.fx graph)" if activations.at == "output" else
+             "layer inputs (torch.fx cannot trace this model: its adds and pools stay float)")
+    log(f"activations: {config.act_bits}-bit grids on {len(activations.scales)} {where}, {config.act_calibration} "
+        f"scales from {config.batch_size} calibration images")
+    return activations
 
 
 def _settings_function(model, stream, config, layers, device):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gpfq.io.storage import write_new_file
+import torch.ao.quantization.fx._decomposed  # noqa: F401 (quantize ops the ONNX exporter must see registered)
 from gpfq.io.onnx_export import float_onnx_model
 
 
