@@ -761,7 +761,7 @@ def run(args) -> int:
                   f"{jobs * max(e['memory'] for e in estimates) / 2 ** 30:.1f} GiB "
                   f"(cost model: experiments/reproduce.py docstring, docs/paper.md)")
         return 0
-    run_commands(commands, jobs, Path(args.out), estimates)
+    done = run_commands(commands, jobs, Path(args.out), estimates)
     lines = compare(rows, Path(args.log_dir), args.calibration, args.weights, args.eval_subset)
     table = markdown(lines)
     print(table, end="")
@@ -770,7 +770,18 @@ def run(args) -> int:
     (out / "reproduce.md").write_text(table)
     drawn = figure(lines, out / "reproduce.png")
     print(f"wrote {out / 'reproduce.md'}" + (f" and {out / 'reproduce.png'}" if drawn else ""))
-    return 0
+    return failure_status(done)
+
+
+def failure_status(done) -> int:
+    """0 when every command succeeded; else says how many failed and gives the first one's status (1 for a signal)."""
+    failed = [status for _, _, _, status in done if status != 0]
+    if not failed:
+        return 0
+    sys.stdout.flush()
+    print(f"{len(failed)} of {len(done)} commands failed (the first with exit {failed[0]}): their rows are missing "
+          f"from the comparison", file=sys.stderr)
+    return failed[0] if 0 < failed[0] < 256 else 1
 
 
 def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
@@ -796,11 +807,12 @@ def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
                     output.close()
                 bar.update(1)
                 estimate = estimates[i]["seconds"] if estimates else None
-                done.append((shlex.join(commands[i]), round(seconds, 1),
+                done.append((i, shlex.join(commands[i]), round(seconds, 1),
                              None if estimate is None else round(estimate, 1), process.returncode))
                 said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
                 tqdm.write(f"command {i + 1}/{len(commands)}: {seconds:.0f} s{said}, exit {process.returncode}"
                            + (f", output in {output.name}" if output else ""))
+    done = [entry[1:] for entry in sorted(done)]  # in the commands' order
     (out / "timings.json").write_text(json.dumps(
         [dict(command=c, seconds=s, estimate=e, exit=x) for c, s, e, x in done], indent=1))
     for c, _, _, status in done:

@@ -381,3 +381,31 @@ def test_assembly_script_reads_the_logs_columns_and_refuses_a_missing_copy(tmp_p
     result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "copy")], capture_output=True,
                             text=True, env=python_env())
     assert result.returncode == 2 and "DIR/COMMIT/PATH" in result.stderr
+
+
+def tiny_csv(path, **changes):
+    """A paper CSV of Fashion-MNIST rows (fashion_resnet, 4 bits, m 64), one per dict in `changes['rows']`."""
+    fields = paper_rows()[0].keys()
+    base = dict.fromkeys(fields, "")
+    base.update(id="tiny", table="tiny", variant="quantization_scripts", model="fashion_resnet",
+                dataset="fashion_mnist", bits="4", scalar_C="1.3", m="64", percentile="1.0", retain_rate="0.25",
+                seed="0", options="alphabet=gpfq2022", logged_top1="90.00", logged_top5="99.00", source="test")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for row in changes.get("rows", [{}]):
+            writer.writerow(dict(base, **row))
+    return path
+
+
+def test_a_failed_command_makes_the_run_fail_after_running_the_others(tmp_path):
+    """Two commands the script refuses (m 0: bad input, exit 2): both run, the table is still written, then the
+    run says how many failed and exits with the first failure's status."""
+    paper = tiny_csv(tmp_path / "bad.csv", rows=[dict(id="bad-a", m="0"), dict(id="bad-b", m="0", seed="1")])
+    result = run("--paper_csv", str(paper), "--log_dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out"),
+                 "--no_estimate")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("failed (exit 2): ") == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "2 of 2 commands failed (the first with exit 2): their rows " \
+                                                     "are missing from the comparison"
+    assert "| bad-a |" in (tmp_path / "out" / "reproduce.md").read_text()
