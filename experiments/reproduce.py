@@ -58,6 +58,14 @@ def fail(message):
     raise BadInputError(message)
 
 
+class CommandsInterrupted(Exception):
+    """Ctrl-C while the commands ran: how many finished, were stopped, had not started."""
+
+    def __init__(self, finished, stopped, pending):
+        super().__init__()
+        self.finished, self.stopped, self.pending = finished, stopped, pending
+
+
 # ---------------------------------------------------------------- the paper's rows
 def read_paper(path=PAPER_CSV) -> list:
     with open(path, newline="") as f:
@@ -762,6 +770,7 @@ def run(args) -> int:
                   f"(cost model: experiments/reproduce.py docstring, docs/paper.md)")
         return 0
     done = run_commands(commands, jobs, Path(args.out), estimates)
+    args.commands_ended = True
     lines = compare(rows, Path(args.log_dir), args.calibration, args.weights, args.eval_subset)
     table = markdown(lines)
     print(table, end="")
@@ -791,43 +800,98 @@ def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     pending, running, done = list(enumerate(commands)), [], []
+
+    def finish(item, bar):
+        i, process, output, start = item
+        running.remove(item)
+        seconds = time.perf_counter() - start
+        if output:
+            output.close()
+        bar.update(1)
+        estimate = estimates[i]["seconds"] if estimates else None
+        done.append((i, shlex.join(commands[i]), round(seconds, 1),
+                     None if estimate is None else round(estimate, 1), process.returncode))
+        said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
+        tqdm.write(f"command {i + 1}/{len(commands)}: {seconds:.0f} s{said}, exit {process.returncode}"
+                   + (f", output in {output.name}" if output else ""))
+
+    def write_timings():
+        (out / "timings.json").write_text(json.dumps(
+            [dict(command=c, seconds=s, estimate=e, exit=x) for _, c, s, e, x in sorted(done)], indent=1))
+
     with tqdm(total=len(commands), desc="commands", disable=len(commands) < 2) as bar:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i, argv = pending.pop(0)
-                output = None if jobs == 1 else open(out / "runs" / f"command_{i}.txt", "w")
-                process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT if output else None)
-                running.append((i, process, output, time.perf_counter()))
-            time.sleep(0.2)
-            for item in [r for r in running if r[1].poll() is not None]:
-                i, process, output, start = item
-                running.remove(item)
-                seconds = time.perf_counter() - start
-                if output:
-                    output.close()
-                bar.update(1)
-                estimate = estimates[i]["seconds"] if estimates else None
-                done.append((i, shlex.join(commands[i]), round(seconds, 1),
-                             None if estimate is None else round(estimate, 1), process.returncode))
-                said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
-                tqdm.write(f"command {i + 1}/{len(commands)}: {seconds:.0f} s{said}, exit {process.returncode}"
-                           + (f", output in {output.name}" if output else ""))
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i, argv = pending.pop(0)
+                    output = None if jobs == 1 else open(out / "runs" / f"command_{i}.txt", "w")
+                    # its own process group: a terminal's Ctrl-C reaches only this script, which passes it on once
+                    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT if output else None,
+                                               process_group=0)
+                    running.append((i, process, output, time.perf_counter()))
+                time.sleep(0.2)
+                for item in [r for r in running if r[1].poll() is not None]:
+                    finish(item, bar)
+        except KeyboardInterrupt:
+            stopped = len(running)
+            stop_commands([r[1] for r in running])
+            for item in list(running):
+                finish(item, bar)
+            write_timings()
+            raise CommandsInterrupted(len(done) - stopped, stopped, len(pending)) from None
+    write_timings()
     done = [entry[1:] for entry in sorted(done)]  # in the commands' order
-    (out / "timings.json").write_text(json.dumps(
-        [dict(command=c, seconds=s, estimate=e, exit=x) for c, s, e, x in done], indent=1))
     for c, _, _, status in done:
         if status != 0:
             print(f"failed (exit {status}): {c}", file=sys.stderr)
     return done
 
 
+def stop_commands(processes):
+    """SIGINT to each running command (each stops as on Ctrl-C, keeping its finished points and checkpoint), then
+    wait for them; a second Ctrl-C kills them."""
+    import signal
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def interrupted_line(error, log_dir) -> str:
+    if error is None:
+        return "interrupted before any command ran: nothing was run"
+    return (f"interrupted: {error.finished} of {error.finished + error.stopped + error.pending} commands finished, "
+            f"{error.stopped} stopped, {error.pending} not started; the rows of finished grid points are in "
+            f"{log_dir}. Run the same command again to go on (each command carries --resume: finished points "
+            f"are skipped, a stopped one continues from its last layer checkpoint)")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
     except BadInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CommandsInterrupted as error:
+        print(f"\n{interrupted_line(error, args.log_dir)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        phase = "after the commands ended, while comparing: run again with --compare_only for the comparison" \
+            if getattr(args, "commands_ended", False) else None
+        print(f"\n{('interrupted ' + phase) if phase else interrupted_line(None, args.log_dir)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `--list | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports a program ended by a closed pipe
 
 
 if __name__ == "__main__":

@@ -409,3 +409,41 @@ def test_a_failed_command_makes_the_run_fail_after_running_the_others(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "2 of 2 commands failed (the first with exit 2): their rows " \
                                                      "are missing from the comparison"
     assert "| bad-a |" in (tmp_path / "out" / "reproduce.md").read_text()
+
+
+def test_ctrl_c_stops_the_commands_and_says_how_to_go_on(tmp_path):
+    """SIGINT to reproduce.py while a command runs: the command is stopped (its own Ctrl-C handling), and one
+    line says what finished and how to go on; exit 130, no traceback."""
+    import os
+    import signal
+    paper = tiny_csv(tmp_path / "one.csv", rows=[dict(m="256")])
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--paper_csv", str(paper), "--log_dir",
+                                str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--no_estimate"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(python_env(), PYTHONUNBUFFERED="1"))
+    try:
+        for line in process.stdout:  # the command's first quantized layer: it is inside its grid
+            if line.startswith("[1/"):
+                break
+        os.kill(process.pid, signal.SIGINT)  # the script only, as a terminal's Ctrl-C reaches it
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: 0 of 1 commands finished, 1 stopped, 0 not started; the rows of finished grid points are in "
+        f"{tmp_path / 'logs'}. Run the same command again to go on (each command carries --resume: finished "
+        f"points are skipped, a stopped one continues from its last layer checkpoint)")
+    import json
+    [timing] = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timing["exit"] == 130  # the command itself was stopped and waited for
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """`reproduce.py --list | head`: the reader goes away; no BrokenPipeError, no traceback."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=python_env())
+    process.stdout.close()  # before the script writes anything: every write meets a closed pipe
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and err == ""
