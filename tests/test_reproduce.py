@@ -447,3 +447,49 @@ def test_a_closed_pipe_ends_the_listing_quietly():
     process.stdout.close()  # before the script writes anything: every write meets a closed pipe
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141 and err == ""
+
+
+def test_a_rehearsal_is_labelled_in_every_output_and_takes_m_and_model_dir(tmp_path, capsys):
+    """--weights random, --eval_subset and --m make a rehearsal: the commands carry them (and --model_dir), the
+    dry run, the table, reproduce.md and the plot say 'rehearsal', and rows are matched at the rehearsal's m."""
+    reproduce = load()
+    commands = dry_run_commands(capsys, "--table", "sweep", "--models", "resnet18", "--weights", "random",
+                                "--eval_subset", "6", "--m", "4", "--model_dir", str(tmp_path / "models"))
+    [argv] = commands  # the sweep's five m collapse into one command at m 4
+    config = parse_overrides(script_header("quantization_scripts"), argv[2:])
+    assert (config["batch_size"], config["bits"], config["weights"], config["eval_subset"], config["model_dir"]) == (
+        4, [3, 4, 5], "random", 6, str(tmp_path / "models"))
+    assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data", "--row", "plain-resnet18-m1024-b4",
+                        "--weights", "random", "--m", "4"]) == 0
+    label = "rehearsal, not a reproduction (random weights, m 4 instead of each row's): its top-1 is not comparable " \
+            "with the paper's"
+    assert capsys.readouterr().out.splitlines()[0] == label
+    row = {c: "" for c in PLAIN_COLUMNS}
+    row.update({"Model Name": "resnet18", "Dataset": "imagenet", "Quantization Batch Size": "4", "Bits": "4",
+                "MLP_Alphabet_Scalar": "1.16", "CNN_Alphabet_Scalar": "1.16", "Seed": "0", "Weights": "random",
+                "Eval Subset": "6", "Quantized Top1 Accuracy": "0.0", "Quantized Top5 Accuracy": "0.5"})
+    with open(tmp_path / "Quantization_Log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, PLAIN_COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+    args = ["--row", "plain-resnet18-m1024-b4", "--log_dir", str(tmp_path), "--weights", "random",
+            "--eval_subset", "6", "--m", "4"]
+    assert reproduce.main(["--compare_only", "--no_estimate", "--out", str(tmp_path / "out"), *args]) == 0
+    out = capsys.readouterr().out
+    written = (tmp_path / "out" / "reproduce.md").read_text()
+    assert written in out
+    label = ("rehearsal, not a reproduction (random weights, evaluation on a 6-image subset, m 4 instead of each "
+             "row's): its top-1 is not comparable with the paper's")
+    assert written.splitlines()[0] == f"**{label}**"
+    assert "| plain-resnet18-m1024-b4 | resnet18 | 4 | 1024 | 1.16 | 67.7 | 0.0 | -67.70 | 88.09 | 50.0 | -38.09 | " \
+           "rehearsal |" in written
+    assert f"wrote {tmp_path / 'out' / 'reproduce.md'} and {tmp_path / 'out' / 'reproduce.png'} ({label})" in out
+    assert reproduce.main(["--plot", str(tmp_path / "m.png"), *args]) == 0
+    assert f"1 logged points, 1 of ours ({label})" in capsys.readouterr().out
+    # without the rehearsal's settings the same log has nothing to compare
+    assert reproduce.main(["--compare_only", "--no_estimate", "--out", str(tmp_path / "real"), "--row",
+                           "plain-resnet18-m1024-b4", "--log_dir", str(tmp_path)]) == 0
+    real = capsys.readouterr().out + (tmp_path / "real" / "reproduce.md").read_text()
+    assert "rehearsal, not" not in real and "| rehearsal |" not in real and "| – | – | 88.09 | – | – |" in real
+    assert reproduce.main(["--m", "0", "--dry-run", "--no_estimate"]) == 2
+    assert capsys.readouterr().err == "error: --m must be an integer ≥ 1, got 0\n"
