@@ -868,9 +868,9 @@ def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
                 while pending and len(running) < jobs:
                     i, argv = pending.pop(0)
                     output = None if jobs == 1 else open(out / "runs" / f"command_{i}.txt", "w")
-                    # its own process group: a terminal's Ctrl-C reaches only this script, which passes it on once
+                    # its own session: a terminal's Ctrl-C reaches only this script, which passes it on once
                     process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT if output else None,
-                                               process_group=0)
+                                               start_new_session=True)
                     running.append((i, process, output, time.perf_counter()))
                 time.sleep(0.2)
                 for item in [r for r in running if r[1].poll() is not None]:
