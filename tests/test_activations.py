@@ -158,3 +158,30 @@ def test_gradients_pass_the_quantizers_straight_through():
     hidden = torch.relu(result.model[0](x)) > 0  # the ReLU's mask, what the float gradient goes through
     expected = (hidden.float() * result.model[2].weight.sum(dim=0)) @ result.model[0].weight
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_deployment_refuses_weights_beyond_int8_before_quantizing(tmp_path, monkeypatch):
+    """act_bits 8 is an int8 (QDQ) deployment: 8-bit gpfq2022 levels need ±255, so they are refused up front."""
+    with pytest.raises(BadHyperparameterError, match=r"8-bit gpfq2022 weights .*±255.*use alphabet 'strict', or at "
+                                                     r"most 7 bits"):
+        gpfq.QuantConfig(act_bits=8, bits=8)
+    with pytest.raises(BadHyperparameterError, match="9-bit weights cannot be exported"):
+        gpfq.QuantConfig(act_bits=8, bits=9, alphabet="strict")
+    for fine in (dict(bits=8, alphabet="strict"), dict(bits=7), dict(bits=8, act_bits=4), dict(bits=8, act_bits=None)):
+        gpfq.QuantConfig(**{"act_bits": 8, **fine})
+    from gpfq.io.qdq_export import int8_levels
+    from gpfq.methods.alphabet import make_alphabet
+    assert int8_levels(make_alphabet("gpfq2022", 7, 1.3, 0.7)) is not None  # what the message offers exports
+
+    def started(*args, **kwargs):
+        raise AssertionError("quantization started before the bad input was reported")
+    monkeypatch.setattr(network, "quantize_network", started)
+    with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # a per-layer choice too
+        gpfq.quantize(tiny_mlp(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64), layers={0: 8},
+                      log=lambda line: None)
+    from conftest import script_header
+    from gpfq.runner.experiment import main
+    with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # the scripts: one line, exit status 2
+        main(script_header("quantization_scripts"), ["--act_bits", "8", "--bits", "8", "--log_dir",
+                                                     str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
