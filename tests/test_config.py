@@ -108,3 +108,21 @@ def test_pyproject_lists_requirements_txt():
                     if line.strip() and not line.startswith("#")]
     assert re.findall(r'"([^"]+)"', dependencies) == requirements
     assert re.search(r'^dev = \[.*"pytest', text, re.M)
+
+
+def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--bits 4 4` (or `batch_size = [32, 32]`) is one point, not the same point twice with two log rows."""
+    header = script_header("quantization_scripts")
+    said = []
+    points = expand_grid(parse_overrides(dict(header, batch_size=[32, 32]), ["--bits", "4", "3", "4"]), say=said.append)
+    assert [(p["bits"], p["batch_size"]) for p in points] == [(4, 32), (3, 32)]
+    assert said == ["note: repeated grid values (bits [4, 3, 4]; batch_size [32, 32]): each grid point runs once "
+                    "(2 points, not 6)"]
+    assert len(expand_grid(parse_overrides(header, ["--bits", "4", "4.0"]))) == 2  # 4.0 is left for validate to refuse
+    from gpfq.runner import experiment
+    ran = []
+    monkeypatch.setattr(experiment, "run_point", lambda point, *args, **kwargs: ran.append(point["bits"]) or {})
+    experiment.main(header, ["--bits", "4", "4", "--log_dir", str(tmp_path / "logs"), "--model_dir",
+                             str(tmp_path / "models")])
+    assert ran == [4]
+    assert "note: repeated grid values (bits [4, 4]): each grid point runs once (1 point, not 2)" in capsys.readouterr().out

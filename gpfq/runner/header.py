@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import itertools
+import math
 
 import torch
 
@@ -105,10 +106,31 @@ def _literal(text: str):
         return text
 
 
-def expand_grid(config: dict, grid_keys=()) -> list:
-    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+def _distinct(values) -> list:
+    """`values` without repeats (equal and of the same type: 4 and 4.0 stay two, for `validate` to judge)."""
+    kept = []
+    for value in values:
+        if not any(type(value) is type(other) and value == other for other in kept):
+            kept.append(value)
+    return kept
+
+
+def expand_grid(config: dict, grid_keys=(), say=None) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each.
+
+    A value listed twice (`--bits 4 4`) gives its points once; `say`, if given, is told so.
+    """
     keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
     axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
+    repeated = {k: values for k, values in axes.items() if len(_distinct(values)) < len(values)}
+    if repeated:
+        before = math.prod(len(values) for values in axes.values())
+        axes = {k: _distinct(values) for k, values in axes.items()}
+        after = math.prod(len(values) for values in axes.values())
+        if say is not None:
+            listed = "; ".join(f"{k} {list(values)!r}" for k, values in repeated.items())
+            say(f"note: repeated grid values ({listed}): each grid point runs once ({after} point"
+                f"{'s' if after != 1 else ''}, not {before})")
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(config)
