@@ -73,8 +73,11 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 if __name__ == "__main__":
     try:
         import gpfq  # noqa: F401
-    except ModuleNotFoundError:
-        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
+    except ModuleNotFoundError as error:  # e.g. the system python3 after `make demo`, which installs into .venv
+        raise SystemExit(f"this Python cannot import {error.name}{'' if error.name == 'gpfq' else ', which gpfq needs'}: "
+                         f"after `make demo` gpfq is installed in .venv; activate it (`source .venv/bin/activate`) "
+                         f"or run `.venv/bin/python quantization_scripts/quantize.py …`; elsewhere run `pip install -e .` in the "
+                         f"repository root") from None
     from gpfq.runner.cli import run_script
     from gpfq.runner.experiment import main
     run_script(main, HEADER)
