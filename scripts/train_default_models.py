@@ -27,10 +27,11 @@ try:
     from gpfq.io.models import EMBEDDED_MODELS
     from gpfq.paths import MODEL_DIR, REPO_ROOT
 except ModuleNotFoundError as error:  # e.g. the system python3 after `make demo`, which installs into .venv
-    raise SystemExit(f"this Python cannot import {error.name}{'' if error.name == 'gpfq' else ', which gpfq needs'}: "
-                     f"after `make demo` gpfq is installed in .venv; activate it (`source .venv/bin/activate`) "
-                     f"or run `.venv/bin/python scripts/train_default_models.py …`; elsewhere run `pip install -e .` "
-                     f"in the repository root") from None
+    needed = "" if error.name == "gpfq" else ", which gpfq needs"
+    raise SystemExit(f"this Python cannot import {error.name}{needed}: after `make demo` gpfq is installed in .venv; "
+                     f"activate it (`source .venv/bin/activate`) or run "
+                     f"`.venv/bin/python scripts/train_default_models.py …`; elsewhere run `pip install -e .` in the "
+                     f"repository root") from None
 
 DEFAULT_OUT = MODEL_DIR / "trained"
 

@@ -126,3 +126,31 @@ def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, monkeypatch, caps
                              str(tmp_path / "models")])
     assert ran == [4]
     assert "note: repeated grid values (bits [4, 4]): each grid point runs once (1 point, not 2)" in capsys.readouterr().out
+
+
+def test_header_comments_read_each_key_and_its_continuation_lines(tmp_path):
+    from gpfq.runner.header import header_comments
+    script = tmp_path / "script.py"
+    script.write_text('# ---- header\nname = "a#b"   # what it is,\n               #   and more\nplain = 1\n'
+                      'other = [1,\n         2]   # a list\n# ---- end (a column-0 comment continues nothing)\n'
+                      'x = 2  # x\n   # another column: not x\n')
+    assert header_comments(script) == {"name": "what it is, and more", "other": "a list", "x": "x"}
+
+
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_help_shows_every_keys_meaning_from_the_header(folder):
+    """`quantize.py --help`: each key's header comment (continuation lines joined), then its default."""
+    import subprocess
+    import sys
+    from conftest import python_env
+    from gpfq.runner.header import COMMON_HELP, header_comments
+    comments = header_comments(REPO_ROOT / folder / "quantize.py")
+    assert "timm:<name>" in comments["model_name"] and comments["bits"] == "bits per weight"
+    assert [key for key in script_header(folder) if key not in {**COMMON_HELP, **comments}] == []
+    run = subprocess.run([sys.executable, str(REPO_ROOT / folder / "quantize.py"), "--help"], capture_output=True,
+                         text=True, env=python_env(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())  # argparse wraps the lines
+    assert "--bits [VALUE ...] bits per weight (header: [4])" in text
+    assert f"--model [VALUE ...] {comments['model_name']} (header: 'fashion_resnet')" in text
+    assert "--debug [VALUE ...] True: known errors show their stack trace too (header: False)" in text
