@@ -30,11 +30,13 @@ data:
 demo: setup data
 	$(PY) quantization_scripts/quantize.py
 
+# TEST_WORKERS: pytest-xdist processes (one torch thread each); 0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup data
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,8 @@
 A real run calls the scripts (subprocess, `--resume`, so a rerun skips finished points and rows land in the
 usual logs), then prints our top-1/top-5 beside the logged ones with the deltas, and writes
 <out>/reproduce.md and <out>/reproduce.png (default out: logs/reproduce/). Rows are matched to log rows by
-(variant, model, bits, C, m, seed and the ad hoc options).
+(variant, model, bits, C, m, seed and the ad hoc options). `--weights random`, `--eval_subset N` or `--m M` make a
+rehearsal, labelled as such in every output (docs/paper.md).
 
 Estimate (docs/paper.md). A probe per model, measured on this machine once and cached in a JSON file:
 t_img (one float forward per image, random weights and images), the layers (N0, N1, groups, kept patches per
@@ -58,6 +59,14 @@ def fail(message):
     raise BadInputError(message)
 
 
+class CommandsInterrupted(Exception):
+    """Ctrl-C while the commands ran: how many finished, were stopped, had not started."""
+
+    def __init__(self, finished, stopped, pending):
+        super().__init__()
+        self.finished, self.stopped, self.pending = finished, stopped, pending
+
+
 # ---------------------------------------------------------------- the paper's rows
 def read_paper(path=PAPER_CSV) -> list:
     with open(path, newline="") as f:
@@ -93,6 +102,26 @@ def select(rows, tables=None, ids=None, models=None) -> list:
     return rows
 
 
+def rehearsal(weights=None, eval_subset=None, m=None) -> str:
+    """'' for a reproduction; else the line that labels a rehearsal's every output."""
+    reasons = (["random weights"] if weights == "random" else []) \
+        + ([f"evaluation on a {eval_subset}-image subset"] if eval_subset else []) \
+        + ([f"m {m} instead of each row's"] if m else [])
+    return (f"rehearsal, not a reproduction ({', '.join(reasons)}): its top-1 is not comparable with the paper's"
+            if reasons else "")
+
+
+def at_m(rows, m) -> list:
+    """The rows to run at m (`--m`): each (group, bits) once."""
+    if not m:
+        return rows
+    unique = {}
+    for row in rows:
+        row = dict(row, m=str(m))
+        unique.setdefault((group_key(row), row["bits"]), row)
+    return list(unique.values())
+
+
 def group_key(row):
     """Rows one command runs as a grid over bits."""
     return (row["variant"], row["model"], row["dataset"], row["scalar_C"], row["m"], row["percentile"],
@@ -110,7 +139,7 @@ def units_of(rows, per_point: bool) -> list:
 
 
 def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration="fresh", weights=None,
-            eval_subset=None) -> list:
+            eval_subset=None, model_dir=None) -> list:
     first = unit[0]
     argv = [python, str(ROOT / first["variant"] / "quantize.py"), "--model", first["model"],
             "--dataset", first["dataset"]]
@@ -128,8 +157,10 @@ def command(unit, data_dir, log_dir, threads, python=sys.executable, calibration
         argv += ["--weights", weights]
     if eval_subset:
         argv += ["--eval_subset", str(eval_subset)]
-    argv += ["--num_threads", str(threads), "--log_dir", str(log_dir), "--resume"]
-    return argv
+    argv += ["--num_threads", str(threads), "--log_dir", str(log_dir)]
+    if model_dir:
+        argv += ["--model_dir", str(model_dir)]
+    return argv + ["--resume"]
 
 
 # ---------------------------------------------------------------- probe
@@ -428,13 +459,13 @@ def log_name(row) -> str:
     return BIAS_LOG if options.get("bias_correction", "None") != "None" else SKIP_LOG
 
 
-def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=None):
+def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=None, m=None):
     """The last log row of the paper row's (model, dataset, bits, C, m, seed, ad hoc options), calibration
     mode, weights and eval subset, or None: a rehearsal (random weights, a subset) never passes for a real run."""
     options = options_of(row)
     wanted = {"Model Name": row["model"], "Dataset": row["dataset"], "Bits": row["bits"],
               "CNN_Alphabet_Scalar": cnn_scalar(row), "MLP_Alphabet_Scalar": row["scalar_C"],
-              "Quantization Batch Size": row["m"], "Seed": row["seed"]}
+              "Quantization Batch Size": str(m or row["m"]), "Seed": row["seed"]}
     hits = [r for r in log_rows if (r.get("Calibration") or "fresh") == calibration  # older logs: fresh
             and (r.get("Weights") or "DEFAULT").split()[0] == (weights or "DEFAULT")
             and (r.get("Eval Subset") or "") == (str(eval_subset) if eval_subset else "")]
@@ -447,15 +478,15 @@ def match(row, log_rows, calibration="fresh", weights="DEFAULT", eval_subset=Non
     return hits[-1] if hits else None
 
 
-def compare(rows, log_dir: Path, calibration="fresh", weights="DEFAULT", eval_subset=None) -> list:
-    """One line per paper row: ours (%, from the logs) beside the logged numbers, and the deltas."""
+def compare(rows, log_dir: Path, calibration="fresh", weights="DEFAULT", eval_subset=None, m=None) -> list:
+    """One line per paper row: ours (%, from the logs; run at `m` if given) beside the logged numbers, the deltas."""
     logs = {}
     lines = []
     for row in rows:
         name = log_name(row)
         if name not in logs:
             logs[name] = read_log(Path(log_dir) / name)
-        hit = match(row, logs[name], calibration, weights, eval_subset)
+        hit = match(row, logs[name], calibration, weights, eval_subset, m)
         line = dict(id=row["id"], model=row["model"], bits=row["bits"], m=row["m"], C=row["scalar_C"],
                     paper_top1=_number(row["logged_top1"]), paper_top5=_number(row["logged_top5"]),
                     ours_top1=None, ours_top5=None, delta_top1=None, delta_top5=None)
@@ -481,18 +512,21 @@ def _cell(value):
     return "–" if value is None else (f"{value:+.2f}" if isinstance(value, float) and value < 0 else f"{value}")
 
 
-def markdown(lines) -> str:
+def markdown(lines, label="") -> str:
+    """The side-by-side table; a rehearsal's (`label`) starts with that label and marks every row."""
     head = "| row | model | bits | m | C | paper top-1 | ours top-1 | Δ top-1 | paper top-5 | ours top-5 | Δ top-5 |"
-    out = [head, "|" + "---|" * 11]
+    out = [head + (" run |" if label else ""), "|" + "---|" * (12 if label else 11)]
     for l in lines:
         delta = [("–" if l[k] is None else f"{l[k]:+.2f}") for k in ("delta_top1", "delta_top5")]
         out.append(f"| {l['id']} | {l['model']} | {l['bits']} | {l['m']} | {l['C']} | {_cell(l['paper_top1'])} | "
                    f"{_cell(l['ours_top1'])} | {delta[0]} | {_cell(l['paper_top5'])} | {_cell(l['ours_top5'])} | "
-                   f"{delta[1]} |")
+                   f"{delta[1]} |" + (" rehearsal |" if label else ""))
+    if label:
+        out = [f"**{label}**", ""] + out
     return "\n".join(out) + "\n"
 
 
-def figure(lines, path: Path) -> bool:
+def figure(lines, path: Path, label="") -> bool:
     """Ours against the paper's top-1, one point per row, the diagonal for reference."""
     points = [l for l in lines if l["ours_top1"] is not None and l["paper_top1"] is not None]
     if not points:
@@ -508,8 +542,8 @@ def figure(lines, path: Path) -> bool:
     high = max(max(l["paper_top1"], l["ours_top1"]) for l in points) + 1
     ax.plot([low, high], [low, high], "k--", lw=0.8)
     ax.set_xlabel("paper top-1 (%)")
-    ax.set_ylabel("ours top-1 (%)")
-    ax.set_title("GPFQ: reproduced vs logged")
+    ax.set_ylabel("ours top-1 (%)" + (", rehearsal" if label else ""))
+    ax.set_title(f"GPFQ {label}" if label else "GPFQ: reproduced vs logged", fontsize=10 if not label else 6, wrap=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,14 +583,15 @@ def _axes(count, plt):
     return fig, list(axes.flat)
 
 
-def plot_paper_against_m(rows, log_dir, path: Path, calibration="fresh", weights="DEFAULT", eval_subset=None):
+def plot_paper_against_m(rows, log_dir, path: Path, calibration="fresh", weights="DEFAULT", eval_subset=None,
+                         m=None, label=""):
     """Top-1 against m, one panel per model, one colour per bit width: the authors' logged points (circles, solid)
     and ours (crosses, dashed) where our log has the row's run. Returns the lines of `compare` that were drawn."""
     curves = authors_curves(rows)
     if not curves:
         fail("no row with a logged top-1 of plain GPFQ among the selected rows: nothing to draw")
     drawn = [r for by_bits in curves.values() for points in by_bits.values() for _, _, r in points]
-    lines = compare(drawn, log_dir, calibration, weights, eval_subset)
+    lines = compare(drawn, log_dir, calibration, weights, eval_subset, m)
     ours = {l["id"]: l["ours_top1"] for l in lines}
     import matplotlib
     matplotlib.use("Agg")
@@ -569,9 +604,10 @@ def plot_paper_against_m(rows, log_dir, path: Path, calibration="fresh", weights
             colour = colours.get(bits)
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, ms=3, lw=1,
                     label=f"{bits} bits, logged")
-            mine = [(m, ours[r["id"]]) for m, _, r in points if ours.get(r["id"]) is not None]
+            mine = sorted({(m or row_m, ours[r["id"]]) for row_m, _, r in points if ours.get(r["id"]) is not None})
             if mine:
-                ax.plot(*zip(*mine), "x--", color=colour, ms=6, lw=1, label=f"{bits} bits, ours")
+                ax.plot(*zip(*mine), "x--", color=colour, ms=6, lw=1,
+                        label=f"{bits} bits, ours" + (" (rehearsal)" if label else ""))
         for value in floats:
             ax.axhline(value, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -580,7 +616,11 @@ def plot_paper_against_m(rows, log_dir, path: Path, calibration="fresh", weights
         ax.set_ylabel("top-1 (%)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    fig.suptitle("GPFQ top-1 against m: the authors' logs (o) and ours (x); dotted: float", fontsize=10)
+    title = "GPFQ top-1 against m: the authors' logs (o) and ours (x); dotted: float"
+    if label:
+        import textwrap
+        title = textwrap.fill(f"{title}. Ours: {label}", 50 * min(4, len(curves)))
+    fig.suptitle(title, fontsize=8 if label else 10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -692,6 +732,11 @@ def parse(argv=None):
     parser.add_argument("--eval_subset", type=int, default=None,
                         help="passed to the scripts: a class-balanced N of the evaluation set, for a quick look "
                              "(logged in the row's Eval Subset column and compared only with such rows)")
+    parser.add_argument("--m", "--batch_size", dest="m", type=int, default=None,
+                        help="for a rehearsal: run every row at this m (calibration images) instead of its own, and "
+                             "compare with log rows of this m; every output is labelled a rehearsal")
+    parser.add_argument("--model_dir", default=None, help="passed to the scripts: where the quantized models go "
+                                                          "(default: theirs, models/)")
     parser.add_argument("--compare_only", action="store_true", help="run nothing: compare the logs with the paper")
     return parser.parse_args(argv)
 
@@ -706,23 +751,26 @@ def run(args) -> int:
         list_rows(select(rows, args.table, args.row, args.models))
         return 0
     rows = select(rows, args.table, args.row, args.models)
+    if args.m is not None and args.m < 1:
+        fail(f"--m must be an integer ≥ 1, got {args.m}")
+    label = rehearsal(args.weights, args.eval_subset, args.m)
     if args.plot:
         path = Path(args.plot)
         if args.plot_model:
             print(plot_our_sweep(args.log_dir, args.plot_model, path), end="")
         else:
             lines = plot_paper_against_m(rows, Path(args.log_dir), path, args.calibration, args.weights,
-                                         args.eval_subset)
+                                         args.eval_subset, args.m, label)
             mine = [l for l in lines if l["ours_top1"] is not None]
-            print(f"{len(lines)} logged points, {len(mine)} of ours")
+            print(f"{len(lines)} logged points, {len(mine)} of ours" + (f" ({label})" if label else ""))
         print(f"wrote {path}")
         return 0
     memory = int(args.memory_gb * 2 ** 30) if args.memory_gb else memory_total()
     per_point = args.jobs > 1  # parallel jobs take one grid point each, so the load spreads evenly
-    units = units_of(rows, per_point)
+    units = units_of(at_m(rows, args.m), per_point)
     if not args.dry_run and not args.compare_only:
         check_data(rows, args.data_dir)
-    if args.no_estimate:
+    if args.no_estimate or args.compare_only:
         estimates, jobs, threads, reason = None, max(1, min(args.jobs, len(units))), None, ""
         threads = max(1, args.cores // jobs)
     else:
@@ -741,12 +789,14 @@ def run(args) -> int:
         print(f"note: {reason}")
     commands = [command(u, args.data_dir or (None if u[0]["dataset"] != "imagenet" else ROOT / "data"),
                         args.log_dir, threads, calibration=args.calibration, weights=args.weights,
-                        eval_subset=args.eval_subset) for u in units]
+                        eval_subset=args.eval_subset, model_dir=args.model_dir) for u in units]
     if args.num_workers:
         commands = [c + ["--num_workers", str(args.num_workers)] for c in commands]
     if args.compare_only:
         commands = []
     if args.dry_run:
+        if label:
+            print(label)
         for i, (unit, argv) in enumerate(zip(units, commands)):
             tail = ""
             if estimates:
@@ -761,16 +811,29 @@ def run(args) -> int:
                   f"{jobs * max(e['memory'] for e in estimates) / 2 ** 30:.1f} GiB "
                   f"(cost model: experiments/reproduce.py docstring, docs/paper.md)")
         return 0
-    run_commands(commands, jobs, Path(args.out), estimates)
-    lines = compare(rows, Path(args.log_dir), args.calibration, args.weights, args.eval_subset)
-    table = markdown(lines)
+    done = run_commands(commands, jobs, Path(args.out), estimates)
+    args.commands_ended = True
+    lines = compare(rows, Path(args.log_dir), args.calibration, args.weights, args.eval_subset, args.m)
+    table = markdown(lines, label)
     print(table, end="")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.md").write_text(table)
-    drawn = figure(lines, out / "reproduce.png")
-    print(f"wrote {out / 'reproduce.md'}" + (f" and {out / 'reproduce.png'}" if drawn else ""))
-    return 0
+    drawn = figure(lines, out / "reproduce.png", label)
+    print(f"wrote {out / 'reproduce.md'}" + (f" and {out / 'reproduce.png'}" if drawn else "")
+          + (f" ({label})" if label else ""))
+    return failure_status(done)
+
+
+def failure_status(done) -> int:
+    """0 when every command succeeded; else says how many failed and gives the first one's status (1 for a signal)."""
+    failed = [status for _, _, _, status in done if status != 0]
+    if not failed:
+        return 0
+    sys.stdout.flush()
+    print(f"{len(failed)} of {len(done)} commands failed (the first with exit {failed[0]}): their rows are missing "
+          f"from the comparison", file=sys.stderr)
+    return failed[0] if 0 < failed[0] < 256 else 1
 
 
 def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
@@ -780,42 +843,98 @@ def run_commands(commands, jobs: int, out: Path, estimates=None) -> list:
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     pending, running, done = list(enumerate(commands)), [], []
+
+    def finish(item, bar):
+        i, process, output, start = item
+        running.remove(item)
+        seconds = time.perf_counter() - start
+        if output:
+            output.close()
+        bar.update(1)
+        estimate = estimates[i]["seconds"] if estimates else None
+        done.append((i, shlex.join(commands[i]), round(seconds, 1),
+                     None if estimate is None else round(estimate, 1), process.returncode))
+        said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
+        tqdm.write(f"command {i + 1}/{len(commands)}: {seconds:.0f} s{said}, exit {process.returncode}"
+                   + (f", output in {output.name}" if output else ""))
+
+    def write_timings():
+        (out / "timings.json").write_text(json.dumps(
+            [dict(command=c, seconds=s, estimate=e, exit=x) for _, c, s, e, x in sorted(done)], indent=1))
+
     with tqdm(total=len(commands), desc="commands", disable=len(commands) < 2) as bar:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i, argv = pending.pop(0)
-                output = None if jobs == 1 else open(out / "runs" / f"command_{i}.txt", "w")
-                process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT if output else None)
-                running.append((i, process, output, time.perf_counter()))
-            time.sleep(0.2)
-            for item in [r for r in running if r[1].poll() is not None]:
-                i, process, output, start = item
-                running.remove(item)
-                seconds = time.perf_counter() - start
-                if output:
-                    output.close()
-                bar.update(1)
-                estimate = estimates[i]["seconds"] if estimates else None
-                done.append((shlex.join(commands[i]), round(seconds, 1),
-                             None if estimate is None else round(estimate, 1), process.returncode))
-                said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
-                tqdm.write(f"command {i + 1}/{len(commands)}: {seconds:.0f} s{said}, exit {process.returncode}"
-                           + (f", output in {output.name}" if output else ""))
-    (out / "timings.json").write_text(json.dumps(
-        [dict(command=c, seconds=s, estimate=e, exit=x) for c, s, e, x in done], indent=1))
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i, argv = pending.pop(0)
+                    output = None if jobs == 1 else open(out / "runs" / f"command_{i}.txt", "w")
+                    # its own session: a terminal's Ctrl-C reaches only this script, which passes it on once
+                    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT if output else None,
+                                               start_new_session=True)
+                    running.append((i, process, output, time.perf_counter()))
+                time.sleep(0.2)
+                for item in [r for r in running if r[1].poll() is not None]:
+                    finish(item, bar)
+        except KeyboardInterrupt:
+            stopped = len(running)
+            stop_commands([r[1] for r in running])
+            for item in list(running):
+                finish(item, bar)
+            write_timings()
+            raise CommandsInterrupted(len(done) - stopped, stopped, len(pending)) from None
+    write_timings()
+    done = [entry[1:] for entry in sorted(done)]  # in the commands' order
     for c, _, _, status in done:
         if status != 0:
             print(f"failed (exit {status}): {c}", file=sys.stderr)
     return done
 
 
+def stop_commands(processes):
+    """SIGINT to each running command (each stops as on Ctrl-C, keeping its finished points and checkpoint), then
+    wait for them; a second Ctrl-C kills them."""
+    import signal
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def interrupted_line(error, log_dir) -> str:
+    if error is None:
+        return "interrupted before any command ran: nothing was run"
+    return (f"interrupted: {error.finished} of {error.finished + error.stopped + error.pending} commands finished, "
+            f"{error.stopped} stopped, {error.pending} not started; the rows of finished grid points are in "
+            f"{log_dir}. Run the same command again to go on (each command carries --resume: finished points "
+            f"are skipped, a stopped one continues from its last layer checkpoint)")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
     except BadInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CommandsInterrupted as error:
+        print(f"\n{interrupted_line(error, args.log_dir)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        phase = "after the commands ended, while comparing: run again with --compare_only for the comparison" \
+            if getattr(args, "commands_ended", False) else None
+        print(f"\n{('interrupted ' + phase) if phase else interrupted_line(None, args.log_dir)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `--list | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports a program ended by a closed pipe
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class QuantConfig:
         if self.act_bits is not None and self.calibration == "fixed":
             _fail("act_bits with calibration 'fixed' is not supported (its cached forward pass does not run the "
                   "activation quantizers): use calibration 'fresh'")
+        if self.act_bits == 8:
+            _check_int8_weights(self.alphabet, self.bits)
         if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
             _fail(f"ignore_layers must be a list of layer indices, got {list_or_value(self.ignore_layers)!r}")
 
@@ -173,6 +175,17 @@ class QuantConfig:
                 value = ""  # float activations: their grid options say nothing
             columns[column] = value
         return columns
+
+
+def _check_int8_weights(alphabet: str, bits: int):
+    """act_bits 8 means an int8 (QDQ) deployment: refuse weights whose levels are not int8 integers."""
+    if alphabet == "gpfq2022" and bits >= 8:
+        _fail(f"act_bits 8 (an int8 QDQ deployment) with {bits}-bit gpfq2022 weights cannot be exported: their "
+              f"levels are the odd integers up to ±{2 ** bits - 1} on the int8 grid (int8 holds ±127); use "
+              f"alphabet 'strict', or at most 7 bits")
+    if bits > 8:
+        _fail(f"act_bits 8 (an int8 QDQ deployment) with {bits}-bit weights cannot be exported: int8 weights "
+              f"hold at most 8 bits; use alphabet 'strict' with at most 8 bits")
 
 
 def list_or_value(value):

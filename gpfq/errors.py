@@ -40,3 +40,7 @@ def os_error_reason(error: OSError) -> str:
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full: {error.strerror}"
     return f"{type(error).__name__}: {error}"
+
+
+class ExportInputError(BadInputError, ValueError):
+    """An ONNX export asked of something it cannot take: a bad input shape or dtype, a file without what it needs."""

@@ -20,7 +20,7 @@ batch_size = [512]              # m: calibration images drawn afresh for every l
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
 cnn_scalar = [1.3]              # C for Conv2d layers
 mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
-cnn_percentile = [1.0]
+cnn_percentile = [1.0]          # the same for Conv2d layers
 alphabet = "gpfq2022"           # "gpfq2022" (paper: 2^b + 1 levels), "midtread", "strict" (2^b levels)
 include_0 = True                # gpfq2022 alphabet: append the level 0
 alphabet_granularity = "layer"  # "layer" (paper: one radius per layer) or "channel" (one per output channel)
@@ -45,8 +45,8 @@ act_bits = None                 # quantized activations: None (float, the paper)
                                 #   layer input, calibrated on the float network; gpfq.pipeline.activations)
 act_granularity = "tensor"      # activations: one scale per layer input (what QLinearConv / QLinearMatMul take)
 act_calibration = "minmax"      # activations: the grid spans the input's min and max over the calibration images
-seed = 0
-author = ""
+seed = 0                        # fixes the calibration images and the patch sampling (same seed, same weights)
+author = ""                     # your name, for the log's Author column
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
@@ -73,8 +73,12 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 if __name__ == "__main__":
     try:
         import gpfq  # noqa: F401
-    except ModuleNotFoundError:
-        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
+    except ModuleNotFoundError as error:  # e.g. the system python3 after `make demo`, which installs into .venv
+        needed = "" if error.name == "gpfq" else ", which gpfq needs"
+        raise SystemExit(f"this Python cannot import {error.name}{needed}: after `make demo` gpfq is installed in "
+                         f".venv; activate it (`source .venv/bin/activate`) or run "
+                         f"`.venv/bin/python quantization_scripts/quantize.py …`; "
+                         f"elsewhere run `pip install -e .` in the repository root") from None
     from gpfq.runner.cli import run_script
     from gpfq.runner.experiment import main
     run_script(main, HEADER)

@@ -22,7 +22,7 @@ batch_size = [512]              # m: calibration images drawn afresh for every l
 mlp_scalar = [1.3]              # C for Linear layers: alphabet radius = C * rad
 cnn_scalar = [1.3]              # C for Conv2d layers
 mlp_percentile = [1.0]          # rad = mean over neurons of this quantile of |w| (1.0 = max)
-cnn_percentile = [1.0]
+cnn_percentile = [1.0]          # the same for Conv2d layers
 alphabet = "gpfq2022"           # "gpfq2022" (paper: 2^b + 1 levels), "midtread", "strict" (2^b levels)
 include_0 = True                # gpfq2022 alphabet: append the level 0
 alphabet_granularity = "layer"  # "layer" (paper: one radius per layer) or "channel" (one per output channel)
@@ -47,8 +47,8 @@ act_bits = None                 # quantized activations: None (float, the paper)
                                 #   layer input, calibrated on the float network; gpfq.pipeline.activations)
 act_granularity = "tensor"      # activations: one scale per layer input (what QLinearConv / QLinearMatMul take)
 act_calibration = "minmax"      # activations: the grid spans the input's min and max over the calibration images
-seed = 0
-author = ""
+seed = 0                        # fixes the calibration images and the patch sampling (same seed, same weights)
+author = ""                     # your name, for the log's Author column
 num_workers = 0                 # data-loading processes
 num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
 device = "cpu"                  # "cpu" or "cuda"
@@ -56,10 +56,10 @@ resume = False                  # True: skip grid points whose row is already in
 # --- retraining
 retrain_start = [1]             # fine-tune after the k-th quantized layer and every later one (original: 11)
 retrain_samples = [2048]        # training images per fine-tuning step (None: the whole train set, as the original)
-retrain_batch_size = 256
+retrain_batch_size = 256        # images per Adam step
 retrain_epochs = [1]            # epochs per fine-tuning step (0: in-place GPFQ without retraining)
 retrain_lr = [1e-4]             # Adam learning rate
-retrain_weight_decay = 1e-6
+retrain_weight_decay = 1e-6     # Adam weight decay
 retrain_batchnorm = ["update"]  # "update": train mode, running statistics follow the batches; "frozen": eval mode
 evaluate_each_step = False      # test-set top-1 after every fine-tuning step (logged per step)
 # ------------------------------------------------------------------------------------
@@ -84,8 +84,12 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
 if __name__ == "__main__":
     try:
         import gpfq  # noqa: F401
-    except ModuleNotFoundError:
-        raise SystemExit("gpfq is not installed: run `pip install -e .` in the repository root") from None
+    except ModuleNotFoundError as error:  # e.g. the system python3 after `make demo`, which installs into .venv
+        needed = "" if error.name == "gpfq" else ", which gpfq needs"
+        raise SystemExit(f"this Python cannot import {error.name}{needed}: after `make demo` gpfq is installed in "
+                         f".venv; activate it (`source .venv/bin/activate`) or run "
+                         f"`.venv/bin/python retraining_scripts/quantize.py …`; "
+                         f"elsewhere run `pip install -e .` in the repository root") from None
     from gpfq.runner.experiment import main
     from gpfq.runner.retrain import RETRAIN
     from gpfq.runner.cli import run_script

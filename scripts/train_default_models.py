@@ -14,17 +14,24 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+try:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
-from gpfq.runner.cli import run_script
-from gpfq.io.data import fashion_mnist, evaluation_loader
-from gpfq.errors import BadInputError
-from gpfq.runner.evaluate import evaluate
-from gpfq.io.models import EMBEDDED_MODELS
-from gpfq.paths import MODEL_DIR, REPO_ROOT
+    from gpfq.runner.cli import run_script
+    from gpfq.io.data import fashion_mnist, evaluation_loader
+    from gpfq.errors import BadInputError
+    from gpfq.runner.evaluate import evaluate
+    from gpfq.io.models import EMBEDDED_MODELS
+    from gpfq.paths import MODEL_DIR, REPO_ROOT
+except ModuleNotFoundError as error:  # e.g. the system python3 after `make demo`, which installs into .venv
+    needed = "" if error.name == "gpfq" else ", which gpfq needs"
+    raise SystemExit(f"this Python cannot import {error.name}{needed}: after `make demo` gpfq is installed in .venv; "
+                     f"activate it (`source .venv/bin/activate`) or run "
+                     f"`.venv/bin/python scripts/train_default_models.py …`; elsewhere run `pip install -e .` in the "
+                     f"repository root") from None
 
 DEFAULT_OUT = MODEL_DIR / "trained"
 

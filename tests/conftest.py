@@ -1,10 +1,32 @@
+import fcntl
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+# pytest-xdist (`make test` runs 2 workers): one torch thread per worker, so the workers share the cores
+# instead of oversubscribing them. A lone pytest process keeps torch's default.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    import torch
+    torch.set_num_threads(1)
+
+
+def shared_once(tmp_path_factory, name: str, make):
+    """make(folder) -> JSON-able value, computed once per test run: the first xdist worker to ask computes it
+    into <base>/<name>/ under a lock, the others wait and read it (a lone process just computes it)."""
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if XDIST_WORKER else base  # xdist: the workers' base folders share this parent
+    folder, done = base / name, base / f"{name}.json"
+    with open(base / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps(make(folder)))
+    return folder, json.loads(done.read_text())
 
 
 def python_env(*folders) -> dict:
@@ -32,11 +54,13 @@ def default_runs(tmp_path_factory):
     Returns (output folder, {(method, bits): logged row}).
     """
     from gpfq.runner.experiment import main
-    out = tmp_path_factory.mktemp("default")
-    header = script_header("quantization_scripts")
-    rows = main(header, ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir", str(out / "logs"),
-                         "--model_dir", str(out / "models")])
-    return out, {(r["Method"], r["Bits"]): r for r in rows}
+
+    def run(out):
+        rows = main(script_header("quantization_scripts"), ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir",
+                                                            str(out / "logs"), "--model_dir", str(out / "models")])
+        return [[r["Method"], r["Bits"], r] for r in rows]
+    out, rows = shared_once(tmp_path_factory, "default_runs", run)
+    return out, {(method, bits): row for method, bits, row in rows}
 
 
 @pytest.fixture(scope="session")

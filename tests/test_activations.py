@@ -158,3 +158,69 @@ def test_gradients_pass_the_quantizers_straight_through():
     hidden = torch.relu(result.model[0](x)) > 0  # the ReLU's mask, what the float gradient goes through
     expected = (hidden.float() * result.model[2].weight.sum(dim=0)) @ result.model[0].weight
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_deployment_refuses_weights_beyond_int8_before_quantizing(tmp_path, monkeypatch):
+    """act_bits 8 is an int8 (QDQ) deployment: 8-bit gpfq2022 levels need ±255, so they are refused up front."""
+    with pytest.raises(BadHyperparameterError, match=r"8-bit gpfq2022 weights .*±255.*use alphabet 'strict', or at "
+                                                     r"most 7 bits"):
+        gpfq.QuantConfig(act_bits=8, bits=8)
+    with pytest.raises(BadHyperparameterError, match="9-bit weights cannot be exported"):
+        gpfq.QuantConfig(act_bits=8, bits=9, alphabet="strict")
+    for fine in (dict(bits=8, alphabet="strict"), dict(bits=7), dict(bits=8, act_bits=4), dict(bits=8, act_bits=None)):
+        gpfq.QuantConfig(**{"act_bits": 8, **fine})
+    from gpfq.io.qdq_export import int8_levels
+    from gpfq.methods.alphabet import make_alphabet
+    assert int8_levels(make_alphabet("gpfq2022", 7, 1.3, 0.7)) is not None  # what the message offers exports
+
+    def started(*args, **kwargs):
+        raise AssertionError("quantization started before the bad input was reported")
+    monkeypatch.setattr(network, "quantize_network", started)
+    with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # a per-layer choice too
+        gpfq.quantize(tiny_mlp(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64), layers={0: 8},
+                      log=lambda line: None)
+    from conftest import script_header
+    from gpfq.runner.experiment import main
+    with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # the scripts: one line, exit status 2
+        main(script_header("quantization_scripts"), ["--act_bits", "8", "--bits", "8", "--log_dir",
+                                                     str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_qdq_export_takes_a_model_file_and_checks_the_input_shape(tmp_path):
+    """The scripts save a .safetensors: that is what a script user exports. A shape with the batch axis is one line."""
+    import onnx
+    from gpfq.errors import ExportInputError
+    images = torch.randn(64, 1, 8, 8)
+    result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, batch_size=64), log=lambda line: None)
+    with pytest.raises(ExportInputError, match=r"does not run on a batch of zeros of shape \(2, 1, 1, 8, 8\).*one "
+                                               r"example's shape without the batch axis \(input_shape=\(1, 8, 8\)\?\)"):
+        gpfq.export_qdq_onnx(result, tmp_path / "batch.onnx", (1, 1, 8, 8))
+    with pytest.raises(ExportInputError, match="input_shape must be one example's shape"):
+        gpfq.export_qdq_onnx(result, tmp_path / "bad.onnx", "1x8x8")
+    assert not list(tmp_path.iterdir())
+    gpfq.save_quantized(result.model, result, tmp_path / "model.safetensors", input_shape=(1, 8, 8))
+    from_file = gpfq.export_qdq_onnx(str(tmp_path / "model.safetensors"), tmp_path / "file.onnx", architecture=conv_net())
+    from_result = gpfq.export_qdq_onnx(result, tmp_path / "result.onnx", (1, 8, 8))
+    assert onnx.load(str(from_file)).graph == onnx.load(str(from_result)).graph
+    float_result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(batch_size=64), log=lambda line: None)
+    gpfq.save_quantized(float_result.model, float_result, tmp_path / "float.safetensors", input_shape=(1, 8, 8))
+    with pytest.raises(ExportInputError, match="holds float activations; a QDQ export needs a model quantized with "
+                                               "act_bits=8"):
+        gpfq.export_qdq_onnx(tmp_path / "float.safetensors", tmp_path / "float.onnx", architecture=conv_net())
+
+
+def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path):
+    """--export_onnx on an --act_bits 8 run: <stem>.onnx (weights as codes) and <stem>.qdq.onnx (int8 kernels)."""
+    from gpfq.runner.deploy import export_beside
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3), "
+                                     "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))\n")
+    result = gpfq.quantize(conv_net(), torch.randn(64, 1, 8, 8), gpfq.QuantConfig(act_bits=8, batch_size=64),
+                           log=lambda line: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors", model_name=f"{tmp_path / 'net.py'}:build",
+                        input_shape=(1, 8, 8))
+    lines = []
+    assert export_beside(tmp_path / "m.safetensors", lines.append) == tmp_path / "m.onnx"
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.qdq.onnx").is_file(), lines
+    assert lines[-1].startswith(f"saved {tmp_path / 'm.qdq.onnx'}: ") and lines[-1].endswith(
+        " bytes (QDQ: int8 weights, uint8 activations)")

@@ -108,3 +108,49 @@ def test_pyproject_lists_requirements_txt():
                     if line.strip() and not line.startswith("#")]
     assert re.findall(r'"([^"]+)"', dependencies) == requirements
     assert re.search(r'^dev = \[.*"pytest', text, re.M)
+
+
+def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--bits 4 4` (or `batch_size = [32, 32]`) is one point, not the same point twice with two log rows."""
+    header = script_header("quantization_scripts")
+    said = []
+    points = expand_grid(parse_overrides(dict(header, batch_size=[32, 32]), ["--bits", "4", "3", "4"]), say=said.append)
+    assert [(p["bits"], p["batch_size"]) for p in points] == [(4, 32), (3, 32)]
+    assert said == ["note: repeated grid values (bits [4, 3, 4]; batch_size [32, 32]): each grid point runs once "
+                    "(2 points, not 6)"]
+    assert len(expand_grid(parse_overrides(header, ["--bits", "4", "4.0"]))) == 2  # 4.0 is left for validate to refuse
+    from gpfq.runner import experiment
+    ran = []
+    monkeypatch.setattr(experiment, "run_point", lambda point, *args, **kwargs: ran.append(point["bits"]) or {})
+    experiment.main(header, ["--bits", "4", "4", "--log_dir", str(tmp_path / "logs"), "--model_dir",
+                             str(tmp_path / "models")])
+    assert ran == [4]
+    assert "note: repeated grid values (bits [4, 4]): each grid point runs once (1 point, not 2)" in capsys.readouterr().out
+
+
+def test_header_comments_read_each_key_and_its_continuation_lines(tmp_path):
+    from gpfq.runner.header import header_comments
+    script = tmp_path / "script.py"
+    script.write_text('# ---- header\nname = "a#b"   # what it is,\n               #   and more\nplain = 1\n'
+                      'other = [1,\n         2]   # a list\n# ---- end (a column-0 comment continues nothing)\n'
+                      'x = 2  # x\n   # another column: not x\n')
+    assert header_comments(script) == {"name": "what it is, and more", "other": "a list", "x": "x"}
+
+
+@pytest.mark.parametrize("folder", sorted(SCRIPTS))
+def test_help_shows_every_keys_meaning_from_the_header(folder):
+    """`quantize.py --help`: each key's header comment (continuation lines joined), then its default."""
+    import subprocess
+    import sys
+    from conftest import python_env
+    from gpfq.runner.header import COMMON_HELP, header_comments
+    comments = header_comments(REPO_ROOT / folder / "quantize.py")
+    assert "timm:<name>" in comments["model_name"] and comments["bits"] == "bits per weight"
+    assert [key for key in script_header(folder) if key not in {**COMMON_HELP, **comments}] == []
+    run = subprocess.run([sys.executable, str(REPO_ROOT / folder / "quantize.py"), "--help"], capture_output=True,
+                         text=True, env=python_env(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())  # argparse wraps the lines
+    assert "--bits [VALUE ...] bits per weight (header: [4])" in text
+    assert f"--model [VALUE ...] {comments['model_name']} (header: 'fashion_resnet')" in text
+    assert "--debug [VALUE ...] True: known errors show their stack trace too (header: False)" in text

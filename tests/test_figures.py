@@ -61,3 +61,30 @@ def test_seed_table_gives_mean_and_spread_per_method_setting(log, tmp_path):
     # GPFQ: 0.80 and 0.84 (sample standard deviation 0.0283); Qronos: 0.86 and 0.90; act-order GPFQ apart
     assert table[2:] == ["| GPFQ | 0.8200 ± 0.0283 (n=2) |", "| GPFQ, act-order | 0.8700 (n=1) |",
                          "| Qronos | 0.8800 ± 0.0283 (n=2) |"]
+
+
+
+def test_plot_logs_reports_unusable_logs_in_one_line_and_draws_long_model_names(log, tmp_path):
+    """An empty, missing or header-only log is one line and exit status 2; a 300-character model name is a figure."""
+    import runpy
+    import subprocess
+    import sys
+    from conftest import python_env
+    from gpfq.paths import REPO_ROOT
+    script = REPO_ROOT / "experiments" / "plot_logs.py"
+    rows = log.read_text().splitlines()
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header_only.csv").write_text(rows[0] + "\n")
+    for name, message in (("empty.csv", "is empty (not even a header): nothing to draw"),
+                          ("missing.csv", "not found; pass the CSV logs with --log PATH …"),
+                          ("header_only.csv", "holds no rows (only a header): nothing to draw; run an experiment first")):
+        run = subprocess.run([sys.executable, str(script), "--log", str(tmp_path / name), "--out", str(tmp_path / "f")],
+                             capture_output=True, text=True, env=python_env(), timeout=300)
+        assert run.returncode == 2 and run.stdout == "", (name, run.stdout, run.stderr)
+        assert run.stderr.startswith("error: ") and run.stderr.endswith(message + "\n") and run.stderr.count("\n") == 1
+    plot_logs = runpy.run_path(str(script))
+    (tmp_path / "long.csv").write_text("\n".join(rows + [r.replace("toy", "m" * 300, 1) for r in rows[1:]]) + "\n")
+    plot_logs["main"](["--log", str(tmp_path / "long.csv"), "--out", str(tmp_path / "figures")])
+    names = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert len(names) == 4 and "toy_methods.png" in names  # the other model's figures are drawn too
+    assert all(len(n.encode()) <= 120 for n in names) and any(n.startswith("m" * 87 + "_") for n in names)

@@ -128,3 +128,65 @@ def test_export_needs_an_input_shape(exported, tmp_path):
     assert read_quantized(tmp_path / "m.safetensors").header["model"]["input_shape"] is None
     with pytest.raises(ValueError, match="does not record the model's input shape"):
         export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx")
+
+
+class TokenModel(torch.nn.Module):
+    """Token ids (N, 5) → Embedding → mean → Linear: a model whose input is integers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.fc = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.fc(self.embedding(ids).mean(1))
+
+
+def test_a_model_of_integer_inputs_exports_with_an_int64_input(tmp_path):
+    from gpfq.errors import ExportInputError
+    torch.manual_seed(0)
+    model, ids = TokenModel().eval(), torch.randint(0, 20, (64, 5))
+    result = gpfq.quantize(model, ids, gpfq.QuantConfig(batch_size=64), log=lambda *_: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors", input_shape=(5,))
+    with pytest.raises(ExportInputError, match=r"^cannot export: the model does not run on a batch of zeros of shape "
+                                               r"\(2, 5\) \(float32\): RuntimeError: Expected tensor for argument #1 "
+                                               r"'indices'.*input_dtype= sets the input's dtype$"):
+        gpfq.export_onnx(tmp_path / "m.safetensors", tmp_path / "f.onnx", architecture=model, input_dtype=torch.float32)
+    gpfq.export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", architecture=model)
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    logits = _session(tmp_path / "m.onnx").run(None, {"images": ids[:3].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, result.model(ids[:3]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_the_exporter_cannot_trace_at_batch_one_exports(tmp_path):
+    """torchvision's ConvNeXt block: an example batch of 1 with a dynamic batch axis gave 'Invalid ranges [2:1]'."""
+    from torchvision.models.convnext import CNBlock
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), CNBlock(8, 1e-6, 0.0), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    images = torch.randn(64, 3, 16, 16)
+    result = gpfq.quantize(model, images, gpfq.QuantConfig(batch_size=64, alphabet="strict"), log=lambda *_: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors", input_shape=(3, 16, 16))
+    gpfq.export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", architecture=model)
+    session = _session(tmp_path / "m.onnx")
+    for batch in (images[:1], images[:5]):
+        with torch.no_grad():
+            expected = result.model(batch).numpy()
+        assert np.abs(session.run(None, {"images": batch.numpy()})[0] - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_an_existing_export_is_replaced_only_with_overwrite(tmp_path):
+    """The README's snippet run twice: FileExistsError saying what to do, and overwrite=True replaces the file."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    result = gpfq.quantize(model, torch.randn(32, 6), gpfq.QuantConfig(batch_size=32), log=lambda *_: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors", input_shape=(6,))
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match=r"m.onnx exists; an export never replaces a file unless overwrite=True$"):
+        gpfq.export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", architecture=model)
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+    gpfq.export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", architecture=model, overwrite=True)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+    export_float_onnx(model, tmp_path / "f.onnx", (6,))
+    export_float_onnx(model, tmp_path / "f.onnx", (6,), overwrite=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

@@ -381,3 +381,115 @@ def test_assembly_script_reads_the_logs_columns_and_refuses_a_missing_copy(tmp_p
     result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "copy")], capture_output=True,
                             text=True, env=python_env())
     assert result.returncode == 2 and "DIR/COMMIT/PATH" in result.stderr
+
+
+def tiny_csv(path, **changes):
+    """A paper CSV of Fashion-MNIST rows (fashion_resnet, 4 bits, m 64), one per dict in `changes['rows']`."""
+    fields = paper_rows()[0].keys()
+    base = dict.fromkeys(fields, "")
+    base.update(id="tiny", table="tiny", variant="quantization_scripts", model="fashion_resnet",
+                dataset="fashion_mnist", bits="4", scalar_C="1.3", m="64", percentile="1.0", retain_rate="0.25",
+                seed="0", options="alphabet=gpfq2022", logged_top1="90.00", logged_top5="99.00", source="test")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for row in changes.get("rows", [{}]):
+            writer.writerow(dict(base, **row))
+    return path
+
+
+def test_a_failed_command_makes_the_run_fail_after_running_the_others(tmp_path):
+    """Two commands the script refuses (m 0: bad input, exit 2): both run, the table is still written, then the
+    run says how many failed and exits with the first failure's status."""
+    paper = tiny_csv(tmp_path / "bad.csv", rows=[dict(id="bad-a", m="0"), dict(id="bad-b", m="0", seed="1")])
+    result = run("--paper_csv", str(paper), "--log_dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out"),
+                 "--no_estimate")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("failed (exit 2): ") == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "2 of 2 commands failed (the first with exit 2): their rows " \
+                                                     "are missing from the comparison"
+    assert "| bad-a |" in (tmp_path / "out" / "reproduce.md").read_text()
+
+
+def test_ctrl_c_stops_the_commands_and_says_how_to_go_on(tmp_path):
+    """SIGINT to reproduce.py while a command runs: the command is stopped (its own Ctrl-C handling), and one
+    line says what finished and how to go on; exit 130, no traceback."""
+    import os
+    import signal
+    paper = tiny_csv(tmp_path / "one.csv", rows=[dict(m="256")])
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--paper_csv", str(paper), "--log_dir",
+                                str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--no_estimate"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(python_env(), PYTHONUNBUFFERED="1"))
+    try:
+        for line in process.stdout:  # the command's first quantized layer: it is inside its grid
+            if line.startswith("[1/"):
+                break
+        os.kill(process.pid, signal.SIGINT)  # the script only, as a terminal's Ctrl-C reaches it
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: 0 of 1 commands finished, 1 stopped, 0 not started; the rows of finished grid points are in "
+        f"{tmp_path / 'logs'}. Run the same command again to go on (each command carries --resume: finished "
+        f"points are skipped, a stopped one continues from its last layer checkpoint)")
+    import json
+    [timing] = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timing["exit"] == 130  # the command itself was stopped and waited for
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """`reproduce.py --list | head`: the reader goes away; no BrokenPipeError, no traceback."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=python_env())
+    process.stdout.close()  # before the script writes anything: every write meets a closed pipe
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and err == ""
+
+
+def test_a_rehearsal_is_labelled_in_every_output_and_takes_m_and_model_dir(tmp_path, capsys):
+    """--weights random, --eval_subset and --m make a rehearsal: the commands carry them (and --model_dir), the
+    dry run, the table, reproduce.md and the plot say 'rehearsal', and rows are matched at the rehearsal's m."""
+    reproduce = load()
+    commands = dry_run_commands(capsys, "--table", "sweep", "--models", "resnet18", "--weights", "random",
+                                "--eval_subset", "6", "--m", "4", "--model_dir", str(tmp_path / "models"))
+    [argv] = commands  # the sweep's five m collapse into one command at m 4
+    config = parse_overrides(script_header("quantization_scripts"), argv[2:])
+    assert (config["batch_size"], config["bits"], config["weights"], config["eval_subset"], config["model_dir"]) == (
+        4, [3, 4, 5], "random", 6, str(tmp_path / "models"))
+    assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data", "--row", "plain-resnet18-m1024-b4",
+                        "--weights", "random", "--m", "4"]) == 0
+    label = "rehearsal, not a reproduction (random weights, m 4 instead of each row's): its top-1 is not comparable " \
+            "with the paper's"
+    assert capsys.readouterr().out.splitlines()[0] == label
+    row = {c: "" for c in PLAIN_COLUMNS}
+    row.update({"Model Name": "resnet18", "Dataset": "imagenet", "Quantization Batch Size": "4", "Bits": "4",
+                "MLP_Alphabet_Scalar": "1.16", "CNN_Alphabet_Scalar": "1.16", "Seed": "0", "Weights": "random",
+                "Eval Subset": "6", "Quantized Top1 Accuracy": "0.0", "Quantized Top5 Accuracy": "0.5"})
+    with open(tmp_path / "Quantization_Log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, PLAIN_COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+    args = ["--row", "plain-resnet18-m1024-b4", "--log_dir", str(tmp_path), "--weights", "random",
+            "--eval_subset", "6", "--m", "4"]
+    assert reproduce.main(["--compare_only", "--no_estimate", "--out", str(tmp_path / "out"), *args]) == 0
+    out = capsys.readouterr().out
+    written = (tmp_path / "out" / "reproduce.md").read_text()
+    assert written in out
+    label = ("rehearsal, not a reproduction (random weights, evaluation on a 6-image subset, m 4 instead of each "
+             "row's): its top-1 is not comparable with the paper's")
+    assert written.splitlines()[0] == f"**{label}**"
+    assert "| plain-resnet18-m1024-b4 | resnet18 | 4 | 1024 | 1.16 | 67.7 | 0.0 | -67.70 | 88.09 | 50.0 | -38.09 | " \
+           "rehearsal |" in written
+    assert f"wrote {tmp_path / 'out' / 'reproduce.md'} and {tmp_path / 'out' / 'reproduce.png'} ({label})" in out
+    assert reproduce.main(["--plot", str(tmp_path / "m.png"), *args]) == 0
+    assert f"1 logged points, 1 of ours ({label})" in capsys.readouterr().out
+    # without the rehearsal's settings the same log has nothing to compare
+    assert reproduce.main(["--compare_only", "--no_estimate", "--out", str(tmp_path / "real"), "--row",
+                           "plain-resnet18-m1024-b4", "--log_dir", str(tmp_path)]) == 0
+    real = capsys.readouterr().out + (tmp_path / "real" / "reproduce.md").read_text()
+    assert "rehearsal, not" not in real and "| rehearsal |" not in real and "| – | – | 88.09 | – | – |" in real
+    assert reproduce.main(["--m", "0", "--dry-run", "--no_estimate"]) == 2
+    assert capsys.readouterr().err == "error: --m must be an integer ≥ 1, got 0\n"

@@ -137,6 +137,22 @@ def test_every_script_prints_its_help_from_any_directory(tmp_path):
     assert failures == []
 
 
+
+@pytest.mark.parametrize("script", ["quantization_scripts/quantize.py", "adhoc_quantization_scripts/quantize.py",
+                                    "retraining_scripts/quantize.py", "scripts/train_default_models.py"])
+def test_a_python_without_gpfq_is_told_to_use_the_venv(tmp_path, script):
+    """After `make demo` the README's `python3 …/quantize.py` is the system Python, without gpfq (here: -S, no
+    site-packages): the script says how to use .venv, in one line."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    run = subprocess.run([PYTHON, "-S", str(REPO / script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and run.stdout == "" and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("this Python cannot import ")
+    assert (f"after `make demo` gpfq is installed in .venv; activate it (`source .venv/bin/activate`) or run "
+            f"`.venv/bin/python {script} …`; elsewhere run `pip install -e .` in the repository root") in run.stderr
+    readme = (REPO / "README.md").read_text()
+    assert "`source .venv/bin/activate`" in readme and "`.venv/bin/python quantization_scripts/quantize.py …`" in readme
+
 # ---------------------------------------------------------------- the image-folder example offline
 def test_imagefolder_example_offline_says_where_the_weights_go(tmp_path, monkeypatch, capsys):
     """No cached weights and no network: one `error: …` line naming the cache file, status 2, no URLError."""
@@ -267,3 +283,22 @@ def test_ctrl_c_under_two_ranks_says_it_once_and_every_rank_exits_130(tmp_path):
     assert out0.count("interrupted during grid point 1 of 1") == 1 and "interrupted" not in out1
     assert "Traceback" not in out0 + out1
     assert _point_files(tmp_path) == []
+
+
+def test_an_installed_package_keeps_its_results_in_the_working_directory(tmp_path):
+    """`pip install .` puts gpfq in site-packages (no pyproject.toml beside it): logs/ and models/ default to the
+    working directory, not site-packages; a checkout keeps the repository's folders."""
+    import shutil
+    site, work = tmp_path / "site-packages", tmp_path / "work"
+    shutil.copytree(REPO / "gpfq", site / "gpfq", ignore=shutil.ignore_patterns("__pycache__"))
+    work.mkdir()
+    code = ("from gpfq.runner import experiment; import gpfq.paths as p; "
+            "print(p.IN_CHECKOUT, p.LOG_DIR, p.MODEL_DIR, p.DATA_DIR, experiment.LOG_DIR, experiment.MODEL_DIR)")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    run = subprocess.run([PYTHON, "-c", code], cwd=work, env=dict(env, PYTHONPATH=str(site)), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False"] + [str(work.resolve() / name) for name in ("logs", "models", "data", "logs",
+                                                                                       "models")]
+    from gpfq import paths
+    assert paths.IN_CHECKOUT and paths.LOG_DIR == REPO / "logs" and paths.MODEL_DIR == REPO / "models"

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpfq.errors import ExportInputError
 from gpfq.io.model_file import QuantizedFileError, model_of, read_quantized
-from gpfq.io.storage import write_new_file
+from gpfq.io.storage import _atomic_write, write_new_file
+from gpfq.pipeline.inputs import floating_dtype
 
 OPSET = 21  # INT4/UINT4 tensors and per-axis DequantizeLinear of them
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -132,10 +134,49 @@ def expansion(key: str, codes: torch.Tensor, codebook: torch.Tensor):
     return initializers, nodes, f"gather-{kinds[values.data_type]}"
 
 
-def float_onnx_model(model: torch.nn.Module, input_shape):
+# a batch of 1 lets the exporter fix the batch axis at 1 in some models (torchvision's ConvNeXt: "Invalid ranges [2:1]")
+EXAMPLE_BATCH = 2
+
+
+def checked_shape(input_shape) -> tuple:
+    """input_shape as a tuple of positive integers (one example's shape), or ExportInputError."""
+    if not isinstance(input_shape, (list, tuple)) or not input_shape or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in input_shape):
+        raise ExportInputError(f"input_shape must be one example's shape without the batch axis, a tuple of positive "
+                               f"integers such as (1, 28, 28), got {input_shape!r}")
+    return tuple(input_shape)
+
+
+def example_input(model: torch.nn.Module, input_shape, input_dtype=None) -> torch.Tensor:
+    """Zeros (2, *input_shape) that `model` runs on: of `input_dtype`; by default of the model's float dtype, or
+    int64 (token ids: an Embedding first) when only that runs. ExportInputError, in one line, when none runs."""
+    shape = checked_shape(input_shape)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtypes = [input_dtype] if input_dtype is not None else [floating_dtype(model) or torch.float32, torch.int64]
+    failure = None
+    for dtype in dtypes:
+        example = torch.zeros((EXAMPLE_BATCH, *shape), dtype=dtype, device=device)
+        try:
+            with torch.no_grad():
+                model.eval()(example)
+            return example
+        except Exception as error:  # the model's own complaint, reported below in one line
+            failure = failure or error
+    reason = (str(failure).strip().splitlines() or [""])[0][:300]
+    hint = f" (input_shape={shape[1:]}?)" if len(shape) > 1 and shape[0] == 1 else ""
+    tried = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+    raise ExportInputError(f"cannot export: the model does not run on a batch of zeros of shape "
+                           f"{(EXAMPLE_BATCH, *shape)} ({tried}): {type(failure).__name__}: {reason}. input_shape is "
+                           f"one example's shape without the batch axis{hint}; input_dtype= sets the input's dtype")
+
+
+def float_onnx_model(model: torch.nn.Module, input_shape, input_dtype=None):
     """The ONNX model (a ModelProto) of `model` as torch's exporter writes it, with a dynamic batch axis,
-    without the exporter's graph optimizer and without per-node metadata (source locations)."""
-    torch_input = torch.zeros((1, *input_shape))
+    without the exporter's graph optimizer and without per-node metadata (source locations).
+
+    The example input is `example_input`'s (its dtype is the ONNX input's)."""
+    torch_input = example_input(model, input_shape, input_dtype)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
         program = torch.onnx.export(model.eval(), (torch_input,), dynamo=True, optimize=False, opset_version=OPSET,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -148,18 +189,32 @@ def float_onnx_model(model: torch.nn.Module, input_shape):
     return proto
 
 
-def export_float_onnx(model: torch.nn.Module, path, input_shape) -> Path:
-    """Write `model` as a float ONNX model (as `float_onnx_model`), never overwriting `path`."""
+def write_export(path, data: bytes, overwrite: bool = False) -> Path:
+    """Write an export's bytes at `path`: never over an existing file unless `overwrite` (then in one step)."""
     path = Path(path)
-    write_new_file(path, float_onnx_model(model, input_shape).SerializeToString())
+    if overwrite:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda f: f.write(data))
+        return path
+    try:
+        write_new_file(path, data)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; an export never replaces a file unless overwrite=True") from None
     return path
 
 
-def export_onnx(model_file, path, *, input_shape=None, architecture=None) -> dict:
-    """Write the quantized model file `model_file` as an ONNX model at `path` (never overwritten), each
-    quantized weight stored as integer codes (see the module docstring).
+def export_float_onnx(model: torch.nn.Module, path, input_shape, *, input_dtype=None, overwrite=False) -> Path:
+    """Write `model` as a float ONNX model (as `float_onnx_model`); an existing `path` only with overwrite=True."""
+    return write_export(path, float_onnx_model(model, input_shape, input_dtype).SerializeToString(), overwrite)
 
-    input_shape: one example's shape, e.g. (1, 28, 28); default: the one the file records.
+
+def export_onnx(model_file, path, *, input_shape=None, architecture=None, input_dtype=None,
+                overwrite=False) -> dict:
+    """Write the quantized model file `model_file` as an ONNX model at `path`, each quantized weight stored as
+    integer codes (see the module docstring). An existing `path` is replaced only with overwrite=True.
+
+    input_shape: one example's shape without the batch axis, e.g. (1, 28, 28); default: the one the file records.
+    input_dtype: the input's dtype; default: float, or int64 for a model that runs only on that (token ids).
     architecture: as for `load_quantized`. Returns {weight key: 'dequantize-int4' | … | 'gather-uint8' …}.
     """
     onnx = _onnx()
@@ -168,7 +223,7 @@ def export_onnx(model_file, path, *, input_shape=None, architecture=None) -> dic
     input_shape = input_shape or (quantized.header.get("model") or {}).get("input_shape")
     if not input_shape:
         raise QuantizedFileError(f"{model_file} does not record the model's input shape; pass input_shape=")
-    proto = float_onnx_model(model, input_shape)
+    proto = float_onnx_model(model, input_shape, input_dtype)
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     kinds, new_nodes = {}, []
@@ -190,5 +245,5 @@ def export_onnx(model_file, path, *, input_shape=None, architecture=None) -> dic
     for node in reversed(new_nodes):  # before every use: nodes must be in topological order
         graph.node.insert(0, node)
     onnx.checker.check_model(proto)
-    write_new_file(Path(path), proto.SerializeToString())
+    write_export(path, proto.SerializeToString(), overwrite)
     return kinds

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpfq.io.storage import write_new_file
 import torch.ao.quantization.fx._decomposed  # noqa: F401 (quantize ops the ONNX exporter must see registered)
-from gpfq.io.onnx_export import float_onnx_model
+
+from gpfq.errors import ExportInputError
+from gpfq.io.onnx_export import checked_shape, float_onnx_model, write_export
 
 
 def int8_levels(codebook: torch.Tensor):
@@ -52,7 +53,7 @@ def _weight_integers(weight: torch.Tensor, codebook: torch.Tensor, key: str):
     """(int8 array of weight's shape, float32 scales (C_out,)): weight = ints · scale per output channel."""
     found = int8_levels(codebook)
     if found is None:
-        raise ValueError(f"{key}: its alphabet is not on an int8 grid through 0; cannot export it as QDQ")
+        raise ExportInputError(f"{key}: its alphabet is not on an int8 grid through 0; cannot export it as QDQ")
     _, scale = found
     scale = scale.expand(weight.shape[0]) if scale.numel() == 1 else scale.reshape(weight.shape[0])
     shape = (-1,) + (1,) * (weight.dim() - 1)
@@ -61,33 +62,71 @@ def _weight_integers(weight: torch.Tensor, codebook: torch.Tensor, key: str):
     tolerance = 4 * torch.finfo(torch.float32).eps * float(weight.abs().max() + 1e-30)
     on_grid = bool(((rebuilt - weight.double()).abs() <= tolerance).all())
     if not on_grid or float(integers.min()) < -128 or float(integers.max()) > 127:
-        raise ValueError(f"{key}: its weights are not on an int8 grid of its alphabet (8-bit `midtread` has the "
+        raise ExportInputError(f"{key}: its weights are not on an int8 grid of its alphabet (8-bit `midtread` has the "
                          f"level +128·s: use `strict`, the signed 8-bit grid)")
     return integers.to(torch.int8).numpy(), scale.numpy().astype(np.float32)
 
 
-def qdq_onnx_model(result, input_shape):
-    """The QDQ ONNX model (ModelProto) of `result` (gpfq.quantize's, with act_bits=8), inputs (N, *input_shape)."""
+def _model_file_parts(model_file, architecture):
+    """(model, activation quantizers installed on it, {weight key: codebook}, recorded input shape) of a model file."""
+    import dataclasses
+    from gpfq.io.model_file import model_of, read_quantized
+    from gpfq.pipeline.activations import ActivationQuantizers
+    quantized = read_quantized(model_file)
+    entries = quantized.header.get("activations")
+    if not entries:
+        raise ExportInputError(f"{model_file} holds float activations; a QDQ export needs a model quantized with "
+                               f"act_bits=8 (scripts: --act_bits 8); export it with gpfq.export_onnx instead")
+    bare = dataclasses.replace(quantized, header={k: v for k, v in quantized.header.items() if k != "activations"})
+    model = model_of(bare, architecture, model_file)
+    activations = ActivationQuantizers.from_dict(entries).install(model)
+    alphabets = {key: codebook for key, (_, codebook) in quantized.codes.items()}
+    return model, activations, alphabets, (quantized.header.get("model") or {}).get("input_shape")
+
+
+def qdq_onnx_model(result, input_shape=None, *, architecture=None):
+    """The QDQ ONNX model (ModelProto) of `result`, inputs (N, *input_shape).
+
+    result: gpfq.quantize's result with act_bits=8, or the path of its model file (`save_quantized`; the scripts'
+    .safetensors of an --act_bits 8 run). input_shape: one example's shape without the batch axis, e.g.
+    (3, 32, 32); default for a file: the one it records. architecture: for a file, as for `load_quantized`.
+    """
     from onnx import TensorProto, helper, numpy_helper
-    if result.activations is None:
-        raise ValueError("a QDQ export needs quantized activations: quantize with QuantConfig(act_bits=8)")
-    if any(grid.bits != 8 for grid in result.activations.scales.values()):
-        raise ValueError("a QDQ export takes 8-bit activations (uint8): quantize with act_bits=8")
-    model = result.model
-    result.activations.remove()  # the exporter traces the float ops; the grids become Q/DQ nodes
-    try:
-        proto = float_onnx_model(model, input_shape)
-    finally:
-        result.activations.install(model)
+    if isinstance(result, (str, Path)):
+        model, activations, alphabets, recorded = _model_file_parts(result, architecture)
+        input_shape = input_shape or recorded
+        if not input_shape:
+            raise ExportInputError(f"{result} does not record the model's input shape; pass input_shape=")
+    else:
+        if not hasattr(result, "activations"):
+            raise ExportInputError(f"export_qdq_onnx takes gpfq.quantize's result or the path of a quantized model "
+                                   f"file, got {type(result).__name__}")
+        if input_shape is None:
+            raise ExportInputError("export_qdq_onnx needs input_shape, one example's shape without the batch axis, "
+                                   "e.g. (3, 32, 32)")
+        model, activations = result.model, result.activations
+        alphabets = {report.parameter: report.alphabet for report in result.reports}
+    checked_shape(input_shape)
+    if activations is None:
+        raise ExportInputError("a QDQ export needs quantized activations: quantize with QuantConfig(act_bits=8)")
+    if any(grid.bits != 8 for grid in activations.scales.values()):
+        raise ExportInputError("a QDQ export takes 8-bit activations (uint8): quantize with act_bits=8")
+    if activations.at == "output":  # the rounding nodes are in the traced graph: the exporter writes them as Q/DQ
+        proto = float_onnx_model(activations.rounded_graph(model), input_shape)
+    else:
+        activations.remove()  # the exporter traces the float ops; the layer-input grids become Q/DQ nodes below
+        try:
+            proto = float_onnx_model(model, input_shape)
+        finally:
+            activations.install(model)
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
-    alphabets = {report.parameter: report.alphabet for report in result.reports}
     consumers = {}
     for node in graph.node:
         for position, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, position))
     added, inserted = [], []
-    for module_name, grid in result.activations.scales.items():
+    for module_name, grid in activations.input_grids(model).items():
         key = f"{module_name}.weight" if module_name else "weight"
         if key not in alphabets or key not in initializers:
             continue
@@ -104,15 +143,15 @@ def qdq_onnx_model(result, input_shape):
                   numpy_helper.from_array(np.zeros(weight_scale.shape, np.int8), base + "_zero")]
         inserted.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"], [key],
                                          name=base + "_dequantize", axis=0))
-        x_scale, x_zero = base + "_x_scale", base + "_x_zero"
-        added += [numpy_helper.from_array(np.array(grid.scale, np.float32), x_scale),
-                  numpy_helper.from_array(np.array(grid.zero_point, np.uint8), x_zero)]
-        activation = node.input[0]
-        inserted.append(helper.make_node("QuantizeLinear", [activation, x_scale, x_zero], [base + "_x_q"],
-                                         name=base + "_quantize_x"))
-        inserted.append(helper.make_node("DequantizeLinear", [base + "_x_q", x_scale, x_zero], [base + "_x_dq"],
-                                         name=base + "_dequantize_x"))
-        node.input[0] = base + "_x_dq"
+        if activations.at == "input":
+            x_scale, x_zero = base + "_x_scale", base + "_x_zero"
+            added += [numpy_helper.from_array(np.array(grid.scale, np.float32), x_scale),
+                      numpy_helper.from_array(np.array(grid.zero_point, np.uint8), x_zero)]
+            inserted.append(helper.make_node("QuantizeLinear", [node.input[0], x_scale, x_zero], [base + "_x_q"],
+                                             name=base + "_quantize_x"))
+            inserted.append(helper.make_node("DequantizeLinear", [base + "_x_q", x_scale, x_zero], [base + "_x_dq"],
+                                             name=base + "_dequantize_x"))
+            node.input[0] = base + "_x_dq"
         if len(node.input) > 2 and node.input[2] in initializers:
             bias_key = node.input[2]
             bias = numpy_helper.to_array(initializers[bias_key]).astype(np.float64)
@@ -128,9 +167,48 @@ def qdq_onnx_model(result, input_shape):
             node.input[2] = bias_base + "_dq"
     graph.initializer.extend(added)
     _insert_in_order(graph, inserted)
+    _fold_constant_casts(graph)
+    _global_average_pools(graph)
     import onnx
     onnx.checker.check_model(proto)
     return proto
+
+
+def _fold_constant_casts(graph) -> None:
+    """CastLike(Constant c, x) of a float graph becomes the float32 initializer c: ONNX Runtime reads a Clip's bounds
+    (ReLU6) only from initializers, and folds the Clip into the QuantizeLinear after it only then."""
+    from onnx import numpy_helper
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
+    for node in list(graph.node):
+        if node.op_type != "CastLike" or node.input[0] not in constants:
+            continue
+        attribute = constants[node.input[0]].attribute[0]
+        if attribute.name == "value_float":
+            value = np.array(attribute.f, np.float32)
+        elif attribute.name == "value" and attribute.t.data_type == 1:  # a float32 tensor
+            value = numpy_helper.to_array(attribute.t)
+        else:
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
+
+
+def _global_average_pools(graph) -> None:
+    """ReduceMean of (N, C, H, W) to (N, C, 1, 1), what the exporter writes for adaptive_avg_pool2d(x, 1), becomes
+    GlobalAveragePool, which ONNX Runtime runs on uint8 (QLinearGlobalAveragePool)."""
+    from onnx import helper
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    for position, node in enumerate(list(graph.node)):
+        if node.op_type != "ReduceMean" or any(a.name == "keepdims" and a.i == 0 for a in node.attribute):
+            continue
+        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not source or not target or len(source) != 4 or len(target) != 4:
+            continue
+        if target[:2] == source[:2] and target[2:] == [1, 1]:
+            graph.node.remove(node)
+            graph.node.insert(position, helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                                         name=node.name or node.output[0]))
 
 
 def _trans_b(node) -> bool:
@@ -163,11 +241,11 @@ def _insert_in_order(graph, inserted):
     graph.node.extend(ordered)
 
 
-def export_qdq_onnx(result, path, input_shape) -> Path:
-    """Write `result`'s QDQ ONNX model (`qdq_onnx_model`) at `path`, never overwriting it."""
-    path = Path(path)
-    write_new_file(path, qdq_onnx_model(result, input_shape).SerializeToString())
-    return path
+def export_qdq_onnx(result, path, input_shape=None, *, architecture=None, overwrite=False) -> Path:
+    """Write the QDQ ONNX model (`qdq_onnx_model`) of `result` (gpfq.quantize's, or a model file's path) at `path`;
+    an existing `path` is replaced only with overwrite=True."""
+    return write_export(path, qdq_onnx_model(result, input_shape, architecture=architecture).SerializeToString(),
+                        overwrite)
 
 
 def integer_kernels(path, optimized_path, level: str = "extended") -> dict:

@@ -77,4 +77,14 @@ def export_beside(quantized_file, log=print):
             f"its log row are saved")
         return None
     log(f"saved {path}: {path.stat().st_size} bytes ({', '.join(sorted(set(kinds.values())))})")
+    if read_quantized(quantized_file).header.get("activations"):  # act_bits: the QDQ graph too, <stem>.qdq.onnx
+        from gpfq.io.qdq_export import export_qdq_onnx
+        qdq = path.with_suffix(".qdq.onnx")
+        try:
+            export_qdq_onnx(quantized_file, qdq)
+        except Exception as error:
+            log(f"QDQ ONNX export of {quantized_file} failed ({type(error).__name__}: {error}); the quantized model "
+                f"and its log row are saved")
+            return path
+        log(f"saved {qdq}: {qdq.stat().st_size} bytes (QDQ: int8 weights, uint8 activations)")
     return path

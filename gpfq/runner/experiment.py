@@ -464,7 +464,7 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
     shard.check_same(config)
     say = print if shard.writer else _quiet
     with shard.step("checking the hyperparameters"):
-        points = expand_grid(config, variant.grid_keys)
+        points = expand_grid(config, variant.grid_keys, say)
         if variant.resolve_point is not None:
             points = [variant.resolve_point(point) for point in points]
         for point in points:  # every point checked before any work starts

@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import itertools
+import math
 
 import torch
 
@@ -63,11 +64,62 @@ def _unknown_options(extras: list, flags: list) -> str:
     return f"{kind}{'s' if len(described) > 1 else ''} {', '.join(described)}"
 
 
+# --help's line for the keys every variant understands, which a script's header may not describe
+COMMON_HELP = {"resume": "True: skip grid points already in the log, and go on from an interrupted one's checkpoint",
+               "image_size": "imagefolder: side of the prepared images (None: the model's own preprocessing)",
+               "export_onnx": "True: also write <stem>.onnx beside the quantized model file (and <stem>.qdq.onnx "
+                              "with act_bits 8)",
+               "debug": "True: known errors show their stack trace too",
+               "checkpoint": "per-layer checkpoints: 'auto', True or False",
+               "eval_subset": "None: the whole evaluation set; N: a class-balanced N images",
+               "log_dir": "folder of the CSV logs (None: logs/)", "model_dir": "folder of the models (None: models/)",
+               "data_dir": "folder of the datasets (None: data/)"}
+
+
+def header_comments(path) -> dict:
+    """{name: comment} of a script's `name = value  # comment` lines; a comment-only line below one, its `#` in the
+    same column, continues the comment."""
+    import tokenize
+    comments, name, column, last_row, pending = {}, None, None, None, None
+    with open(path, "rb") as f:
+        tokens = list(tokenize.tokenize(f.readline))
+    for position, token in enumerate(tokens):
+        row, col = token.start
+        if token.type == tokenize.NAME and col == 0 and position + 1 < len(tokens) and tokens[position + 1].string == "=":
+            pending, name = token.string, None
+        elif token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            if pending is not None:  # `name = value  # comment` (the value may span lines)
+                name, column, last_row, pending = pending, col, row, None
+                comments[name] = text
+            elif name is not None and col == column and row == last_row + 1 and token.line.lstrip().startswith("#"):
+                comments[name] += " " + text
+                last_row = row
+            else:
+                name = None
+        elif token.type == tokenize.NEWLINE:
+            pending = None
+    return comments
+
+
+def _script_comments(header: dict) -> dict:
+    """`header_comments` of the script running as __main__ whose HEADER is `header` (else {})."""
+    import sys
+    main = sys.modules.get("__main__")
+    if getattr(main, "HEADER", None) is not header or not getattr(main, "__file__", None):
+        return {}
+    try:
+        return header_comments(main.__file__)
+    except (OSError, SyntaxError):
+        return {}
+
+
 def parse_overrides(header: dict, argv=None) -> dict:
     """Header values replaced by any `--name value [value …]` given on the command line.
 
-    A name given with no value is set to True (`--resume`).
+    A name given with no value is set to True (`--resume`). --help shows each key's header comment and default.
     """
+    comments = {**COMMON_HELP, **_script_comments(header)}
     header = {**COMMON_DEFAULTS, **header}
     parser = _Parser(description="GPFQ quantization. Every header name can be overridden: "
                                  "--bits 3 4 --model resnet18")
@@ -75,7 +127,7 @@ def parse_overrides(header: dict, argv=None) -> dict:
     for key, default in header.items():
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else []) + CLI_ALIASES.get(key, [])
         parser.add_argument(*flags, dest=key, nargs="*", default=None, metavar="VALUE",
-                            help=f"(header: {default!r})")
+                            help=((f"{comments[key]} " if key in comments else "") + f"(header: {default!r})").replace("%", "%%"))
         all_flags += flags
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -105,10 +157,31 @@ def _literal(text: str):
         return text
 
 
-def expand_grid(config: dict, grid_keys=()) -> list:
-    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each."""
+def _distinct(values) -> list:
+    """`values` without repeats (equal and of the same type: 4 and 4.0 stay two, for `validate` to judge)."""
+    kept = []
+    for value in values:
+        if not any(type(value) is type(other) and value == other for other in kept):
+            kept.append(value)
+    return kept
+
+
+def expand_grid(config: dict, grid_keys=(), say=None) -> list:
+    """Every combination of the list-valued GRID_KEYS (and a variant's `grid_keys`), as one flat config each.
+
+    A value listed twice (`--bits 4 4`) gives its points once; `say`, if given, is told so.
+    """
     keys = GRID_KEYS + tuple(k for k in grid_keys if k not in GRID_KEYS)
     axes = {k: (config[k] if isinstance(config[k], (list, tuple)) else [config[k]]) for k in keys if k in config}
+    repeated = {k: values for k, values in axes.items() if len(_distinct(values)) < len(values)}
+    if repeated:
+        before = math.prod(len(values) for values in axes.values())
+        axes = {k: _distinct(values) for k, values in axes.items()}
+        after = math.prod(len(values) for values in axes.values())
+        if say is not None:
+            listed = "; ".join(f"{k} {list(values)!r}" for k, values in repeated.items())
+            say(f"note: repeated grid values ({listed}): each grid point runs once ({after} point"
+                f"{'s' if after != 1 else ''}, not {before})")
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(config)
