@@ -15,10 +15,11 @@ export, and ONNX Runtime on each quantized export, all with the same number of t
     python benchmarks/bench_inference.py                 # 1 thread
     python benchmarks/bench_inference.py --threads 2 --repeats 20
 
-`--qdq` measures instead what quantized activations buy (ResNet-18 shape, 224 px, random weights, BatchNorm
-folded): torch float, ONNX Runtime on the float export, and ONNX Runtime on the W8A8 and W4A8 QDQ exports
-(gpfq.io.qdq_export: int8 kernels), batch 1 and 32, 1 and 2 threads, ≥ 20 calls, with each latency's ratio to
-the float ONNX export's from the same run:
+`--qdq` measures instead the int8 model (ResNet-18 and MobileNetV2 at 224 px, random weights, BatchNorm folded),
+in one process: torch float, ONNX Runtime on the float export, ONNX Runtime's own quantize_static of that export
+(QDQ, per-channel int8 weights, uint8 activations, 16 random calibration images: the anchor), and our W8A8 and W4A8
+exports (gpfq.io.qdq_export), batch 1 and 32, 1 and 2 threads, ≥ 20 calls, fastest and median, each with its ratio
+to ORT float and to the anchor; the CPU flags and the load average before and after:
 
     python benchmarks/bench_inference.py --qdq --repeats 20
 """
@@ -139,52 +140,80 @@ def bench_model(name, model, input_shape, threads, repeats, folder, log, latency
                 f"{fastest / reference:4.2f}")
 
 
-def qdq_exports(model, input_shape, folder, log):
-    """{label: ONNX path}: the float export and the W8A8 / W4A8 QDQ exports of `model` (BatchNorm folded)."""
+def anchor_export(float_path, input_shape, folder):
+    """ONNX Runtime's own post-training int8 model of the float export: quant_pre_process, then quantize_static
+    (QDQ, per-channel int8 weights, uint8 activations, min-max on 16 random images)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+    prepared, out = folder / f"{float_path.stem}_prepared.onnx", folder / f"{float_path.stem}_ort_int8.onnx"
+    quant_pre_process(str(float_path), str(prepared))
+    images = torch.randn(16, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def qdq_exports(name, model, input_shape, folder, log):
+    """{label: ONNX path}: the float export, ONNX Runtime's quantize_static of it (the anchor) and our W8A8 / W4A8
+    QDQ exports of `model` (BatchNorm folded)."""
     import gpfq
     from gpfq.io.onnx_export import export_float_onnx
-    from gpfq.io.qdq_export import export_qdq_onnx, integer_kernels
+    from gpfq.io.qdq_export import export_qdq_onnx, kernel_report
     from gpfq.pipeline.folding import fold_batchnorm
     model, _ = fold_batchnorm(model.eval())
-    paths = {"onnxruntime float": export_float_onnx(model, folder / "float.onnx", input_shape)}
+    float_path = export_float_onnx(model, folder / f"{name}_float.onnx", input_shape)
+    paths = {"onnxruntime float": float_path, "ORT quantize_static int8": anchor_export(float_path, input_shape, folder)}
+    log(f"  ORT quantize_static: {kernel_report(paths['ORT quantize_static int8'])}")
     for bits in (8, 4):
-        config = gpfq.QuantConfig(method="msq", bits=bits, alphabet="strict", batch_size=4, mlp_scalar=1.0,
+        config = gpfq.QuantConfig(method="msq", bits=bits, alphabet="strict", batch_size=16, mlp_scalar=1.0,
                                   cnn_scalar=1.0, act_bits=8)
-        result = gpfq.quantize(model, SyntheticImages(4, input_shape), config, log=lambda *_: None)
-        path = export_qdq_onnx(result, folder / f"w{bits}a8.onnx", input_shape)
-        kernels = integer_kernels(path, folder / f"w{bits}a8_optimized.onnx")
-        log(f"  W{bits}A8 QDQ: {path.stat().st_size:,d} bytes; ONNX Runtime's optimized graph: "
-            f"{', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))} of {len(result.reports)} quantized layers")
-        paths[f"onnxruntime W{bits}A8 QDQ"] = path
+        result = gpfq.quantize(model, SyntheticImages(16, input_shape), config, log=lambda *_: None)
+        path = export_qdq_onnx(result, folder / f"{name}_w{bits}a8.onnx", input_shape)
+        log(f"  ours W{bits}A8: {path.stat().st_size:,d} bytes; {kernel_report(path)}")
+        paths[f"ours W{bits}A8 QDQ"] = path
     return model, paths
 
 
-def bench_qdq(input_shape, repeats, folder, log):
+QDQ_MODELS = {"resnet18": (3, 224, 224), "mobilenet_v2": (3, 224, 224)}
+
+
+def bench_qdq(repeats, folder, log):
+    """Per model, threads and batch: torch float, ORT float, ORT's quantize_static (the anchor) and our exports,
+    each timed in this process, with its ratio to ORT float and to the anchor."""
     import onnxruntime as ort
     import torchvision
-    torch.manual_seed(0)
-    log(f"## resnet18 {tuple(input_shape)}, BatchNorm folded: exports")
-    model, paths = qdq_exports(torchvision.models.resnet18(weights=None), input_shape, folder, log)
-    log(f"## latency per forward pass, {repeats} calls after a warm-up: fastest and median; ratio = float ONNX's "
-        f"fastest / this one's fastest (same run)")
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                    for label, path in paths.items()}
-        for batch in (1, 32):
-            images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
-            feed = {"images": images.numpy()}
-            rows = []
-            with torch.no_grad():
-                rows.append(("torch float",) + seconds(lambda: model(images), repeats))
-            for label, session in sessions.items():
-                rows.append((label,) + seconds(lambda: session.run(None, feed), repeats))
-            reference = dict((label, fastest) for label, fastest, _ in rows)["onnxruntime float"]
-            for label, fastest, median in rows:
-                log(f"  {threads} thread(s) batch {batch:2d}  {label:28s} {fastest * 1000:9.2f} ms  "
-                    f"{median * 1000:9.2f} ms  x{reference / fastest:5.2f}")
+    for name, input_shape in QDQ_MODELS.items():
+        torch.manual_seed(0)
+        log(f"## {name} {tuple(input_shape)}, random weights, BatchNorm folded: exports")
+        model, paths = qdq_exports(name, getattr(torchvision.models, name)(weights=None), input_shape, folder, log)
+        log(f"## {name}: latency per forward pass, {repeats} calls after a warm-up: fastest and median (ms); "
+            f"ratios = ORT float's or the anchor's fastest / this one's fastest (same run)")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                        for label, path in paths.items()}
+            for batch in (1, 32):
+                images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
+                feed = {"images": images.numpy()}
+                rows = []
+                with torch.no_grad():
+                    rows.append(("torch float",) + seconds(lambda: model(images), repeats))
+                for label, session in sessions.items():
+                    rows.append((label,) + seconds(lambda: session.run(None, feed), repeats))
+                fastest = {label: best for label, best, _ in rows}
+                for label, best, median in rows:
+                    log(f"  {threads} thread(s) batch {batch:2d}  {label:26s} {best * 1000:9.2f} {median * 1000:9.2f}"
+                        f"  vs ORT float x{fastest['onnxruntime float'] / best:5.2f}"
+                        f"  vs anchor x{fastest['ORT quantize_static int8'] / best:5.2f}")
 
 
 def cpu_flags() -> str:
@@ -222,7 +251,7 @@ def main():
     if args.qdq:
         log(f"# CPU flags: {cpu_flags()}")
         with tempfile.TemporaryDirectory() as folder:
-            bench_qdq((3, 224, 224), max(args.repeats, 20), Path(folder), log)
+            bench_qdq(max(args.repeats, 20), Path(folder), log)
         log(f"# load average {os.getloadavg()[0]:.2f} at the end")
         return
     with tempfile.TemporaryDirectory() as folder:

@@ -43,10 +43,13 @@ engine = "auto"                 # GPFQ engine: "auto" (cheaper blocked form per 
                                 #   (streamed: memory flat in m), or "columns" (the per-column loop)
 calibration = "fresh"           # "fresh" (paper: m new images per layer); retraining needs it ("fixed" caches
                                 #   activations that fine-tuning would make stale)
-act_bits = None                 # quantized activations: None (float, the paper) or 8 (W4A8; one min-max scale per
-                                #   layer input, calibrated on the float network; gpfq.pipeline.activations)
-act_granularity = "tensor"      # activations: one scale per layer input (what QLinearConv / QLinearMatMul take)
+act_bits = None                 # quantized activations: None (float, the paper) or 8 (W4A8; every tensor between
+                                #   integer ops on a min-max uint8 grid calibrated on the float network, as the
+                                #   int8 model rounds them; fold_batchnorm=True for a fully integer model)
+act_granularity = "tensor"      # activations: one scale per tensor (what QLinearConv / QLinearAdd take)
 act_calibration = "minmax"      # activations: the grid spans the input's min and max over the calibration images
+export_qdq = False              # True (with act_bits 8): after the row, write <stem>.int8.onnx, the integer model
+                                #   ONNX Runtime runs on int8 kernels (and say which ops, if any, stay float)
 seed = 0                        # fixes the calibration images and the patch sampling (same seed, same weights)
 author = ""                     # your name, for the log's Author column
 num_workers = 0                 # data-loading processes
@@ -73,7 +76,7 @@ HEADER = dict(model_name=model_name, dataset=dataset, weights=weights, method=me
               column_order=column_order, qronos_damping=qronos_damping, retain_rate=retain_rate,
               patch_stride=patch_stride, ignore_layers=ignore_layers, strict_coverage=strict_coverage, engine=engine,
               calibration=calibration, act_bits=act_bits, act_granularity=act_granularity,
-              act_calibration=act_calibration,
+              act_calibration=act_calibration, export_qdq=export_qdq,
               seed=seed, author=author, num_workers=num_workers, num_threads=num_threads, device=device,
               retrain_start=retrain_start, retrain_samples=retrain_samples,
               retrain_batch_size=retrain_batch_size, retrain_epochs=retrain_epochs, retrain_lr=retrain_lr,

@@ -46,7 +46,7 @@ def test_rows_handed_to_the_rule_are_the_fake_quantized_activations(monkeypatch)
     analog0, quantized0 = seen[0]
     expected0, scale0 = grid_round(analog0[0], images.min(), images.max())
     assert torch.equal(quantized0[0], expected0)
-    assert result.activations.scales["0"].scale == scale0
+    assert result.activations.input_grids(result.model)["0"].scale == scale0
     assert not torch.equal(analog0[0], quantized0[0])  # the rounding is visible: the test can fail
     # layer 2: X̃ = the grid rounding of ReLU(Q0 x̂ + b0); its grid comes from the float network's hidden layer
     with torch.no_grad():
@@ -71,14 +71,14 @@ def test_float_activations_install_nothing(monkeypatch):
     assert result.activations is None
     analog0, quantized0 = seen[0]
     assert torch.equal(analog0, quantized0)  # layer 0: X̃ = X, not rounded
-    assert not any(m._forward_pre_hooks for m in result.model.modules())
+    assert not any(m._forward_pre_hooks for m in result.model.modules()) and "forward" not in vars(result.model)
 
 
 def test_the_callers_model_keeps_no_quantizer():
     model = tiny_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gpfq.quantize(model, torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64), log=lambda line: None)
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules()) and "forward" not in vars(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -113,6 +113,8 @@ def test_qdq_export_runs_on_integer_kernels_and_agrees_with_torch(tmp_path, alph
     images = torch.randn(64, 1, 8, 8)
     result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, batch_size=64, alphabet=alphabet),
                            log=lambda line: None)
+    with torch.no_grad():
+        before = result.model(images)
     path = export_qdq_onnx(result, tmp_path / "model.onnx", (1, 8, 8))
     kernels = integer_kernels(path, tmp_path / "optimized.onnx")
     assert kernels.get("QLinearConv") == 2 and kernels.get("QGemm") == 1, kernels
@@ -125,8 +127,71 @@ def test_qdq_export_runs_on_integer_kernels_and_agrees_with_torch(tmp_path, alph
     gap = np.abs(onnx_out - torch_out)
     assert gap.max() <= 0.03 * np.abs(torch_out).max()
     assert (onnx_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.95
-    assert not any(m._forward_pre_hooks for m in conv_net().modules())
-    assert result.model[0]._forward_pre_hooks  # the export puts the quantizers back
+    assert torch.equal(torch.from_numpy(torch_out), before)  # the export leaves the model rounding as it did
+
+
+def _count_adds(model) -> int:
+    """Residual adds of a torchvision-style network, counted from its blocks (independent of the tracer)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    inverted = [m for m in model.modules() if isinstance(m, InvertedResidual) and m.use_res_connect]
+    return len(blocks) + len(inverted)
+
+
+@pytest.mark.parametrize("name, input_shape", [("fashion_resnet", (1, 28, 28)), ("fashion_mobilenet", (1, 28, 28)),
+                                               ("resnet18", (3, 32, 32)), ("mobilenet_v2", (3, 32, 32))])
+def test_the_qdq_export_is_fully_integer(tmp_path, name, input_shape):
+    """ONNX Runtime's optimized graph: one QLinearConv per conv, one QLinearAdd per residual add, the pool and the
+    classifier on integer kernels (QLinearGlobalAveragePool, QGemm), and no float Conv or Gemm left."""
+    import onnx
+    from gpfq.io.models import load_model
+    from gpfq.io.qdq_export import export_qdq_onnx
+    model = load_model(name, "DEFAULT" if name == "fashion_resnet" else "random")
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    adds = _count_adds(model)
+    config = gpfq.QuantConfig(method="msq", bits=4, alphabet="strict", batch_size=8, act_bits=8, fold_batchnorm=True)
+    result = gpfq.quantize(model, torch.randn(8, *input_shape), config, log=lambda line: None)
+    assert result.activations.at == "output"
+    path = export_qdq_onnx(result, tmp_path / "model.onnx", input_shape)
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == convs and convs > 0, ops
+    assert ops.count("QLinearAdd") == adds and adds > 0, ops
+    assert ops.count("QGemm") == 1 and ops.count("QLinearGlobalAveragePool") == 1, ops
+    assert not {"Conv", "Gemm", "MatMul", "Add", "Clip", "Relu"} & set(ops), ops
+
+
+class Branchy(nn.Module):
+    """A model torch.fx cannot trace: control flow on a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        if hidden.sum() > 0:
+            hidden = hidden + 1
+        return self.second(hidden)
+
+
+def test_an_untraceable_model_rounds_its_layer_inputs_and_says_so():
+    torch.manual_seed(0)
+    lines = []
+    result = gpfq.quantize(Branchy().eval(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64),
+                           log=lines.append)
+    assert result.activations.at == "input" and set(result.activations.scales) == {"first", "second"}
+    assert any("torch.fx cannot trace this model" in line for line in lines)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        rounded = result.model(x)
+        result.activations.remove()
+        assert not torch.equal(result.model(x), rounded)
 
 
 def test_gpfq2022_levels_map_exactly_onto_int8():
@@ -211,7 +276,7 @@ def test_qdq_export_takes_a_model_file_and_checks_the_input_shape(tmp_path):
 
 
 def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path):
-    """--export_onnx on an --act_bits 8 run: <stem>.onnx (weights as codes) and <stem>.qdq.onnx (int8 kernels)."""
+    """--export_onnx on an --act_bits 8 run: <stem>.onnx (weights as codes) and <stem>.int8.onnx (int8 kernels)."""
     from gpfq.runner.deploy import export_beside
     (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3), "
                                      "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))\n")
@@ -221,6 +286,7 @@ def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path
                         input_shape=(1, 8, 8))
     lines = []
     assert export_beside(tmp_path / "m.safetensors", lines.append) == tmp_path / "m.onnx"
-    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.qdq.onnx").is_file(), lines
-    assert lines[-1].startswith(f"saved {tmp_path / 'm.qdq.onnx'}: ") and lines[-1].endswith(
-        " bytes (QDQ: int8 weights, uint8 activations)")
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file(), lines
+    assert lines[-1].startswith(f"saved {tmp_path / 'm.int8.onnx'}: ") and lines[-1].endswith(
+        " bytes (int8 weights, uint8 activations); ONNX Runtime's integer kernels: 2 QLinearConv, 1 QGemm; "
+        "float ops: none")

@@ -265,5 +265,29 @@ def integer_kernels(path, optimized_path, level: str = "extended") -> dict:
     return counts
 
 
+# Ops that do arithmetic on float tensors: in ONNX Runtime's optimized graph of a QDQ export, each is a place the
+# integer model falls back to float (a layer or op without an integer kernel there).
+FLOAT_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "AveragePool",
+                     "GlobalAveragePool", "MaxPool", "ReduceMean", "Concat", "Softmax", "LayerNormalization",
+                     "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Gelu")
+
+
+def kernel_report(path) -> str:
+    """One line: the ops ONNX Runtime (level 'extended') runs the QDQ model at `path` on integer kernels, and those
+    it runs in float, e.g. 'integer kernels: 20 QLinearConv, 8 QLinearAdd, 1 QGemm; float: none'."""
+    import tempfile
+    import onnx
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        integer_kernels(path, optimized)
+        ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    integer = {op: ops.count(op) for op in sorted(set(ops)) if op.startswith("QLinear") or op in INTEGER_OPS}
+    floating = {op: ops.count(op) for op in sorted(set(ops)) if op in FLOAT_COMPUTE_OPS}
+    def listed(counts):
+        return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
+    return (f"ONNX Runtime's integer kernels: {listed(integer)}; float ops: {listed(floating)}"
+            + ("" if not floating else " (no integer kernel for them here: they run on dequantized tensors)"))
+
+
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
                "NhwcQLinearConv")

@@ -15,7 +15,7 @@ FILE_COLUMN = "Quantized Model File"
 # Header keys that say where results go and how the run was executed, not what the model is: left out of
 # the model file, so the same run gives the same bytes (the log row and the JSON record keep them).
 RUN_ONLY_KEYS = ("log_dir", "model_dir", "num_workers", "num_threads", "device", "resume", "debug", "export_onnx",
-                 "author", "eval_batch_size")
+                 "export_qdq", "author", "eval_batch_size")
 
 
 def model_hyperparameters(point: dict) -> dict:
@@ -77,14 +77,23 @@ def export_beside(quantized_file, log=print):
             f"its log row are saved")
         return None
     log(f"saved {path}: {path.stat().st_size} bytes ({', '.join(sorted(set(kinds.values())))})")
-    if read_quantized(quantized_file).header.get("activations"):  # act_bits: the QDQ graph too, <stem>.qdq.onnx
-        from gpfq.io.qdq_export import export_qdq_onnx
-        qdq = path.with_suffix(".qdq.onnx")
-        try:
-            export_qdq_onnx(quantized_file, qdq)
-        except Exception as error:
-            log(f"QDQ ONNX export of {quantized_file} failed ({type(error).__name__}: {error}); the quantized model "
-                f"and its log row are saved")
-            return path
-        log(f"saved {qdq}: {qdq.stat().st_size} bytes (QDQ: int8 weights, uint8 activations)")
+    if read_quantized(quantized_file).header.get("activations"):  # act_bits: the integer model too
+        export_int8_beside(quantized_file, log)
+    return path
+
+
+def export_int8_beside(quantized_file, log=print):
+    """Export an act_bits model file as <stem>.int8.onnx (QDQ: int8 weights, uint8 activations) beside it and say
+    which ops ONNX Runtime runs on integer kernels and which stay float; returns the path, or None (with a
+    message) if the export failed: the model and its row are already saved, so the grid goes on."""
+    from gpfq.io.qdq_export import export_qdq_onnx, kernel_report
+    path = Path(quantized_file).with_suffix(".int8.onnx")
+    try:
+        export_qdq_onnx(quantized_file, path)
+        report = kernel_report(path)
+    except Exception as error:  # any exporter failure: report it, keep the saved results
+        log(f"int8 ONNX export of {quantized_file} failed ({type(error).__name__}: {error}); the quantized model "
+            f"and its log row are saved")
+        return None
+    log(f"saved {path}: {path.stat().st_size} bytes (int8 weights, uint8 activations); {report}")
     return path

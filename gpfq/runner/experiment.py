@@ -27,7 +27,7 @@ from gpfq.pipeline.checkpoint import LayerCheckpoint, weights_hash
 from gpfq.config import QuantConfig
 from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evaluation_set
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.runner.deploy import FILE_COLUMN, export_beside, quantized_path, save_beside, size_columns
+from gpfq.runner.deploy import FILE_COLUMN, export_beside, export_int8_beside, quantized_path, save_beside, size_columns
 from gpfq.errors import ResultWriteError, bad_hyperparameter, os_error_reason
 from gpfq.runner.evaluate import evaluate
 from gpfq.pipeline.folding import fold_batchnorm
@@ -326,7 +326,9 @@ def _quantize_save_log(context: Context, variant: Variant, model_dir: Path, log_
         context.checkpoint.remove()
     log(f"row appended to {', '.join(str(p) for p in log_paths)}")
     if point.get("export_onnx") and quantized_file is not None and shard.writer:
-        export_beside(quantized_file, log)
+        export_beside(quantized_file, log)  # with act_bits, <stem>.int8.onnx too
+    elif point.get("export_qdq") and quantized_file is not None and shard.writer:
+        export_int8_beside(quantized_file, log)
     return row
 
 

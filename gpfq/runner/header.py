@@ -26,7 +26,7 @@ GRID_KEYS = ("model_name",) + GRID_FIELDS
 RUN_COLUMNS = {"model_name": "Model Name", "dataset": "Dataset", "author": "Author", "weights": "Weights",
                "eval_subset": "Eval Subset"}
 RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_threads", "device", "resume",
-            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "debug", "checkpoint",
+            "log_dir", "model_dir", "data_dir", "image_size", "export_onnx", "export_qdq", "debug", "checkpoint",
             "eval_subset")
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
@@ -35,8 +35,8 @@ CLI_ALIASES = {"model_name": ["--model"]}
 # debug: known errors show their stack (gpfq.runner.cli).
 # checkpoint: per-layer checkpoints of the plain script, 'auto', True or False (gpfq.pipeline.checkpoint).
 # eval_subset: None (the whole evaluation set) or N, a class-balanced N of its images (gpfq.io.data.eval_subset).
-COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "debug": False, "checkpoint": "auto",
-                   "eval_subset": None}
+COMMON_DEFAULTS = {"resume": False, "image_size": None, "export_onnx": False, "export_qdq": False, "debug": False,
+                   "checkpoint": "auto", "eval_subset": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,8 +67,10 @@ def _unknown_options(extras: list, flags: list) -> str:
 # --help's line for the keys every variant understands, which a script's header may not describe
 COMMON_HELP = {"resume": "True: skip grid points already in the log, and go on from an interrupted one's checkpoint",
                "image_size": "imagefolder: side of the prepared images (None: the model's own preprocessing)",
-               "export_onnx": "True: also write <stem>.onnx beside the quantized model file (and <stem>.qdq.onnx "
+               "export_onnx": "True: also write <stem>.onnx beside the quantized model file (and <stem>.int8.onnx "
                               "with act_bits 8)",
+               "export_qdq": "True (with act_bits 8): also write <stem>.int8.onnx, the integer model ONNX Runtime runs "
+                             "on int8 kernels",
                "debug": "True: known errors show their stack trace too",
                "checkpoint": "per-layer checkpoints: 'auto', True or False",
                "eval_subset": "None: the whole evaluation set; N: a class-balanced N images",
@@ -211,11 +213,16 @@ def validate(point: dict) -> None:
     subset = point.get("eval_subset")
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         fail(f"eval_subset must be None (the whole evaluation set) or an integer ≥ 1, got {subset!r}")
-    if not isinstance(point.get("export_onnx", False), bool):
-        fail(f"export_onnx must be True or False, got {point['export_onnx']!r}")
-    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-    if point.get("export_onnx") and missing:
-        fail(f"export_onnx needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
+    for key in ("export_onnx", "export_qdq"):
+        if not isinstance(point.get(key, False), bool):
+            fail(f"{key} must be True or False, got {point[key]!r}")
+    if point.get("export_qdq") and point.get("act_bits") != 8:
+        fail(f"export_qdq writes the integer model, which needs quantized activations: add --act_bits 8 (act_bits is "
+             f"{point.get('act_bits')!r})")
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    for key in ("export_onnx", "export_qdq"):
+        if point.get(key) and missing:
+            fail(f"{key} needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
     if point["dataset"] not in DATASETS:
         fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
     threads = point.get("num_threads")
