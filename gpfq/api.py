@@ -330,7 +330,7 @@ def _calibrate_activations(model, stream, config, device, dtype, log):
              "layer inputs (torch.fx cannot trace this model: its adds and pools stay float)")
     log(f"activations: {config.act_bits}-bit grids on {len(activations.scales)} {where}, {config.act_calibration} "
         f"scales from {config.batch_size} calibration images")
-    unfolded = foldable_pairs(model)
+    unfolded = foldable_pairs(model) if activations.at == "output" else []  # (untraceable: no pairs to find)
     if unfolded:  # a BatchNorm between a conv and its rounding: the integer model keeps that conv in float
         log(f"WARNING: act_bits with {len(unfolded)} BatchNorm layers not folded: their convs stay float ops in the "
             f"int8 model (ONNX Runtime fuses a conv only when its output is rounded); set fold_batchnorm=True")

@@ -288,5 +288,82 @@ def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path
     assert export_beside(tmp_path / "m.safetensors", lines.append) == tmp_path / "m.onnx"
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file(), lines
     assert lines[-1].startswith(f"saved {tmp_path / 'm.int8.onnx'}: ") and lines[-1].endswith(
-        " bytes (int8 weights, uint8 activations); ONNX Runtime's integer kernels: 2 QLinearConv, 1 QGemm; "
+        " bytes (int8 weights, uint8 activations); ONNX Runtime's integer kernels: 1 QGemm, 2 QLinearConv; "
         "float ops: none")
+
+
+def _variant_main(folder):
+    from gpfq.runner import adhoc, experiment, retrain
+    variant = {"adhoc_quantization_scripts": adhoc.ADHOC, "retraining_scripts": retrain.RETRAIN}[folder]
+    return lambda header, argv: experiment.main(header, argv, variant)
+
+
+@pytest.mark.parametrize("folder, extra", [
+    ("adhoc_quantization_scripts", ["--bias_correction", "last"]),
+    ("retraining_scripts", ["--retrain_start", "9", "--retrain_samples", "256"])])
+def test_act_bits_runs_end_to_end_in_the_variants_and_exports_int8(tmp_path, folder, extra):
+    """--act_bits 8 --export_qdq True in the ad hoc and retraining scripts: a row, and <stem>.int8.onnx on integer
+    kernels only (every conv a QLinearConv, nothing left float)."""
+    from conftest import script_header
+    lines = []
+    argv = ["--batch_size", "64", "--num_threads", "1", "--eval_subset", "100", "--act_bits", "8", "--fold_batchnorm",
+            "True", "--export_qdq", "True", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"),
+            *extra]
+    import tqdm
+    real_write = tqdm.tqdm.write
+    tqdm.tqdm.write = staticmethod(lambda line, *a, **k: lines.append(str(line)))
+    try:
+        [row] = _variant_main(folder)(script_header(folder), argv)
+    finally:
+        tqdm.tqdm.write = real_write
+    assert row["Act Bits"] == 8
+    [exported] = list((tmp_path / "models").rglob("*.int8.onnx"))
+    [said] = [line for line in lines if line.startswith(f"saved {exported}")]
+    assert said.endswith("float ops: none") and "9 QLinearConv" in said and "3 QLinearAdd" in said, said
+
+
+def test_export_qdq_without_act_bits_is_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from conftest import python_env
+    from gpfq.paths import REPO_ROOT
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "quantization_scripts" / "quantize.py"), "--export_qdq",
+                           "True", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")],
+                          capture_output=True, text=True, env=python_env(), timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: bad hyperparameter: export_qdq writes the integer model, which needs quantized activations: add "
+        "--act_bits 8 (act_bits is None)")
+
+
+def test_unfolded_batchnorm_is_warned_and_its_convs_are_named_float(tmp_path):
+    """act_bits without fold_batchnorm: one warning at quantization, and the export's report lists the float convs."""
+    from gpfq.io.models import load_model
+    from gpfq.io.qdq_export import export_qdq_onnx, kernel_report
+    lines = []
+    result = gpfq.quantize(load_model("fashion_resnet"), torch.randn(16, 1, 28, 28),
+                           gpfq.QuantConfig(method="msq", batch_size=16, act_bits=8), log=lines.append)
+    assert [line for line in lines if line.startswith("WARNING: act_bits with 9 BatchNorm layers not folded")]
+    report = kernel_report(export_qdq_onnx(result, tmp_path / "m.onnx", (1, 28, 28)))
+    assert "float ops: 9 BatchNormalization, 9 Conv" in report, report
+
+
+@pytest.mark.slow  # the default model quantized at m 128, then 10,000 test images through torch and ONNX Runtime
+def test_the_int8_model_has_the_torch_models_accuracy_on_the_test_set(tmp_path):
+    """The deployed accuracy: ONNX Runtime's int8 model of a W4A8 GPFQ run, on the 10,000 test images, within 0.1
+    point of the torch fake-quant model's top-1 that the row logged."""
+    import importlib.util
+    from conftest import script_header
+    from gpfq.io.data import evaluation_set
+    from gpfq.paths import REPO_ROOT
+    from gpfq.runner.experiment import main
+    [row] = main(script_header("quantization_scripts"),
+                 ["--batch_size", "128", "--act_bits", "8", "--fold_batchnorm", "True", "--export_qdq", "True",
+                  "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    [exported] = list((tmp_path / "models").rglob("*.int8.onnx"))
+    spec = importlib.util.spec_from_file_location("int8_accuracy", REPO_ROOT / "experiments" / "int8_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    deployed = module.ort_top1(exported, evaluation_set("fashion_mnist"))
+    assert row["Eval Subset"] in ("", None) and row["Quantized Top1 Accuracy"] > 0.85
+    assert abs(deployed - row["Quantized Top1 Accuracy"]) <= 0.001, (deployed, row["Quantized Top1 Accuracy"])

@@ -280,9 +280,18 @@ def kernel_report(path) -> str:
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "optimized.onnx"
         integer_kernels(path, optimized)
-        ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+        graph = onnx.load(str(optimized)).graph
+    # values computed from constants and shapes only (a flatten's target shape): arithmetic on them is not the model's
+    static = {init.name for init in graph.initializer}
+    ops, floating_ops = [], []
+    for node in graph.node:
+        ops.append(node.op_type)
+        if node.op_type in ("Shape", "Size", "Constant") or all(name in static for name in node.input if name):
+            static.update(node.output)
+        elif node.op_type in FLOAT_COMPUTE_OPS:
+            floating_ops.append(node.op_type)
     integer = {op: ops.count(op) for op in sorted(set(ops)) if op.startswith("QLinear") or op in INTEGER_OPS}
-    floating = {op: ops.count(op) for op in sorted(set(ops)) if op in FLOAT_COMPUTE_OPS}
+    floating = {op: floating_ops.count(op) for op in sorted(set(floating_ops))}
     def listed(counts):
         return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
     return (f"ONNX Runtime's integer kernels: {listed(integer)}; float ops: {listed(floating)}"
