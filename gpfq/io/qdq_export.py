@@ -283,11 +283,16 @@ def kernel_report(path) -> str:
         graph = onnx.load(str(optimized)).graph
     # values computed from constants and shapes only (a flatten's target shape): arithmetic on them is not the model's
     static = {init.name for init in graph.initializer}
+    integer_values = set()  # uint8/int8 tensors: an op that reads one (a MaxPool, a Reshape) runs on integers too
     ops, floating_ops = [], []
     for node in graph.node:
         ops.append(node.op_type)
         if node.op_type in ("Shape", "Size", "Constant") or all(name in static for name in node.input if name):
             static.update(node.output)
+        elif node.op_type == "QuantizeLinear" or node.op_type.startswith("QLinear") or node.op_type in INTEGER_OPS:
+            integer_values.update(node.output)
+        elif node.op_type != "DequantizeLinear" and node.input and node.input[0] in integer_values:
+            integer_values.update(node.output)
         elif node.op_type in FLOAT_COMPUTE_OPS:
             floating_ops.append(node.op_type)
     integer = {op: ops.count(op) for op in sorted(set(ops)) if op.startswith("QLinear") or op in INTEGER_OPS}
