@@ -367,3 +367,20 @@ def test_the_int8_model_has_the_torch_models_accuracy_on_the_test_set(tmp_path):
     deployed = module.ort_top1(exported, evaluation_set("fashion_mnist"))
     assert row["Eval Subset"] in ("", None) and row["Quantized Top1 Accuracy"] > 0.85
     assert abs(deployed - row["Quantized Top1 Accuracy"]) <= 0.001, (deployed, row["Quantized Top1 Accuracy"])
+
+
+def test_an_8_bit_strict_model_file_exports_its_codes_exactly(tmp_path):
+    """A model file stores its codebooks in float32, whose gaps differ from the step by float32 rounding: the int8
+    step is fitted to all the levels, so 8-bit `strict` weights (k·s, k from −128 to 127) still map exactly."""
+    import onnx
+    from onnx import numpy_helper
+    images = torch.randn(64, 1, 8, 8)
+    result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, bits=8, alphabet="strict", batch_size=64),
+                           log=lambda line: None)
+    gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors")
+    path = gpfq.export_qdq_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", (1, 8, 8), architecture=conv_net())
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    integers, scale = initializers["0_weight_int8"], initializers["0_weight_scale"]
+    assert integers.min() >= -128 and integers.max() <= 127 and len(set(integers.flatten().tolist())) > 40
+    rebuilt = torch.from_numpy(integers.astype("float64") * scale.astype("float64").reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(rebuilt.float(), result.model[0].weight.detach(), rtol=0, atol=2e-6)

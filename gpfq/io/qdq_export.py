@@ -25,11 +25,13 @@ from gpfq.io.onnx_export import checked_shape, float_onnx_model, write_export
 def int8_levels(codebook: torch.Tensor):
     """(K, scale): integers K (rows, L), |K| ≤ 128, and float32 scales (rows,) with K·scale = the levels, or None.
 
-    codebook: (L,) or (…, C_out, L). The step tried is the smallest gap between levels, then half of it:
+    codebook: (L,) or (…, C_out, L). The step tried is the smallest gap between levels, then half of it, each
+    refitted to all the levels:
     `midtread`/`strict` levels are k·s; `gpfq2022` levels are (k + ½)·s, with 0 appended: on the grid of step s/2
     (odd integers and 0), so that mapping is exact too (to float32 rounding of k·scale).
     """
-    rows = codebook.double().reshape(-1, codebook.shape[-1])
+    # the float32 levels, as the weights hold them and a model file stores them: the same scales either way
+    rows = codebook.float().double().reshape(-1, codebook.shape[-1])
     grid = torch.zeros(rows.shape, dtype=torch.int64)
     scale = torch.ones(rows.shape[0], dtype=torch.float64)
     for r, row in enumerate(rows):
@@ -39,6 +41,10 @@ def int8_levels(codebook: torch.Tensor):
         gaps = levels.diff()
         step = float(gaps[gaps > 0].min()) if gaps.numel() else float(levels.abs().max())
         for s in (step, step / 2):
+            k = (row / s).round()
+            # fit the step to all levels (least squares): a float32 codebook's smallest gap is off by its rounding,
+            # which at 8 bits moves the top level by 1e-3 of a step
+            s = float((k * row).sum() / (k * k).sum())
             k = row / s
             # up to 128: midtread's top level; the weights actually used are checked against int8 on export
             if bool(((k - k.round()).abs() < 1e-3).all()) and float(k.abs().max()) <= 128.5:

@@ -44,6 +44,8 @@ INTEGER_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.linear
                      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 INTEGER_METHODS = {"add", "add_"}
+# of those, the ones whose first argument is their one activation (a conv's or linear's weight is not one)
+ONE_INPUT_FUNCTIONS = INTEGER_FUNCTIONS - {operator.add, operator.iadd, torch.add, torch.cat}
 # ops that only move values: a point is taken at the value they pass on
 SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout}
@@ -119,9 +121,7 @@ def _source(traced, node):
 
 def _activation_inputs(traced, node) -> list:
     """The tensor inputs of an integer op that are activations (a conv's or linear's weight is not)."""
-    if node.op == "call_module" or node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) or \
-            node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                            F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+    if node.op == "call_module" or node.target in ONE_INPUT_FUNCTIONS:
         return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
     if node.target is torch.cat:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", [])
