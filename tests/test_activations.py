@@ -384,3 +384,20 @@ def test_an_8_bit_strict_model_file_exports_its_codes_exactly(tmp_path):
     assert integers.min() >= -128 and integers.max() <= 127 and len(set(integers.flatten().tolist())) > 40
     rebuilt = torch.from_numpy(integers.astype("float64") * scale.astype("float64").reshape(-1, 1, 1, 1))
     torch.testing.assert_close(rebuilt.float(), result.model[0].weight.detach(), rtol=0, atol=2e-6)
+
+
+def test_weights_beyond_64_warn_on_a_cpu_without_vnni(tmp_path):
+    """ONNX Runtime's u8s8 kernels without VNNI saturate 16-bit pair sums for |k| > 64: 8-bit weights are warned
+    about there (with the fix), 7-bit ones are not."""
+    import warnings
+    from gpfq.io.qdq_export import export_qdq_onnx, vnni
+    images = torch.randn(64, 1, 8, 8)
+    for bits, expected in ((8, not vnni()), (7, False)):
+        result = gpfq.quantize(conv_net(), images, gpfq.QuantConfig(act_bits=8, bits=bits, alphabet="strict",
+                                                                    batch_size=64), log=lambda line: None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_qdq_onnx(result, tmp_path / f"w{bits}.onnx", (1, 8, 8))
+        said = [str(w.message) for w in caught if "VNNI" in str(w.message)]
+        assert bool(said) == expected, (bits, said)
+        assert all("use at most 7-bit weights" in line for line in said)

@@ -86,14 +86,19 @@ def export_int8_beside(quantized_file, log=print):
     """Export an act_bits model file as <stem>.int8.onnx (QDQ: int8 weights, uint8 activations) beside it and say
     which ops ONNX Runtime runs on integer kernels and which stay float; returns the path, or None (with a
     message) if the export failed: the model and its row are already saved, so the grid goes on."""
+    import warnings
     from gpfq.io.qdq_export import export_qdq_onnx, kernel_report
     path = Path(quantized_file).with_suffix(".int8.onnx")
     try:
-        export_qdq_onnx(quantized_file, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_qdq_onnx(quantized_file, path)
         report = kernel_report(path)
     except Exception as error:  # any exporter failure: report it, keep the saved results
         log(f"int8 ONNX export of {quantized_file} failed ({type(error).__name__}: {error}); the quantized model "
             f"and its log row are saved")
         return None
     log(f"saved {path}: {path.stat().st_size} bytes (int8 weights, uint8 activations); {report}")
+    for warning in caught:  # e.g. the saturation of 8-bit weights on a CPU without VNNI (qdq_export)
+        log(str(warning.message))
     return path
