@@ -192,3 +192,23 @@ def test_a_held_log_lock_is_announced_not_a_silent_hang(tmp_path, capsys):
     release.join()
     assert f"waiting for the lock on {log}" in capsys.readouterr().err
     assert read_rows(log) == [{"a": "1", "b": "2"}]
+
+
+def test_ctrl_c_just_after_the_row_is_written_keeps_the_points_files(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the row is in the log but before the run marks the point done: the point is
+    finished, so its model, record and quantized file stay (the row names them)."""
+    from gpfq.runner import experiment
+    real_append = experiment.append_row
+
+    def append_then_interrupt(*args, **kwargs):
+        real_append(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "append_row", append_then_interrupt)
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main(script_header("quantization_scripts"),
+                        [*ARGS, "--checkpoint", "False", "--log_dir", str(tmp_path / "logs"), "--model_dir",
+                         str(tmp_path / "models")])
+    assert exit_.value.code == 130
+    [row] = read_rows(tmp_path / "logs" / PLAIN_LOG)
+    model = REPO_ROOT / row["Model File"]
+    assert model.is_file() and model.with_suffix(".json").is_file() and model.with_suffix(".safetensors").is_file()

@@ -512,6 +512,8 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
             shard.record_error(error)  # where the other ranks' diagnosis finds it
             raise
         except KeyboardInterrupt:
+            if unlogged and _logged(unlogged[0], [log_dir / name for name in log_names]):
+                unlogged.clear()  # its row landed just before the Ctrl-C: the point is finished, its files stay
             for path in unlogged:  # the interrupted point's files, saved but not logged: --resume recomputes it
                 path.unlink(missing_ok=True)
             if shard.writer:  # every rank is interrupted (Ctrl-C reaches them all, or `Shard.step` passes it on)
@@ -522,6 +524,12 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
     finally:
         torch.set_num_threads(caller_threads)
     return rows
+
+
+def _logged(model_path: Path, logs: list) -> bool:
+    """Whether a row of one of `logs` names `model_path` in its Model File column."""
+    name = display_path(model_path)
+    return any(row.get("Model File") == name for log in logs if log.is_file() for row in read_rows(log))
 
 
 def _quiet(*args, **kwargs):
