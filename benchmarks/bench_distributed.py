@@ -58,7 +58,8 @@ def rank_main(rank, world_size, port, m, rule, out):
     import torchvision
     from gpfq.pipeline import distributed
     from gpfq.pipeline.streams import CalibrationStream
-    from gpfq.pipeline.network import quantize_network, settings_for
+    from gpfq import QuantConfig
+    from gpfq.pipeline.network import quantize_network
     where = pin(rank)
     torch.set_num_threads(1)
     if world_size > 1:
@@ -72,8 +73,7 @@ def rank_main(rank, world_size, port, m, rule, out):
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
 
-    def settings(index, name, layer):
-        return settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.16, 1.16, 1.0, 1.0)
+    settings = QuantConfig(bits=4, mlp_scalar=1.16, cnn_scalar=1.16).for_layer
 
     communication = []
     start = time.perf_counter()

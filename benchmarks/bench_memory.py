@@ -28,13 +28,13 @@ CHUNK = 64
 
 def child(engine, m, threads):
     from gpfq.pipeline.streams import CalibrationStream
-    from gpfq.pipeline.network import quantize_network, settings_for
+    from gpfq import QuantConfig
+    from gpfq.pipeline.network import quantize_network
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
     stream = CalibrationStream(SyntheticImages(m, (3, 56, 56)), seed=0, chunk_size=CHUNK)
-    settings = lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
-                                                       1.0, 1.0, engine=engine)
+    settings = QuantConfig(bits=4, engine=engine).for_layer
     before = peak_rss_mb()  # torch, the model, the first images: what every run holds anyway
     start = time.perf_counter()
     _, reports = quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)

@@ -32,13 +32,13 @@ CONFIGURATIONS = [("columns", "fresh"), ("auto", "fresh"), ("columns", "fixed"),
 def child(engine, calibration, m, threads):
     import torchvision
     from gpfq.pipeline.streams import CalibrationStream
-    from gpfq.pipeline.network import quantize_network, settings_for
+    from gpfq import QuantConfig
+    from gpfq.pipeline.network import quantize_network
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
-    settings = lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.16, 1.16,  # noqa: E731
-                                                       1.0, 1.0, engine=engine)
+    settings = QuantConfig(bits=4, mlp_scalar=1.16, cnn_scalar=1.16, engine=engine).for_layer
     start = time.perf_counter()
     _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
                                   log=lambda *a: None)

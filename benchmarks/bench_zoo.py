@@ -86,13 +86,13 @@ def _over_cap(signum, frame):
 def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
     from gpfq.pipeline.streams import CalibrationStream
-    from gpfq.pipeline.network import quantize_network, settings_for
+    from gpfq import QuantConfig
+    from gpfq.pipeline.network import quantize_network
     torch.manual_seed(0)
     model, size = build(name, size)
     if name not in SIZES and not name.startswith("vit_"):
         size = accepted_size(model, size)
-    settings = lambda index, layer_name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3,  # noqa: E731
-                                                             1.0, 1.0)
+    settings = QuantConfig(bits=4).for_layer
     calibration = "fixed"
     while True:
         stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)

@@ -19,7 +19,7 @@ from gpfq.pipeline.streams import CalibrationStream, ImageStream
 from gpfq.errors import bad_hyperparameter
 from gpfq.pipeline.folding import fold_batchnorm, foldable_pairs
 from gpfq.pipeline.inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
-from gpfq.pipeline.network import LayerReport, LayerSettings, settings_for
+from gpfq.pipeline.network import LayerReport
 from gpfq.pipeline import network
 from gpfq.pipeline.network import quantize_layer as _quantize_grouped_layer
 
@@ -197,19 +197,18 @@ def _restore(state) -> None:
                 module._buffers[name] = tensor.to(device)
 
 
-# ---------------------------------------------------------------- per-layer settings
-def _layer_rules(layers, names: list) -> list:
-    """[(name, overrides or None)] in order: `layers` as a dict {index or name pattern: None (float) | bits |
-    {field: value}}, or as a list of indices or patterns (only those layers are quantized)."""
+# ---------------------------------------------------------------- per-layer choices
+def _check_layers(config: QuantConfig, layers, names: list) -> None:
+    """Refuse, before any work, a `layers` argument that `QuantConfig.with_layers` cannot apply: not a dict
+    {index or name pattern: None (float) | bits | {per-layer field: value}} or a list of indices or patterns, or
+    an entry that matches no layer, or one that gives a bad value (checked as `config` with its changes)."""
     if isinstance(layers, (list, tuple, set)):
-        selected = [name for name in names if any(_matches(key, name, names) for key in layers)]
-        unmatched = [key for key in layers if not any(_matches(key, name, names) for name in names)]
-        _refuse_unmatched(unmatched, names)
-        return [(name, None) for name in names if name not in selected]
+        _refuse_unmatched([key for key in layers if not any(_matches(key, name, names) for name in names)], names)
+        return
     if not isinstance(layers, dict):
         raise TypeError(f"layers must be a dict {{index or name pattern: None, bits or {{field: value}}}} or a "
                         f"list of indices or name patterns, got {type(layers).__name__}")
-    rules, unmatched = [], []
+    unmatched = []
     for key, value in layers.items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise ValueError(f"layers keys are layer indices (int) or name patterns (str), got {key!r}")
@@ -217,18 +216,17 @@ def _layer_rules(layers, names: list) -> list:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"layers[{key!r}] must be None (leave float), bits (int) or a dict of "
                                  f"QuantConfig fields, got {value!r}")
-            value = {"bits": value}
-        if value is not None:
+        if isinstance(value, dict):
             fixed = [name for name in value if name not in PER_LAYER_FIELDS]
             if fixed:
                 raise ValueError(f"layers[{key!r}]: {fixed} cannot differ between layers; per-layer fields are "
                                  f"{PER_LAYER_FIELDS}")
-        matched = [name for name in names if _matches(key, name, names)]
-        if not matched:
+        if not any(_matches(key, name, names) for name in names):
             unmatched.append(key)
-        rules.extend((name, value) for name in matched)
     _refuse_unmatched(unmatched, names)
-    return rules
+    for value in layers.values():
+        if value is not None:
+            config.replace(**(value if isinstance(value, dict) else {"bits": value}))
 
 
 def _matches(key, name, names) -> bool:
@@ -241,18 +239,6 @@ def _refuse_unmatched(unmatched, names):
     if unmatched:
         raise ValueError(f"layers entries {unmatched} match no layer; the layers are "
                          f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
-
-
-def layer_settings(config: QuantConfig, index: int, layer: nn.Module) -> LayerSettings:
-    """The settings of layer `index` (execution order): CNN scalar and percentile for Conv2d, MLP for Linear."""
-    return settings_for(layer, config.bits, config.method, config.alphabet, config.include_0, config.mlp_scalar,
-                        config.cnn_scalar, config.mlp_percentile, config.cnn_percentile,
-                        granularity=config.alphabet_granularity, seed=layer_seed(config.seed, index),
-                        threshold=config.sparsity_threshold, thresholding=config.thresholding,
-                        block_size=config.gptq_block_size, damping=config.gptq_damping,
-                        act_order=config.gptq_act_order, engine=config.engine,
-                        first_column=config.gpfq_first_column, column_order=config.column_order,
-                        qronos_damping=config.qronos_damping)
 
 
 # ---------------------------------------------------------------- the network
@@ -307,10 +293,10 @@ def _quantize(model, stream, config, device, layers, after_layer, in_place, log,
                              "and quantize the folded model in place")
         model, pairs = fold_batchnorm(model)
         log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
-    settings_of = _settings_function(model, stream, config, layers, device)
+    layer_configs = _layer_configs(model, stream, config, layers, device)
     activations = _calibrate_activations(model, stream, config, device, dtype, log)
     quantized, reports = network.quantize_network(  # looked up here: the documented seam
-        model, stream, settings_of, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
+        model, stream, layer_configs.for_layer, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
         config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
         calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,
         checkpoint=checkpoint, prepare_quantized=None if activations is None else activations.install)
@@ -337,19 +323,13 @@ def _calibrate_activations(model, stream, config, device, dtype, log):
     return activations
 
 
-def _settings_function(model, stream, config, layers, device):
-    """settings_of(index, name, layer) for the network loop: the config with `layers`' choices applied."""
+def _layer_configs(model, stream, config, layers, device):
+    """The config whose `for_layer` the network loop asks for each layer's: `config` with `layers`' choices."""
     if layers is None:
-        return lambda index, name, layer: layer_settings(config, index, layer)
+        return config
     example = move(as_inputs(stream.dataset[0][0]).unsqueeze(0), device, floating_dtype(model))
-    names = layers_in_execution_order(model.eval().to(device), example)
-    chosen = {name: config for name in names}
-    for name, overrides in _layer_rules(layers, names):
-        chosen[name] = None if overrides is None else config.replace(**overrides)
-
-    def settings_of(index, name, layer):
-        return None if chosen[name] is None else layer_settings(chosen[name], index, layer)
-    return settings_of
+    _check_layers(config, layers, layers_in_execution_order(model.eval().to(device), example))
+    return config.with_layers(layers)
 
 
 # ---------------------------------------------------------------- one layer
@@ -380,7 +360,7 @@ def quantize_layer(weight: torch.Tensor, analog_rows: torch.Tensor, quantized_ro
     with torch.no_grad():
         layer.weight.copy_(weight)
     _, quantized_weight, _, _, _, _ = _quantize_grouped_layer(layer, analog_rows, quantized_rows,
-                                                              layer_settings(config, 0, layer))
+                                                              config.replace(seed=layer_seed(config.seed, 0)))
     return quantized_weight.reshape(weight.shape)
 
 

@@ -6,6 +6,7 @@ grid (`grid`), and whether `gpfq.quantize(layers=…)` may change it for single 
 Adding an option: add a field here (with its check in `__post_init__`), then use it where it acts.
 """
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 
 from gpfq.pipeline.activations import ACT_CALIBRATIONS, ACT_GRANULARITIES
@@ -144,6 +145,33 @@ class QuantConfig:
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
 
+    # per-layer choices that `with_layers` attaches: not a hyperparameter of the header or the logs
+    _layers = None
+
+    def with_layers(self, layers) -> "QuantConfig":
+        """A copy whose `for_layer` also applies `layers`: {index or fnmatch name pattern: None (float) | bits |
+        {field: value}} (the last matching entry wins), or a list of indices or patterns (only those quantized)."""
+        chosen = dataclasses.replace(self)
+        object.__setattr__(chosen, "_layers", layers)
+        return chosen
+
+    def for_layer(self, index: int, name: str, n_layers: int) -> "QuantConfig":
+        """The config layer `index` of `n_layers` (execution order, named `name`) is quantized with, or None to
+        leave it float: `ignore_layers`, then the `with_layers` choices. Its seed is the layer's own
+        (`layer_seed`), which seeds SPFQ's stochastic rounding."""
+        if index in {i % n_layers for i in self.ignore_layers}:
+            return None
+        chosen = self
+        if isinstance(self._layers, (list, tuple, set)):
+            if not any(_layer_matches(key, index, name, n_layers) for key in self._layers):
+                return None
+        else:
+            for key, overrides in (self._layers or {}).items():
+                if _layer_matches(key, index, name, n_layers):
+                    chosen = None if overrides is None else self.replace(
+                        **(overrides if isinstance(overrides, dict) else {"bits": overrides}))
+        return None if chosen is None else chosen.replace(seed=layer_seed(self.seed, index))
+
     def method_description(self) -> str:
         """The options that matter for the method, for the log's Method Options column."""
         if self.method == "gptq":
@@ -186,6 +214,13 @@ def _check_int8_weights(alphabet: str, bits: int):
     if bits > 8:
         _fail(f"act_bits 8 (an int8 QDQ deployment) with {bits}-bit weights cannot be exported: int8 weights "
               f"hold at most 8 bits; use alphabet 'strict' with at most 8 bits")
+
+
+def _layer_matches(key, index: int, name: str, n_layers: int) -> bool:
+    """Whether a layer choice's key names layer `index`: an index (negative from the end) or an fnmatch pattern."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return -n_layers <= key < n_layers and key % n_layers == index
+    return fnmatch.fnmatchcase(name, key)
 
 
 def list_or_value(value):

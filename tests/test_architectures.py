@@ -4,9 +4,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from gpfq import QuantConfig
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.io.models import load_model
-from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.network import layer_alphabet, quantize_network
 
 pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
 
@@ -18,7 +19,7 @@ def test_architecture_quantizes(name):
     torch.manual_seed(0)
     model = load_model(name, "random")
     images = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
-    settings = LayerSettings(method="gpfq", bits=3, scalar=1.2)
+    settings = QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2)
     quantized, reports = quantize_network(model, CalibrationStream(images, seed=0, chunk_size=2),
                                           lambda i, n, layer: settings, batch_size=2, retain_rate=0.25, seed=0,
                                           log=lambda *_: None)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from gpfq import QuantConfig
 from gpfq.pipeline.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.network import layer_alphabet, quantize_network
 
 
 def tf_same_pads(height, width, kernel, stride):
@@ -132,7 +133,7 @@ def test_padding_subclass_and_tf_padding_quantize_in_both_modes(calibration):
     torch.manual_seed(0)
     model = nn.Sequential(PaddingConv2d(3, 4, 2, stride=2), nn.ReLU(), TFPadConv(1, channels=4, size=(6, 6))).eval()
     data = TensorDataset(torch.randn(6, 3, 12, 12), torch.zeros(6, dtype=torch.long))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=3), lambda i, n, l: settings,
                                           6, 0.5, 0, calibration=calibration, log=lambda *a: None)
     assert [r.name for r in reports] == ["0", "2.conv"]
@@ -170,7 +171,7 @@ def test_functional_and_matmul_weights_are_layers_with_their_real_rows():
         rows, _ = layer_rows(layer, captured, captured, 1.0, torch.Generator())
         torch.testing.assert_close(rows, expected.reshape(-1, expected.shape[-1]).detach())
     data = TensorDataset(torch.randn(8, 2, 6), torch.zeros(8, dtype=torch.long))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     for calibration in ("fresh", "fixed"):
         quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4),
                                               lambda i, n, l: settings, 8, 1.0, 0, calibration=calibration,
@@ -237,7 +238,7 @@ def test_shared_weight_is_one_layer_with_the_rows_of_every_use():
     rows, _ = layer_rows(layers[0], captured, captured, 1.0, torch.Generator())
     torch.testing.assert_close(rows, torch.cat([first, second]).detach())
     data = TensorDataset(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     steps = {}
     for calibration in ("fresh", "fixed"):
         stream = CalibrationStream(data, 0, chunk_size=8)
@@ -293,7 +294,7 @@ def test_coverage_names_float_parameters_and_warns_on_unsupported_weights():
     assert columns["Largest Float"].startswith("embedding.weight(80)")
 
     data = TensorDataset(torch.randint(0, 10, (4, 4)), torch.zeros(4, dtype=torch.long))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     with pytest.raises(ValueError, match="strict_coverage: .*up.weight"):
         quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
                          strict_coverage=True, log=lambda *a: None)
@@ -337,7 +338,7 @@ class ConstantTensor(nn.Module):
 
 def test_fixed_mode_refuses_a_graph_that_differs_from_the_model_and_runs_trace_constants():
     data = TensorDataset(torch.randn(4, 4), torch.zeros(4))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     with pytest.raises(ValueError, match="use calibration='fresh'"):
         quantize_network(Stateful().eval(), CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
                          calibration="fixed", log=lambda *a: None)

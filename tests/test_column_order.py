@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
 from gpfq.methods.gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
 from gpfq.runner.experiment import expand_grid, method_description, validate
-from gpfq.pipeline.network import LAYER_METHODS, STATISTICS_METHODS, LayerSettings, quantize_layer
+from gpfq.pipeline.network import LAYER_METHODS, STATISTICS_METHODS, quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, seeded_uniforms
 from gpfq.methods.gpfq.variants import spfq
@@ -62,10 +63,10 @@ def test_gpfq_act_order_equals_the_reference_on_permuted_columns(per_channel):
                              weight, statistics.cross, statistics.quantized_gram, "act_order")
     assert torch.equal(got, expected)
     # the layer rules of the network (float32): rows, and streamed sums
-    settings = LayerSettings(method="gpfq", column_order="act_order")
+    settings = QuantConfig(method="gpfq", column_order="act_order", mlp_scalar=1.0, cnn_scalar=1.0)
     for engine in ("columns", "residual", "gram"):
-        got = LAYER_METHODS["gpfq"](weight, analog, quantized, alphabet, LayerSettings(
-            method="gpfq", column_order="act_order", engine=engine))
+        got = LAYER_METHODS["gpfq"](weight, analog, quantized, alphabet, QuantConfig(
+            method="gpfq", column_order="act_order", engine=engine, mlp_scalar=1.0, cnn_scalar=1.0))
         assert (got == expected.float()).double().mean() >= 0.995
     streamed = GramStatistics(2, weight.shape[2]).add(analog, quantized)
     got = STATISTICS_METHODS["gpfq"](weight, streamed, alphabet, settings)
@@ -100,8 +101,9 @@ def test_natural_order_is_the_default_and_unchanged():
     layer = torch.nn.Linear(30, 6, bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight[0])
-    assert LayerSettings().column_order == "natural"
-    _, plain, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0], LayerSettings())
+    assert QuantConfig().column_order == "natural"
+    _, plain, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0],
+                                               QuantConfig(mlp_scalar=1.0, cnn_scalar=1.0))
     # the per-column specification, in natural order (the engine's criterion: ≥ 99.5 % of the entries equal)
     expected = gpfq_reference(weight[0].double(), analog[0].double(), quantized[0].double(), levels.double())
     assert (plain[0] == expected.float()).double().mean() >= 0.995

@@ -154,3 +154,17 @@ def test_help_shows_every_keys_meaning_from_the_header(folder):
     assert "--bits [VALUE ...] bits per weight (header: [4])" in text
     assert f"--model [VALUE ...] {comments['model_name']} (header: 'fashion_resnet')" in text
     assert "--debug [VALUE ...] True: known errors show their stack trace too (header: False)" in text
+
+
+def test_for_layer_resolves_ignore_layers_the_layer_choices_and_the_layers_seed():
+    """One function gives each layer's config: ignore_layers (negative from the end), the last matching choice
+    (index or fnmatch pattern; bits alone or fields), and the layer's seed, seed · 1 000 003 + index."""
+    config = QuantConfig(bits=4, seed=2, ignore_layers=[-1]).with_layers({0: None, "fc*": 8, 1: {"method": "msq"}})
+    assert config.for_layer(0, "conv1", 4) is None
+    assert config.for_layer(3, "fc2", 4) is None  # ignore_layers -1 wins over the pattern
+    assert config.for_layer(1, "conv2", 4) == QuantConfig(method="msq", bits=4, seed=2_000_007, ignore_layers=[-1])
+    assert config.for_layer(2, "fc1", 4) == QuantConfig(bits=8, seed=2_000_008, ignore_layers=[-1])
+    assert QuantConfig(seed=3).for_layer(0, "conv1", 1) == QuantConfig(seed=3_000_009)
+    only = QuantConfig().with_layers([1, "fc*"])  # a list: only those layers are quantized
+    assert [only.for_layer(i, name, 4) is not None for i, name in enumerate(["a", "b", "fc1", "c"])] == [
+        False, True, True, False]

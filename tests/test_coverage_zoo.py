@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from gpfq import QuantConfig
 from gpfq.pipeline.capture import find_layers
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.pipeline.network import LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.network import layer_alphabet, quantize_network
 
 # parameter name -> why it may stay float. Empty: every matmul weight of these models is quantized.
 ALLOWED_FLOAT = {}
@@ -87,7 +88,7 @@ def test_every_matmul_weight_is_quantized(name):
     model.eval()
     images = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
     data = TensorDataset(images, torch.zeros(8, dtype=torch.long))
-    settings = LayerSettings(bits=4, scalar=1.3)
+    settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4), lambda i, n, l: settings,
                                           4, 0.25, 0, calibration=calibration, log=lambda *a: None)
     required = weights_that_must_be_quantized(model, images[:1]) - set(ALLOWED_FLOAT)

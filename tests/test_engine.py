@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpfq import QuantConfig
 from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
 from gpfq.pipeline.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
                           patch_indices, selected_patches, trace_graph)
@@ -12,7 +13,7 @@ from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramSta
                          rows_bytes)
 from gpfq.runner.experiment import validate
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
-from gpfq.pipeline.network import quantize_network, settings_for
+from gpfq.pipeline.network import quantize_network
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 from gpfq.threads import single_thread
 
@@ -173,8 +174,7 @@ def default_model():
 
 
 def _settings(engine):
-    return lambda index, name, layer: settings_for(layer, 4, "gpfq", "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
-                                                   engine=engine)
+    return lambda index, name, n_layers: QuantConfig(bits=4, engine=engine)
 
 
 @pytest.mark.slow
@@ -370,8 +370,8 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
     from gpfq.methods.gpfq.variants import sparse_gpfq, spfq
 
     def settings(engine):
-        return lambda index, name, layer: settings_for(layer, 3, method, "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
-                                                       engine=engine, seed=5, threshold=0.1, thresholding="soft")
+        return lambda index, name, n_layers: QuantConfig(bits=3, method=method, engine=engine, seed=5,
+                                                         sparsity_threshold=0.1, thresholding="soft")
 
     stream = lambda: CalibrationStream(_Images(96, 4), 0, chunk_size=48)  # noqa: E731
     steps = []
@@ -403,8 +403,7 @@ def test_gptq_streamed_equals_gptq_on_rows(default_model):
                                                                                    block_size=8))
 
     def settings(engine):
-        return lambda index, name, layer: settings_for(layer, 3, "gptq", "gpfq2022", True, 1.3, 1.3, 1.0, 1.0,
-                                                       engine=engine)
+        return lambda index, name, n_layers: QuantConfig(bits=3, method="gptq", engine=engine)
 
     stream = lambda: CalibrationStream(_Images(96, 5), 0, chunk_size=32)  # noqa: E731
     kept_steps = []

@@ -3,10 +3,11 @@ loop, both engine forms and both in-block implementations."""
 import pytest
 import torch
 
+import gpfq
+from gpfq import QuantConfig
 from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
 from gpfq.runner.experiment import expand_grid, method_description, validate
-from gpfq.pipeline.network import LayerSettings, quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from conftest import script_header
 
@@ -80,19 +81,18 @@ def test_engine_reproduces_the_2022_rule(groups, rows, inputs, neurons, per_neur
 
 
 def test_default_is_the_paper_rule_and_the_option_reaches_the_layer():
-    weight, analog, quantized, alphabet = _layer(1, 100, 30, 8, seed=1)
-    layer = torch.nn.Linear(30, 8, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(weight[0])
+    weight, analog, quantized, _ = _layer(1, 100, 30, 8, seed=1)
+    # the layer's alphabet, independently: C = 1.2 times the mean over neurons of max |w| (percentile 1.0)
+    levels = make_alphabet("gpfq2022", 3, 1.2, float(weight[0].double().abs().amax(dim=1).mean()))
     results = {}
     for rule in ("paper", "code2022"):
-        settings = LayerSettings(method="gpfq", bits=3, scalar=1.2, first_column=rule)
-        _, q, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0], settings)
+        q = gpfq.quantize_layer(weight[0], analog[0], quantized[0],
+                                QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, gpfq_first_column=rule))
         expected = gpfq_reference(weight[0], analog[0], quantized[0], levels, first_column=rule)
-        assert (q[0] == expected.float()).double().mean() >= 0.995
+        assert (q == expected.float()).double().mean() >= 0.995
         results[rule] = q
-    assert torch.equal(results["paper"], quantize_layer(layer, analog[0], quantized[0],
-                                                        LayerSettings(method="gpfq", bits=3, scalar=1.2))[1])
+    assert torch.equal(results["paper"], gpfq.quantize_layer(weight[0], analog[0], quantized[0],
+                                                             QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2)))
     assert not torch.equal(results["paper"], results["code2022"])
 
 

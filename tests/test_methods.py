@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from conftest import script_header
+from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
 from gpfq.pipeline.capture import layers_in_execution_order
 from gpfq.runner.experiment import expand_grid, main, validate
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.methods.gptq import gptq, gptq_reference
 from gpfq.io.models import load_model
-from gpfq.pipeline.network import LayerSettings, quantize_layer
+from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
 from gpfq.methods.gpfq.variants import sparse_gpfq, spfq
@@ -138,7 +139,7 @@ def test_per_channel_layer_uses_each_channels_alphabet(method):
     with torch.no_grad():
         conv.weight.mul_(torch.logspace(-1, 1, 6).view(6, 1, 1, 1))  # channels of very different scales
     rows = torch.randn(300, 36)  # (m, G·N0), N0 = 2·3·3
-    settings = LayerSettings(method=method, bits=3, scalar=1.0, granularity="channel")
+    settings = QuantConfig(method=method, bits=3, mlp_scalar=1.0, cnn_scalar=1.0, alphabet_granularity="channel")
     _, q, _, _, alphabet, _ = quantize_layer(conv, rows, rows, settings)
     weight = conv.weight.detach().reshape(6, -1)
     q = q.reshape(6, -1)

@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch import nn
 
+from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
 from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.methods.gptq import HessianNotPositiveDefinite, gptq_reference
-from gpfq.pipeline.network import LayerSettings, layer_form, quantize_layer
+from gpfq.pipeline.network import layer_form, quantize_layer
 from gpfq.methods.qronos import qronos, qronos_from_gram, qronos_reference, ridge
 from gpfq.methods.gpfq.reference import relative_error
 
@@ -135,7 +136,7 @@ def test_layer_rule_through_the_network_settings(granularity):
     conv = nn.Conv2d(4, 6, 3, groups=2)
     analog_rows = torch.randn(200, 36).relu()
     quantized_rows = (analog_rows + 0.1 * torch.randn(200, 36)).relu()
-    settings = LayerSettings(method="qronos", bits=3, scalar=1.1, granularity=granularity)
+    settings = QuantConfig(method="qronos", bits=3, mlp_scalar=1.1, cnn_scalar=1.1, alphabet_granularity=granularity)
     weight, q, analog, quantized, alphabet, _ = quantize_layer(conv, analog_rows, quantized_rows, settings)
     for g in range(2):
         expected = qronos_reference(weight[g], analog[g], quantized[g], alphabet[g] if alphabet.dim() == 3 else alphabet)
@@ -143,7 +144,7 @@ def test_layer_rule_through_the_network_settings(granularity):
         on_alphabet = round_to_alphabet(q[g].double(), alphabet[g].double() if alphabet.dim() == 3 else alphabet)
         assert torch.allclose(on_alphabet, q[g].double())
     assert layer_form(settings, 200, 18, 3, 2) == "qronos"
-    assert layer_form(LayerSettings(method="qronos", engine="gram"), 200, 18, 3, 2) == "gram"
+    assert layer_form(QuantConfig(method="qronos", engine="gram", mlp_scalar=1.0, cnn_scalar=1.0), 200, 18, 3, 2) == "gram"
 
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-2])

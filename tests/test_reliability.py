@@ -27,6 +27,7 @@ from torch.utils.data import Subset, TensorDataset
 from conftest import TESTS_DIR, python_env
 
 import gpfq
+from gpfq import QuantConfig
 from gpfq.runner import adhoc
 from gpfq.runner import experiment
 from gpfq.runner import retrain
@@ -42,7 +43,7 @@ from gpfq.runner.procedures import LOG_COLUMNS
 from gpfq.runner.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.methods.gpfq.engine import ENGINES
-from gpfq.pipeline.network import CALIBRATIONS, METHODS, LayerSettings, layer_alphabet, quantize_network
+from gpfq.pipeline.network import CALIBRATIONS, METHODS, layer_alphabet, quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.methods.gpfq.reference import gpfq_reference, msq
 
@@ -184,7 +185,7 @@ def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     images = torch.randn(16, 8)
     images[5, 2] = float("nan")  # not image 0, which layer discovery runs on
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
-    settings = LayerSettings(bits=3)
+    settings = QuantConfig(bits=3, mlp_scalar=1.0, cnn_scalar=1.0)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
         quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
                          calibration=calibration)
@@ -218,21 +219,22 @@ def _quantize_zero_model(settings, keep_rows=True):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_zero_weights_and_zero_inputs_work_for_every_method(method, granularity):
-    _quantize_zero_model(LayerSettings(method=method, bits=3, scalar=1.3, granularity=granularity,
-                                       threshold=0.1))
+    _quantize_zero_model(QuantConfig(method=method, bits=3, mlp_scalar=1.3, cnn_scalar=1.3,
+                                     alphabet_granularity=granularity, sparsity_threshold=0.1))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_zero_weights_and_zero_inputs_work_for_every_engine(engine):
     """Each GPFQ engine (rows not kept, so the Gram form streams its sums) handles ‖X̃_t‖ = 0 and rad = 0."""
-    quantized, reports, _ = _quantize_zero_model(LayerSettings(bits=3, scalar=1.3, engine=engine), keep_rows=False)
+    quantized, reports, _ = _quantize_zero_model(QuantConfig(bits=3, mlp_scalar=1.3, cnn_scalar=1.3, engine=engine),
+                                                 keep_rows=False)
     assert torch.all(quantized[2].weight[:, :3] == 0)  # zero input columns: argument 0, the level 0
     assert torch.all(quantized[6].weight == 0) and np.isnan(reports[3].relative_error)
 
 
 def test_zero_weights_and_zero_input_columns():
     """rad = 0 gives the alphabet {0}; input columns with ‖X̃_t‖ = 0 take argument 0; nothing divides by 0."""
-    settings = LayerSettings(bits=3, scalar=1.3)
+    settings = QuantConfig(bits=3, mlp_scalar=1.3, cnn_scalar=1.3)
     model = _zero_model()
     quantized, reports, steps = _quantize_zero_model(settings)
     # layer 1: the per-column specification on the same rows, zero columns included
@@ -863,7 +865,7 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 128, 3)).eval()
     images = torch.rand(1100, 16, 12, 12) + 3.0  # a large mean: the Grams' float32 sums lose the most
-    settings = LayerSettings(bits=8, scalar=1.3, engine="gram", granularity="channel")
+    settings = QuantConfig(bits=8, mlp_scalar=1.3, cnn_scalar=1.3, engine="gram", alphabet_granularity="channel")
     results = {}
     for keep_rows in (False, True):
         stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)

@@ -18,8 +18,8 @@ form, or the one whose memory does not grow with m), the chunks are summed into
 either way), so a layer's peak memory is flat in m.
 
 Extension points used by the variants:
-- `settings_of(index, name, layer)` chooses each layer's method, bits and alphabet,
-  or returns None to leave the layer float (skip lists, mixed precision);
+- `layer_config(index, name, n_layers)` gives each layer's QuantConfig (`QuantConfig.for_layer`: method, bits,
+  alphabet, the layer's seed), or None to leave the layer float (skip lists, mixed precision);
 - `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
@@ -45,34 +45,12 @@ from gpfq.methods.gpfq.engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose
 from gpfq.errors import bad_hyperparameter
 from gpfq.methods.gptq import gptq, gptq_from_gram
 from gpfq.pipeline.inputs import as_inputs, floating_dtype, move
-from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING, qronos, qronos_from_gram
+from gpfq.methods.qronos import qronos, qronos_from_gram
 from gpfq.methods.gpfq.reference import msq, relative_error
 from gpfq.methods.rounding import ThresholdedRounding, spfq_rounding
 from gpfq.methods.gpfq.variants import gpfq_walk, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
-
-
-@dataclass
-class LayerSettings:
-    """How one layer is quantized."""
-    method: str = "gpfq"
-    bits: int = 4
-    scalar: float = 1.0
-    percentile: float = 1.0
-    alphabet: str = "gpfq2022"
-    include_zero: bool = True
-    granularity: str = "layer"  # one alphabet radius per "layer" or per output "channel"
-    seed: int = 0  # spfq: seeds this layer's stochastic rounding
-    threshold: float = 0.0  # sparse_gpfq: λ, relative to the alphabet's largest level
-    thresholding: str = "soft"  # sparse_gpfq: "soft" (L1) or "hard" (L0)
-    block_size: int = 128  # gptq: columns per lazy-batch block
-    damping: float = 0.01  # gptq: H += damping · mean(diag H) · I
-    act_order: bool = False  # gptq: columns in order of decreasing H_tt
-    engine: str = "auto"  # GPFQ: "auto", "residual", "gram" (blocked engine) or "columns" (per-column loop)
-    first_column: str = "paper"  # gpfq: "paper" or "code2022" (the 2022 code's shortcut, gpfq.methods.gpfq.reference)
-    column_order: str = "natural"  # GPFQ family and qronos: "natural" or "act_order" (gpfq.methods.gpfq.column_order)
-    qronos_damping: float = QRONOS_DAMPING  # qronos: λ = damping · λ_max(X̃ᵀX̃) (gpfq.methods.qronos)
 
 
 @dataclass
@@ -172,94 +150,81 @@ class LayerStep:
     statistics: GramStatistics = None
 
 
-def _gpfq(weight, analog, quantized, alphabet, settings):
+def _gpfq(weight, analog, quantized, alphabet, config):
     def rule(w, x, xq):
-        return gpfq_walk(w, x, xq, alphabet, engine=settings.engine, first_column=settings.first_column)
-    return rows_rule_in_order(rule, weight, analog, quantized, settings.column_order)
+        return gpfq_walk(w, x, xq, alphabet, engine=config.engine, first_column=config.gpfq_first_column)
+    return rows_rule_in_order(rule, weight, analog, quantized, config.column_order)
 
 
-def _msq(weight, analog, quantized, alphabet, settings):
+def _msq(weight, analog, quantized, alphabet, config):
     return msq(weight, alphabet)
 
 
-def _gpfq_from_statistics(weight, statistics, alphabet, settings):
-    first_column = settings.first_column if settings.method == "gpfq" else "paper"
+def _gpfq_from_statistics(weight, statistics, alphabet, config):
+    first_column = config.gpfq_first_column if config.method == "gpfq" else "paper"
     return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet,
-                                                               rounding=_gpfq_rule(settings, weight),
+                                                               rounding=_gpfq_rule(config, weight),
                                                                first_column=first_column),
-                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
+                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
 
 
-def _msq_from_statistics(weight, statistics, alphabet, settings):
+def _msq_from_statistics(weight, statistics, alphabet, config):
     return msq(weight, alphabet)
 
 
-def _gptq(weight, analog, quantized, alphabet, settings):
-    return gptq(weight, quantized, alphabet, settings.block_size, settings.damping, settings.act_order)
+def _gptq(weight, analog, quantized, alphabet, config):
+    return gptq(weight, quantized, alphabet, config.gptq_block_size, config.gptq_damping, config.gptq_act_order)
 
 
-def _gptq_from_statistics(weight, statistics, alphabet, settings):
-    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, settings.block_size, settings.damping,
-                          settings.act_order)
+def _gptq_from_statistics(weight, statistics, alphabet, config):
+    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, config.gptq_block_size, config.gptq_damping,
+                          config.gptq_act_order)
 
 
-def _spfq(weight, analog, quantized, alphabet, settings):
-    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, settings.seed, engine=settings.engine),
-                              weight, analog, quantized, settings.column_order)
+def _spfq(weight, analog, quantized, alphabet, config):
+    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, config.seed, engine=config.engine),
+                              weight, analog, quantized, config.column_order)
 
 
-def _sparse_gpfq(weight, analog, quantized, alphabet, settings):
-    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, settings.threshold,
-                                                           settings.thresholding, engine=settings.engine),
-                              weight, analog, quantized, settings.column_order)
+def _sparse_gpfq(weight, analog, quantized, alphabet, config):
+    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, config.sparsity_threshold,
+                                                           config.thresholding, engine=config.engine),
+                              weight, analog, quantized, config.column_order)
 
 
-def _qronos(weight, analog, quantized, alphabet, settings):
-    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, settings.qronos_damping),
-                              weight, analog, quantized, settings.column_order)
+def _qronos(weight, analog, quantized, alphabet, config):
+    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, config.qronos_damping),
+                              weight, analog, quantized, config.column_order)
 
 
-def _qronos_from_statistics(weight, statistics, alphabet, settings):
+def _qronos_from_statistics(weight, statistics, alphabet, config):
     return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet,
-                                                                      settings.qronos_damping),
-                              weight, statistics.cross, statistics.quantized_gram, settings.column_order)
+                                                                      config.qronos_damping),
+                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
 
 
-def _gpfq_rule(settings, weight):
+def _gpfq_rule(config, weight):
     """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
-    if settings.method == "spfq":
-        return spfq_rounding(weight.shape, settings.seed)
-    if settings.method == "sparse_gpfq":
-        return ThresholdedRounding(settings.threshold, settings.thresholding)
+    if config.method == "spfq":
+        return spfq_rounding(weight.shape, config.seed)
+    if config.method == "sparse_gpfq":
+        return ThresholdedRounding(config.sparsity_threshold, config.thresholding)
     return None
 
 
-# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, settings) -> Q
+# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, config) -> Q
 # alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
 LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq,
                  "qronos": _qronos}
 METHODS = tuple(LAYER_METHODS)
-# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, settings) -> Q.
+# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, config) -> Q.
 # They are streamed when `engine.choose_form` picks the Gram form for the layer.
 # (MSQ needs no rows; its entry serves the relative error from sums when the rows are spread over ranks.)
 STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
                       "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
                       "qronos": _qronos_from_statistics, "msq": _msq_from_statistics}
-# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `settings.engine`.
+# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `config.engine`.
 GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
-
-
-def settings_for(layer: nn.Module, bits: int, method: str, alphabet: str, include_zero: bool,
-                 mlp_scalar: float, cnn_scalar: float, mlp_percentile: float, cnn_percentile: float,
-                 **options) -> LayerSettings:
-    """Conv layers take the CNN scalar and percentile, Linear layers the MLP ones.
-
-    options: the other LayerSettings fields (granularity, seed, threshold, …).
-    """
-    conv = is_conv(layer)
-    return LayerSettings(method=method, bits=bits, alphabet=alphabet, include_zero=include_zero,
-                         scalar=cnn_scalar if conv else mlp_scalar,
-                         percentile=cnn_percentile if conv else mlp_percentile, **options)
 
 
 def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
@@ -283,22 +248,22 @@ def checked_inputs(name, input_pairs):
         yield analog, quantized
 
 
-def layer_form(settings: LayerSettings, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
+def layer_form(config, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
     """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
     for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
     else the method's name."""
-    if settings.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
-        streamed = settings.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
-        return "gram" if streamed else settings.method
-    if settings.method not in GPFQ_FAMILY:
-        return settings.method
-    if settings.engine == "columns":
+    if config.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
+        streamed = config.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
+        return "gram" if streamed else config.method
+    if config.method not in GPFQ_FAMILY:
+        return config.method
+    if config.engine == "columns":
         return "columns"
-    return choose_form(settings.engine, rows, n_inputs, n_neurons, n_groups, rows_budget)
+    return choose_form(config.engine, rows, n_inputs, n_neurons, n_groups, rows_budget)
 
 
-def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
+def gather_layer(layer, config, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
                  rows_budget=DEFAULT_ROWS_BUDGET):
     """Turn a layer's input chunks into rows (m, G·N0) and, for the Gram form, into GramStatistics.
 
@@ -316,9 +281,9 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
         x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
         if form is None:
             rows = x.shape[0] // analog.images * n_images
-            form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
-            if form == "gram" and settings.method in STATISTICS_METHODS:
-                statistics = new_statistics(settings, weight, x.device)
+            form = layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget)
+            if form == "gram" and config.method in STATISTICS_METHODS:
+                statistics = new_statistics(config, weight, x.device)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
         if statistics is None or keep_rows:
@@ -329,15 +294,15 @@ def gather_layer(layer, settings, input_pairs, n_images, retain_rate, generator,
     return torch.cat(analog_parts), torch.cat(quantized_parts), statistics, form
 
 
-def new_statistics(settings: LayerSettings, weight: torch.Tensor, device) -> GramStatistics:
+def new_statistics(config, weight: torch.Tensor, device) -> GramStatistics:
     """Empty Gram sums for the rows of a layer with grouped weight (G, N1, N0). Qronos's are float64: its ridge
     (1e-6 · λ_max by default) is below float32's resolution of the sums."""
     n_groups, _, n_inputs = weight.shape
     return GramStatistics(n_groups, n_inputs, weight=weight, device=device,
-                          dtype=torch.float64 if settings.method == "qronos" else torch.float32)
+                          dtype=torch.float64 if config.method == "qronos" else torch.float32)
 
 
-def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate, generator, patch_stride,
+def distributed_layer(shard, layer, config, input_pairs, n_images, retain_rate, generator, patch_stride,
                       keep_rows, label, rows_budget=DEFAULT_ROWS_BUDGET):
     """`gather_layer` across ranks: input_pairs hold this rank's share of the `n_images` images.
 
@@ -351,45 +316,48 @@ def distributed_layer(shard, layer, settings, input_pairs, n_images, retain_rate
 
     def streams(rows, weight, device):
         """Empty sums if the layer streams (the form one process would take), else None (its rows are gathered)."""
-        summed = not keep_rows and settings.method in STATISTICS_METHODS and (
-            settings.method == "msq" or layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
-        return new_statistics(settings, weight, device) if summed else None
+        summed = not keep_rows and config.method in STATISTICS_METHODS and (
+            config.method == "msq" or layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
+        return new_statistics(config, weight, device) if summed else None
 
     analog_rows, quantized_rows, statistics = shard.gather_layer(
         layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label)
     rows = statistics.rows if statistics is not None else analog_rows.shape[0]
-    form = layer_form(settings, rows, n_inputs, n_neurons, n_groups, rows_budget)
+    form = layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget)
     return analog_rows, quantized_rows, statistics, form
 
 
-def layer_alphabet(layer: nn.Module, settings: LayerSettings):
-    """(alphabet, radius): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
+def layer_alphabet(layer: nn.Module, config):
+    """(alphabet, radius) of a layer under its QuantConfig (conv layers take the cnn_* scalar and percentile,
+    the others the mlp_* ones): alphabet (L,) with granularity 'layer' (radius = mean of the rows' radii),
     (G, N1, L) with 'channel' (radius reported as that mean too)."""
-    radii = row_radii(flat_weight(layer), settings.percentile)
+    conv = is_conv(layer)
+    scalar = config.cnn_scalar if conv else config.mlp_scalar
+    radii = row_radii(flat_weight(layer), config.cnn_percentile if conv else config.mlp_percentile)
     radius = float(radii.mean())
-    if settings.granularity == "layer":
-        return make_alphabet(settings.alphabet, settings.bits, settings.scalar, radius, settings.include_zero), radius
-    if settings.granularity == "channel":
-        per_channel = channel_alphabets(settings.alphabet, settings.bits, settings.scalar, radii, settings.include_zero)
+    if config.alphabet_granularity == "layer":
+        return make_alphabet(config.alphabet, config.bits, scalar, radius, config.include_0), radius
+    if config.alphabet_granularity == "channel":
+        per_channel = channel_alphabets(config.alphabet, config.bits, scalar, radii, config.include_0)
         return grouped(layer, per_channel), radius
-    raise ValueError(f"unknown alphabet granularity {settings.granularity!r}; choose 'layer' or 'channel'")
+    raise ValueError(f"unknown alphabet granularity {config.alphabet_granularity!r}; choose 'layer' or 'channel'")
 
 
-def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, settings: LayerSettings):
+def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, config):
     """Quantize one layer from its rows (m, G·N0).
 
     Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
     """
-    if settings.method not in LAYER_METHODS:
-        raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
-    alphabet, radius = layer_alphabet(layer, settings)
+    if config.method not in LAYER_METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose one of {tuple(LAYER_METHODS)}")
+    alphabet, radius = layer_alphabet(layer, config)
     weight_g, analog_g = grouped(layer, flat_weight(layer), analog_rows)
     _, quantized_g = grouped(layer, flat_weight(layer), quantized_rows)
-    quantized_weight = LAYER_METHODS[settings.method](weight_g, analog_g, quantized_g, alphabet, settings)
+    quantized_weight = LAYER_METHODS[config.method](weight_g, analog_g, quantized_g, alphabet, config)
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
-def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: int, retain_rate: float,
+def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: int, retain_rate: float,
                      seed: int, ignore_layers=(), patch_stride: str = "kernel", device="cpu", log=tqdm.write,
                      after_layer=None, in_place: bool = False, calibration: str = "fresh", keep_rows=None,
                      rows_budget: float = DEFAULT_ROWS_BUDGET, shard=None, strict_coverage: bool = False,
@@ -397,13 +365,14 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
     """Quantize a copy of `analog_model` (or the model itself, `in_place`); returns (model, [LayerReport]).
 
     The layer loop behind `gpfq.quantize`, public as the seam for what `quantize` does not expose: a stream
-    of one's own (its chunk_size), a settings function per layer, keep_rows, rows_budget, shard.
+    of one's own (its chunk_size), a function giving each layer's config, keep_rows, rows_budget, shard.
     `gpfq.quantize` calls it as `network.quantize_network`, so replacing that attribute (a test's
     monkeypatch) intercepts every quantization.
 
     stream: a CalibrationStream. calibration 'fresh': each layer draws `batch_size` new images
     from it (the paper); 'fixed': one draw of `batch_size` images serves every layer.
-    settings_of(index, name, layer) -> LayerSettings, or None to leave that layer float.
+    layer_config(index, name, n_layers) -> the layer's QuantConfig (`QuantConfig.for_layer`), or None to leave that
+    layer float.
     ignore_layers: indices (execution order, negative counts from the end) left float.
     keep_rows: keep every layer's rows for `after_layer` instead of streaming (default: True
     exactly when after_layer is given). rows_budget: bytes of rows above which engine 'auto' streams.
@@ -454,12 +423,12 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         if index < start_index:
             continue
         name = layer.name
-        settings = None if index in ignored else settings_of(index, name, layer)
-        if settings is None:
+        config = None if index in ignored else layer_config(index, name, len(names))
+        if config is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
             continue
-        if settings.method not in LAYER_METHODS:
-            raise ValueError(f"unknown method {settings.method!r}; choose one of {tuple(LAYER_METHODS)}")
+        if config.method not in LAYER_METHODS:
+            raise ValueError(f"unknown method {config.method!r}; choose one of {tuple(LAYER_METHODS)}")
         start = time.time()
         if calibration == "fresh":
             input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, layer,
@@ -472,18 +441,18 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         input_pairs = checked_inputs(name, input_pairs)
         if shard.active:
             analog_rows, quantized_rows, statistics, form = distributed_layer(
-                shard, layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                shard, layer, config, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
                 f"layer {index + 1} ({name})", rows_budget)
         else:
             analog_rows, quantized_rows, statistics, form = gather_layer(
-                layer, settings, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
+                layer, config, input_pairs, batch_size, retain_rate, generator, patch_stride, keep_rows,
                 rows_budget)
         if statistics is not None:
-            alphabet, radius = layer_alphabet(layer, settings)
+            alphabet, radius = layer_alphabet(layer, config)
             weight = grouped(layer, flat_weight(layer))
             rule_start = time.perf_counter()
             quantized_weight = shard.run_rule(
-                lambda: STATISTICS_METHODS[settings.method](weight, statistics, alphabet, settings), weight,
+                lambda: STATISTICS_METHODS[config.method](weight, statistics, alphabet, config), weight,
                 f"layer {index + 1} ({name})")
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
@@ -494,10 +463,10 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
             input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
         else:
-            layer_settings = replace(settings, engine=form) if settings.method in GPFQ_FAMILY else settings
+            rule_config = replace(config, engine=form) if config.method in GPFQ_FAMILY else config
             rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
-                layer, analog_rows, quantized_rows, layer_settings)
+                layer, analog_rows, quantized_rows, rule_config)
             quantized_weight = shard.agree_on(quantized_weight, f"layer {index + 1} ({name}): broadcast Q")
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)
@@ -509,7 +478,7 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
         stored = quantized_model.get_parameter(layer.parameter)
         stored = stored.t().contiguous() if layer.input_major else stored  # (N1, …): a row per output
         codes = encode(stored, layer_codebook(alphabet, stored), f"layer {name}")
-        report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, settings.bits,
+        report = LayerReport(index, name, layer.kind, tuple(layer.weight.shape), n_rows, config.bits,
                              alphabet.shape[-1], radius, error, time.time() - start, zero_weights=zeros, form=form,
                              streamed=statistics is not None and analog_rows is None, rule_seconds=rule_seconds,
                              stored_bits=stored_bits(alphabet.shape[-1]),
@@ -519,8 +488,8 @@ def quantize_network(analog_model: nn.Module, stream, settings_of, batch_size: i
                                                      input_kind))
         reports.append(report)
         log(f"[{index + 1}/{len(names)}] {name} {report.kind} W{report.weight_shape} X({report.rows}, {width}) "
-            f"{settings.method} ({form}{', streamed' if report.streamed else ''}) {settings.bits} bits, "
-            f"{report.levels} levels{' per channel' if settings.granularity == 'channel' else ''} "
+            f"{config.method} ({form}{', streamed' if report.streamed else ''}) {config.bits} bits, "
+            f"{report.levels} levels{' per channel' if config.alphabet_granularity == 'channel' else ''} "
             f"({report.stored_bits} stored bits, entropy {report.code_entropy:.2f}): "
             f"rel. error {format_error(error)}, {zeros / quantized_weight.numel():.1%} zeros, {report.seconds:.1f}s"
             + "".join(f"; WARNING: {warning}" for warning in report.warnings))
