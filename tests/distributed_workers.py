@@ -28,7 +28,6 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
     the network loop with that Shard; else through gpfq.quantize (which finds an initialized process group).
     Returns {"layers": {name: (Q, summed (X̃ᵀX, X̃ᵀX̃, ||XWᵀ||²) or None)}, "errors": [...], "forms": [...]}."""
     import gpfq
-    from gpfq.api import layer_settings
     from gpfq.io.data import calibration_set as load_calibration
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq.io.models import load_model
@@ -51,7 +50,7 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
                                     log=lambda *a: None).reports
         else:
             _, reports = quantize_network(load_model("fashion_resnet"), stream,
-                                          lambda index, name, layer: layer_settings(config, index, layer), m,
+                                          config.for_layer, m,
                                           config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
                                           log=lambda *a: None, calibration=calibration, shard=shard)
     finally:
