@@ -138,19 +138,21 @@ def test_header_comments_read_each_key_and_its_continuation_lines(tmp_path):
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
-def test_help_shows_every_keys_meaning_from_the_header(folder):
+def test_help_shows_every_keys_meaning_from_the_header(folder, monkeypatch, capsys):
     """`quantize.py --help`: each key's header comment (continuation lines joined), then its default."""
-    import subprocess
+    import runpy
     import sys
-    from conftest import python_env
     from gpfq.runner.header import COMMON_HELP, header_comments
     comments = header_comments(REPO_ROOT / folder / "quantize.py")
     assert "timm:<name>" in comments["model_name"] and comments["bits"] == "bits per weight"
     assert [key for key in script_header(folder) if key not in {**COMMON_HELP, **comments}] == []
-    run = subprocess.run([sys.executable, str(REPO_ROOT / folder / "quantize.py"), "--help"], capture_output=True,
-                         text=True, env=python_env(), timeout=120)
-    assert run.returncode == 0, run.stderr
-    text = " ".join(run.stdout.split())  # argparse wraps the lines
+    # the script itself, in this process (the help needs no fresh interpreter; the scripts' own start from
+    # anywhere is tests/test_warnings_and_scripts.py's)
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / folder / "quantize.py"), "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO_ROOT / folder / "quantize.py"), run_name="__main__")
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
     assert "--bits [VALUE ...] bits per weight (header: [4])" in text
     assert f"--model [VALUE ...] {comments['model_name']} (header: 'fashion_resnet')" in text
     assert "--debug [VALUE ...] True: known errors show their stack trace too (header: False)" in text

@@ -104,3 +104,72 @@ def test_gpfq_imports_go_downward_through_the_layers():
     graph = import_graph()
     assert "gpfq.methods.gpfq.engine" in graph["gpfq.pipeline.network"]  # the walk sees edges across layers
     assert upward_imports(graph) == []
+
+
+def test_the_embedded_models_blocks_are_torchvisions_module_for_module_and_bit_for_bit():
+    """gpfq's copies of ResNet's BasicBlock, MobileNetV2's InvertedResidual and Conv2dNormActivation (written out
+    so that the default path never imports torchvision): each embedded model rebuilt from torchvision's own blocks
+    has the same modules (names, types, shapes), loads the shipped weights strictly and gives the same logits, bit
+    for bit, on real Fashion-MNIST test images, with and without the residual adds' in-place sums."""
+    import torch
+    from torch import nn
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock
+    from torchvision.ops.misc import Conv2dNormActivation
+    from gpfq.io.data import fashion_mnist
+    from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
+
+    def torchvision_resnet():
+        model = FashionResNet.__new__(FashionResNet)
+        nn.Module.__init__(model)
+        model.stem = Conv2dNormActivation(1, 16, kernel_size=3)
+        stages, width_in = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and width_in == width else nn.Sequential(
+                nn.Conv2d(width_in, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+            stages.append(BasicBlock(width_in, width, stride=stride, downsample=down))
+            width_in = width
+        model.stages, model.pool, model.fc = nn.Sequential(*stages), nn.AdaptiveAvgPool2d(1), nn.Linear(64, 10)
+        return model
+
+    def torchvision_mobilenet():
+        model = FashionMobileNet.__new__(FashionMobileNet)
+        nn.Module.__init__(model)
+        layers, width_in = [Conv2dNormActivation(1, 16, kernel_size=3, stride=2, activation_layer=nn.ReLU6)], 16
+        for expand, width, stride in FashionMobileNet.BLOCKS:
+            layers.append(InvertedResidual(width_in, width, stride, expand))
+            width_in = width
+        layers.append(Conv2dNormActivation(width_in, 128, kernel_size=1, activation_layer=nn.ReLU6))
+        model.features, model.pool, model.classifier = nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Linear(128, 10)
+        return model
+
+    images = fashion_mnist("test").tensors[0][:256]
+    for name, reference in (("fashion_resnet", torchvision_resnet()), ("fashion_mobilenet", torchvision_mobilenet())):
+        ours = load_model(name)
+        def structure(model):
+            return [(n, type(m).__name__ if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Linear))
+                     else "block", getattr(m, "stride", None), getattr(m, "padding", None), getattr(m, "groups", None))
+                    for n, m in model.named_modules()]
+        assert structure(ours) == structure(reference), name
+        reference.load_state_dict(ours.state_dict(), strict=True)
+        reference.eval()
+        assert [k for k in ours.state_dict()] == [k for k in reference.state_dict()]
+        with torch.no_grad():
+            assert torch.equal(ours(images), reference(images)), name
+
+
+def test_the_default_path_does_not_import_torchvision():
+    """`import gpfq`, the runner, the embedded models and Fashion-MNIST leave torchvision (and torch._dynamo, which
+    it imports: 1.5-2 s of every script's start) unloaded."""
+    import subprocess
+    import sys
+    from conftest import python_env
+    code = ("import sys, gpfq, gpfq.runner.experiment\n"
+            "from gpfq.io.models import load_model\n"
+            "from gpfq.io.data import calibration_set\n"
+            "load_model('fashion_resnet'); load_model('fashion_mobilenet'); calibration_set('fashion_mnist')\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

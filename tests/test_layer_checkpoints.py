@@ -58,6 +58,7 @@ def runs(tmp_path_factory):
     return {"killed": (killed, first), "fresh": (fresh, reference), "resumed": (killed, resumed)}, data
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_killed_run_resumes_at_the_next_layer_bit_identical(runs):
     results, _ = runs
     (killed, resumed), (fresh, reference) = results["resumed"], results["fresh"]
@@ -74,6 +75,7 @@ def test_killed_run_resumes_at_the_next_layer_bit_identical(runs):
     assert a["Sparsity"] == b["Sparsity"]
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_checkpoint_is_removed_once_the_point_is_logged(runs):
     results, _ = runs
     for name in ("resumed", "fresh"):
@@ -82,6 +84,7 @@ def test_checkpoint_is_removed_once_the_point_is_logged(runs):
         assert not list((folder / "models" / "fashion_resnet").glob(".checkpoint-*")), name  # no temporary left
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_truncated_checkpoint_is_one_line_and_a_fresh_start(runs):
     results, _ = runs
     _, reference = results["fresh"]
@@ -91,6 +94,7 @@ def test_truncated_checkpoint_is_one_line_and_a_fresh_start(runs):
     assert "Traceback" not in output and "restored from" not in output and "[1/10]" in output
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_row_says_eval_subset_and_accuracy_is_on_those_images(runs):
     """--eval_subset 100: the row says 100, and its top-1 is the saved model's on the first 10 test images of
     each class (found here from the raw labels)."""
@@ -111,6 +115,7 @@ def test_row_says_eval_subset_and_accuracy_is_on_those_images(runs):
                                                                   abs=1e-6)
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_checkpoint_of_another_point_or_revision_is_ignored(runs, tmp_path):
     _, data = runs
     path = tmp_path / "c.ckpt"
@@ -164,12 +169,14 @@ ADHOC = REPO_ROOT / "adhoc_quantization_scripts" / "quantize.py"
 
 
 def adhoc_run(folder, *extra, env=None):
-    argv = [sys.executable, str(ADHOC), "--batch_size", "64", "--num_threads", "1", "--bias_correction", "last",
+    argv = [sys.executable, str(ADHOC), "--batch_size", "64", "--num_threads", "1", "--eval_subset", "200",
+            "--bias_correction", "last",
             "--bias_batch_size", "128", "--checkpoint", "True", "--log_dir", str(folder / "logs"), "--model_dir",
             str(folder / "models"), *extra]
     return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
 
 
+@pytest.mark.slow  # whole default-model runs, killed and resumed
 def test_adhoc_run_killed_mid_way_resumes_bit_identical(tmp_path):
     """The ad hoc script (bias correction of the last layer, drawn from its own stream after the layer loop):
     SIGKILLed after layer KILL_AFTER, resumed, it logs the row and saves the model an uninterrupted run does."""

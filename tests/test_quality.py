@@ -146,4 +146,6 @@ def test_script_default_twice_same_bytes(folder, tmp_path):
 
 @pytest.mark.slow
 def test_retraining_script_default(tmp_path):
-    assert_saved_model_quality(*run_script("retraining_scripts", tmp_path, "run"), "retraining_scripts")
+    # one thread (the other pytest worker has the other core); the recorded top-1 holds at 1 to 3 threads
+    assert_saved_model_quality(*run_script("retraining_scripts", tmp_path, "run", "--num_threads", "1"),
+                               "retraining_scripts")

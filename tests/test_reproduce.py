@@ -241,7 +241,7 @@ def test_end_to_end_one_tiny_row(tmp_path):
         writer.writeheader()
         writer.writerow(tiny)
     result = run("--paper_csv", str(tmp_path / "tiny.csv"), "--log_dir", str(tmp_path / "logs"), "--out",
-                 str(tmp_path / "out"), "--no_estimate")
+                 str(tmp_path / "out"), "--no_estimate", "--cores", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     [logged] = list(csv.DictReader(open(tmp_path / "logs" / "Quantization_Log.csv")))
     ours = round(100 * float(logged["Quantized Top1 Accuracy"]), 2)
@@ -398,6 +398,7 @@ def tiny_csv(path, **changes):
     return path
 
 
+@pytest.mark.slow  # reproduce.py runs quantize.py commands on the default model
 def test_a_failed_command_makes_the_run_fail_after_running_the_others(tmp_path):
     """Two commands the script refuses (m 0: bad input, exit 2): both run, the table is still written, then the
     run says how many failed and exits with the first failure's status."""
@@ -411,6 +412,7 @@ def test_a_failed_command_makes_the_run_fail_after_running_the_others(tmp_path):
     assert "| bad-a |" in (tmp_path / "out" / "reproduce.md").read_text()
 
 
+@pytest.mark.slow  # reproduce.py runs quantize.py commands on the default model
 def test_ctrl_c_stops_the_commands_and_says_how_to_go_on(tmp_path):
     """SIGINT to reproduce.py while a command runs: the command is stopped (its own Ctrl-C handling), and one
     line says what finished and how to go on; exit 130, no traceback."""
@@ -418,9 +420,12 @@ def test_ctrl_c_stops_the_commands_and_says_how_to_go_on(tmp_path):
     import signal
     paper = tiny_csv(tmp_path / "one.csv", rows=[dict(m="256")])
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--paper_csv", str(paper), "--log_dir",
-                                str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--no_estimate"],
+                                str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--no_estimate",
+                                "--cores", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(python_env(), PYTHONUNBUFFERED="1"))
+                               env=dict(python_env(), PYTHONUNBUFFERED="1"),
+                               # as from a terminal: a suite started in the background inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stdout:  # the command's first quantized layer: it is inside its grid
             if line.startswith("[1/"):

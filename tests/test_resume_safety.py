@@ -47,6 +47,7 @@ def test_random_weights_come_from_the_seed_and_leave_the_global_generator_alone(
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+@pytest.mark.slow  # whole default-model runs as subprocesses
 def test_random_weights_killed_and_resumed_end_where_an_uninterrupted_run_ends(tmp_path):
     """`--weights random` + `--resume` once rebuilt a new random network for the layers after the checkpoint."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -69,6 +70,7 @@ def fresh():  # new random weights in every process: no seed
 '''
 
 
+@pytest.mark.slow  # whole default-model runs as subprocesses
 def test_checkpoint_of_other_float_weights_is_ignored(tmp_path):
     """A factory that draws new weights in each process: the resumed run must not mix two networks."""
     (tmp_path / "nets.py").write_text(FACTORY)
@@ -99,6 +101,7 @@ def _flip_bit(path, tensor: torch.Tensor) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # whole default-model runs as subprocesses
 def test_corrupted_checkpoint_is_one_line_and_a_fresh_start(tmp_path):
     """One flipped exponent bit in a BatchNorm buffer: the checksum catches it; the run starts afresh, logs the
     uninterrupted result and removes the checkpoint."""
@@ -138,6 +141,7 @@ def test_a_checkpoint_has_one_owner(tmp_path):
     assert not mine.path.exists() and not list(tmp_path.iterdir())  # the lock file goes too
 
 
+@pytest.mark.slow  # whole default-model runs as subprocesses
 def test_two_runs_of_the_same_point_at_once_both_log(tmp_path):
     """Two processes on the same point and folders: each logs its row and saves its model; no checkpoint left."""
     argv = [sys.executable, str(SCRIPT), *ARGS, "--log_dir", str(tmp_path / "logs"), "--model_dir",

@@ -106,36 +106,62 @@ SCRIPTS = sorted([p for p in (REPO / "benchmarks").glob("*.py") if p.name != "co
                     for folder in ("quantization_scripts", "adhoc_quantization_scripts", "retraining_scripts")])
 
 
-@pytest.mark.slow  # 19 Python starts, each importing torch
+@pytest.mark.slow  # 19 scripts, each importing what it needs (matplotlib, onnx, …)
 def test_every_script_prints_its_help_from_any_directory(tmp_path):
     """`python3 <repo>/<script> --help` from an unrelated directory, the repository not on PYTHONPATH: usage,
     status 0, nothing written there. Only gpfq itself is made importable (this checkout's, through a folder
-    holding a link to it), so a script that needs the repository root on sys.path fails as it would."""
+    holding a link to it), so a script that needs the repository root on sys.path fails as it would. The 19
+    scripts run one after another in one Python process (tests/scripts_in_one_process.py: sys.path[0] is each
+    script's folder, as `python3 SCRIPT` sets it), which imports torch once instead of 19 times."""
     assert len(SCRIPTS) == 19  # with scripts/assemble_paper_results.py and experiments/int8_accuracy.py
     site = tmp_path / "site"
     site.mkdir()
     (site / "gpfq").symlink_to(REPO / "gpfq", target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)
+    specs = []
+    for script in SCRIPTS:
+        cwd = tmp_path / f"cwd_{script.parent.name}_{script.stem}"
+        cwd.mkdir()
+        specs.append({"script": str(script), "cwd": str(cwd), "args": ["--help"]})
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    driver = subprocess.run([PYTHON, str(TESTS_DIR / "scripts_in_one_process.py"), str(tmp_path / "specs.json")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    results = json.loads(driver.stdout)
+    assert [r["script"] for r in results] == [str(s) for s in SCRIPTS]
     failures = []
-    for batch in range(0, len(SCRIPTS), 3):  # a few at a time: each one imports torch
-        running = []
-        for script in SCRIPTS[batch:batch + 3]:
-            cwd = tmp_path / f"cwd_{script.parent.name}_{script.stem}"
-            cwd.mkdir()
-            running.append((script, cwd, subprocess.Popen([PYTHON, str(script), "--help"], cwd=cwd, env=env,
-                                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        for script, cwd, process in running:
-            out, err = process.communicate(timeout=120)
-            name = script.relative_to(REPO)
-            if process.returncode != 0:
-                failures.append(f"{name}: status {process.returncode}: {err.strip().splitlines()[-1:]}")
-            elif "usage" not in out.lower():
-                failures.append(f"{name}: no usage printed: {out[:200]!r}")
-            elif list(cwd.iterdir()):
-                failures.append(f"{name}: wrote {[p.name for p in cwd.iterdir()]} in the working directory")
+    for result, spec in zip(results, specs):
+        name = Path(result["script"]).relative_to(REPO)
+        cwd = Path(spec["cwd"])
+        if result["status"] != 0:
+            failures.append(f"{name}: status {result['status']}: {result['stderr'].strip().splitlines()[-1:]}")
+        elif "usage" not in result["stdout"].lower():
+            failures.append(f"{name}: no usage printed: {result['stdout'][:200]!r}")
+        elif list(cwd.iterdir()):
+            failures.append(f"{name}: wrote {[p.name for p in cwd.iterdir()]} in the working directory")
     assert failures == []
 
+
+def test_the_one_process_runner_keeps_each_scripts_failure_and_imports_apart(tmp_path):
+    """The runner behind the --help test reports a script that fails, and a script cannot import a module that
+    only an earlier script's folder holds (each starts with its own folder on sys.path, the earlier one's
+    modules dropped)."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "a" / "sibling.py").write_text("VALUE = 1\n")
+    (tmp_path / "a" / "first.py").write_text("import sibling\nprint('usage: first', sibling.VALUE)\n")
+    (tmp_path / "b" / "second.py").write_text("import sibling\n")
+    (tmp_path / "b" / "third.py").write_text("import sys\nsys.exit(3)\n")
+    specs = [{"script": str(tmp_path / folder / name), "cwd": str(tmp_path), "args": ["--help"]}
+             for folder, name in (("a", "first.py"), ("b", "second.py"), ("b", "third.py"))]
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    driver = subprocess.run([PYTHON, str(TESTS_DIR / "scripts_in_one_process.py"), str(tmp_path / "specs.json")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    first, second, third = json.loads(driver.stdout)
+    assert (first["status"], first["stdout"]) == (0, "usage: first 1\n")
+    assert second["status"] == 1 and "No module named 'sibling'" in second["stderr"]
+    assert third["status"] == 3
 
 
 @pytest.mark.parametrize("script", ["quantization_scripts/quantize.py", "adhoc_quantization_scripts/quantize.py",
@@ -243,6 +269,7 @@ def _point_files(root: Path) -> list:
     return sorted(p.name for p in (root / "models").rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # scripts run as subprocesses on the default model
 def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     """SIGINT after the point's .pt/.json/.safetensors are saved, before its row: status 130, and none of the
     point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it; its
@@ -267,6 +294,7 @@ def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     assert not log.exists() or read_rows(log) == []
 
 
+@pytest.mark.slow  # scripts run as subprocesses on the default model
 def test_ctrl_c_under_two_ranks_says_it_once_and_every_rank_exits_130(tmp_path):
     """Ctrl-C reaches every rank (as torchrun's workers, one process group): rank 0 prints the message once,
     rank 1 nothing, no traceback, both exit with the documented 130."""

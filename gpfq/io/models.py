@@ -1,9 +1,12 @@
 """Models: torchvision's ImageNet classifiers by name, the small embedded defaults, and the user's own
 (a factory in a module or file, or a timm model: gpfq.io.user_models).
 
-The embedded models are built from torchvision's own blocks (ResNet's BasicBlock,
-MobileNetV2's InvertedResidual) at Fashion-MNIST size; their trained weights ship in
-gpfq/pretrained/ (made by scripts/train_default_models.py).
+The embedded models are torchvision's ResNet and MobileNetV2 blocks at Fashion-MNIST size; their trained
+weights ship in gpfq/pretrained/ (made by scripts/train_default_models.py). The three blocks are written out
+here, module for module and op for op as torchvision's (the same state-dict keys, the same bits out;
+tests/test_default_model.py compares them with torchvision's), because importing torchvision costs 1.5-2 s
+of CPU (it imports torch._dynamo): about 40 % of a script's start, for every `--help`, every one-line
+error and every run of the default model, which needs nothing else from torchvision.
 
 Every model the scripts save loads with `load_model(name, path)`, or `load_saved_model(path)`, which
 reads the name from the JSON sidecar: layers that gained a bias (bias correction, folded BatchNorm)
@@ -17,13 +20,61 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.models.resnet import BasicBlock
-from torchvision.ops.misc import Conv2dNormActivation
 
 from gpfq.errors import BadHyperparameterError
 from gpfq.paths import PRETRAINED_DIR
 from gpfq.io.user_models import WeightsUnavailableError, build_user_model, check_user_model, is_user_model, load_weights
+
+
+class ConvNormActivation(nn.Sequential):
+    """Conv2d (no bias, padding (k − 1) / 2) → BatchNorm2d → activation: torchvision's Conv2dNormActivation."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 activation_layer=nn.ReLU):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
+                                   groups=groups, bias=False),
+                         nn.BatchNorm2d(out_channels), activation_layer(inplace=True))
+        self.out_channels = out_channels
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x)), torchvision's BasicBlock."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample: nn.Module = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expansion (when expand_ratio ≠ 1), 3×3 depthwise, linear 1×1 projection, plus x
+    when the shape allows (stride 1, in = out); torchvision's InvertedResidual."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        self.stride = stride
+        hidden = int(round(in_channels * expand_ratio))
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+        layers = [ConvNormActivation(in_channels, hidden, 1, activation_layer=nn.ReLU6)] if expand_ratio != 1 else []
+        layers += [ConvNormActivation(hidden, hidden, 3, stride, groups=hidden, activation_layer=nn.ReLU6),
+                   nn.Conv2d(hidden, out_channels, 1, 1, 0, bias=False), nn.BatchNorm2d(out_channels)]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = out_channels
+        self._is_cn = stride > 1
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 class FashionResNet(nn.Module):
@@ -31,7 +82,7 @@ class FashionResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, widths=(16, 32, 64)):
         super().__init__()
-        self.stem = Conv2dNormActivation(1, widths[0], kernel_size=3)
+        self.stem = ConvNormActivation(1, widths[0], kernel_size=3)
         stages, in_width = [], widths[0]
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
@@ -57,11 +108,11 @@ class FashionMobileNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, head_width: int = 128):
         super().__init__()
-        layers, in_width = [Conv2dNormActivation(1, 16, kernel_size=3, stride=2, activation_layer=nn.ReLU6)], 16
+        layers, in_width = [ConvNormActivation(1, 16, kernel_size=3, stride=2, activation_layer=nn.ReLU6)], 16
         for expand_ratio, width, stride in self.BLOCKS:
             layers.append(InvertedResidual(in_width, width, stride, expand_ratio))
             in_width = width
-        layers.append(Conv2dNormActivation(in_width, head_width, kernel_size=1, activation_layer=nn.ReLU6))
+        layers.append(ConvNormActivation(in_width, head_width, kernel_size=1, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(head_width, num_classes)
