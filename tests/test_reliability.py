@@ -778,7 +778,7 @@ def test_bits_beyond_the_alphabet_limit_refused_everywhere():
         make_alphabet("gpfq2022", MAX_BITS + 1, 1.0, 1.0)
     point = expand_grid(dict(_first_point("adhoc_quantization_scripts"), bits_map={0: 64}), adhoc.GRID_KEYS)[0]
     with pytest.raises(ValueError, match=r"bits_map\[0\] must be an integer from 1 to 16"):
-        adhoc.validate_point(point)
+        adhoc.parse_options(point)
 
 
 # ---------------------------------------------------------------- resume identity: the weights
