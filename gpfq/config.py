@@ -134,14 +134,6 @@ class QuantConfig:
         if not isinstance(self.ignore_layers, tuple) or not all(_is_int(i) for i in self.ignore_layers):
             _fail(f"ignore_layers must be a list of layer indices, got {list_or_value(self.ignore_layers)!r}")
 
-    @classmethod
-    def from_point(cls, point: dict) -> "QuantConfig":
-        """The config of a header or grid point (a dict with header keys); keys it lacks take the defaults."""
-        values = {name: point[name] for name in FIELDS if name in point}
-        if values.get("ignore_layers", ()) is None:
-            values["ignore_layers"] = ()
-        return cls(**values)
-
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
 

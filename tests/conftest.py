@@ -80,12 +80,15 @@ def plain_point():
 
 @pytest.fixture(scope="session")
 def make_context(default_data, plain_point):
-    """make_context(**overrides) -> a gpfq.runner.experiment.Context on the 3-bit default point (no float evaluation)."""
-    from gpfq.runner.experiment import Context
+    """make_context(options=None, **overrides) -> a gpfq.runner.experiment.Context on the 3-bit default point (no
+    float evaluation), parsed as the runner parses it; options: a variant's parser of its own keys in `overrides`
+    (e.g. gpfq.runner.adhoc.parse_options)."""
+    from gpfq.runner.experiment import Context, parse_point
     calibration, evaluation, model = default_data
 
-    def make(**overrides):
-        return Context(dict(plain_point, **overrides), calibration, evaluation, model, 0.0, 0.0, "cpu", print)
+    def make(options=None, **overrides):
+        config, run = parse_point(dict(plain_point, **overrides), options)
+        return Context(config, run, calibration, evaluation, model, 0.0, 0.0, print)
     return make
 
 
@@ -103,7 +106,7 @@ def plain_default(default_runs, make_context):
         path = REPO_ROOT / path
     context = make_context()
     record = saved_record(path)
-    same = {k: context.point[k] for k in SAVED_KEYS if k in context.point}
+    same = {k: context.run.header[k] for k in SAVED_KEYS if k in context.run.header}
     assert {k: record["hyperparameters"][k] for k in same} == same  # make_context() is the point it ran
     reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
     model = load_saved_model(path, context.analog_model)

@@ -12,7 +12,9 @@ from gpfq.pipeline.capture import capture_input
 from gpfq.runner.evaluate import evaluate
 from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
 from gpfq.io.models import load_saved_model
-from gpfq.runner.experiment import expand_grid, parse_overrides
+from gpfq import QuantConfig
+from gpfq.runner.experiment import expand_grid, parse_overrides, parse_point
+from gpfq.runner.run_config import Point, RunConfig
 from gpfq.runner.logs import read_rows
 from gpfq.runner.procedures import LOG_COLUMNS
 from gpfq.runner.retrain import RETRAIN_LOG
@@ -56,11 +58,16 @@ def _gap_means(analog_model, quantized_model, name, images):
     return _channel_means(analog - quantized, analog_layer), analog.pow(2).mean().sqrt()
 
 
+def _typed_point(options, **fields) -> Point:
+    """A parsed point of the default model and data with ad hoc `options` and QuantConfig(**fields)."""
+    return Point(QuantConfig(**fields), RunConfig("fashion_resnet", "fashion_mnist", options=options))
+
+
 def _adhoc_context(make_context, **options):
     defaults = dict(bias_correction=None, bias_batch_size=256, skip_layers=None, bits_map={}, saved_model=None)
     point = dict(defaults, **options)
-    adhoc.validate_point(point)
-    return make_context(**point)
+    adhoc.parse_options(point)
+    return make_context(adhoc.parse_options, **point)
 
 
 def test_hand_count_matches_the_model(default_data):
@@ -141,13 +148,13 @@ def test_last_layer_left_float(make_context):
 @pytest.mark.slow
 def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
     """Paper variant 2 on the saved plain model: last layer back to float, its bias corrected with X̃."""
-    header = dict(plain_default["context"].point, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
+    header = dict(plain_default["context"].run.header, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
                   bias_correction="last_float", bias_batch_size=1024, skip_layers=None, bits_map={})
     point = adhoc.resolve_point(header)
     assert point["bits"] == 3 and point["batch_size"] == plain_point["batch_size"] != 64  # from the sidecar
-    adhoc.validate_point(point)
+    adhoc.parse_options(point)
     context = copy.copy(plain_default["context"])
-    context.point = point
+    context.config, context.run = parse_point(point, adhoc.parse_options)
     model, reports, extra = adhoc.quantize(context)
 
     float_model, plain = context.analog_model, plain_default["model"]
@@ -183,7 +190,7 @@ def test_bad_adhoc_hyperparameters_fail_early(tmp_path):
                          (dict(skip_layers="middle"), "skip_layers"), (dict(bits_map={"fc": 0}), "bits_map"),
                          (dict(bits_map=[8]), "bits_map"), (dict(bias_correction=None), "no ad hoc option")]:
         with pytest.raises(ValueError, match=message):
-            adhoc.validate_point(dict(base, **bad))
+            adhoc.parse_options(dict(base, **bad))
     with pytest.raises(ValueError, match="match no layer"):
         adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stage.*": 8}, 3)
     assert adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stages.*": 4, -1: 8, "stages.2.conv2": 2}, 3) == {
@@ -204,8 +211,10 @@ def test_grid_logs_and_routing(tmp_path):
                                       "--skip_layers", "None", "first"])
     points = expand_grid(config, adhoc.GRID_KEYS)
     assert len(points) == 4 and points[0]["bits_map"] == {0: 8, "fc": 8}
-    assert ADHOC.log_names_of(points[-1]) == [BIAS_LOG, SKIP_LOG, MIXED_LOG]
-    assert ADHOC.log_names_of(dict(bias_correction=None, skip_layers="last", bits_map={})) == [SKIP_LOG]
+    assert ADHOC.log_names_of(_typed_point(adhoc.AdhocOptions(
+        **{key: points[-1][key] for key in ("bias_correction", "skip_layers", "bits_map")}))) == [BIAS_LOG, SKIP_LOG,
+                                                                                                 MIXED_LOG]
+    assert ADHOC.log_names_of(_typed_point(adhoc.AdhocOptions(None, None, "last", {}))) == [SKIP_LOG]
 
     import importlib.util
     from gpfq.paths import REPO_ROOT
@@ -276,7 +285,7 @@ def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_
     model = TinyAttention().eval()
     calibration = torch.utils.data.TensorDataset(torch.randn(256, 1, 28, 28), torch.zeros(256, dtype=torch.long))
     messages = []
-    context = make_context(bias_correction="all", bias_batch_size=64, batch_size=64, skip_layers=None, bits_map={},
+    context = make_context(adhoc.parse_options, bias_correction="all", bias_batch_size=64, batch_size=64, skip_layers=None, bits_map={},
                            saved_model=None, bits=4)
     context = copy.copy(context)
     context.calibration, context.analog_model, context.log = calibration, model, messages.append
@@ -297,9 +306,10 @@ def test_bias_correction_of_a_last_layer_that_is_no_module_is_refused_before_wor
     model = TinyAttention(head=False).eval()
     example = torch.randn(1, 1, 28, 28)
     facts = ModelFacts(layers_in_execution_order(model, example), model, 1000, 1000, example)
-    point = dict(bias_correction="last", bias_batch_size=64, bits_map={}, bits=4)
+    def point(mode):
+        return _typed_point(adhoc.AdhocOptions(bias_correction=mode, bias_batch_size=64, bits_map={}), bits=4)
     for mode in ("last", "last_float"):
         with pytest.raises(ValueError, match=f"bias_correction '{mode}' corrects the last layer's bias, and the last "
                                              f"layer, attention.out_proj, is not a Linear or convolution module"):
-            adhoc.validate_model(dict(point, bias_correction=mode), facts)
-    adhoc.validate_model(dict(point, bias_correction="all"), facts)  # 'all' corrects the layers it can
+            adhoc.validate_model(point(mode), facts)
+    adhoc.validate_model(point("all"), facts)  # 'all' corrects the layers it can

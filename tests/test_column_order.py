@@ -7,7 +7,7 @@ from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
 from gpfq.methods.gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
-from gpfq.runner.experiment import expand_grid, method_description, validate
+from gpfq.runner.experiment import expand_grid, method_description, parse_point
 from gpfq.pipeline.network import LAYER_METHODS, STATISTICS_METHODS, quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, seeded_uniforms
@@ -111,8 +111,8 @@ def test_natural_order_is_the_default_and_unchanged():
 
 def test_header_option_is_validated_and_logged():
     point = expand_grid(dict(script_header("quantization_scripts"), column_order="act_order"))[0]
-    validate(point)
+    parse_point(point)
     assert method_description(point) == "act-order"
     assert method_description(dict(point, method="qronos")) == "damping 1e-06, act-order"
     with pytest.raises(ValueError, match="column_order"):
-        validate(expand_grid(dict(script_header("quantization_scripts"), column_order="random"))[0])
+        parse_point(expand_grid(dict(script_header("quantization_scripts"), column_order="random"))[0])

@@ -10,7 +10,9 @@ from gpfq import QuantConfig
 from gpfq.runner.adhoc import ADHOC
 from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
 from gpfq.runner.experiment import PLAIN
-from gpfq.runner.header import COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides, point_columns
+from gpfq.runner.header import (COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides,
+                                parse_point, point_columns, quant_config)
+from gpfq.runner.run_config import RunConfig
 from gpfq.runner.logs import RESULT_COLUMNS
 from gpfq.runner.procedures import LOG_COLUMNS
 from gpfq.runner.retrain import RETRAIN
@@ -25,12 +27,13 @@ def test_every_header_key_is_a_field_a_run_key_or_the_procedures(folder):
     assert set(FIELDS) <= set(header)  # every script can set every hyperparameter
     assert set(header) | set(COMMON_DEFAULTS) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
     assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder].header_keys)
+    assert set(RUN_KEYS) <= {item.name for item in dataclasses.fields(RunConfig)}  # a run key is a RunConfig field
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
 def test_header_defaults_are_the_config_defaults(folder):
     header = script_header(folder)
-    config = QuantConfig.from_point(expand_grid(parse_overrides(header, []))[0])
+    config = quant_config(expand_grid(parse_overrides(header, []))[0])
     assert config == QuantConfig()
     for item in dataclasses.fields(QuantConfig):  # a grid axis's default is written as a one-value list
         value = header[item.name]
@@ -41,7 +44,7 @@ def test_header_defaults_are_the_config_defaults(folder):
 
 
 def test_log_columns_come_from_the_config_and_the_run_keys():
-    point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
+    point = parse_point(expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0])
     # the weights are a run key with a column: other weights make another point (resume)
     assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS) + ["Weights", "Eval Subset"]
     assert {"Model Name", "Dataset", "Weights"} <= set(RUN_COLUMNS.values())
@@ -53,7 +56,8 @@ def test_log_columns_come_from_the_config_and_the_run_keys():
 def test_logs_hold_exactly_the_config_run_and_procedure_columns(folder):
     """Every column of every log is a result, or is filled from the point (config, run keys, procedure)."""
     procedure = SCRIPTS[folder]
-    point = expand_grid(parse_overrides(script_header(folder), []), procedure.grid_keys)[0]
+    point = parse_point(expand_grid(parse_overrides(script_header(folder), []), procedure.grid_keys)[0],
+                        procedure.options)
     filled = set(point_columns(point)) | set(procedure.own_columns(point))
     results = RESULT_COLUMNS | procedure.result_columns
     for name, columns in procedure.logs.items():
@@ -121,7 +125,7 @@ def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, monkeypatch, caps
     assert len(expand_grid(parse_overrides(header, ["--bits", "4", "4.0"]))) == 2  # 4.0 is left for validate to refuse
     from gpfq.runner import experiment
     ran = []
-    monkeypatch.setattr(experiment, "run_point", lambda point, *args, **kwargs: ran.append(point["bits"]) or {})
+    monkeypatch.setattr(experiment, "run_point", lambda point, *args, **kwargs: ran.append(point.config.bits) or {})
     experiment.main(header, ["--bits", "4", "4", "--log_dir", str(tmp_path / "logs"), "--model_dir",
                              str(tmp_path / "models")])
     assert ran == [4]

@@ -11,7 +11,7 @@ from conftest import script_header
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
 from gpfq.pipeline.capture import layers_in_execution_order
-from gpfq.runner.experiment import expand_grid, main, validate
+from gpfq.runner.experiment import expand_grid, main, parse_point
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.methods.gptq import gptq, gptq_reference
 from gpfq.io.models import load_model
@@ -182,13 +182,13 @@ def test_fold_batchnorm_keeps_the_function_and_the_layers():
 def test_bad_method_hyperparameters_fail_early(key, value, message):
     point = expand_grid(dict(script_header("quantization_scripts"), **{key: value}))[0]
     with pytest.raises(ValueError, match=message):
-        validate(point)
+        parse_point(point)
 
 
 def test_sparse_gpfq_needs_the_zero_level():
     point = expand_grid(dict(script_header("quantization_scripts"), method="sparse_gpfq", include_0=False))[0]
     with pytest.raises(ValueError, match="include_0"):
-        validate(point)
+        parse_point(point)
 
 
 # ---------------------------------------------------------------- the default model

@@ -35,7 +35,8 @@ from gpfq.methods.alphabet import ALPHABET_KINDS, make_alphabet
 from gpfq.pipeline.capture import NonFiniteError
 from gpfq.io.data import CorruptImageError, DataMissingError, calibration_set
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.runner.experiment import expand_grid, main, parse_overrides, pending_points, point_columns, point_identity
+from gpfq.runner.experiment import (expand_grid, main, parse_overrides, parse_point, pending_points, point_columns,
+                                    point_identity)
 from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
 from gpfq.runner.experiment import PLAIN, Variant
 from gpfq.runner.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
@@ -303,7 +304,7 @@ def _first_point(folder: str) -> dict:
 def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder, variant):
     """`resume` can tell every variant's points apart: each column is filled from the point or is a result."""
     columns = LOG_COLUMNS[log_name]
-    identity = point_identity(_first_point(folder), columns, variant)
+    identity = point_identity(parse_point(_first_point(folder), variant.options), columns, variant)
     assert set(identity) == set(columns) - RESULT_COLUMNS - variant.result_columns
     assert {"Bits", "Seed", "Method"} <= set(identity) and not {"Quantized Top1 Accuracy", "Date"} & set(identity)
 
@@ -514,26 +515,30 @@ def test_resume_identity_is_the_hyperparameter_columns(tmp_path, monkeypatch):
     point = dict(HEADER, bits=4, batch_size=512, mlp_scalar=1.3, cnn_scalar=1.3, mlp_percentile=1.0,
                  cnn_percentile=1.0)
     row = {c: "0.5" for c in RESULT_COLUMNS if c in COLUMNS}
-    row.update(point_columns(point))
+    row.update(point_columns(parse_point(point)))
     row["MLP_Alphabet_Scalar"] = "1.30"  # as another tool might write it: still the same number
     append_row(tmp_path / PLAIN_LOG, row, COLUMNS)
     others = [dict(point, seed=1), dict(point, ignore_layers=[0]), dict(point, include_0=False),
               dict(point, method="msq"), dict(point, bits=3), dict(point, engine="gram")]
-    assert pending_points([point] + others, tmp_path) == others
-    assert pending_points([dict(point, author="someone else")], tmp_path) == []  # Author is not identity
+    parsed = [parse_point(p) for p in [point] + others]
+    assert pending_points(parsed, tmp_path) == parsed[1:]
+    assert pending_points([parse_point(dict(point, author="someone else"))], tmp_path) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
     logs = {PLAIN_LOG: COLUMNS, "Variant_Log.csv": COLUMNS + ["Warmup Steps"]}
     append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), logs["Variant_Log.csv"])
     with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
-        pending_points([point], tmp_path, Variant(logs=logs, log_names=lambda p: "Variant_Log.csv"))
-    warmup = lambda p: {"Warmup Steps": p.get("warmup_steps", 100)}  # noqa: E731
-    variant = Variant(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup)
-    assert pending_points([point, dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
+        pending_points([parse_point(point)], tmp_path, Variant(logs=logs, log_names=lambda p: "Variant_Log.csv"))
+    # the variant's own option, typed by its parser: the number of warmup steps
+    warmup_steps = lambda p: p.get("warmup_steps", 100)  # noqa: E731
+    warmup = lambda p: {"Warmup Steps": p.run.options}  # noqa: E731
+    variant = Variant(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup, options=warmup_steps)
+    logged, other = (parse_point(p, warmup_steps) for p in (point, dict(point, warmup_steps=50)))
+    assert pending_points([logged, other], tmp_path, variant) == [other]
     # a point whose row goes to two logs is done only when both have it
-    both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p["seed"] == 0 else [PLAIN_LOG]  # noqa: E731
-    variant = Variant(logs=logs, log_names=both, columns=warmup)
-    assert pending_points([point], tmp_path, variant) == []
-    assert pending_points([dict(point, warmup_steps=50)], tmp_path, variant) == [dict(point, warmup_steps=50)]
+    both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p.config.seed == 0 else [PLAIN_LOG]  # noqa: E731
+    variant = Variant(logs=logs, log_names=both, columns=warmup, options=warmup_steps)
+    assert pending_points([logged], tmp_path, variant) == []
+    assert pending_points([other], tmp_path, variant) == [other]
     # parse_overrides: `--resume` alone means True, on any header
     assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
     assert parse_overrides({"bits": 4}, [])["resume"] is False
@@ -575,7 +580,7 @@ TORN = '…,0.25,0,"Zo'  # a row cut short by a crash or a full disk, inside a q
 def _logged_row(point: dict, top1: float = 0.9) -> dict:
     """A row as run_point writes it: the point's hyperparameter columns and plausible results."""
     row = {c: "" for c in COLUMNS}
-    row.update(point_identity(point, COLUMNS))
+    row.update(point_identity(parse_point(point), COLUMNS))
     row.update({"Original Top1 Accuracy": 0.92, "Quantized Top1 Accuracy": top1, "Original Top5 Accuracy": 0.99,
                 "Quantized Top5 Accuracy": 0.99})
     return row
@@ -613,7 +618,7 @@ def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_pa
         writer.writerow([_logged_row(points[1], 0.92)[c] for c in COLUMNS])
     assert [row["Bits"] for row in read_rows(log)] == ["3", "4"]
     assert "line 3: an incomplete record" in capsys.readouterr().err  # reported, not swallowed
-    assert pending_points(points, log_dir) == []  # resume sees both rows
+    assert pending_points([parse_point(p) for p in points], log_dir) == []  # resume sees both rows
     assert list(read_logs([log])["Quantized Top1 Accuracy"]) == [0.91, 0.92]
     plot_logs["main"](["--log", str(log), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "fashion_resnet_top1_vs_m.png").stat().st_size > 0
@@ -773,7 +778,7 @@ def test_bits_beyond_the_alphabet_limit_refused_everywhere():
         make_alphabet("gpfq2022", MAX_BITS + 1, 1.0, 1.0)
     point = expand_grid(dict(_first_point("adhoc_quantization_scripts"), bits_map={0: 64}), adhoc.GRID_KEYS)[0]
     with pytest.raises(ValueError, match=r"bits_map\[0\] must be an integer from 1 to 16"):
-        adhoc.validate_point(point)
+        adhoc.parse_options(point)
 
 
 # ---------------------------------------------------------------- resume identity: the weights
@@ -786,16 +791,17 @@ def test_resume_tells_other_weights_apart(tmp_path, monkeypatch):
     append_row(tmp_path / PLAIN_LOG, _logged_row(point), COLUMNS)
     digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert read_rows(tmp_path / PLAIN_LOG)[0]["Weights"] == f"DEFAULT sha256:{digest[:12]}"
-    assert pending_points([point], tmp_path) == []
+    assert pending_points([parse_point(point)], tmp_path) == []
     other = tmp_path / "retrained.pt"
     torch.save(_state_with(lambda s: s["fc.bias"].add_(1.0)), other)
     for weights in ("random", str(other)):
-        assert pending_points([dict(point, weights=weights)], tmp_path) == [dict(point, weights=weights)]
+        assert pending_points([parse_point(dict(point, weights=weights))], tmp_path) == [
+            parse_point(dict(point, weights=weights))]
     # the shipped file retrained in place: 'DEFAULT' now names other weights
     (tmp_path / "pretrained").mkdir()
     shutil.copy(other, tmp_path / "pretrained" / "fashion_resnet.pt")
     monkeypatch.setattr(gpfq.io.models, "PRETRAINED_DIR", tmp_path / "pretrained")
-    assert pending_points([point], tmp_path) == [point]
+    assert pending_points([parse_point(point)], tmp_path) == [parse_point(point)]
 
 
 def test_training_script_never_replaces_the_shipped_weights_by_default(tmp_path, monkeypatch):

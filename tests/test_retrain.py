@@ -33,8 +33,8 @@ def retrained(make_context, retrain_defaults):
     optimizer post-step hook then checks, after every Adam step, that every layer quantized so far still
     holds exactly that weight and that the optimizer does not hold it.
     """
-    retrain.validate_point(retrain_defaults)
-    context = make_context(**retrain_defaults)
+    retrain.parse_options(retrain_defaults)
+    context = make_context(retrain.parse_options, **retrain_defaults)
     quantized = {}  # name -> (layer, weight when quantized, report)
     watch = {"steps": 0, "checks": 0, "violations": []}
     real_quantize = retrain.quantize_model
@@ -73,9 +73,9 @@ def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     layers = [r.name for r in retrained["reports"]]
     assert len(layers) == 10 and list(quantized) == layers
     # one fine-tuning after each of the 10 quantized layers (retrain_start = 1), ceil(n / batch) Adam steps each
-    point = retrained["context"].point
-    assert point["retrain_start"] == 1 and point["retrain_epochs"] == 1
-    per_layer = math.ceil(point["retrain_samples"] / point["retrain_batch_size"])
+    options = retrained["context"].run.options
+    assert options.start == 1 and options.epochs == 1
+    per_layer = math.ceil(options.samples / options.batch_size)
     assert watch["steps"] == 10 * per_layer
     assert watch["checks"] == per_layer * sum(range(1, 11))  # a step after layer k's quantization: layers 1..k
     assert watch["violations"] == []
@@ -90,7 +90,7 @@ def test_quantized_weights_stay_on_their_alphabet_through_every_step(retrained):
     # the float parts did train: a BatchNorm after the first quantized layer moved
     trained_bn = model.stem[1].weight
     assert not torch.equal(trained_bn, retrained["context"].analog_model.stem[1].weight)
-    assert retrained["extra"]["Retrain Samples"] == point["retrain_samples"]
+    assert retrained["extra"]["Retrain Samples"] == options.samples
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_bad_retrain_hyperparameters_fail_early():
                          (dict(retrain_weight_decay=-1e-6), "weight_decay"),
                          (dict(evaluate_each_step="yes"), "evaluate_each_step")]:
         with pytest.raises(ValueError, match=message):
-            retrain.validate_point(dict(VALID, **bad))
+            retrain.parse_options(dict(VALID, **bad))
 
 
 def test_freezing_an_attention_in_projection_leaves_its_out_projection_trainable():

@@ -316,7 +316,7 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     the 8 bytes of padding (measured here: the same bytes at 1 and 2 threads).
     """
     from gpfq.runner.deploy import save_beside
-    from gpfq.runner.experiment import expand_grid, parse_overrides
+    from gpfq.runner.experiment import expand_grid, parse_overrides, parse_point
     from gpfq.io.model_file import HEADER_KEY
     calibration, _, model = default_data
     point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
@@ -325,10 +325,10 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(point["seed"])
-        result = gpfq.quantize(model, calibration, gpfq.QuantConfig.from_point(point), log=lambda message: None)
+        result = gpfq.quantize(model, calibration, parse_point(point).config, log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
-    path, size = save_beside(result.model, result.reports, tmp_path / "default.pt", point,
+    path, size = save_beside(result.model, result.reports, tmp_path / "default.pt", parse_point(point),
                              calibration[0][0].shape, log=lambda message: None)
     raw = path.read_bytes()
     assert size.file_bytes == len(raw)

@@ -43,8 +43,9 @@ def test_every_method_and_granularity(default_data, method, granularity):
 @pytest.mark.slow  # quantizes the default model
 def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_path):
     point = dict(bias_correction="all", bias_batch_size=64, skip_layers="first", bits_map={-1: 4}, saved_model=None)
-    adhoc.validate_point(point)
-    context = make_context(alphabet="strict", alphabet_granularity="channel", batch_size=32, **point)
+    adhoc.parse_options(point)
+    context = make_context(adhoc.parse_options, alphabet="strict", alphabet_granularity="channel", batch_size=32,
+                           **point)
     model, reports, _ = adhoc.quantize(context)
     _check_strict(model, reports, lambda report: 4 if report.name == "fc" else BITS)
     assert reports[0].index == 1  # the first layer was left float
@@ -57,7 +58,7 @@ def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_pa
 def test_retraining_variant(make_context):
     point = dict(retrain_start=1, retrain_samples=128, retrain_batch_size=64, retrain_epochs=1, retrain_lr=1e-4,
                  retrain_weight_decay=0.0, retrain_batchnorm="frozen", evaluate_each_step=False)
-    retrain.validate_point(point)
-    context = make_context(alphabet="strict", batch_size=32, **point)
+    retrain.parse_options(point)
+    context = make_context(retrain.parse_options, alphabet="strict", batch_size=32, **point)
     model, reports, _ = retrain.quantize(context)
     _check_strict(model, reports)

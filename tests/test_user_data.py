@@ -321,10 +321,12 @@ def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
 def test_published_accuracy_only_on_imagenet(monkeypatch):
     """torchvision's published ImageNet accuracy stands for its own weights on ImageNet only; on an image folder
     the float model is measured."""
-    from gpfq.runner.header import expand_grid, parse_overrides
+    import dataclasses
+    from gpfq.runner.header import expand_grid, parse_overrides, parse_point
     monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: (0.25, 0.5))
-    point = expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0]
-    measured = lambda p: experiment.float_accuracy(p, None, experiment.Resources(), lambda: None, "cpu")  # noqa
-    assert measured(point) == (0.69758, 0.89078)  # torchvision's published top-1/top-5 of IMAGENET1K_V1
-    assert measured(dict(point, dataset="imagefolder")) == (0.25, 0.5)
-    assert measured(dict(point, weights="random")) == (0.25, 0.5)
+    # typed points built beside the parsed one: an image folder the parse would look for is not needed here
+    config, run = parse_point(expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0])
+    measured = lambda run: experiment.float_accuracy((config, run), None, experiment.Resources(), lambda: None)  # noqa
+    assert measured(run) == (0.69758, 0.89078)  # torchvision's published top-1/top-5 of IMAGENET1K_V1
+    assert measured(dataclasses.replace(run, dataset="imagefolder")) == (0.25, 0.5)
+    assert measured(dataclasses.replace(run, weights="random")) == (0.25, 0.5)

@@ -27,7 +27,9 @@ import dataclasses
 import fnmatch
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -74,30 +76,33 @@ SAVED_KEYS = ("model_name", "dataset", "weights") + FIELDS + ("skip_layers", "bi
 
 
 # ---------------------------------------------------------------- hyperparameters
-def log_names(point: dict) -> list:
-    """The log of every option the point switches on."""
-    names = []
-    if point.get("bias_correction"):
-        names.append(BIAS_LOG)
-    if point.get("skip_layers"):
-        names.append(SKIP_LOG)
-    if point.get("bits_map"):
-        names.append(MIXED_LOG)
-    return names
+@dataclass(frozen=True)
+class AdhocOptions:
+    """The ad hoc header keys of a grid point (`RunConfig.options`)."""
+    bias_correction: Optional[str] = None  # one of BIAS_CORRECTIONS
+    bias_batch_size: Optional[int] = None  # images per bias-correction batch (with bias_correction)
+    skip_layers: Optional[str] = None  # one of SKIP_CHOICES
+    bits_map: dict = field(default_factory=dict, hash=False)  # {layer index or name pattern: bits}
+    saved_model: Optional[str] = None  # the .pt whose biases are corrected, instead of a fresh quantization
+
+    def log_names(self) -> list:
+        """The log of every option that is on."""
+        switched = ((self.bias_correction, BIAS_LOG), (self.skip_layers, SKIP_LOG), (self.bits_map, MIXED_LOG))
+        return [name for on, name in switched if on]
 
 
-def validate_point(point: dict) -> None:
-    """The ad hoc hyperparameters' checks (cheap; layer-name matching happens before quantization)."""
+def parse_options(point: dict) -> AdhocOptions:
+    """The ad hoc options of a grid point, checked (cheap; layer-name matching happens before quantization)."""
     def fail(message):
         raise bad_hyperparameter(message)
 
-    if point.get("bias_correction") not in BIAS_CORRECTIONS:
-        fail(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {point.get('bias_correction')!r}")
-    size = point.get("bias_batch_size")
-    if point.get("bias_correction") and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+    mode, size, skip = point.get("bias_correction"), point.get("bias_batch_size"), point.get("skip_layers")
+    if mode not in BIAS_CORRECTIONS:
+        fail(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {mode!r}")
+    if mode and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         fail(f"bias_batch_size must be an integer ≥ 1, got {size!r}")
-    if point.get("skip_layers") not in SKIP_CHOICES:
-        fail(f"skip_layers must be one of {SKIP_CHOICES}, got {point.get('skip_layers')!r}")
+    if skip not in SKIP_CHOICES:
+        fail(f"skip_layers must be one of {SKIP_CHOICES}, got {skip!r}")
     bits_map = point.get("bits_map") or {}
     if not isinstance(bits_map, dict):
         fail(f"bits_map must be a dict {{layer index or name pattern: bits}}, got {bits_map!r}")
@@ -107,9 +112,16 @@ def validate_point(point: dict) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
             fail(f"bits_map[{key!r}] must be an integer from 1 to {MAX_BITS} (what the alphabets support), "
                  f"got {bits!r}")
-    if not log_names(point):
+    options = AdhocOptions(mode, size, skip, bits_map, point.get("saved_model"))
+    if not options.log_names():
         fail("no ad hoc option is on (bias_correction, skip_layers, bits_map): that is plain GPFQ, "
              "run quantization_scripts/quantize.py")
+    return options
+
+
+def log_names(point) -> list:
+    """The log of every option the point (a `Point`) switches on."""
+    return point.run.options.log_names()
 
 
 def saved_model_path(saved) -> Path:
@@ -132,7 +144,8 @@ def saved_record(path: Path) -> dict:
 
 
 def resolve_point(point: dict) -> dict:
-    """With `saved_model` set, take the quantization hyperparameters from the model's sidecar."""
+    """With `saved_model` set, take the quantization hyperparameters from the model's sidecar (before the point is
+    parsed: they are read as its header keys)."""
     if not point.get("saved_model"):
         return point
     if point.get("skip_layers") or point.get("bits_map"):
@@ -182,9 +195,8 @@ def average_bits(model: nn.Module, names: list, reports) -> float:
 # ---------------------------------------------------------------- bias correction
 def bias_stream(context) -> CalibrationStream:
     """The seeded stream bias-correction batches are drawn from, apart from the quantizer's."""
-    p = context.point
-    return CalibrationStream(context.calibration, p["seed"] + BIAS_SEED_OFFSET,
-                             chunk_size=p.get("chunk_size", 256), num_workers=p.get("num_workers", 0))
+    return CalibrationStream(context.calibration, context.config.seed + BIAS_SEED_OFFSET,
+                             chunk_size=context.run.chunk_size, num_workers=context.run.num_workers)
 
 
 def _channel_sums(output: torch.Tensor, layer: nn.Module):
@@ -259,15 +271,15 @@ def _report_from_dict(record: dict) -> LayerReport:
 
 # ---------------------------------------------------------------- the variant
 def quantize(context):
-    """Quantize (or load) a model with the ad hoc options of `context.point`.
+    """Quantize (or load) a model with the ad hoc options of `context.run.options`.
 
     Returns (model, [LayerReport] of the quantized layers, extra log columns).
     """
-    p, log, device = context.point, context.log, context.device
+    options, log, device = context.run.options, context.log, context.device
     analog_model = context.analog_model.eval().to(device)
     example = context.calibration[0][0].unsqueeze(0).to(device)
     names = layers_in_execution_order(analog_model, example)
-    mode = p.get("bias_correction")
+    mode = options.bias_correction
     corrections = bias_stream(context)
     last = names[-1]
     # 'all' corrects every layer it can ('last' and 'last_float' were checked against the last layer before work)
@@ -277,12 +289,12 @@ def quantize(context):
         log(f"bias correction: {len(uncorrectable)} of {len(names)} layers are not Linear or convolution modules that "
             f"the forward pass calls, and keep their biases: {', '.join(uncorrectable)}")
 
-    if p.get("saved_model"):
-        model = load_saved_model(p["saved_model"], analog_model).to(device)
-        reports = [_report_from_dict(r) for r in saved_record(p["saved_model"]).get("layers", [])]
+    if options.saved_model:
+        model = load_saved_model(options.saved_model, analog_model).to(device)
+        reports = [_report_from_dict(r) for r in saved_record(options.saved_model).get("layers", [])]
         # the codebooks of the source's quantized model file, so the bias-corrected model has one too
-        reports = with_alphabets_from(reports, quantized_path(p["saved_model"]))
-        log(f"loaded {p['saved_model']} ({len(reports)} quantized layers)")
+        reports = with_alphabets_from(reports, quantized_path(options.saved_model))
+        log(f"loaded {options.saved_model} ({len(reports)} quantized layers)")
         if mode == "last_float":
             with torch.no_grad():  # restore the last layer to the float model's weights and bias
                 restored, float_layer = model.get_submodule(last), analog_model.get_submodule(last)
@@ -294,14 +306,14 @@ def quantize(context):
             for report in reports:  # execution order: each with X̃ from the already corrected layers
                 if report.name in uncorrectable:
                     continue
-                correct_bias(analog_model, model, report.name, corrections.draw(p["bias_batch_size"]), device, log)
+                correct_bias(analog_model, model, report.name, corrections.draw(options.bias_batch_size), device, log)
     else:
-        bits_per_layer(names, p.get("bits_map") or {}, p["bits"])  # every entry matches a layer
-        left_float = skipped_indices(p.get("skip_layers"), len(names))
+        bits_per_layer(names, options.bits_map, context.config.bits)  # every entry matches a layer
+        left_float = skipped_indices(options.skip_layers, len(names))
         if mode == "last_float":
             left_float.add(len(names) - 1)
         # bits per layer (the last matching entry wins), then the float layers, which win over bits
-        layers = {key: {"bits": bits} for key, bits in (p.get("bits_map") or {}).items()}
+        layers = {key: {"bits": bits} for key, bits in options.bits_map.items()}
         for index in sorted(left_float):
             layers.pop(index, None)  # re-inserted last, so no bits entry comes after it
             layers[index] = None
@@ -310,7 +322,7 @@ def quantize(context):
             if step.report.name in uncorrectable:
                 return
             correct_bias(step.analog_model, step.quantized_model, step.report.name,
-                         corrections.draw(p["bias_batch_size"]), device, log)
+                         corrections.draw(options.bias_batch_size), device, log)
 
         # the checkpoint holds the loop's state; 'last' corrections draw from their own stream after the loop,
         # so a resumed point ends as an uninterrupted one ('all' corrects inside the loop: the loop turns it off)
@@ -319,49 +331,52 @@ def quantize(context):
                                 checkpoint=context.checkpoint)
         model, reports = result.model, result.reports
     if mode in ("last", "last_float"):
-        correct_bias(analog_model, model, last, corrections.draw(p["bias_batch_size"]), device, log)
+        correct_bias(analog_model, model, last, corrections.draw(options.bias_batch_size), device, log)
 
     bits = average_bits(model, names, reports)
     log(f"average bits per weight: {bits:.4f} ({len(reports)} of {len(names)} layers quantized)")
-    return model, reports, dict(variant_columns(p), **{"Average Bits": round(bits, 4)})
+    return model, reports, dict(variant_columns(context.point), **{"Average Bits": round(bits, 4)})
 
 
-def variant_columns(point: dict) -> dict:
+def variant_columns(point) -> dict:
     """The ad hoc hyperparameter columns of a point's row (with the plain ones, they identify it for `resume`)."""
-    mode = point.get("bias_correction")
+    options = point.run.options
+    mode = options.bias_correction
     return {
-        "Bias Correction": mode or "", "Bias Correction Batch Size": point["bias_batch_size"] if mode else "",
-        "Skip Layers": point.get("skip_layers") or "", "Bits Map": format_bits_map(point.get("bits_map")),
-        "Source Model": display_path(point["saved_model"]) if point.get("saved_model") else "",
+        "Bias Correction": mode or "", "Bias Correction Batch Size": options.bias_batch_size if mode else "",
+        "Skip Layers": options.skip_layers or "", "Bits Map": format_bits_map(options.bits_map),
+        "Source Model": display_path(options.saved_model) if options.saved_model else "",
     }
 
 
-def model_prefix(point: dict) -> str:
+def model_prefix(point) -> str:
     """The start of a saved ad hoc model's file name: 'adhoc' and the options that made it, e.g.
     'adhoc_bias-all' or 'adhoc_skip-first_bits-0=8,-1=8' (characters a file name should not hold become -)."""
+    options = point.run.options
     parts = ["adhoc"]
-    if point.get("bias_correction"):
-        parts.append(f"bias-{point['bias_correction']}")
-    if point.get("skip_layers"):
-        parts.append(f"skip-{point['skip_layers']}")
-    if point.get("bits_map"):
-        parts.append("bits-" + ",".join(f"{key}={bits}" for key, bits in point["bits_map"].items()))
-    if point.get("saved_model"):
+    if options.bias_correction:
+        parts.append(f"bias-{options.bias_correction}")
+    if options.skip_layers:
+        parts.append(f"skip-{options.skip_layers}")
+    if options.bits_map:
+        parts.append("bits-" + ",".join(f"{key}={bits}" for key, bits in options.bits_map.items()))
+    if options.saved_model:
         parts.append("saved")
     return "_".join(re.sub(r"[^A-Za-z0-9.,=+-]", "-", part) for part in parts)
 
 
-def validate_model(point: dict, facts) -> None:
+def validate_model(point, facts) -> None:
     """Checks that need the model's layers and the data's size, run before any point starts."""
-    bits_per_layer(facts.layer_names, point.get("bits_map") or {}, point["bits"])  # every entry matches a layer
+    options = point.run.options
+    bits_per_layer(facts.layer_names, options.bits_map, point.config.bits)  # every entry matches a layer
     last = facts.layer_names[-1]
-    if (point.get("bias_correction") in ("last", "last_float")
+    if (options.bias_correction in ("last", "last_float")
             and last not in correctable_layers(facts.model, [last], facts.example)):
-        raise bad_hyperparameter(f"bias_correction {point['bias_correction']!r} corrects the last layer's bias, and "
+        raise bad_hyperparameter(f"bias_correction {options.bias_correction!r} corrects the last layer's bias, and "
                                  f"the last layer, {last}, is not a Linear or convolution module (use 'all', which "
                                  f"corrects the layers that are)")
-    if point.get("bias_correction") and point["bias_batch_size"] > facts.calibration_size:
-        raise bad_hyperparameter(f"bias_batch_size {point['bias_batch_size']} is larger than the "
+    if options.bias_correction and options.bias_batch_size > facts.calibration_size:
+        raise bad_hyperparameter(f"bias_batch_size {options.bias_batch_size} is larger than the "
                                  f"calibration set ({facts.calibration_size} images)")
 
 
@@ -372,4 +387,4 @@ def format_bits_map(bits_map) -> str:
 
 ADHOC = Variant(name="adhoc", file_prefix=model_prefix, quantize=quantize, logs=LOGS, log_names=log_names, header_keys=HEADER_KEYS,
                 grid_keys=GRID_KEYS, columns=variant_columns, result_columns=frozenset({"Average Bits"}),
-                resolve_point=resolve_point, validate_point=validate_point, validate_model=validate_model)
+                resolve_point=resolve_point, options=parse_options, validate_model=validate_model)

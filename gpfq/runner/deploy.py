@@ -18,9 +18,9 @@ RUN_ONLY_KEYS = ("log_dir", "model_dir", "num_workers", "num_threads", "device",
                  "export_qdq", "author", "eval_batch_size")
 
 
-def model_hyperparameters(point: dict) -> dict:
-    """The point's keys that define the quantized model (all but RUN_ONLY_KEYS)."""
-    return {key: value for key, value in point.items() if key not in RUN_ONLY_KEYS}
+def model_hyperparameters(run) -> dict:
+    """The keys of a point's header (`RunConfig.header`) that define the quantized model (all but RUN_ONLY_KEYS)."""
+    return {key: value for key, value in run.header.items() if key not in RUN_ONLY_KEYS}
 
 
 def quantized_path(model_path) -> Path:
@@ -28,19 +28,19 @@ def quantized_path(model_path) -> Path:
     return Path(model_path).with_suffix(".safetensors")
 
 
-def save_beside(model, reports, model_path, point: dict, input_shape, log=print):
-    """Write the quantized model file beside `model_path`; returns (its path, SizeReport), or (None, None)
-    when a layer's alphabet is unknown (a model loaded from an old .pt without its .safetensors)."""
+def save_beside(model, reports, model_path, point, input_shape, log=print):
+    """Write the quantized model file of `point` (a runner.run_config.Point) beside `model_path`; returns (its
+    path, SizeReport), or (None, None) when a layer's alphabet is unknown (a model loaded from an old .pt without
+    its .safetensors)."""
+    config, run = point
     unknown = [r.name for r in reports if getattr(r, "alphabet", None) is None]
     if unknown:
         log(f"no quantized model file written: the alphabets of {unknown[:3]} are unknown (the model was loaded "
             f"from a .pt without its .safetensors)")
         return None, None
     path = quantized_path(model_path)
-    size = save_quantized(model, reports, path, hyperparameters=model_hyperparameters(point),
-                          model_name=point.get("model_name"),
-                          input_shape=tuple(input_shape),
-                          fold_batchnorm=bool(point.get("fold_batchnorm", False)))
+    size = save_quantized(model, reports, path, hyperparameters=model_hyperparameters(run), model_name=run.model_name,
+                          input_shape=tuple(input_shape), fold_batchnorm=config.fold_batchnorm)
     log(f"saved {path}: {size.file_bytes} bytes, {size.ratio:.3f} of the float model's {size.float_bytes}; "
         f"{size.levels} levels, {size.stored_bits:.2f} stored bits, code entropy {size.entropy:.2f} bits per weight")
     return path, size

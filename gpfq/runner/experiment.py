@@ -6,7 +6,8 @@ saving its model (`gpfq.io.storage`). A script's variant of the procedure (ad ho
 retraining) plugs in through one `Variant` object; the plain script runs `PLAIN`.
 
 Before any point runs, every bad input is reported with one clear error: the hyperparameters
-(`validate`), the result folders and logs, then the data, the models and their layers (`preflight`).
+(`parse_point`, once per point: below it the runner reads a typed `Point`), the result folders and logs, then the
+data, the models and their layers (`preflight`).
 With `resume`, points whose row is already in the log are skipped. An interrupted grid keeps every
 finished row and model.
 """
@@ -29,15 +30,16 @@ from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evalua
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.runner.deploy import FILE_COLUMN, export_beside, export_int8_beside, quantized_path, save_beside, size_columns
 from gpfq.errors import ResultWriteError, bad_hyperparameter, os_error_reason
-from gpfq.runner.evaluate import evaluate
+from gpfq.runner.evaluate import CHANCE_MARGIN, chance_warnings, classes_in, evaluate  # noqa: F401
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.runner.header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
-                     expand_grid, method_description, parse_overrides, point_columns, validate)
+                     expand_grid, method_description, parse_overrides, parse_point, point_columns)
 from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from gpfq.io.models import load_model, published_accuracy, weights_label
 from gpfq.pipeline.network import check_layer_indices, reports_as_dicts, zero_fraction
 from gpfq.paths import DATA_DIR, LOG_DIR, MODEL_DIR
 from gpfq.runner.preprocessing import check_model_takes, image_folder_sets
+from gpfq.runner.run_config import Point, RunConfig
 from gpfq.io.storage import check_writable, code_revision, display_path, save_model, write_record  # noqa: F401
 from gpfq.io.user_models import model_folder
 
@@ -55,60 +57,63 @@ class Resources:
         return self._cache[key]
 
 
-def float_accuracy(point, model, resources, loader_of, device):
+def float_accuracy(point: Point, model, resources, loader_of):
     """torchvision's published numbers for its own weights, otherwise measured once per model."""
-    if (point["weights"] == "DEFAULT" and point["dataset"] == "imagenet" and point.get("eval_subset") is None
-            and published_accuracy(point["model_name"]) is not None):
-        return published_accuracy(point["model_name"])
-    folded = QuantConfig.from_point(point).fold_batchnorm
-    return resources.get(("float", point["model_name"], str(point["weights"]), folded, point.get("eval_subset")),
-                         lambda: evaluate(model, loader_of(), device=device, desc="float model"))
+    config, run = point
+    if (run.weights == "DEFAULT" and run.dataset == "imagenet" and run.eval_subset is None
+            and published_accuracy(run.model_name) is not None):
+        return published_accuracy(run.model_name)
+    return resources.get(("float", run.model_name, str(run.weights), config.fold_batchnorm, run.eval_subset),
+                         lambda: evaluate(model, loader_of(), device=run.device, desc="float model"))
 
 
 @dataclass
 class Context:
     """What one grid point works with, shared with the variants' quantize functions."""
-    point: dict
+    config: QuantConfig  # how its layers are quantized
+    run: RunConfig  # model, data, folders, execution; `run.options`: the variant's own
     calibration: object
     evaluation: object
     analog_model: torch.nn.Module
     original_top1: float
     original_top5: float
-    device: str
     log: object
     checkpoint: object = None  # a checkpoint.LayerCheckpoint (the plain script's), or None
 
-    def stream(self) -> CalibrationStream:
-        """A fresh seeded calibration stream (the same images for the same seed)."""
-        return CalibrationStream(self.calibration, self.point["seed"], chunk_size=self.point.get("chunk_size", 256),
-                                 num_workers=self.point.get("num_workers", 0))
-
-    def loader(self):
-        return evaluation_loader(self.evaluation, self.point.get("eval_batch_size", 256),
-                                 self.point.get("num_workers", 0))
+    @property
+    def point(self) -> Point:
+        return Point(self.config, self.run)
 
     @property
-    def config(self) -> QuantConfig:
-        """The point's quantization hyperparameters."""
-        return QuantConfig.from_point(self.point)
+    def device(self) -> str:
+        return self.run.device
+
+    def stream(self) -> CalibrationStream:
+        """A fresh seeded calibration stream (the same images for the same seed)."""
+        return CalibrationStream(self.calibration, self.config.seed, chunk_size=self.run.chunk_size,
+                                 num_workers=self.run.num_workers)
+
+    def loader(self):
+        return evaluation_loader(self.evaluation, self.run.eval_batch_size, self.run.num_workers)
 
 
-def load_inputs(point: dict, resources: Resources):
+def load_inputs(point: Point, resources: Resources):
     """(calibration set, evaluation set, float model) of a grid point, loaded once per grid."""
-    data_dir = Path(point.get("data_dir") or DATA_DIR)
+    config, run = point
+    data_dir = Path(run.data_dir or DATA_DIR)
     # Random weights are drawn from the point's seed: a rerun (or --resume) rebuilds the same network.
-    seed = point.get("seed", 0) if point["weights"] == "random" else None
-    analog_model = resources.get(("model", point["model_name"], str(point["weights"]), seed),
-                                 lambda: load_model(point["model_name"], point["weights"], seed=seed or 0))
-    if point["dataset"] == "imagefolder":  # prepared as the model declares (gpfq.runner.preprocessing)
+    seed = config.seed if run.weights == "random" else None
+    analog_model = resources.get(("model", run.model_name, str(run.weights), seed),
+                                 lambda: load_model(run.model_name, run.weights, seed=seed or 0))
+    if run.dataset == "imagefolder":  # prepared as the model declares (gpfq.runner.preprocessing)
         calibration, evaluation = resources.get(
-            ("imagefolder", str(data_dir), point["model_name"], point.get("image_size")),
-            lambda: image_folder_sets(point["model_name"], analog_model, data_dir, point.get("image_size")))
+            ("imagefolder", str(data_dir), run.model_name, run.image_size),
+            lambda: image_folder_sets(run.model_name, analog_model, data_dir, run.image_size))
         return calibration, evaluation, analog_model
-    calibration = resources.get(("calibration", point["dataset"], str(data_dir)),
-                                lambda: calibration_set(point["dataset"], data_dir))
-    evaluation = resources.get(("evaluation", point["dataset"], str(data_dir)),
-                               lambda: evaluation_set(point["dataset"], data_dir))
+    calibration = resources.get(("calibration", run.dataset, str(data_dir)),
+                                lambda: calibration_set(run.dataset, data_dir))
+    evaluation = resources.get(("evaluation", run.dataset, str(data_dir)),
+                               lambda: evaluation_set(run.dataset, data_dir))
     return calibration, evaluation, analog_model
 
 
@@ -140,48 +145,47 @@ def preflight(points: list, resources: Resources, validate_model=None) -> None:
     point runs: m against the calibration set, NaN/Inf in the model (naming the parameter or layer),
     ignore_layers against the model's layers, and the variant's validate_model(point, ModelFacts)."""
     for point in points:
+        config, run = point
         calibration, evaluation, model = load_inputs(point, resources)
-        check_batch_size("batch_size", point["batch_size"], calibration)
-        if point.get("eval_subset") is not None:  # a subset the set cannot give is found before any work
-            resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
-                          lambda: eval_subset(evaluation, point["eval_subset"]))
+        check_batch_size("batch_size", config.batch_size, calibration)
+        if run.eval_subset is not None:  # a subset the set cannot give is found before any work
+            resources.get(("eval_subset", id(evaluation), run.eval_subset),  # the set lives in resources
+                          lambda: eval_subset(evaluation, run.eval_subset))
 
         def checked_layers():
-            check_model_takes(point["model_name"], model, point["dataset"], calibration)
+            check_model_takes(run.model_name, model, run.dataset, calibration)
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             check_model_finite(model, example)
             discovery = find_layers(model, example)
             return [layer.name for layer in discovery.layers], Coverage.of(discovery).warning()
-        names, coverage_warning = resources.get(("layers", point["model_name"], str(point["weights"])),
-                                                checked_layers)
-        if coverage_warning and point.get("strict_coverage"):
+        names, coverage_warning = resources.get(("layers", run.model_name, str(run.weights)), checked_layers)
+        if coverage_warning and config.strict_coverage:
             raise bad_hyperparameter(f"strict_coverage is on, and {coverage_warning}")
-        check_layer_indices("ignore_layers", point.get("ignore_layers") or [], names)
+        check_layer_indices("ignore_layers", config.ignore_layers, names)
         if validate_model is not None:
             example = calibration[0][0].unsqueeze(0).to(next(model.parameters()).device)
             validate_model(point, ModelFacts(names, model, len(calibration), len(evaluation), example))
 
 
-def prepare(point: dict, resources: Resources, log=tqdm.write) -> Context:
+def prepare(point: Point, resources: Resources, log=tqdm.write) -> Context:
     """Load (or reuse) the data and float model of a grid point and its float accuracy."""
-    device = point.get("device", "cpu")
-    torch.manual_seed(point["seed"])
+    config, run = point
+    torch.manual_seed(config.seed)
     calibration, evaluation, analog_model = load_inputs(point, resources)
-    check_batch_size("batch_size", point["batch_size"], calibration)
-    if QuantConfig.from_point(point).fold_batchnorm:
+    check_batch_size("batch_size", config.batch_size, calibration)
+    if config.fold_batchnorm:
         def folded():
             model, pairs = fold_batchnorm(analog_model)
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
             return model
-        analog_model = resources.get(("folded model", point["model_name"], str(point["weights"])), folded)
-    if point.get("eval_subset") is not None:
-        evaluation = resources.get(("eval_subset", id(evaluation), point["eval_subset"]),  # the set lives in resources
-                                   lambda: eval_subset(evaluation, point["eval_subset"]))
+        analog_model = resources.get(("folded model", run.model_name, str(run.weights)), folded)
+    if run.eval_subset is not None:
+        evaluation = resources.get(("eval_subset", id(evaluation), run.eval_subset),  # the set lives in resources
+                                   lambda: eval_subset(evaluation, run.eval_subset))
         log(f"eval_subset: accuracy on a class-balanced {len(evaluation)} images of the evaluation set (the first of "
             f"each class), logged in the Eval Subset column")
-    context = Context(point, calibration, evaluation, analog_model, 0.0, 0.0, device, log)
-    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader,
-                                                                  device)
+    context = Context(config, run, calibration, evaluation, analog_model, 0.0, 0.0, log)
+    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader)
     return context
 
 
@@ -197,14 +201,16 @@ class Variant:
     """How a script's procedure plugs into `main`; the defaults are the plain script's (the paper's GPFQ).
 
     quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
+    A `point` below is a parsed `Point` (config, run); the variant's own options are `point.run.options`.
     logs: {log file name: its columns}; log_names(point) -> the logs a point's row goes to (default: all).
     header_keys: the keys the variant adds to the plain header; grid_keys: those that expand into a grid.
     columns(point) -> {column: value}: the variant's own hyperparameter columns, written into each row and
         used, with `header.point_columns`, to recognise a logged point (`resume`).
     result_columns: the variant's own columns that record results (not hyperparameters).
-    resolve_point(point) -> point runs before validation (e.g. hyperparameters read from a saved model);
-    validate_point(point) adds cheap checks; validate_model(point, ModelFacts) adds checks that need the
-        model's layers or the data's size (in `preflight`, before any point runs).
+    resolve_point(point dict) -> point dict runs before parsing (e.g. hyperparameters read from a saved model);
+    options(point dict) -> the variant's own options, typed and checked (`header.parse_point`, into
+        `run.options`); validate_model(point, ModelFacts) adds checks that need the model's layers or the
+        data's size (in `preflight`, before any point runs).
     name: starts the saved models' file names, so variants' models stand apart; file_prefix(point), when
         given, replaces it with one that also names the point's options (e.g. 'adhoc_bias-all').
     layer_checkpoints: whether quantize passes `context.checkpoint` to the layer loop (per-layer resume); off
@@ -220,30 +226,29 @@ class Variant:
     columns: Optional[Callable] = None
     result_columns: frozenset = frozenset()
     resolve_point: Optional[Callable] = None
-    validate_point: Optional[Callable] = None
+    options: Optional[Callable] = None
     validate_model: Optional[Callable] = None
     layer_checkpoints: bool = True
 
-    def log_names_of(self, point: dict) -> list:
+    def log_names_of(self, point: Point) -> list:
         """The logs a point's row goes to."""
         names = list(self.logs) if self.log_names is None else self.log_names(point)
         return [names] if isinstance(names, str) else list(names)
 
-    def own_columns(self, point: dict) -> dict:
+    def own_columns(self, point: Point) -> dict:
         return self.columns(point) if self.columns is not None else {}
 
 
 PLAIN = Variant()
 
 
-def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
+def run_point(point: Point, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
     """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
     unlogged: a list holding the point's saved files until its row is logged (`main` drops them at Ctrl-C)."""
     unlogged = [] if unlogged is None else unlogged
-    model_dir = Path(point.get("model_dir") or MODEL_DIR) / model_folder(point["model_name"])
-    log_paths = [Path(point.get("log_dir") or LOG_DIR) / name for name in variant.log_names_of(point)]
+    model_dir = Path(point.run.model_dir or MODEL_DIR) / model_folder(point.run.model_name)
+    log_paths = [Path(point.run.log_dir or LOG_DIR) / name for name in variant.log_names_of(point)]
     context = prepare(point, resources, log)
-    config = context.config
     context.checkpoint = point_checkpoint(point, model_dir, variant, log, context.analog_model)
     try:
         return _quantize_save_log(context, variant, model_dir, log_paths, log, unlogged)
@@ -254,21 +259,21 @@ def run_point(point: dict, resources: Resources, variant: Variant = PLAIN, log=t
 
 def _quantize_save_log(context: Context, variant: Variant, model_dir: Path, log_paths: list, log, unlogged) -> dict:
     """run_point's work once the point is prepared: quantize, save, evaluate, log; returns the row."""
-    point, config = context.point, context.config
+    point, config, run = context.point, context.config, context.run
     own_options = {key: value for key, value in variant.own_columns(point).items() if value not in ("", None)}
-    log(f"== {point['model_name']} ({weights_label(point['model_name'], point['weights'])}) {point['method']} "
-        f"{config.method_description()} {point['bits']} bits, m={point['batch_size']}, "
-        f"C=({point['mlp_scalar']}, {point['cnn_scalar']}), {config.alphabet_granularity} alphabets, "
-        f"seed {point['seed']}" + "".join(f", {key} {value}" for key, value in own_options.items()))
+    log(f"== {run.model_name} ({weights_label(run.model_name, run.weights)}) {config.method} "
+        f"{config.method_description()} {config.bits} bits, m={config.batch_size}, "
+        f"C=({config.mlp_scalar}, {config.cnn_scalar}), {config.alphabet_granularity} alphabets, "
+        f"seed {config.seed}" + "".join(f", {key} {value}" for key, value in own_options.items()))
     start = time.time()
     quantized_model, reports, extra = variant.quantize(context)
     seconds = time.time() - start
 
     prefix = variant.file_prefix(point) if variant.file_prefix is not None else variant.name
-    stem = (f"{prefix + '_' if prefix else ''}{point['method']}_{point['alphabet']}"
-            f"_{config.alphabet_granularity}_b{point['bits']}_m{point['batch_size']}"
-            f"_mlp{point['mlp_scalar']}_cnn{point['cnn_scalar']}_s{point['seed']}_{time.strftime('%Y%m%d-%H%M%S')}")
-    record = {"hyperparameters": dict(point), "layers": reports_as_dicts(reports), "extra": extra,
+    stem = (f"{prefix + '_' if prefix else ''}{config.method}_{config.alphabet}"
+            f"_{config.alphabet_granularity}_b{config.bits}_m{config.batch_size}"
+            f"_mlp{config.mlp_scalar}_cnn{config.cnn_scalar}_s{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+    record = {"hyperparameters": dict(run.header), "layers": reports_as_dicts(reports), "extra": extra,
               "quantization_seconds": seconds, "package_version": __version__, "code_revision": code_revision()}
     shard = distributed.current()  # several ranks: only rank 0 writes, the others learn the path
     record["world_size"], record["backend"] = shard.world_size, shard.backend or "none"
@@ -307,7 +312,7 @@ def _quantize_save_log(context: Context, variant: Variant, model_dir: Path, log_
     row.update({
         "Original Top1 Accuracy": round(context.original_top1, 6), "Quantized Top1 Accuracy": round(top1, 6),
         "Original Top5 Accuracy": round(context.original_top5, 6), "Quantized Top5 Accuracy": round(top5, 6),
-        "Author": point.get("author", ""), "Sparsity": round(zero_fraction(reports), 6),
+        "Author": run.author, "Sparsity": round(zero_fraction(reports), 6),
         "Quantization Seconds": round(seconds, 2), "Model File": display_path(model_path),
         "Package Version": __version__, "Code Revision": record["code_revision"],
         "Date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -325,14 +330,14 @@ def _quantize_save_log(context: Context, variant: Variant, model_dir: Path, log_
     if context.checkpoint is not None:  # the row holds the point now
         context.checkpoint.remove()
     log(f"row appended to {', '.join(str(p) for p in log_paths)}")
-    if point.get("export_onnx") and quantized_file is not None and shard.writer:
+    if run.export_onnx and quantized_file is not None and shard.writer:
         export_beside(quantized_file, log)  # with act_bits, <stem>.int8.onnx too
-    elif point.get("export_qdq") and quantized_file is not None and shard.writer:
+    elif run.export_qdq and quantized_file is not None and shard.writer:
         export_int8_beside(quantized_file, log)
     return row
 
 
-def save_results(model, reports, record, model_dir: Path, stem: str, point: dict, input_shape, log):
+def save_results(model, reports, record, model_dir: Path, stem: str, point: Point, input_shape, log):
     """Save the .pt and its record (`save_model`), then the quantized model file beside them; returns
     (.pt path, quantized file, SizeReport). A failed write is one ResultWriteError saying which files of the
     point were saved (each complete) and which were not."""
@@ -354,11 +359,11 @@ def save_results(model, reports, record, model_dir: Path, stem: str, point: dict
                                ) from error
 
 
-def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log, analog_model=None):
+def point_checkpoint(point: Point, model_dir: Path, variant: Variant, log, analog_model=None):
     """The point's per-layer checkpoint (gpfq.pipeline.checkpoint) in its model folder; None when off or when the variant
     keeps state outside the layer loop (`Variant.layer_checkpoints`: the retraining variant). Its identity holds a
     hash of the float weights, so a checkpoint made from other weights is never restored."""
-    mode = point.get("checkpoint", "auto")
+    run, mode = point.run, point.run.checkpoint
     if mode is False:
         return None
     if not variant.layer_checkpoints:
@@ -369,13 +374,9 @@ def point_checkpoint(point: dict, model_dir: Path, variant: Variant, log, analog
     if distributed.current().active:  # each rank's share of the stream lives in gpfq.pipeline.distributed
         return None
     identity = point_identity(point, variant.logs[variant.log_names_of(point)[0]], variant)
-    identity.update(chunk_size=point.get("chunk_size", 256), device=str(point.get("device", "cpu")))
-    return LayerCheckpoint(model_dir, identity, code_revision(), mode, bool(point.get("resume")), log,
+    identity.update(chunk_size=run.chunk_size, device=str(run.device))
+    return LayerCheckpoint(model_dir, identity, code_revision(), mode, run.resume, log,
                            weights_hash(analog_model) if analog_model is not None else "")
-
-
-# A final top-1 this close to guessing (1 / number of classes), or below it, means the quantized model is broken.
-CHANCE_MARGIN = 0.02
 
 
 @torch.no_grad()
@@ -385,39 +386,8 @@ def output_width(context: Context) -> int:
     return int(context.analog_model.eval().to(context.device)(example).shape[-1])
 
 
-def classes_in(dataset) -> Optional[int]:
-    """The number of distinct labels in an evaluation set, when its labels can be read without loading the
-    images: `targets` (torchvision, ImageFolder) or a TensorDataset's second tensor, through Subsets; else None."""
-    indices = None
-    while isinstance(dataset, torch.utils.data.Subset):
-        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    labels = getattr(dataset, "targets", None)
-    if labels is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) > 1:
-        labels = dataset.tensors[1]
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
-        return None
-    return int(torch.unique(labels if indices is None else labels[indices]).numel())
-
-
-def chance_warnings(top1: float, n_classes: int, counted: str = "classes") -> list:
-    """A warning when top-1 is within CHANCE_MARGIN of chance (1 / n_classes), another when it is below that.
-    counted: what n_classes counts ('classes' of the evaluation data, or the model's 'outputs')."""
-    chance = 1.0 / n_classes
-    level = f"chance ({chance:.4f} for {n_classes} {counted})"
-    if abs(top1 - chance) <= CHANCE_MARGIN:
-        return [f"final top-1 {top1:.4f} is within {CHANCE_MARGIN * 100:.0f} points of {level}"]
-    if top1 < chance:
-        return [f"final top-1 {top1:.4f} is below {level}: worse than guessing"]
-    return []
-
-
 # ---------------------------------------------------------------- resume
-def point_identity(point: dict, columns, variant: Variant = PLAIN) -> dict:
+def point_identity(point: Point, columns, variant: Variant = PLAIN) -> dict:
     """The values a point would log in the hyperparameter columns of a log: all but the results
     (logs.RESULT_COLUMNS and the variant's result_columns)."""
     values = point_columns(point)
@@ -469,10 +439,8 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
         points = expand_grid(config, variant.grid_keys, say)
         if variant.resolve_point is not None:
             points = [variant.resolve_point(point) for point in points]
-        for point in points:  # every point checked before any work starts
-            validate(point)
-            if variant.validate_point is not None:
-                variant.validate_point(point)
+        # every point checked, and parsed into its QuantConfig and RunConfig, before any work starts
+        points = [parse_point(point, variant.options) for point in points]
     log_dir = Path(config.get("log_dir") or LOG_DIR)
     model_dir = Path(config.get("model_dir") or MODEL_DIR)
     log_names = list(dict.fromkeys(n for point in points for n in variant.log_names_of(point)))
@@ -480,7 +448,7 @@ def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:
         if shard.writer:  # only rank 0 writes, so only its folders and logs matter
             check_writable(log_dir, "log_dir")
             check_writable(model_dir, "model_dir")
-            for name in dict.fromkeys(model_folder(p["model_name"]) for p in points):  # models/<model folder>/
+            for name in dict.fromkeys(model_folder(p.run.model_name) for p in points):  # models/<model folder>/
                 if (model_dir / name).exists():
                     check_writable(model_dir / name, "model_dir")
             for name in log_names:

@@ -1,12 +1,14 @@
 """The scripts' headers: command-line overrides, the grid of points, and the checks of a point.
 
 A script holds a header dict of hyperparameters. `parse_overrides` applies `--name value …`,
-`expand_grid` turns list values of the grid keys into one point per combination, and `validate`
-checks a point before anything loads. The quantization hyperparameters are `QuantConfig`'s fields;
-the other keys (RUN_KEYS) say what runs where; a variant adds its own (`experiment.Variant`).
+`expand_grid` turns list values of the grid keys into one point per combination, and `parse_point`
+checks a point before anything loads and parses it, once, into a typed `Point` (QuantConfig,
+RunConfig): nothing below reads the dict. The quantization hyperparameters are `QuantConfig`'s fields;
+the other keys (RUN_KEYS) say what runs where (`RunConfig`); a variant adds its own (`experiment.Variant`).
 """
 import argparse
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import itertools
@@ -14,11 +16,12 @@ import math
 
 import torch
 
-from gpfq.config import GRID_FIELDS, QuantConfig
+from gpfq.config import FIELDS, GRID_FIELDS, QuantConfig
 from gpfq.io.data import DATASETS, dataset_label
 from gpfq.errors import bad_hyperparameter
 from gpfq.io.models import weights_label
 from gpfq.runner.preprocessing import check_model_and_data
+from gpfq.runner.run_config import Point, RunConfig
 
 # The quantization hyperparameters are gpfq.QuantConfig's fields; the other header keys say what is run where.
 GRID_KEYS = ("model_name",) + GRID_FIELDS
@@ -31,6 +34,8 @@ RUN_KEYS = ("model_name", "dataset", "weights", "author", "num_workers", "num_th
 # Keys whose value is itself a list (never expanded).
 LIST_KEYS = ("ignore_layers",)
 CLI_ALIASES = {"model_name": ["--model"]}
+# The header keys a RunConfig takes (its `options` are the variant's, its `header` the whole point).
+RUN_FIELDS = tuple(item.name for item in dataclasses.fields(RunConfig) if item.name not in ("options", "header"))
 # Keys every variant understands, whether or not its header lists them.
 # debug: known errors show their stack (gpfq.runner.cli).
 # checkpoint: per-layer checkpoints of the plain script, 'auto', True or False (gpfq.pipeline.checkpoint).
@@ -192,8 +197,17 @@ def expand_grid(config: dict, grid_keys=(), say=None) -> list:
     return points
 
 
-def validate(point: dict) -> None:
-    """Raise ValueError on the first bad hyperparameter of one grid point (cheap checks only)."""
+def quant_config(point: dict) -> QuantConfig:
+    """The QuantConfig of a header or grid point (a dict with header keys); keys it lacks take the defaults."""
+    values = {name: point[name] for name in FIELDS if name in point}
+    if values.get("ignore_layers", ()) is None:
+        values["ignore_layers"] = ()
+    return QuantConfig(**values)
+
+
+def parse_point(point: dict, options=None) -> Point:
+    """The (QuantConfig, RunConfig) of one grid point; ValueError on its first bad hyperparameter (cheap checks
+    only). options(point) -> the variant's own typed options, checking them (`experiment.Variant.options`)."""
     def fail(message):
         raise bad_hyperparameter(message)
 
@@ -201,50 +215,52 @@ def validate(point: dict) -> None:
         if isinstance(value, (list, tuple)) and key not in LIST_KEYS:
             fail(f"{key} takes one value, got {len(value)}: {list(value)!r}; it does not expand into a grid "
                  f"(quote a value that has spaces: --{key} 'a b')")
-    QuantConfig.from_point(point)  # the quantization hyperparameters
-    workers = point.get("num_workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        fail(f"num_workers must be an integer ≥ 0, got {workers!r}")
+    config = quant_config(point)
+    run = RunConfig(**{key: point[key] for key in RUN_FIELDS if key in point}, header=dict(point))
+    if isinstance(run.num_workers, bool) or not isinstance(run.num_workers, int) or run.num_workers < 0:
+        fail(f"num_workers must be an integer ≥ 0, got {run.num_workers!r}")
     for key in ("resume", "debug"):
-        if not isinstance(point.get(key, False), bool):
-            fail(f"{key} must be True or False, got {point[key]!r}")
-    if not (point.get("checkpoint", "auto") == "auto" or isinstance(point.get("checkpoint"), bool)):
-        fail(f"checkpoint must be 'auto', True or False, got {point['checkpoint']!r}")
-    subset = point.get("eval_subset")
+        if not isinstance(getattr(run, key), bool):
+            fail(f"{key} must be True or False, got {getattr(run, key)!r}")
+    if not (run.checkpoint == "auto" or isinstance(run.checkpoint, bool)):
+        fail(f"checkpoint must be 'auto', True or False, got {run.checkpoint!r}")
+    subset = run.eval_subset
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         fail(f"eval_subset must be None (the whole evaluation set) or an integer ≥ 1, got {subset!r}")
     for key in ("export_onnx", "export_qdq"):
-        if not isinstance(point.get(key, False), bool):
-            fail(f"{key} must be True or False, got {point[key]!r}")
-    if point.get("export_qdq") and point.get("act_bits") != 8:
+        if not isinstance(getattr(run, key), bool):
+            fail(f"{key} must be True or False, got {getattr(run, key)!r}")
+    if run.export_qdq and config.act_bits != 8:
         fail(f"export_qdq writes the integer model, which needs quantized activations: add --act_bits 8 (act_bits is "
-             f"{point.get('act_bits')!r})")
+             f"{config.act_bits!r})")
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     for key in ("export_onnx", "export_qdq"):
-        if point.get(key) and missing:
+        if getattr(run, key) and missing:
             fail(f"{key} needs {' and '.join(missing)}: pip install 'gpfq[onnx]' (onnx, onnxruntime, onnxscript)")
-    if point["dataset"] not in DATASETS:
-        fail(f"dataset must be one of {DATASETS}, got {point['dataset']!r}")
-    threads = point.get("num_threads")
+    if run.dataset not in DATASETS:
+        fail(f"dataset must be one of {DATASETS}, got {run.dataset!r}")
+    threads = run.num_threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         fail(f"num_threads must be None (all cores) or an integer ≥ 1, got {threads!r}")
-    check_model_and_data(point["model_name"], point["dataset"], point.get("image_size"), point.get("data_dir"))
-    device = str(point.get("device", "cpu"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+    check_model_and_data(run.model_name, run.dataset, run.image_size, run.data_dir)
+    if str(run.device).startswith("cuda") and not torch.cuda.is_available():
+        fail(f"device {str(run.device)!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+    if options is not None:
+        run = dataclasses.replace(run, options=options(point))
+    return Point(config, run)
 
 
 def method_description(point: dict) -> str:
-    """The options that matter for the point's method (the log's Method Options column)."""
-    return QuantConfig.from_point(point).method_description()
+    """The options that matter for a grid point's method (the log's Method Options column)."""
+    return quant_config(point).method_description()
 
 
-def point_columns(point: dict) -> dict:
+def point_columns(point: Point) -> dict:
     """The log columns a grid point's hyperparameters fill; with a variant's own, they identify the point."""
-    columns = {"Model Name": point["model_name"],
-               "Dataset": dataset_label(point["dataset"], point.get("data_dir"), point.get("image_size"))}
-    columns.update(QuantConfig.from_point(point).log_columns())
-    columns["Weights"] = weights_label(point["model_name"], point["weights"])  # other weights: another point
-    subset = point.get("eval_subset")
-    columns["Eval Subset"] = "" if subset is None else subset  # a subset's accuracy is never read as the full one
+    config, run = point
+    columns = {"Model Name": run.model_name, "Dataset": dataset_label(run.dataset, run.data_dir, run.image_size)}
+    columns.update(config.log_columns())
+    columns["Weights"] = weights_label(run.model_name, run.weights)  # other weights: another point
+    # a subset's accuracy is never read as the full one
+    columns["Eval Subset"] = "" if run.eval_subset is None else run.eval_subset
     return columns

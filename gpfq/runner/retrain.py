@@ -16,6 +16,8 @@ statistics, running statistics updated; dropout, where a model has it, on).
 """
 import copy
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -40,34 +42,46 @@ GRID_KEYS = ("retrain_start", "retrain_samples", "retrain_batch_size", "retrain_
 HEADER_KEYS = GRID_KEYS + ("evaluate_each_step",)
 
 
-def validate_point(point: dict) -> None:
-    """The retraining hyperparameters' checks."""
+@dataclass(frozen=True)
+class RetrainOptions:
+    """The retraining header keys of a grid point (`RunConfig.options`), named without their `retrain_` prefix."""
+    start: int  # fine-tune after the start-th quantized layer and every later one
+    samples: Optional[int]  # training images drawn per fine-tuning (None: the whole set)
+    batch_size: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    batchnorm: str  # one of BATCHNORM_MODES
+    evaluate_each_step: bool  # evaluate top-1 after each fine-tuning (the Per-Step Top1 column)
+
+
+def parse_options(point: dict) -> RetrainOptions:
+    """The retraining options of a grid point, checked."""
     def fail(message):
         raise bad_hyperparameter(message)
 
-    def integer(key, low):
-        value = point.get(key)
+    options = RetrainOptions(*(point.get(key) for key in HEADER_KEYS))  # the fields are in HEADER_KEYS' order
+    for key, low in (("start", 1), ("batch_size", 1), ("epochs", 0), ("samples", 1)):
+        value = getattr(options, key)
+        if key == "samples" and value is None:  # the whole train set
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            fail(f"{key} must be an integer ≥ {low}, got {value!r}")
-
-    integer("retrain_start", 1)
-    integer("retrain_batch_size", 1)
-    integer("retrain_epochs", 0)
-    if point.get("retrain_samples") is not None:
-        integer("retrain_samples", 1)
-    lr, decay = point.get("retrain_lr"), point.get("retrain_weight_decay")
+            fail(f"retrain_{key} must be an integer ≥ {low}, got {value!r}")
+    lr, decay = options.lr, options.weight_decay
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         fail(f"retrain_lr must be a number > 0, got {lr!r}")
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
         fail(f"retrain_weight_decay must be a number ≥ 0, got {decay!r}")
-    if point.get("retrain_batchnorm") not in BATCHNORM_MODES:
-        fail(f"retrain_batchnorm must be one of {BATCHNORM_MODES}, got {point.get('retrain_batchnorm')!r}")
-    if not isinstance(point.get("evaluate_each_step"), bool):
-        fail(f"evaluate_each_step must be True or False, got {point.get('evaluate_each_step')!r}")
-    if point.get("calibration", "fresh") != "fresh":
+    if options.batchnorm not in BATCHNORM_MODES:
+        fail(f"retrain_batchnorm must be one of {BATCHNORM_MODES}, got {options.batchnorm!r}")
+    if not isinstance(options.evaluate_each_step, bool):
+        fail(f"evaluate_each_step must be True or False, got {options.evaluate_each_step!r}")
+    calibration = point.get("calibration", "fresh")
+    if calibration != "fresh":
         # 'fixed' caches activations as it walks the network; fine-tuning changes layers it has passed
         fail(f"retraining needs calibration='fresh' (fine-tuning changes layers whose outputs 'fixed' has "
-             f"cached), got {point.get('calibration')!r}")
+             f"cached), got {calibration!r}")
+    return options
 
 
 def freeze(layer: nn.Module) -> None:
@@ -112,20 +126,20 @@ def quantize(context):
 
     Returns (model, [LayerReport], extra log columns).
     """
-    p, log, device = context.point, context.log, context.device
+    options, log, device = context.run.options, context.log, context.device
     model = copy.deepcopy(context.analog_model).eval().to(device)  # the shared float model stays float
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    generator = torch.Generator().manual_seed(p["seed"] + RETRAIN_SEED_OFFSET)
+    generator = torch.Generator().manual_seed(context.config.seed + RETRAIN_SEED_OFFSET)
     train_set = context.calibration
-    samples = len(train_set) if p.get("retrain_samples") is None else min(p["retrain_samples"], len(train_set))
+    samples = len(train_set) if options.samples is None else min(options.samples, len(train_set))
     quantized_count, per_step, retrain_seconds = 0, [], 0.0
 
     def after_layer(step):
         nonlocal quantized_count, retrain_seconds
         freeze(step.quantized_layer)
         quantized_count += 1
-        if quantized_count < p["retrain_start"] or p["retrain_epochs"] == 0:
+        if quantized_count < options.start or options.epochs == 0:
             return
         trainable = [q for q in model.parameters() if q.requires_grad]
         if not trainable:
@@ -133,14 +147,13 @@ def quantize(context):
             return
         start = time.time()
         indices = torch.randperm(len(train_set), generator=generator)[:samples].tolist()
-        loss, steps = fine_tune(model, train_set, indices, p["retrain_batch_size"], p["retrain_epochs"],
-                                p["retrain_lr"], p["retrain_weight_decay"], p["retrain_batchnorm"], generator,
-                                device, p.get("num_workers", 0))
+        loss, steps = fine_tune(model, train_set, indices, options.batch_size, options.epochs, options.lr,
+                                options.weight_decay, options.batchnorm, generator, device, context.run.num_workers)
         retrain_seconds += time.time() - start
         message = (f"    retrain after {step.report.name}: {steps} Adam steps on {samples} images × "
-                   f"{p['retrain_epochs']} epochs, {sum(q.numel() for q in trainable)} float parameters, "
+                   f"{options.epochs} epochs, {sum(q.numel() for q in trainable)} float parameters, "
                    f"loss {loss:.4f}, {time.time() - start:.1f}s")
-        if p["evaluate_each_step"]:
+        if options.evaluate_each_step:
             top1, _ = evaluate(model, context.loader(), device=device, desc=f"after {step.report.name}")
             per_step.append(f"{step.report.name}={top1:.4f}")
             message += f"; test top-1 {top1:.4f}"
@@ -150,23 +163,24 @@ def quantize(context):
                             in_place=True, log=log)
     model, reports = result.model, result.reports
     model.requires_grad_(False)
-    extra = dict(variant_columns(p), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
+    extra = dict(variant_columns(context.point), **{"Retrain Samples": samples, "Retrain Seconds": round(retrain_seconds, 2),
                                         "Per-Step Top1": " ".join(per_step)})
     return model, reports, extra
 
 
-def variant_columns(point: dict) -> dict:
+def variant_columns(point) -> dict:
     """The retraining hyperparameter columns of a point's row (with the plain ones, they identify it for
     `resume`). Retrain Samples None (the whole train set) is logged as the set's size, so it never matches:
     such a point is run again."""
+    options = point.run.options
     return {
-        "Retrain Start": point["retrain_start"], "Retrain Samples": point.get("retrain_samples"),
-        "Retrain Batch Size": point["retrain_batch_size"], "Retrain Epochs": point["retrain_epochs"],
-        "Retrain Learning Rate": point["retrain_lr"], "Retrain Weight Decay": point["retrain_weight_decay"],
-        "Retrain BatchNorm": point["retrain_batchnorm"],
+        "Retrain Start": options.start, "Retrain Samples": options.samples,
+        "Retrain Batch Size": options.batch_size, "Retrain Epochs": options.epochs,
+        "Retrain Learning Rate": options.lr, "Retrain Weight Decay": options.weight_decay,
+        "Retrain BatchNorm": options.batchnorm,
     }
 
 
 RETRAIN = Variant(name="retrain", quantize=quantize, logs=LOGS, header_keys=HEADER_KEYS, grid_keys=GRID_KEYS,
                   columns=variant_columns, result_columns=frozenset({"Retrain Seconds", "Per-Step Top1"}),
-                  validate_point=validate_point, layer_checkpoints=False)
+                  options=parse_options, layer_checkpoints=False)
