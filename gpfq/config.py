@@ -14,7 +14,8 @@ from gpfq.methods.alphabet import ALPHABET_KINDS, GRANULARITIES, MAX_BITS
 from gpfq.methods.gpfq.column_order import COLUMN_ORDERS
 from gpfq.methods.gpfq.engine import ENGINES
 from gpfq.errors import bad_hyperparameter
-from gpfq.pipeline.network import CALIBRATIONS, METHODS
+from gpfq.methods import METHOD_NAMES, METHODS
+from gpfq.pipeline.network import CALIBRATIONS
 from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING
 from gpfq.methods.gpfq.reference import FIRST_COLUMN_RULES
 from gpfq.methods.rounding import THRESHOLDINGS
@@ -48,7 +49,7 @@ class QuantConfig:
     Conv2d layers take the cnn_* scalar and percentile, Linear layers the mlp_* ones: each layer's
     alphabet radius is scalar · (mean over neurons of the `percentile` quantile of |w|).
     """
-    method: str = option("gpfq", "Method", choices=METHODS)  # gpfq, msq, gptq, spfq, sparse_gpfq, qronos
+    method: str = option("gpfq", "Method", choices=METHOD_NAMES)  # gpfq, msq, gptq, spfq, sparse_gpfq, qronos
     bits: int = option(4, "Bits")
     batch_size: int = option(512, "Quantization Batch Size", per_layer=False)  # m: calibration images per layer
     mlp_scalar: float = option(1.3, "MLP_Alphabet_Scalar")
@@ -165,21 +166,8 @@ class QuantConfig:
         return None if chosen is None else chosen.replace(seed=layer_seed(self.seed, index))
 
     def method_description(self) -> str:
-        """The options that matter for the method, for the log's Method Options column."""
-        if self.method == "gptq":
-            return (f"block {self.gptq_block_size}, damping {self.gptq_damping}"
-                    f"{', act-order' if self.gptq_act_order else ''}")
-        order = ", act-order" if self.column_order == "act_order" else ""
-        if self.method == "sparse_gpfq":
-            return f"{self.thresholding} threshold {self.sparsity_threshold}{order}"
-        if self.method == "spfq":
-            return f"stochastic rounding{order}"
-        if self.method == "qronos":
-            return f"damping {self.qronos_damping}{order}"
-        if self.method == "gpfq":
-            first = "first column code2022" if self.gpfq_first_column == "code2022" else ""
-            return ", ".join(part for part in (first, order[2:]) if part)
-        return ""
+        """The options that matter for the method, for the log's Method Options column (`Method.describe`)."""
+        return METHODS[self.method].describe(self)
 
     def log_columns(self) -> dict:
         """{log column: value} of every field (the method options share one column)."""

@@ -1,9 +1,12 @@
 """Quantized activations (QuantConfig.act_bits): calibrated grids, X̃ fake-quantized, and the QDQ ONNX export."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import gpfq
+from gpfq.methods import METHODS
 from gpfq.pipeline import network
 from gpfq.errors import BadHyperparameterError
 
@@ -24,12 +27,12 @@ def grid_round(x, low, high, bits=8):
 
 def recording(monkeypatch):
     """Record the (X, X̃) rows handed to the GPFQ rule, layer by layer."""
-    seen, rule = [], network.LAYER_METHODS["gpfq"]
+    seen, method = [], METHODS["gpfq"]
 
     def recorded(weight, analog, quantized, *alphabet_config_seed):
         seen.append((analog.clone(), quantized.clone()))
-        return rule(weight, analog, quantized, *alphabet_config_seed)
-    monkeypatch.setitem(network.LAYER_METHODS, "gpfq", recorded)
+        return method.from_rows(weight, analog, quantized, *alphabet_config_seed)
+    monkeypatch.setitem(METHODS, "gpfq", dataclasses.replace(method, from_rows=recorded))
     return seen
 
 

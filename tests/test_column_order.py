@@ -8,7 +8,8 @@ from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
 from gpfq.methods.gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
 from gpfq.runner.experiment import expand_grid, method_description, parse_point
-from gpfq.pipeline.network import LAYER_METHODS, STATISTICS_METHODS, quantize_layer
+from gpfq.methods import METHODS
+from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, seeded_uniforms
 from gpfq.methods.gpfq.variants import spfq
@@ -65,11 +66,11 @@ def test_gpfq_act_order_equals_the_reference_on_permuted_columns(per_channel):
     # the layer rules of the network (float32): rows, and streamed sums
     settings = QuantConfig(method="gpfq", column_order="act_order", mlp_scalar=1.0, cnn_scalar=1.0)
     for engine in ("columns", "residual", "gram"):
-        got = LAYER_METHODS["gpfq"](weight, analog, quantized, alphabet, QuantConfig(
+        got = METHODS["gpfq"].from_rows(weight, analog, quantized, alphabet, QuantConfig(
             method="gpfq", column_order="act_order", engine=engine, mlp_scalar=1.0, cnn_scalar=1.0))
         assert (got == expected.float()).double().mean() >= 0.995
     streamed = GramStatistics(2, weight.shape[2]).add(analog, quantized)
-    got = STATISTICS_METHODS["gpfq"](weight, streamed, alphabet, settings)
+    got = METHODS["gpfq"].from_statistics(weight, streamed, alphabet, settings)
     assert (got == expected.float()).double().mean() >= 0.995
 
 

@@ -13,7 +13,7 @@ from gpfq.methods.codes import (NotOnAlphabetError, code_entropy, decode, encode
 import gpfq
 from gpfq.io.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
 from gpfq.io.models import load_model
-from gpfq.pipeline.network import METHODS
+from gpfq.methods import METHOD_NAMES
 from helpers import tensor_sha256
 
 
@@ -241,7 +241,7 @@ def test_wrong_architecture_is_refused(saved):
 
 
 def test_every_method_is_in_the_cases():
-    assert {case[0] for case in CASES} == set(METHODS)
+    assert {case[0] for case in CASES} == set(METHOD_NAMES)
 
 
 def test_describe_reports_each_layer(saved, capsys):

@@ -44,7 +44,8 @@ from gpfq.runner.procedures import LOG_COLUMNS
 from gpfq.runner.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.methods.gpfq.engine import ENGINES
-from gpfq.pipeline.network import CALIBRATIONS, METHODS, layer_alphabet, quantize_network
+from gpfq.methods import METHOD_NAMES
+from gpfq.pipeline.network import CALIBRATIONS, layer_alphabet, quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.methods.gpfq.reference import gpfq_reference, msq
 
@@ -217,7 +218,7 @@ def _quantize_zero_model(settings, keep_rows=True):
     return quantized, reports, steps
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_zero_weights_and_zero_inputs_work_for_every_method(method, granularity):
     _quantize_zero_model(QuantConfig(method=method, bits=3, mlp_scalar=1.3, cnn_scalar=1.3,

@@ -8,7 +8,7 @@ from gpfq.methods.alphabet import GRANULARITIES
 from gpfq.methods.codes import encode, layer_codebook
 import gpfq
 from gpfq.io.model_file import load_quantized, save_quantized
-from gpfq.pipeline.network import METHODS
+from gpfq.methods import METHOD_NAMES
 
 BITS = 3
 
@@ -30,7 +30,7 @@ def _check_strict(model, reports, bits_of=lambda report: BITS):
 
 @pytest.mark.slow  # quantizes the default model
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_method_and_granularity(default_data, method, granularity):
     calibration, _, model = default_data
     config = gpfq.QuantConfig(method=method, bits=BITS, alphabet="strict", alphabet_granularity=granularity,

@@ -18,6 +18,7 @@ the later columns with one matrix product. Both share:
 import torch
 
 from gpfq.methods.alphabet import round_to_alphabet
+from gpfq.methods.method import Method
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -129,3 +130,21 @@ def gptq_reference(weight, quantized_input, alphabet, damping: float = 0.01, act
         W -= error.unsqueeze(1) * inverse[t].unsqueeze(0)
         inverse = inverse - torch.outer(inverse[:, t], inverse[t]) / pivot  # remove column t
     return Q
+
+
+def _gptq_from_rows(weight, analog, quantized, alphabet, config):
+    return gptq(weight, quantized, alphabet, config.gptq_block_size, config.gptq_damping, config.gptq_act_order)
+
+
+def _gptq_from_statistics(weight, statistics, alphabet, config):
+    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, config.gptq_block_size, config.gptq_damping,
+                          config.gptq_act_order)
+
+
+def _gptq_options(config) -> str:
+    order = ", act-order" if config.gptq_act_order else ""
+    return f"block {config.gptq_block_size}, damping {config.gptq_damping}{order}"
+
+
+# GPTQ sees only X̃ (through X̃ᵀX̃): from rows, or from streamed sums when they are cheaper to hold
+GPTQ = Method("gptq", _gptq_from_rows, _gptq_from_statistics, describe=_gptq_options)

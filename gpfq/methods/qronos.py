@@ -31,7 +31,9 @@ Shapes: weight (G, N1, N0), rows (G, m, N0), Grams (G, N0, N0), alphabet (L,) or
 import torch
 
 from gpfq.methods.alphabet import round_to_alphabet
+from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
 from gpfq.methods.gptq import HessianNotPositiveDefinite, lazy_batch_rounding
+from gpfq.methods.method import Method, order_option
 
 DEFAULT_DAMPING = 1e-6
 DEFAULT_BLOCK_SIZE = 128
@@ -138,3 +140,18 @@ def qronos(weight, analog_input, quantized_input, alphabet, damping: float = DEF
     Xq = quantized_input.detach().double()
     Xq_t = Xq.transpose(1, 2)
     return qronos_from_gram(weight, Xq_t @ X, Xq_t @ Xq, alphabet, damping, block_size, dtype)
+
+
+def _qronos_from_rows(weight, analog, quantized, alphabet, config):
+    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, config.qronos_damping),
+                              weight, analog, quantized, config.column_order)
+
+
+def _qronos_from_statistics(weight, statistics, alphabet, config):
+    return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet, config.qronos_damping),
+                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
+
+
+# Its sums are float64: the ridge (1e-6 · λ_max by default) is below float32's resolution of X̃ᵀX̃.
+QRONOS = Method("qronos", _qronos_from_rows, _qronos_from_statistics, statistics_dtype=torch.float64,
+                describe=lambda config: f"damping {config.qronos_damping}{order_option(config)}")

@@ -20,7 +20,8 @@ either way), so a layer's peak memory is flat in m.
 Extension points used by the variants:
 - `layer_config(index, name, n_layers)` gives each layer's QuantConfig (`QuantConfig.for_layer`: method, bits,
   alphabet, the layer's seed), or None to leave the layer float (skip lists, mixed precision);
-- `LAYER_METHODS` maps a method name to its layer rule (gpfq, msq, gptq, spfq, sparse_gpfq, qronos);
+- `gpfq.methods.METHODS` maps a method name to its `Method` object (gpfq, msq, gptq, spfq, sparse_gpfq, qronos):
+  the layer rule on rows and on Gram sums, what it needs, its form; this module never checks a method's name;
 - `after_layer(step)` runs after each quantized layer (bias correction, retraining);
 - `in_place=True` quantizes `analog_model` itself, so X̃ = X (the retraining variant).
 """
@@ -34,21 +35,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
-from gpfq.pipeline import distributed
-from gpfq.methods.codes import code_entropy, encode, layer_codebook, stored_bits
-from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
-from gpfq.pipeline.checkpoint import reports_from_state, reports_state, summary as checkpoint_summary
-from gpfq.pipeline.capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped, is_conv,
-                      layer_rows, owner_module, trace_graph, write_weight)
-from gpfq.methods.gpfq.engine import DEFAULT_ROWS_BUDGET, GramStatistics, choose_form, gpfq_gram, rows_bytes
 from gpfq.errors import bad_hyperparameter
-from gpfq.methods.gptq import gptq, gptq_from_gram
+from gpfq.methods import method_of
+from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
+from gpfq.methods.codes import code_entropy, encode, layer_codebook, stored_bits
+from gpfq.methods.gpfq.engine import DEFAULT_ROWS_BUDGET, GramStatistics
+from gpfq.methods.gpfq.reference import relative_error
+from gpfq.pipeline import distributed
+from gpfq.pipeline.capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped,
+                                   is_conv, layer_rows, owner_module, trace_graph, write_weight)
+from gpfq.pipeline.checkpoint import reports_from_state, reports_state, summary as checkpoint_summary
 from gpfq.pipeline.inputs import as_inputs, floating_dtype, move
-from gpfq.methods.qronos import qronos, qronos_from_gram
-from gpfq.methods.gpfq.reference import msq, relative_error
-from gpfq.methods.rounding import ThresholdedRounding, spfq_rounding
-from gpfq.methods.gpfq.variants import gpfq_walk, sparse_gpfq, spfq
 
 CALIBRATIONS = ("fresh", "fixed")
 
@@ -150,83 +147,6 @@ class LayerStep:
     statistics: GramStatistics = None
 
 
-def _gpfq(weight, analog, quantized, alphabet, config):
-    def rule(w, x, xq):
-        return gpfq_walk(w, x, xq, alphabet, engine=config.engine, first_column=config.gpfq_first_column)
-    return rows_rule_in_order(rule, weight, analog, quantized, config.column_order)
-
-
-def _msq(weight, analog, quantized, alphabet, config):
-    return msq(weight, alphabet)
-
-
-def _gpfq_from_statistics(weight, statistics, alphabet, config):
-    first_column = config.gpfq_first_column if config.method == "gpfq" else "paper"
-    return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet,
-                                                               rounding=_gpfq_rule(config, weight),
-                                                               first_column=first_column),
-                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
-
-
-def _msq_from_statistics(weight, statistics, alphabet, config):
-    return msq(weight, alphabet)
-
-
-def _gptq(weight, analog, quantized, alphabet, config):
-    return gptq(weight, quantized, alphabet, config.gptq_block_size, config.gptq_damping, config.gptq_act_order)
-
-
-def _gptq_from_statistics(weight, statistics, alphabet, config):
-    return gptq_from_gram(weight, statistics.quantized_gram, alphabet, config.gptq_block_size, config.gptq_damping,
-                          config.gptq_act_order)
-
-
-def _spfq(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, config.seed, engine=config.engine),
-                              weight, analog, quantized, config.column_order)
-
-
-def _sparse_gpfq(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, config.sparsity_threshold,
-                                                           config.thresholding, engine=config.engine),
-                              weight, analog, quantized, config.column_order)
-
-
-def _qronos(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, config.qronos_damping),
-                              weight, analog, quantized, config.column_order)
-
-
-def _qronos_from_statistics(weight, statistics, alphabet, config):
-    return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet,
-                                                                      config.qronos_damping),
-                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
-
-
-def _gpfq_rule(config, weight):
-    """The rounding rule of a GPFQ-family method (None: nearest), for the engine's Gram form."""
-    if config.method == "spfq":
-        return spfq_rounding(weight.shape, config.seed)
-    if config.method == "sparse_gpfq":
-        return ThresholdedRounding(config.sparsity_threshold, config.thresholding)
-    return None
-
-
-# name -> rule(weight (G,N1,N0), analog_rows (G,m,N0), quantized_rows (G,m,N0), alphabet, config) -> Q
-# alphabet: (L,) for one radius per layer, (G, N1, L) per output channel.
-LAYER_METHODS = {"gpfq": _gpfq, "msq": _msq, "gptq": _gptq, "spfq": _spfq, "sparse_gpfq": _sparse_gpfq,
-                 "qronos": _qronos}
-METHODS = tuple(LAYER_METHODS)
-# Methods that can also work from streamed sums: name -> rule(weight, GramStatistics, alphabet, config) -> Q.
-# They are streamed when `engine.choose_form` picks the Gram form for the layer.
-# (MSQ needs no rows; its entry serves the relative error from sums when the rows are spread over ranks.)
-STATISTICS_METHODS = {"gpfq": _gpfq_from_statistics, "spfq": _gpfq_from_statistics,
-                      "sparse_gpfq": _gpfq_from_statistics, "gptq": _gptq_from_statistics,
-                      "qronos": _qronos_from_statistics, "msq": _msq_from_statistics}
-# Methods that walk GPFQ's path (with their own rounding rule): computed by the engine form `config.engine`.
-GPFQ_FAMILY = ("gpfq", "spfq", "sparse_gpfq")
-
-
 def fresh_inputs(analog_model, quantized_model, layer, chunks, device):
     """Yield the inputs (X, X̃) of `layer` (capture.LayerInput) for each image chunk; quantized_model None: X̃ = X.
     Floating-point images are cast to the model's dtype (an fp16 model on fp32 data)."""
@@ -250,17 +170,8 @@ def checked_inputs(name, input_pairs):
 
 def layer_form(config, rows: int, n_inputs: int, n_neurons: int, n_groups: int,
                rows_budget: float = DEFAULT_ROWS_BUDGET) -> str:
-    """How a layer is computed: GPFQ's engine form ('residual', 'gram', 'columns') for the GPFQ family;
-    for GPTQ and Qronos 'gram' (from streamed sums) with engine 'gram' or when the rows exceed the budget;
-    else the method's name."""
-    if config.method in ("gptq", "qronos"):  # both work from X̃ᵀX̃ (and X̃ᵀX): rows or streamed sums
-        streamed = config.engine == "gram" or rows_bytes(rows, n_inputs, n_groups) > rows_budget
-        return "gram" if streamed else config.method
-    if config.method not in GPFQ_FAMILY:
-        return config.method
-    if config.engine == "columns":
-        return "columns"
-    return choose_form(config.engine, rows, n_inputs, n_neurons, n_groups, rows_budget)
+    """How a layer is computed under `config` (`Method.form`): 'residual', 'gram', 'columns' or the method's name."""
+    return method_of(config.method).form(config, rows, n_inputs, n_neurons, n_groups, rows_budget)
 
 
 def gather_layer(layer, config, input_pairs, n_images, retain_rate, generator, patch_stride, keep_rows,
@@ -282,7 +193,7 @@ def gather_layer(layer, config, input_pairs, n_images, retain_rate, generator, p
         if form is None:
             rows = x.shape[0] // analog.images * n_images
             form = layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget)
-            if form == "gram" and config.method in STATISTICS_METHODS:
+            if form == "gram" and method_of(config.method).from_statistics is not None:
                 statistics = new_statistics(config, weight, x.device)
         if statistics is not None:
             statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
@@ -295,11 +206,10 @@ def gather_layer(layer, config, input_pairs, n_images, retain_rate, generator, p
 
 
 def new_statistics(config, weight: torch.Tensor, device) -> GramStatistics:
-    """Empty Gram sums for the rows of a layer with grouped weight (G, N1, N0). Qronos's are float64: its ridge
-    (1e-6 · λ_max by default) is below float32's resolution of the sums."""
+    """Empty Gram sums, in the method's `statistics_dtype`, for the rows of a layer with grouped weight (G, N1, N0)."""
     n_groups, _, n_inputs = weight.shape
     return GramStatistics(n_groups, n_inputs, weight=weight, device=device,
-                          dtype=torch.float64 if config.method == "qronos" else torch.float32)
+                          dtype=method_of(config.method).statistics_dtype)
 
 
 def distributed_layer(shard, layer, config, input_pairs, n_images, retain_rate, generator, patch_stride,
@@ -313,11 +223,12 @@ def distributed_layer(shard, layer, config, input_pairs, n_images, retain_rate, 
     """
     flat = flat_weight(layer)
     n_groups, n_neurons, n_inputs = grouped(layer, flat).shape
+    method = method_of(config.method)
 
     def streams(rows, weight, device):
         """Empty sums if the layer streams (the form one process would take), else None (its rows are gathered)."""
-        summed = not keep_rows and config.method in STATISTICS_METHODS and (
-            config.method == "msq" or layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
+        summed = not keep_rows and method.from_statistics is not None and (
+            not method.needs_rows or layer_form(config, rows, n_inputs, n_neurons, n_groups, rows_budget) == "gram")
         return new_statistics(config, weight, device) if summed else None
 
     analog_rows, quantized_rows, statistics = shard.gather_layer(
@@ -348,12 +259,11 @@ def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, config):
 
     Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
     """
-    if config.method not in LAYER_METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of {tuple(LAYER_METHODS)}")
+    method = method_of(config.method)
     alphabet, radius = layer_alphabet(layer, config)
     weight_g, analog_g = grouped(layer, flat_weight(layer), analog_rows)
     _, quantized_g = grouped(layer, flat_weight(layer), quantized_rows)
-    quantized_weight = LAYER_METHODS[config.method](weight_g, analog_g, quantized_g, alphabet, config)
+    quantized_weight = method.from_rows(weight_g, analog_g, quantized_g, alphabet, config)
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
@@ -427,8 +337,7 @@ def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: 
         if config is None:
             log(f"[{index + 1}/{len(names)}] {name}: left float")
             continue
-        if config.method not in LAYER_METHODS:
-            raise ValueError(f"unknown method {config.method!r}; choose one of {tuple(LAYER_METHODS)}")
+        method = method_of(config.method)
         start = time.time()
         if calibration == "fresh":
             input_pairs = fresh_inputs(analog_model, None if in_place else quantized_model, layer,
@@ -452,7 +361,7 @@ def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: 
             weight = grouped(layer, flat_weight(layer))
             rule_start = time.perf_counter()
             quantized_weight = shard.run_rule(
-                lambda: STATISTICS_METHODS[config.method](weight, statistics, alphabet, config), weight,
+                lambda: method.from_statistics(weight, statistics, alphabet, config), weight,
                 f"layer {index + 1} ({name})")
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
@@ -463,7 +372,7 @@ def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: 
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
             input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
         else:
-            rule_config = replace(config, engine=form) if config.method in GPFQ_FAMILY else config
+            rule_config = replace(config, engine=form) if method.gpfq_family else config
             rule_start = time.perf_counter()
             weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
                 layer, analog_rows, quantized_rows, rule_config)
