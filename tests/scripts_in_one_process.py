@@ -3,9 +3,10 @@ working directory would, and print a JSON list of {"script", "status", "stdout",
 
     python scripts_in_one_process.py SPEC.json      # SPEC: [{"script": path, "cwd": folder, "args": [...]}, …]
 
-Each script starts with sys.path[0] = its own folder (as `python SCRIPT` sets it) and the rest of sys.path as this
-process had it, without this file's folder; the modules a script imported from outside site-packages and gpfq
-(its own folder's, the repository's) are dropped before the next one, so no script borrows another's imports.
+Each script starts with sys.path[0] = its own folder (as `python SCRIPT` sets it) and the rest of sys.path as
+this process had it at its start, without this file's folder (what an earlier script inserted is gone); the
+modules a script imported from outside site-packages and gpfq (its own folder's, the repository's) are dropped
+before the next one, so no script borrows another's imports.
 Importing torch once instead of once per script is the point (tests/test_warnings_and_scripts.py).
 """
 import contextlib
@@ -23,10 +24,13 @@ def keeps(module) -> bool:
             or (getattr(module, "__name__", "").split(".")[0] == "gpfq"))
 
 
+BASE_PATH = list(sys.path[1:])  # sys.path without this file's folder, before any script could add to it
+
+
 def run(script: str, cwd: str, args: list) -> dict:
     os.chdir(cwd)
     sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.path[:] = [os.path.dirname(os.path.abspath(script)), *BASE_PATH]  # nothing an earlier script inserted
     out, err = io.StringIO(), io.StringIO()
     status = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -4,7 +4,7 @@
 The embedded models are torchvision's ResNet and MobileNetV2 blocks at Fashion-MNIST size; their trained
 weights ship in gpfq/pretrained/ (made by scripts/train_default_models.py). The three blocks are written out
 here, module for module and op for op as torchvision's (the same state-dict keys, the same bits out;
-tests/test_default_model.py compares them with torchvision's), because importing torchvision costs 1.5-2 s
+tests/test_imports.py compares them with torchvision's), because importing torchvision costs 1.5-2 s
 of CPU (it imports torch._dynamo): about 40 % of a script's start, for every `--help`, every one-line
 error and every run of the default model, which needs nothing else from torchvision.
 
