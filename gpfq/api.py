@@ -273,35 +273,32 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
     stream = calibration_stream(calibration_data, config.seed)
     _check_sizes(stream, config.batch_size)
     state = _state(model)
-    try:
-        return _quantize(model, stream, config, device, layers, after_layer, in_place, log, checkpoint)
+    try:  # the layer loop is called from here, no helper between: the default path is five frames (docs/design.md)
+        example = as_inputs(stream.dataset[0][0]).unsqueeze(0)
+        dtype = floating_dtype(model)
+        if dtype is not None and dtypes(example) - {dtype}:
+            log(f"note: the calibration inputs are {', '.join(sorted(map(str, dtypes(example))))} and the model is "
+                f"{dtype}: the inputs are cast to {dtype}")
+        check_model_runs(model.eval().to(device), move(example, device, dtype))  # one clear error before any work
+        if config.fold_batchnorm and foldable_pairs(model):
+            if in_place:  # folding builds a new model (BatchNorms become Identity), so `model` itself would stay float
+                raise ValueError("in_place=True with fold_batchnorm=True: folding returns a new model, so the model "
+                                 "passed in would not be the one quantized; fold first "
+                                 "(gpfq.pipeline.folding.fold_batchnorm) and quantize the folded model in place")
+            model, pairs = fold_batchnorm(model)
+            log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
+        layer_configs = _layer_configs(model, stream, config, layers, device)
+        activations = _calibrate_activations(model, stream, config, device, dtype, log)
+        quantized, reports = network.quantize_network(  # looked up here: the documented seam
+            model, stream, layer_configs.for_layer, config.batch_size, config.retain_rate, config.seed,
+            list(config.ignore_layers), config.patch_stride, device, log=log, after_layer=after_layer,
+            in_place=in_place, calibration=config.calibration, keep_rows=False,
+            strict_coverage=config.strict_coverage, checkpoint=checkpoint,
+            prepare_quantized=None if activations is None else activations.install)
+        reports.activations = activations  # what save_quantized records, from the result or from the reports alone
+        return QuantizedResult(quantized, reports, config, reports.coverage, activations)
     finally:
         _restore(state)
-
-
-def _quantize(model, stream, config, device, layers, after_layer, in_place, log, checkpoint=None):
-    example = as_inputs(stream.dataset[0][0]).unsqueeze(0)
-    dtype = floating_dtype(model)
-    if dtype is not None and dtypes(example) - {dtype}:
-        log(f"note: the calibration inputs are {', '.join(sorted(map(str, dtypes(example))))} and the model is "
-            f"{dtype}: the inputs are cast to {dtype}")
-    check_model_runs(model.eval().to(device), move(example, device, dtype))  # one clear error before any work
-    if config.fold_batchnorm and foldable_pairs(model):
-        if in_place:  # folding builds a new model (BatchNorms become Identity), so `model` itself would stay float
-            raise ValueError("in_place=True with fold_batchnorm=True: folding returns a new model, so the model "
-                             "passed in would not be the one quantized; fold first (gpfq.pipeline.folding.fold_batchnorm) "
-                             "and quantize the folded model in place")
-        model, pairs = fold_batchnorm(model)
-        log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
-    layer_configs = _layer_configs(model, stream, config, layers, device)
-    activations = _calibrate_activations(model, stream, config, device, dtype, log)
-    quantized, reports = network.quantize_network(  # looked up here: the documented seam
-        model, stream, layer_configs.for_layer, config.batch_size, config.retain_rate, config.seed, list(config.ignore_layers),
-        config.patch_stride, device, log=log, after_layer=after_layer, in_place=in_place,
-        calibration=config.calibration, keep_rows=False, strict_coverage=config.strict_coverage,
-        checkpoint=checkpoint, prepare_quantized=None if activations is None else activations.install)
-    reports.activations = activations  # what save_quantized records, from the result or from the reports alone
-    return QuantizedResult(quantized, reports, config, reports.coverage, activations)
 
 
 def _calibrate_activations(model, stream, config, device, dtype, log):

@@ -1,4 +1,7 @@
 """gpfq.quantize and gpfq.quantize_layer on models and data built here, as a user would call them."""
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +139,33 @@ def test_quantize_layer_conv_weight_uses_cnn_values():
     assert result.shape == weight.shape and _on_alphabet(result, _levels(config, weight, conv=True))
     with pytest.raises(ValueError, match=r"analog_rows must be \(m, 18\)"):
         gpfq.quantize_layer(weight, rows[:, :9], rows, config)
+
+
+@pytest.mark.parametrize("engine", ["auto", "gram"])  # the default (residual at this m) and the streamed Gram form
+def test_default_path_from_quantize_to_the_kernel_is_at_most_five_frames(default_data, monkeypatch, engine):
+    """gpfq.quantize → the layer loop → the method's rule → the engine form → the in-block kernel: at most five of
+    gpfq's frames (docs/design.md), counted at every kernel call of a default run; a layer of indirection fails."""
+    from gpfq.methods.gpfq import inblock
+    package = os.path.dirname(gpfq.__file__) + os.sep
+    paths = set()
+
+    def spy(kernel):
+        def called(*arguments):
+            frames, frame = [], sys._getframe(1)
+            while frame is not None:
+                if frame.f_code.co_filename.startswith(package):
+                    frames.append(f"{frame.f_code.co_filename[len(package):]}:{frame.f_code.co_name}")
+                frame = frame.f_back
+            paths.add(tuple(reversed(frames)) + ("kernel",))
+            return kernel(*arguments)
+        return called
+
+    # whichever kernel the engine takes (the compiled one on the CPU, else the torch one)
+    monkeypatch.setattr(inblock, "_round_block_kernel", spy(inblock._round_block_kernel))
+    monkeypatch.setattr(inblock, "round_block_torch", spy(inblock.round_block_torch))
+    calibration, _, model = default_data
+    result = gpfq.quantize(model, calibration, gpfq.QuantConfig(batch_size=32, engine=engine), log=lambda line: None)
+    assert engine == "auto" or {report.form for report in result.reports} == {engine}
+    assert paths  # every layer ran through the kernel
+    for path in paths:
+        assert path[0] == "api.py:quantize" and len(path) <= 5, " → ".join(path)

@@ -5,7 +5,7 @@ import torch
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
-from gpfq.methods.gpfq.column_order import act_order, gram_rule_in_order, permute_gram, restore_columns, rows_rule_in_order
+from gpfq.methods.gpfq.column_order import act_order, gram_in_order, permute_gram, restore_columns, rows_in_order
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
 from gpfq.runner.experiment import expand_grid, method_description, parse_point
 from gpfq.methods import METHODS
@@ -55,13 +55,13 @@ def test_gpfq_act_order_equals_the_reference_on_permuted_columns(per_channel):
                                                                  alphabet[g] if per_channel else alphabet)
                                                   for g in range(2)]))  # the order matters here
     for form in ("residual", "gram"):  # float64: exactly the reference's choices
-        got = rows_rule_in_order(lambda w, x, xq: gpfq_blocked(w.double(), x, xq, alphabet, form=form, block_size=8,
-                                                               dtype=torch.float64),
-                                 weight, analog, quantized, "act_order")
+        order, w, x, xq = rows_in_order("act_order", weight, analog, quantized)
+        got = restore_columns(gpfq_blocked(w.double(), x, xq, alphabet, form=form, block_size=8, dtype=torch.float64),
+                              order)
         assert torch.equal(got, expected)
     statistics = GramStatistics(2, weight.shape[2], dtype=torch.float64).add(analog, quantized)
-    got = gram_rule_in_order(lambda w, c, h: gpfq_gram(w.double(), c, h, alphabet, 8, torch.float64),
-                             weight, statistics.cross, statistics.quantized_gram, "act_order")
+    order, w, c, h = gram_in_order("act_order", weight, statistics.cross, statistics.quantized_gram)
+    got = restore_columns(gpfq_gram(w.double(), c, h, alphabet, 8, torch.float64), order)
     assert torch.equal(got, expected)
     # the layer rules of the network (float32): rows, and streamed sums
     settings = QuantConfig(method="gpfq", column_order="act_order", mlp_scalar=1.0, cnn_scalar=1.0)
@@ -81,9 +81,8 @@ def test_spfq_act_order_equals_the_reference_on_permuted_columns():
     uniforms = seeded_uniforms(weight.shape, 9)
     expected = _reference_in_act_order(weight, analog, quantized, alphabet, False,
                                        rule=lambda g: StochasticScalar(uniforms[g]))
-    got = rows_rule_in_order(lambda w, x, xq: spfq(w.double(), x, xq, alphabet, seed=9, dtype=torch.float64,
-                                                   engine="residual"),
-                             weight, analog, quantized, "act_order")
+    order, w, x, xq = rows_in_order("act_order", weight, analog, quantized)
+    got = restore_columns(spfq(w.double(), x, xq, alphabet, seed=9, dtype=torch.float64, engine="residual"), order)
     assert torch.equal(got, expected)
 
 

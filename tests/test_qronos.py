@@ -5,7 +5,7 @@ from torch import nn
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
-from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
+from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.methods.gptq import HessianNotPositiveDefinite, gptq_reference
 from gpfq.pipeline.network import layer_form, quantize_layer
@@ -120,10 +120,10 @@ def test_act_order_equals_the_definition_on_permuted_columns():
     expected[:, order] = qronos_reference(weight[0][:, order], analog[0][:, order], quantized[0][:, order],
                                           alphabet[0])
     statistics = _streamed(analog, quantized, torch.float64)
-    from_sums = gram_rule_in_order(lambda w, c, h: qronos_from_gram(w, c, h, alphabet, dtype=torch.float64),
-                                   weight, statistics.cross, statistics.quantized_gram, "act_order")
-    from_rows = rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, dtype=torch.float64),
-                                   weight, analog, quantized, "act_order")
+    order, w, c, h = gram_in_order("act_order", weight, statistics.cross, statistics.quantized_gram)
+    from_sums = restore_columns(qronos_from_gram(w, c, h, alphabet, dtype=torch.float64), order)
+    order, w, x, xq = rows_in_order("act_order", weight, analog, quantized)
+    from_rows = restore_columns(qronos(w, x, xq, alphabet, dtype=torch.float64), order)
     assert torch.equal(from_sums[0], expected) and torch.equal(from_rows[0], expected)
     assert not torch.equal(expected, qronos_reference(weight[0], analog[0], quantized[0], alphabet[0]))
 

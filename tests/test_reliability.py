@@ -436,9 +436,10 @@ GRID = textwrap.dedent("""
     from gpfq.runner import experiment
     from gpfq.pipeline import network
     # Each layer takes ≥ 0.2 s, so a grid point lasts seconds whatever the engine's speed and a signal
-    # sent after a point's row lands inside the next point (the rows themselves are real).
-    real_quantize_layer = network.quantize_layer
-    network.quantize_layer = lambda *args, **kwargs: (time.sleep(0.2), real_quantize_layer(*args, **kwargs))[1]
+    # sent after a point's row lands inside the next point (the rows themselves are real). The loop asks
+    # layer_alphabet once per quantized layer, from rows or from sums.
+    real_layer_alphabet = network.layer_alphabet
+    network.layer_alphabet = lambda *args, **kwargs: (time.sleep(0.2), real_layer_alphabet(*args, **kwargs))[1]
     full = experiment.evaluation_set
     experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range({eval_images}))
     from test_reliability import HEADER

@@ -31,7 +31,7 @@ Shapes: weight (G, N1, N0), rows (G, m, N0), Grams (G, N0, N0), alphabet (L,) or
 import torch
 
 from gpfq.methods.alphabet import round_to_alphabet
-from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
+from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
 from gpfq.methods.gptq import HessianNotPositiveDefinite, lazy_batch_rounding
 from gpfq.methods.method import Method, order_option
 
@@ -143,13 +143,14 @@ def qronos(weight, analog_input, quantized_input, alphabet, damping: float = DEF
 
 
 def _qronos_from_rows(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: qronos(w, x, xq, alphabet, config.qronos_damping),
-                              weight, analog, quantized, config.column_order)
+    order, weight, analog, quantized = rows_in_order(config.column_order, weight, analog, quantized)
+    return restore_columns(qronos(weight, analog, quantized, alphabet, config.qronos_damping), order)
 
 
 def _qronos_from_statistics(weight, statistics, alphabet, config):
-    return gram_rule_in_order(lambda w, cross, gram: qronos_from_gram(w, cross, gram, alphabet, config.qronos_damping),
-                              weight, statistics.cross, statistics.quantized_gram, config.column_order)
+    order, weight, cross, gram = gram_in_order(config.column_order, weight, statistics.cross,
+                                               statistics.quantized_gram)
+    return restore_columns(qronos_from_gram(weight, cross, gram, alphabet, config.qronos_damping), order)
 
 
 # Its sums are float64: the ridge (1e-6 · λ_max by default) is below float32's resolution of X̃ᵀX̃.

@@ -254,16 +254,22 @@ def layer_alphabet(layer: nn.Module, config):
     raise ValueError(f"unknown alphabet granularity {config.alphabet_granularity!r}; choose 'layer' or 'channel'")
 
 
-def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, config):
-    """Quantize one layer from its rows (m, G·N0).
-
-    Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
-    """
-    method = method_of(config.method)
+def layer_problem(layer: nn.Module, analog_rows, quantized_rows, config):
+    """What a layer rule takes from rows (m, G·N0): weight (G, N1, N0), analog and quantized rows (G, m, N0),
+    alphabet, radius."""
     alphabet, radius = layer_alphabet(layer, config)
     weight_g, analog_g = grouped(layer, flat_weight(layer), analog_rows)
     _, quantized_g = grouped(layer, flat_weight(layer), quantized_rows)
-    quantized_weight = method.from_rows(weight_g, analog_g, quantized_g, alphabet, config)
+    return weight_g, analog_g, quantized_g, alphabet, radius
+
+
+def quantize_layer(layer: nn.Module, analog_rows, quantized_rows, config):
+    """Quantize one layer from its rows (m, G·N0) (`gpfq.quantize_layer`; the network loop calls the rule itself).
+
+    Returns weight (G, N1, N0), Q (G, N1, N0), analog and quantized rows (G, m, N0), alphabet, radius.
+    """
+    weight_g, analog_g, quantized_g, alphabet, radius = layer_problem(layer, analog_rows, quantized_rows, config)
+    quantized_weight = method_of(config.method).from_rows(weight_g, analog_g, quantized_g, alphabet, config)
     return weight_g, quantized_weight, analog_g, quantized_g, alphabet, radius
 
 
@@ -360,9 +366,12 @@ def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: 
             alphabet, radius = layer_alphabet(layer, config)
             weight = grouped(layer, flat_weight(layer))
             rule_start = time.perf_counter()
-            quantized_weight = shard.run_rule(
-                lambda: method.from_statistics(weight, statistics, alphabet, config), weight,
-                f"layer {index + 1} ({name})")
+            if shard.active:  # Q on rank 0, broadcast (or on every rank)
+                quantized_weight = shard.run_rule(
+                    lambda: method.from_statistics(weight, statistics, alphabet, config), weight,
+                    f"layer {index + 1} ({name})")
+            else:  # the rule called here: the default path is five frames (docs/design.md)
+                quantized_weight = method.from_statistics(weight, statistics, alphabet, config)
             rule_seconds = time.perf_counter() - rule_start
             error = statistics.relative_error(weight, quantized_weight)
             analog_g = quantized_g = None
@@ -372,10 +381,10 @@ def quantize_network(analog_model: nn.Module, stream, layer_config, batch_size: 
             n_rows, width = statistics.rows, weight.shape[0] * weight.shape[2]
             input_kind = input_degeneracy(n_rows, statistics.analog_sum, statistics.analog_square_sum)
         else:
-            rule_config = replace(config, engine=form) if method.gpfq_family else config
+            weight, analog_g, quantized_g, alphabet, radius = layer_problem(layer, analog_rows, quantized_rows, config)
+            rule_config = replace(config, engine=form) if method.gpfq_family else config  # the form, chosen once
             rule_start = time.perf_counter()
-            weight, quantized_weight, analog_g, quantized_g, alphabet, radius = quantize_layer(
-                layer, analog_rows, quantized_rows, rule_config)
+            quantized_weight = method.from_rows(weight, analog_g, quantized_g, alphabet, rule_config)
             quantized_weight = shard.agree_on(quantized_weight, f"layer {index + 1} ({name}): broadcast Q")
             rule_seconds = time.perf_counter() - rule_start
             error = relative_error(weight, quantized_weight, analog_g, quantized_g)

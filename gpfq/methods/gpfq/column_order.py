@@ -6,7 +6,8 @@
   columns are still left to absorb their error.
 
 The rule runs on the permuted columns (W, X, X̃, or the Grams X̃ᵀX, X̃ᵀX̃ permuted on both sides) and
-Q is mapped back to the original columns. Shapes: W (G, N1, N0), rows (G, m, N0), Grams (G, N0, N0),
+Q is mapped back to the original columns. Each rule does both itself (`rows_in_order` or `gram_in_order`,
+then `restore_columns`), so the order adds no frame between a method and its engine. Shapes: W (G, N1, N0), rows (G, m, N0), Grams (G, N0, N0),
 order (G, N0): one permutation per group.
 """
 import torch
@@ -46,30 +47,30 @@ def permute_gram(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return gram[batch, order.unsqueeze(2), order.unsqueeze(1)]
 
 
-def restore_columns(quantized_weight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Q (G, N1, N0) computed on permuted columns, back in the original column order."""
+def restore_columns(quantized_weight: torch.Tensor, order) -> torch.Tensor:
+    """Q (G, N1, N0) computed on permuted columns, back in the original column order (order None: Q as it is)."""
+    if order is None:
+        return quantized_weight
     restored = torch.empty_like(quantized_weight)
     restored.scatter_(2, order.to(quantized_weight.device).unsqueeze(1).expand_as(quantized_weight),
                       quantized_weight)
     return restored
 
 
-def rows_rule_in_order(rule, weight, analog_input, quantized_input, column_order: str):
-    """rule(weight, analog_input, quantized_input) -> Q, run on the columns in `column_order`."""
+def rows_in_order(column_order: str, weight, analog_input, quantized_input):
+    """(order, W, X, X̃) with the columns in `column_order`; order None, the tensors as given, for "natural"."""
     check_column_order(column_order)
     if column_order == "natural":
-        return rule(weight, analog_input, quantized_input)
+        return None, weight, analog_input, quantized_input
     order = order_from_rows(quantized_input)
-    quantized = rule(permute_columns(weight, order), permute_columns(analog_input, order),
-                     permute_columns(quantized_input, order))
-    return restore_columns(quantized, order)
+    return (order, permute_columns(weight, order), permute_columns(analog_input, order),
+            permute_columns(quantized_input, order))
 
 
-def gram_rule_in_order(rule, weight, cross, quantized_gram, column_order: str):
-    """rule(weight, cross = X̃ᵀX, quantized_gram = X̃ᵀX̃) -> Q, run on the columns in `column_order`."""
+def gram_in_order(column_order: str, weight, cross, quantized_gram):
+    """(order, W, X̃ᵀX, X̃ᵀX̃) with the columns in `column_order`; order None, the tensors as given, for "natural"."""
     check_column_order(column_order)
     if column_order == "natural":
-        return rule(weight, cross, quantized_gram)
+        return None, weight, cross, quantized_gram
     order = order_from_gram(quantized_gram)
-    quantized = rule(permute_columns(weight, order), permute_gram(cross, order), permute_gram(quantized_gram, order))
-    return restore_columns(quantized, order)
+    return order, permute_columns(weight, order), permute_gram(cross, order), permute_gram(quantized_gram, order)

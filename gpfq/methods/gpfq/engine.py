@@ -86,8 +86,8 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     n_groups, n_neurons, n_inputs = weight.shape
     n_rows = X.shape[1]
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
-    round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
-                                n_neurons, compiled, rounding, first_column)
+    step = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups, n_neurons,
+                         compiled, rounding, first_column)
     shortcut = first_column == "code2022"
     block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
     # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
@@ -111,11 +111,11 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
                 cross = products[:, :, n_neurons:n_neurons + width]  # X̃_bᵀ X_b (G, B, B)
                 # + Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
                 numerators = torch.baddbmm(projection, torch.tril(cross), Wt[:, start:stop])
-                if shortcut:  # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
-                    Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:], start,
-                                                    Wt[:, start:stop], torch.diagonal(cross, dim1=1, dim2=2))
-                else:
-                    Qt[:, start:stop] = round_block(numerators, products[:, :, n_neurons + width:], start)
+                # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
+                shortcut_terms = (Wt[:, start:stop], torch.diagonal(cross, dim1=1, dim2=2)) if shortcut else ()
+                # the kernel itself, no wrapper between (the form's next frame); the compiled one returns numpy
+                Qt[:, start:stop] = torch.as_tensor(step.kernel(*step.arguments(
+                    numerators, products[:, :, n_neurons + width:], start, *shortcut_terms)))
                 block_coefficients = coefficients[:, :2 * width]  # [W_b | −Q_b]ᵀ (G, 2B, N1)
                 block_coefficients[:, :width] = Wt[:, start:stop]
                 torch.neg(Qt[:, start:stop], out=block_coefficients[:, width:])
@@ -131,8 +131,8 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
     """
     n_groups, n_neurons, n_inputs = weight.shape
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
-    round_block = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups,
-                                n_neurons, compiled, rounding, first_column)
+    step = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups, n_neurons,
+                         compiled, rounding, first_column)
     shortcut = first_column == "code2022"
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
@@ -146,13 +146,11 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
             if start > 0:
                 numerators.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
             with single_thread():
-                if shortcut:  # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
-                    Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop], start,
-                                                    Wt[:, start:stop],
-                                                    torch.diagonal(lower_cross[:, start:stop, start:stop],
-                                                                   dim1=1, dim2=2))
-                else:
-                    Qt[:, start:stop] = round_block(numerators, H[:, start:stop, start:stop], start)
+                # as in `gpfq_residual`: the 2022 rule's terms, and the kernel called here
+                shortcut_terms = ((Wt[:, start:stop], torch.diagonal(lower_cross[:, start:stop, start:stop],
+                                                                     dim1=1, dim2=2)) if shortcut else ())
+                Qt[:, start:stop] = torch.as_tensor(step.kernel(*step.arguments(
+                    numerators, H[:, start:stop, start:stop], start, *shortcut_terms)))
     return Qt.transpose(1, 2).to(weight.dtype)
 
 

@@ -15,8 +15,13 @@ decides, and where |p_t| < 1e-10 the argument is w_t itself. Two implementations
 - `round_block_torch`: a few tensor operations per column; any device.
 - the compiled kernel (numba): one call per block; CPU only. Per column the torch version pays
   ~25 µs of operator dispatch, most of the engine's time on a CPU; this one pays none.
-`block_rounder` prepares one of them for a layer (the compiled one for CPU tensors when numba is installed).
+`block_rounder` prepares one of them for a layer (the compiled one for CPU tensors when numba is installed) as a
+`BlockStep`: the engine calls its `kernel` on its `arguments(…)` for each block itself, so that the path from
+`gpfq.quantize` to the kernel stays five frames (docs/design.md).
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -101,6 +106,7 @@ if numba is not None:
         with R = 1 (one alphabet) or G·N1 (one per neuron, column g·N1 + n). rule: NEAREST, THRESHOLD
         (thresholds (R,): λ per alphabet, soft or hard, then nearest) or STOCHASTIC (uniforms (G, B, N1)).
         shortcut: the 2022 code's first-column rule, with weights (G, B, N1) and cross_diagonal (G, B).
+        Writes q into `rounded` and returns it.
         """
         n_groups, n_columns, n_neurons = numerators.shape
         n_levels = levels.shape[0]
@@ -184,6 +190,7 @@ if numba is not None:
                         index[n] = low
                 for n in range(n_neurons):
                     rounded[g, t, n] = levels[index[n], offset + n if per_neuron else 0]
+        return rounded
 
 
 def compiled_available() -> bool:
@@ -205,8 +212,25 @@ def compiled_rule(rounding, alphabet):
     return None
 
 
-def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, first_column="paper"):
-    """The in-block step for one layer: a function (numerators (G, B, N1), H_bb (G, B, B), start, weights,
+@dataclass(frozen=True)
+class BlockStep:
+    """One layer's in-block step, from `block_rounder`: for a block, q (G, B, N1) =
+    torch.as_tensor(kernel(*arguments(numerators, quantized_gram, start, weights, cross_diagonal))).
+
+    kernel: the compiled `_round_block_kernel` (it returns a numpy array) or `round_block_torch`; arguments(…)
+    puts the block's tensors in the kernel's form. Calling the step does both (the engine does them itself).
+    """
+    kernel: Callable
+    arguments: Callable
+
+    def __call__(self, numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
+        """q (G, B, N1) of one block, as a tensor."""
+        return torch.as_tensor(self.kernel(*self.arguments(numerators, quantized_gram, start, weights,
+                                                           cross_diagonal)))
+
+
+def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, first_column="paper") -> BlockStep:
+    """The in-block step for one layer (`BlockStep`): (numerators (G, B, N1), H_bb (G, B, B), start, weights,
     cross_diagonal) -> q (G, B, N1), `start` being the block's first column in the layer; weights (G, B, N1)
     and cross_diagonal (G, B) (the block's w and diag X̃_bᵀX_b) are needed with first_column "code2022".
 
@@ -224,12 +248,12 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
     if not compiled:
         midpoints = alphabet_midpoints(alphabet)
 
-        def round_block(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
+        def torch_arguments(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
             if shortcut and weights is None:
                 raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
-            return round_block_torch(numerators, quantized_gram, alphabet, midpoints, rounding, start,
-                                     weights if shortcut else None, cross_diagonal if shortcut else None)
-        return round_block
+            return (numerators, quantized_gram, alphabet, midpoints, rounding, start, weights if shortcut else None,
+                    cross_diagonal if shortcut else None)
+        return BlockStep(round_block_torch, torch_arguments)
     if numba is None:
         raise RuntimeError("the compiled in-block kernel needs numba (pip install numba)")
     if alphabet.device.type != "cpu":
@@ -249,7 +273,7 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
     no_uniforms = np.zeros((1, 1, 1), dtype=levels.dtype)
     no_weights, no_diagonal = np.zeros((1, 1, 1), dtype=levels.dtype), np.zeros((1, 1), dtype=levels.dtype)
 
-    def round_block_compiled(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
+    def compiled_arguments(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
         rounded = torch.empty(numerators.shape, dtype=numerators.dtype)
         uniforms = no_uniforms
         if uniforms_t is not None:
@@ -260,9 +284,8 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
                 raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
             block_weights = weights.to(numerators.dtype).contiguous().numpy()
             diagonal = cross_diagonal.to(numerators.dtype).contiguous().numpy()
-        _round_block_kernel(numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels,
-                            midpoints, kind, thresholds, soft, uniforms, shortcut, block_weights, diagonal,
-                            rounded.numpy())
-        return rounded
+        return (numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels, midpoints, kind,
+                thresholds, soft, uniforms, shortcut, block_weights, diagonal, rounded.numpy())
 
-    return round_block_compiled
+    # the module's kernel as it is now: tests/test_api.py replaces it to count the frames above it
+    return BlockStep(_round_block_kernel, compiled_arguments)

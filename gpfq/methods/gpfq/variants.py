@@ -7,8 +7,8 @@ alphabet (L,) or (G, N1, L) -> Q (G, N1, N0).
 """
 import torch
 
-from gpfq.methods.gpfq.column_order import gram_rule_in_order, rows_rule_in_order
-from gpfq.methods.gpfq.engine import gpfq_blocked, gpfq_gram
+from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
+from gpfq.methods.gpfq.engine import gpfq_blocked, gpfq_gram, gpfq_residual
 from gpfq.methods.gpfq.reference import gpfq_columns, msq
 from gpfq.methods.method import Method, order_option
 from gpfq.methods.rounding import ThresholdedRounding, nearest_rounding, spfq_rounding
@@ -38,36 +38,54 @@ def sparse_gpfq(weight, analog_input, quantized_input, alphabet, relative_thresh
                      engine, dtype)
 
 
-# The methods' layer rules under a QuantConfig. From rows, config.engine is the layer's form
-# (`Method.form`); from sums, the form is 'gram'.
+# The GPFQ family's layer rules under a QuantConfig. Each puts the columns in `config.column_order` and calls the
+# engine form itself, so that the default path is gpfq.quantize → the layer loop → this rule → the form → the
+# kernel (docs/design.md). From rows, config.engine is the layer's form, chosen once by `Method.form` (the
+# pipeline) or, given "auto" (a direct call), by `gpfq_blocked`; from sums, the form is 'gram'.
 
-def _gpfq_from_rows(weight, analog, quantized, alphabet, config):
-    def rule(w, x, xq):
-        return gpfq_walk(w, x, xq, alphabet, engine=config.engine, first_column=config.gpfq_first_column)
-    return rows_rule_in_order(rule, weight, analog, quantized, config.column_order)
-
-
-def _spfq_from_rows(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: spfq(w, x, xq, alphabet, config.seed, engine=config.engine),
-                              weight, analog, quantized, config.column_order)
-
-
-def _sparse_gpfq_from_rows(weight, analog, quantized, alphabet, config):
-    return rows_rule_in_order(lambda w, x, xq: sparse_gpfq(w, x, xq, alphabet, config.sparsity_threshold,
-                                                           config.thresholding, engine=config.engine),
-                              weight, analog, quantized, config.column_order)
+def walk_from_rows(rounding_of, honours_first_column: bool = False):
+    """A GPFQ-family rule on rows (G, m, N0) with the rounding `rounding_of(config, weight)` (None: nearest); only
+    GPFQ itself offers the 2022 first-column rule, the variants walk with the paper's."""
+    def from_rows(weight, analog, quantized, alphabet, config):
+        rounding = rounding_of(config, weight)
+        first_column = config.gpfq_first_column if honours_first_column else "paper"
+        order, weight, analog, quantized = rows_in_order(config.column_order, weight, analog, quantized)
+        if config.engine == "columns":
+            walked = gpfq_columns(weight, analog, quantized, alphabet, torch.float32, rounding or nearest_rounding,
+                                  first_column=first_column)
+        elif config.engine == "residual":
+            walked = gpfq_residual(weight, analog, quantized, alphabet, rounding=rounding, first_column=first_column)
+        else:  # 'gram' (the rows summed into Grams there) or 'auto'
+            walked = gpfq_blocked(weight, analog, quantized, alphabet, form=config.engine, rounding=rounding,
+                                  first_column=first_column)
+        return restore_columns(walked, order)
+    return from_rows
 
 
 def walk_from_statistics(rounding_of, honours_first_column: bool = False):
     """A GPFQ-family rule on GramStatistics: the Gram form with the rounding `rounding_of(config, weight)` (None:
-    nearest); only GPFQ itself offers the 2022 first-column rule, the variants walk with the paper's."""
-    def rule(weight, statistics, alphabet, config):
+    nearest); the first column as `walk_from_rows`."""
+    def from_statistics(weight, statistics, alphabet, config):
         rounding = rounding_of(config, weight)
         first_column = config.gpfq_first_column if honours_first_column else "paper"
-        return gram_rule_in_order(lambda w, cross, gram: gpfq_gram(w, cross, gram, alphabet, rounding=rounding,
-                                                                   first_column=first_column),
-                                  weight, statistics.cross, statistics.quantized_gram, config.column_order)
-    return rule
+        order, weight, cross, gram = gram_in_order(config.column_order, weight, statistics.cross,
+                                                   statistics.quantized_gram)
+        return restore_columns(gpfq_gram(weight, cross, gram, alphabet, rounding=rounding, first_column=first_column),
+                               order)
+    return from_statistics
+
+
+# Each method's rounding_of(config, weight): its rounding rule for the layer (None: nearest).
+def _nearest(config, weight):
+    return None
+
+
+def _spfq_rounding(config, weight):
+    return spfq_rounding(weight.shape, config.seed)
+
+
+def _sparse_rounding(config, weight):
+    return ThresholdedRounding(config.sparsity_threshold, config.thresholding)
 
 
 def _msq_from_rows(weight, analog, quantized, alphabet, config):
@@ -83,15 +101,12 @@ def _gpfq_options(config) -> str:
     return ", ".join(part for part in (first, order_option(config)[2:]) if part)
 
 
-GPFQ = Method("gpfq", _gpfq_from_rows, walk_from_statistics(lambda config, weight: None, honours_first_column=True),
-              gpfq_family=True, describe=_gpfq_options)
-SPFQ = Method("spfq", _spfq_from_rows,
-              walk_from_statistics(lambda config, weight: spfq_rounding(weight.shape, config.seed)),
-              gpfq_family=True, describe=lambda config: f"stochastic rounding{order_option(config)}")
+GPFQ = Method("gpfq", walk_from_rows(_nearest, honours_first_column=True),
+              walk_from_statistics(_nearest, honours_first_column=True), gpfq_family=True, describe=_gpfq_options)
+SPFQ = Method("spfq", walk_from_rows(_spfq_rounding), walk_from_statistics(_spfq_rounding), gpfq_family=True,
+              describe=lambda config: f"stochastic rounding{order_option(config)}")
 SPARSE_GPFQ = Method(
-    "sparse_gpfq", _sparse_gpfq_from_rows,
-    walk_from_statistics(lambda config, weight: ThresholdedRounding(config.sparsity_threshold, config.thresholding)),
-    gpfq_family=True,
+    "sparse_gpfq", walk_from_rows(_sparse_rounding), walk_from_statistics(_sparse_rounding), gpfq_family=True,
     describe=lambda config: f"{config.thresholding} threshold {config.sparsity_threshold}{order_option(config)}")
 # MSQ needs no rows; its rule on sums serves the relative error when the rows are spread over ranks.
 MSQ = Method("msq", _msq_from_rows, _msq_from_statistics, needs_rows=False)
