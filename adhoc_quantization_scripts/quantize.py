@@ -51,7 +51,7 @@ export_qdq = False              # True (with act_bits 8): after the row, write <
 seed = 0                        # fixes the calibration images and the patch sampling (same seed, same weights)
 author = ""                     # your name, for the log's Author column
 num_workers = 0                 # data-loading processes
-num_threads = None              # torch CPU threads (None: one per core; fewer on a machine shared with other jobs)
+num_threads = None              # torch CPU threads (None: OMP_NUM_THREADS if set, else one per core; fewer on a shared machine)
 device = "cpu"                  # "cpu" or "cuda"
 resume = False                  # True: skip grid points whose row is already in the log (`--resume`), and go on
                                 #   from the last finished layer of an interrupted one (its checkpoint)

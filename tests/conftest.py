@@ -9,8 +9,11 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 # pytest-xdist (`make test` runs 2 workers): one torch thread per worker, so the workers share the cores
 # instead of oversubscribing them. A lone pytest process keeps torch's default.
+# The scripts' num_threads None reads OMP_NUM_THREADS, so the scripts a test runs, in-process or as subprocesses
+# (which inherit it), take one thread too: two threads on a core the other worker holds cost 3× the CPU time.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     torch.set_num_threads(1)
 

@@ -344,3 +344,37 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
               "docs/deploy.md": _stated(REPO_ROOT / "docs" / "deploy.md", r"^\| 4 \| gpfq2022 \|.*\| ([\d,]+) \(")}
     assert {doc: abs(count - len(raw)) <= tolerance for doc, count in stated.items()} == dict.fromkeys(stated, True), \
         f"the docs state {stated}, a rerun wrote {len(raw)} bytes (tolerance {tolerance})"
+
+
+# ---------------------------------------------------------------- num_threads None on a shared machine
+@pytest.mark.parametrize("omp_num_threads", ["3", None])
+def test_num_threads_none_takes_omp_num_threads_else_the_cores_this_process_may_run_on(tmp_path, monkeypatch,
+                                                                                      omp_num_threads):
+    """num_threads None runs on OMP_NUM_THREADS threads when that is set (as a job scheduler sets it), otherwise
+    on the cores of the process's CPU affinity (which a container or taskset narrows; not os.cpu_count()); the
+    caller's own thread count comes back afterwards."""
+    seen = tmp_path / "threads.txt"
+    (tmp_path / "counting_model.py").write_text(
+        "import torch\n\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n\n"
+        "    def forward(self, x):\n"
+        f"        with open({str(seen)!r}, 'a') as f:\n"
+        "            f.write(f'{torch.get_num_threads()}\\n')\n"
+        "        return self.fc(x.flatten(1))\n\n\n"
+        "def build():\n"
+        "    return Net()\n")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if omp_num_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    caller = torch.get_num_threads()
+    experiment.main(script_header("quantization_scripts"),
+                    ["--model", f"{tmp_path / 'counting_model.py'}:build", "--batch_size", "16", "--eval_subset", "20",
+                     "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    expected = int(omp_num_threads) if omp_num_threads else len(os.sched_getaffinity(0))
+    assert set(seen.read_text().split()) == {str(expected)}
+    assert torch.get_num_threads() == caller

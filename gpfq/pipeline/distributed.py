@@ -100,9 +100,22 @@ def _close_group():
 
 
 def threads_per_rank() -> int:
-    """Torch threads for this process: the machine's cores shared among the ranks on it (torchrun's
-    LOCAL_WORLD_SIZE), all of them for one process."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """Torch threads for this process when num_threads is None.
+
+    One process: OMP_NUM_THREADS when it is set (by the user or a job scheduler, as torch itself reads it),
+    otherwise the cores this process may run on. Under torchrun: those cores shared among the ranks on this
+    machine (LOCAL_WORLD_SIZE); OMP_NUM_THREADS is not read there, because torchrun sets it to 1 on its own.
+    The cores are the CPU affinity (a container, `taskset` or a scheduler narrows it), not os.cpu_count():
+    more threads than cores make OpenMP's threads wait on each other, 3× the CPU time here.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = os.environ.get("LOCAL_WORLD_SIZE")
+    if ranks is None:
+        requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if requested.isdigit() and int(requested) >= 1:
+            return int(requested)
+        return max(1, cores)
+    return max(1, cores // int(ranks))
 
 
 def _exit_on_sigterm(signum, frame):

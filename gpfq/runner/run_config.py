@@ -25,7 +25,7 @@ class RunConfig:
     eval_batch_size: int = 256
     chunk_size: int = 256  # images per chunk of the calibration stream
     num_workers: int = 0
-    num_threads: Optional[int] = None  # None: one per core (per rank)
+    num_threads: Optional[int] = None  # None: distributed.threads_per_rank() (OMP_NUM_THREADS, or the cores)
     device: str = "cpu"
     checkpoint: object = "auto"  # per-layer checkpoints: "auto", True or False
     resume: bool = False
