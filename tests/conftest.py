@@ -32,6 +32,16 @@ def shared_once(tmp_path_factory, name: str, make):
     return folder, json.loads(done.read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def accuracy_cache(tmp_path_factory):
+    """One float-accuracy cache (gpfq.runner.accuracy_cache) for this test run, shared by its workers and the
+    scripts they start (GPFQ_CACHE_DIR is inherited), starting empty: never the user's own cache."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if XDIST_WORKER else base) / "gpfq-cache"
+    os.environ["GPFQ_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def python_env(*folders) -> dict:
     """The environment for a Python subprocess: gpfq importable from this checkout (installed or not),
     and `folders` (e.g. TESTS_DIR) importable too."""

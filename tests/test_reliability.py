@@ -80,6 +80,7 @@ def no_work(monkeypatch):
     """Fail the test if the expensive work (evaluation, quantization) starts."""
     def started(*args, **kwargs):
         raise AssertionError("expensive work started before the bad input was reported")
+    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")  # a cached float accuracy would skip the evaluation it watches
     monkeypatch.setattr(experiment, "evaluate", started)
     monkeypatch.setattr(gpfq.pipeline.network, "quantize_network", started)
 

@@ -77,6 +77,7 @@ def no_evaluation(monkeypatch):
     """Fail the test if evaluation (the first expensive work) starts."""
     def started(*args, **kwargs):
         raise AssertionError("evaluation started before the bad input was reported")
+    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")  # a cached float accuracy would skip the evaluation it watches
     monkeypatch.setattr(experiment, "evaluate", started)
 
 

@@ -30,6 +30,7 @@ from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evalua
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.runner.deploy import FILE_COLUMN, export_beside, export_int8_beside, quantized_path, save_beside, size_columns
 from gpfq.errors import ResultWriteError, bad_hyperparameter, os_error_reason
+from gpfq.runner.accuracy_cache import cached_accuracy
 from gpfq.runner.evaluate import CHANCE_MARGIN, chance_warnings, classes_in, evaluate  # noqa: F401
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.runner.header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
@@ -57,14 +58,19 @@ class Resources:
         return self._cache[key]
 
 
-def float_accuracy(point: Point, model, resources, loader_of):
-    """torchvision's published numbers for its own weights, otherwise measured once per model."""
+def float_accuracy(point: Point, model, resources, loader_of, log=print):
+    """torchvision's published numbers for its own weights, otherwise measured once per model, data and settings
+    (kept on disk across runs: gpfq.runner.accuracy_cache)."""
     config, run = point
     if (run.weights == "DEFAULT" and run.dataset == "imagenet" and run.eval_subset is None
             and published_accuracy(run.model_name) is not None):
         return published_accuracy(run.model_name)
-    return resources.get(("float", run.model_name, str(run.weights), config.fold_batchnorm, run.eval_subset),
-                         lambda: evaluate(model, loader_of(), device=run.device, desc="float model"))
+
+    def measured():
+        loader = loader_of()
+        return cached_accuracy(model, getattr(loader, "dataset", None), run.device, log=log,
+                               measure=lambda: evaluate(model, loader, device=run.device, desc="float model"))
+    return resources.get(("float", run.model_name, str(run.weights), config.fold_batchnorm, run.eval_subset), measured)
 
 
 @dataclass
@@ -185,7 +191,7 @@ def prepare(point: Point, resources: Resources, log=tqdm.write) -> Context:
         log(f"eval_subset: accuracy on a class-balanced {len(evaluation)} images of the evaluation set (the first of "
             f"each class), logged in the Eval Subset column")
     context = Context(config, run, calibration, evaluation, analog_model, 0.0, 0.0, log)
-    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader)
+    context.original_top1, context.original_top5 = float_accuracy(point, analog_model, resources, context.loader, log)
     return context
 
 
