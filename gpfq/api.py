@@ -13,7 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 from gpfq.pipeline.activations import ActivationQuantizers, calibrate
-from gpfq.pipeline.capture import Coverage, find_layers, layers_in_execution_order
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import find_layers, layers_in_execution_order
 from gpfq.config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from gpfq.pipeline.streams import CalibrationStream, ImageStream
 from gpfq.errors import bad_hyperparameter

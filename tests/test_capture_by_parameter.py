@@ -13,7 +13,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq import QuantConfig
-from gpfq.pipeline.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
+from gpfq.pipeline.cached_forward import trace_graph
+from gpfq.pipeline.capture import capture_uses
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import find_layers
+from gpfq.pipeline.rows import layer_rows, patch_grid, patch_indices
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.pipeline.network import layer_alphabet, quantize_network
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq import QuantConfig
-from gpfq.pipeline.capture import find_layers
+from gpfq.pipeline.discovery import find_layers
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.pipeline.network import layer_alphabet, quantize_network
 

@@ -5,8 +5,10 @@ from torch import nn
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
-from gpfq.pipeline.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
-                          patch_indices, selected_patches, trace_graph)
+from gpfq.pipeline.cached_forward import CachedForward, trace_graph
+from gpfq.pipeline.capture import capture_input
+from gpfq.pipeline.discovery import find_layers, layers_in_execution_order
+from gpfq.pipeline.rows import conv_patches, patch_indices, selected_patches
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, choose_form, cost_terms,
                          default_block_size, gpfq_blocked, gpfq_gram, gpfq_residual, predicted_cost, predicted_seconds,

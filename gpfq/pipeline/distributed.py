@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gpfq.pipeline.capture import flat_weight, grouped, layer_rows, patch_grid, patch_indices
+from gpfq.pipeline.rows import flat_weight, grouped, layer_rows, patch_grid, patch_indices
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.errors import GPFQError

@@ -42,8 +42,11 @@ from gpfq.methods.codes import code_entropy, encode, layer_codebook, stored_bits
 from gpfq.methods.gpfq.engine import DEFAULT_ROWS_BUDGET, GramStatistics
 from gpfq.methods.gpfq.reference import relative_error
 from gpfq.pipeline import distributed
-from gpfq.pipeline.capture import (CachedForward, Coverage, capture_uses, check_finite, find_layers, flat_weight, grouped,
-                                   is_conv, layer_rows, owner_module, trace_graph, write_weight)
+from gpfq.pipeline.cached_forward import CachedForward, trace_graph
+from gpfq.pipeline.capture import capture_uses, check_finite, is_conv
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import find_layers
+from gpfq.pipeline.rows import flat_weight, grouped, layer_rows, owner_module, write_weight
 from gpfq.pipeline.checkpoint import reports_from_state, reports_state, summary as checkpoint_summary
 from gpfq.pipeline.inputs import as_inputs, floating_dtype, move
 

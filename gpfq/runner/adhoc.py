@@ -36,7 +36,9 @@ from torch import nn
 
 from gpfq.methods.alphabet import MAX_BITS
 from gpfq.api import quantize as quantize_model
-from gpfq.pipeline.capture import capture_input, layer_weight, layers_in_execution_order
+from gpfq.pipeline.capture import capture_input
+from gpfq.pipeline.discovery import layers_in_execution_order
+from gpfq.pipeline.rows import layer_weight
 from gpfq.config import FIELDS
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.runner.deploy import quantized_path, with_alphabets_from

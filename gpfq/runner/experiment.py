@@ -23,7 +23,8 @@ from tqdm import tqdm
 from gpfq import api
 from gpfq.paths import __version__
 from gpfq.pipeline import distributed
-from gpfq.pipeline.capture import Coverage, check_model_finite, find_layers
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import check_model_finite, find_layers
 from gpfq.pipeline.checkpoint import LayerCheckpoint, weights_hash
 from gpfq.config import QuantConfig
 from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evaluation_set
