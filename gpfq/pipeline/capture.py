@@ -262,7 +262,7 @@ class WeightUses(TorchFunctionMode):
 
 
 def owner_of(parameter: str):
-    """(owning module's name, leaf name) of a parameter name: 'layer1.0.conv1.weight' -> ('layer1.0.conv1', 'weight')."""
+    """(owning module's name, leaf): 'layer1.0.conv1.weight' -> ('layer1.0.conv1', 'weight')."""
     module, _, leaf = parameter.rpartition(".")
     return module, leaf
 

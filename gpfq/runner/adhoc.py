@@ -45,7 +45,7 @@ from gpfq.runner.deploy import quantized_path, with_alphabets_from
 from gpfq.errors import bad_hyperparameter
 from gpfq.runner.experiment import Variant
 from gpfq.runner.logs import EXTRA_COLUMNS, PAPER_COLUMNS
-from gpfq.pipeline.network import LayerReport
+from gpfq.pipeline.reports import LayerReport
 from gpfq.io.models import load_saved_model
 from gpfq.paths import MODEL_DIR, REPO_ROOT
 from gpfq.io.storage import display_path

@@ -37,7 +37,7 @@ from gpfq.runner.header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KE
                      expand_grid, method_description, parse_overrides, parse_point, point_columns)
 from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
 from gpfq.io.models import load_model, published_accuracy, weights_label
-from gpfq.pipeline.network import check_layer_indices, reports_as_dicts, zero_fraction
+from gpfq.pipeline.reports import check_layer_indices, reports_as_dicts, zero_fraction
 from gpfq.paths import DATA_DIR, LOG_DIR, MODEL_DIR
 from gpfq.runner.preprocessing import check_model_takes, image_folder_sets
 from gpfq.runner.run_config import Point, RunConfig
