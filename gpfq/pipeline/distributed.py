@@ -27,7 +27,7 @@ other way, and later layers see that. With 2 ranks whose shares are one chunk ea
 Faults: every collective is labelled and recorded in the rendezvous store, so when one fails
 (a peer died, or did not answer within the process group's timeout) the message names the rank
 that stopped and where. Errors raised on some ranks inside `Shard.step` reach every rank, which
-all raise the same `DistributedError`.
+all raise the same `DistributedError`. The layer's share of rows is formed in `calibrator.Calibrator.sharded_rows`.
 """
 import atexit
 import contextlib

@@ -152,7 +152,7 @@ def log_line(report: LayerReport, config, n_layers: int, width: int) -> str:
 
 
 class LayerReports(list):
-    """[LayerReport] of the quantized layers, with the run's `coverage` (capture.Coverage)."""
+    """[LayerReport] of the quantized layers, with the run's `coverage` (coverage.Coverage)."""
     coverage: Coverage = None
     activations = None  # gpfq.pipeline.activations.ActivationQuantizers, set by gpfq.quantize with act_bits
 
