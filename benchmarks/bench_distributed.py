@@ -78,7 +78,8 @@ def rank_main(rank, world_size, port, m, rule, out):
     communication = []
     start = time.perf_counter()
     _, reports = quantize_network(model, stream, settings, Calibration(m, 0.25, 0, keep_rows=False, shard=shard),
-                                  Hooks(log=lambda *a: None, after_layer=lambda step: communication.append(shard.communication_seconds)))
+                                  Hooks(log=lambda *a: None,
+                                        after_layer=lambda step: communication.append(shard.communication_seconds)))
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "communication_seconds": shard.communication_seconds, "where": where,
               "rule_seconds": sum(r.rule_seconds for r in reports), "forms": sorted({r.form for r in reports}),
