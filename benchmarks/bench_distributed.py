@@ -59,7 +59,7 @@ def rank_main(rank, world_size, port, m, rule, out):
     from gpfq.pipeline import distributed
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq import QuantConfig
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
     where = pin(rank)
     torch.set_num_threads(1)
     if world_size > 1:
@@ -77,9 +77,9 @@ def rank_main(rank, world_size, port, m, rule, out):
 
     communication = []
     start = time.perf_counter()
-    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, log=lambda *a: None, keep_rows=False,
-                                  after_layer=lambda step: communication.append(shard.communication_seconds),
-                                  shard=shard)
+    _, reports = quantize_network(model, stream, settings, Calibration(m, 0.25, 0, keep_rows=False, shard=shard),
+                                  Hooks(log=lambda *a: None,
+                                        after_layer=lambda step: communication.append(shard.communication_seconds)))
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "communication_seconds": shard.communication_seconds, "where": where,
               "rule_seconds": sum(r.rule_seconds for r in reports), "forms": sorted({r.form for r in reports}),

@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from gpfq.methods.alphabet import layer_radius, make_alphabet
-from gpfq.pipeline.capture import ConvGeometry, patch_grid
+from gpfq.pipeline.capture import ConvGeometry
+from gpfq.pipeline.rows import patch_grid
 from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, FORMS, GramStatistics, choose_form, cost_terms,
                          gpfq_blocked, gpfq_gram, gpfq_residual, predicted_cost, rows_bytes)
 from gpfq.methods.gpfq.reference import gpfq_columns

@@ -29,7 +29,7 @@ CHUNK = 64
 def child(engine, m, threads):
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq import QuantConfig
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
@@ -37,7 +37,8 @@ def child(engine, m, threads):
     settings = QuantConfig(bits=4, engine=engine).for_layer
     before = peak_rss_mb()  # torch, the model, the first images: what every run holds anyway
     start = time.perf_counter()
-    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, ignore_layers=[0], log=lambda *a: None)
+    _, reports = quantize_network(model, stream, settings, Calibration(m, 0.25, 0), Hooks(log=lambda *a: None),
+                                  ignore_layers=[0])
     layer = reports[0]
     report({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "baseline_mb": before,
             "rows": layer.rows, "form": layer.form, "streamed": layer.streamed, "error": layer.relative_error})

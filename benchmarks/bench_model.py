@@ -33,15 +33,15 @@ def child(engine, calibration, m, threads):
     import torchvision
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq import QuantConfig
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     stream = CalibrationStream(SyntheticImages(4 * m, (3, 224, 224)), seed=0, chunk_size=m)
     settings = QuantConfig(bits=4, mlp_scalar=1.16, cnn_scalar=1.16, engine=engine).for_layer
     start = time.perf_counter()
-    _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
-                                  log=lambda *a: None)
+    _, reports = quantize_network(model, stream, settings, Calibration(m, 0.25, 0, mode=calibration),
+                                  Hooks(log=lambda *a: None))
     seconds = time.perf_counter() - start
     report({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "layers": len(reports),
             "layer_seconds": sum(r.seconds for r in reports), "rule_seconds": sum(r.rule_seconds for r in reports),

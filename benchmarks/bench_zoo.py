@@ -87,7 +87,7 @@ def quantize_one(name, size, m):
     """Quantize one classifier; the result row as a dict."""
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq import QuantConfig
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
     torch.manual_seed(0)
     model, size = build(name, size)
     if name not in SIZES and not name.startswith("vit_"):
@@ -97,8 +97,8 @@ def quantize_one(name, size, m):
     while True:
         stream = CalibrationStream(SyntheticImages(2 * m, (3, size, size)), seed=0, chunk_size=m)
         try:
-            _, reports = quantize_network(model, stream, settings, m, 0.25, 0, calibration=calibration,
-                                          log=lambda *a: None)
+            _, reports = quantize_network(model, stream, settings, Calibration(m, 0.25, 0, mode=calibration),
+                                          Hooks(log=lambda *a: None))
             break
         except ValueError as error:
             if calibration == "fresh" or "calibration='fresh'" not in str(error):

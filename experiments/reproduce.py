@@ -351,7 +351,7 @@ def point_cost(probe: dict, machine: dict, m: int, retain_rate: float = 0.25, en
 
     calibration 'fresh' re-runs both networks' prefix on m new images per layer (forwards ∝ m·depth²) and
     decodes L·m images; 'fixed' runs m images once through both networks (∝ m·depth), decodes m, and holds
-    every image's live activations of both networks at once (`gpfq.pipeline.capture.CachedForward`)."""
+    every image's live activations of both networks at once (`gpfq.pipeline.cached_forward.CachedForward`)."""
     from gpfq.methods.gpfq.engine import choose_form, predicted_cost
     layers, t_img = probe["layers"], probe["t_img"]
     total = sum(layer["macs"] for layer in layers)

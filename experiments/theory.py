@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from gpfq.runner.theory import THEORY_METHODS, fitted_slope, gaussian_layer_errors, mean_errors
+from gpfq.runner.theory import THEORY_METHODS, TheoryAlphabet, fitted_slope, gaussian_layer_errors, mean_errors
 
 LABELS = {"gpfq": "GPFQ", "msq": "MSQ (nearest)", "gptq": "GPTQ", "qronos": "Qronos"}
 
@@ -38,8 +38,8 @@ def main(argv=None):
         parser.error("--m must be at least 4 (N0 starts at m/4)")
     n0_values = [args.m * 2 ** k // 4 for k in range(7)]  # m/4, m/2, …, 16m
     bar = tqdm(total=len(n0_values) * args.trials, desc="N0 × trials")
-    rows = gaussian_layer_errors(args.m, n0_values, args.trials, args.neurons, args.bits, args.seed, args.methods,
-                                 args.alphabet, progress=lambda n0, trial: bar.update(1))
+    rows = gaussian_layer_errors(args.m, n0_values, args.trials, args.neurons, args.seed, args.methods,
+                                 TheoryAlphabet(args.alphabet, args.bits), progress=lambda n0, trial: bar.update(1))
     bar.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

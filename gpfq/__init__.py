@@ -7,7 +7,7 @@ from gpfq.paths import __version__  # noqa: E402 (one place, beside the reposito
 
 from gpfq.api import QuantizedResult, quantize, quantize_layer  # noqa: E402
 from gpfq.config import QuantConfig  # noqa: E402
-from gpfq.pipeline.network import LayerReport  # noqa: E402
+from gpfq.pipeline.reports import LayerReport  # noqa: E402
 # the deployable model: integer codes in a safetensors file, and its ONNX export
 from gpfq.io.model_file import load_quantized, read_quantized, save_quantized  # noqa: E402
 from gpfq.io.onnx_export import export_onnx  # noqa: E402

@@ -13,13 +13,16 @@ from torch import nn
 from tqdm import tqdm
 
 from gpfq.pipeline.activations import ActivationQuantizers, calibrate
-from gpfq.pipeline.capture import Coverage, find_layers, layers_in_execution_order
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import find_layers, layers_in_execution_order
 from gpfq.config import PER_LAYER_FIELDS, QuantConfig, layer_seed
 from gpfq.pipeline.streams import CalibrationStream, ImageStream
 from gpfq.errors import bad_hyperparameter
 from gpfq.pipeline.folding import fold_batchnorm, foldable_pairs
 from gpfq.pipeline.inputs import as_inputs, check_model_runs, dtypes, floating_dtype, move
-from gpfq.pipeline.network import LayerReport
+from gpfq.pipeline.calibrator import Calibration
+from gpfq.pipeline.hooks import Hooks
+from gpfq.pipeline.reports import LayerReport
 from gpfq.pipeline import network
 from gpfq.pipeline.network import quantize_layer as _quantize_grouped_layer
 
@@ -289,12 +292,13 @@ def quantize(model: nn.Module, calibration_data, config: QuantConfig = QuantConf
             log(f"folded {len(pairs)} BatchNorm layers into their Conv2d/Linear layers")
         layer_configs = _layer_configs(model, stream, config, layers, device)
         activations = _calibrate_activations(model, stream, config, device, dtype, log)
+        calibration = Calibration(config.batch_size, config.retain_rate, config.seed, mode=config.calibration,
+                                  patch_stride=config.patch_stride, keep_rows=False, device=device)
+        hooks = Hooks(log=log, after_layer=after_layer, checkpoint=checkpoint,
+                      prepare_quantized=None if activations is None else activations.install)
         quantized, reports = network.quantize_network(  # looked up here: the documented seam
-            model, stream, layer_configs.for_layer, config.batch_size, config.retain_rate, config.seed,
-            list(config.ignore_layers), config.patch_stride, device, log=log, after_layer=after_layer,
-            in_place=in_place, calibration=config.calibration, keep_rows=False,
-            strict_coverage=config.strict_coverage, checkpoint=checkpoint,
-            prepare_quantized=None if activations is None else activations.install)
+            model, stream, layer_configs.for_layer, calibration, hooks, list(config.ignore_layers), in_place,
+            config.strict_coverage)
         reports.activations = activations  # what save_quantized records, from the result or from the reports alone
         return QuantizedResult(quantized, reports, config, reports.coverage, activations)
     finally:

@@ -15,7 +15,7 @@ from gpfq.methods.gpfq.column_order import COLUMN_ORDERS
 from gpfq.methods.gpfq.engine import ENGINES
 from gpfq.errors import bad_hyperparameter
 from gpfq.methods import METHOD_NAMES, METHODS
-from gpfq.pipeline.network import CALIBRATIONS
+from gpfq.pipeline.calibrator import CALIBRATIONS
 from gpfq.methods.qronos import DEFAULT_DAMPING as QRONOS_DAMPING
 from gpfq.methods.gpfq.reference import FIRST_COLUMN_RULES
 from gpfq.methods.rounding import THRESHOLDINGS

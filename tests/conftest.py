@@ -110,7 +110,7 @@ def plain_default(default_runs, make_context):
     """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
     from gpfq.io.models import load_saved_model
     from gpfq.runner.adhoc import SAVED_KEYS, saved_record
-    from gpfq.pipeline.network import LayerReport
+    from gpfq import LayerReport
     _, rows = default_runs
     row = rows[("gpfq", 3)]
     path = Path(row["Model File"])

@@ -31,7 +31,7 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
     from gpfq.io.data import calibration_set as load_calibration
     from gpfq.pipeline.streams import CalibrationStream
     from gpfq.io.models import load_model
-    from gpfq.pipeline.network import quantize_network
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
     layers = {}
 
     def keep(step):
@@ -49,10 +49,10 @@ def quantize_default(m: int, chunk_size: int, engine="auto", method="gpfq", cali
             reports = gpfq.quantize(load_model("fashion_resnet"), stream, config, after_layer=keep,
                                     log=lambda *a: None).reports
         else:
-            _, reports = quantize_network(load_model("fashion_resnet"), stream,
-                                          config.for_layer, m,
-                                          config.retain_rate, config.seed, after_layer=keep, keep_rows=False,
-                                          log=lambda *a: None, calibration=calibration, shard=shard)
+            _, reports = quantize_network(load_model("fashion_resnet"), stream, config.for_layer,
+                                          Calibration(m, config.retain_rate, config.seed, mode=calibration,
+                                                       keep_rows=False, shard=shard),
+                                          Hooks(log=lambda *a: None, after_layer=keep))
     finally:
         torch.set_num_threads(threads)
     return {"layers": layers, "errors": [r.relative_error for r in reports], "forms": [r.form for r in reports]}

@@ -252,7 +252,7 @@ class TinyAttention(nn.Module):
 
 
 def test_correctable_layers_are_the_called_linear_and_conv_modules():
-    from gpfq.pipeline.capture import layers_in_execution_order
+    from gpfq.pipeline.discovery import layers_in_execution_order
     torch.manual_seed(0)
     model = TinyAttention().eval()
     example = torch.randn(1, 1, 28, 28)
@@ -300,7 +300,7 @@ def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_
 
 
 def test_bias_correction_of_a_last_layer_that_is_no_module_is_refused_before_work():
-    from gpfq.pipeline.capture import layers_in_execution_order
+    from gpfq.pipeline.discovery import layers_in_execution_order
     from gpfq.runner.experiment import ModelFacts
     torch.manual_seed(0)
     model = TinyAttention(head=False).eval()

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 from gpfq import QuantConfig
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.io.models import load_model
-from gpfq.pipeline.network import layer_alphabet, quantize_network
+from gpfq.pipeline.network import Calibration, Hooks, layer_alphabet, quantize_network
 
 pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
 
@@ -21,8 +21,8 @@ def test_architecture_quantizes(name):
     images = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
     settings = QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2)
     quantized, reports = quantize_network(model, CalibrationStream(images, seed=0, chunk_size=2),
-                                          lambda i, n, layer: settings, batch_size=2, retain_rate=0.25, seed=0,
-                                          log=lambda *_: None)
+                                          lambda i, n, layer: settings, Calibration(2, 0.25, 0),
+                                          Hooks(log=lambda *_: None))
     called = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if name == "googlenet":  # auxiliary heads do not run in eval mode and stay float
         called = [n for n in called if not n.startswith("aux")]

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from gpfq.pipeline.capture import conv_patches, layer_rows, layers_in_execution_order, patch_indices
+from gpfq.pipeline.discovery import layers_in_execution_order
+from gpfq.pipeline.rows import conv_patches, layer_rows, patch_indices
 
 
 def test_patch_shapes_and_channel_major_order():

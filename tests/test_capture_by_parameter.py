@@ -13,9 +13,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq import QuantConfig
-from gpfq.pipeline.capture import (Coverage, capture_uses, find_layers, layer_rows, patch_grid, patch_indices, trace_graph)
+from gpfq.pipeline.cached_forward import trace_graph
+from gpfq.pipeline.capture import capture_uses
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import find_layers
+from gpfq.pipeline.rows import layer_rows, patch_grid, patch_indices
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.pipeline.network import layer_alphabet, quantize_network
+from gpfq.pipeline.network import Calibration, Hooks, layer_alphabet, quantize_network
 
 
 def tf_same_pads(height, width, kernel, stride):
@@ -135,7 +139,7 @@ def test_padding_subclass_and_tf_padding_quantize_in_both_modes(calibration):
     data = TensorDataset(torch.randn(6, 3, 12, 12), torch.zeros(6, dtype=torch.long))
     settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=3), lambda i, n, l: settings,
-                                          6, 0.5, 0, calibration=calibration, log=lambda *a: None)
+                                          Calibration(6, 0.5, 0, mode=calibration), Hooks(log=lambda *a: None))
     assert [r.name for r in reports] == ["0", "2.conv"]
     for report in reports:
         alphabet, _ = layer_alphabet(find_layers(model, data.tensors[0][:1]).layers[report.index], settings)
@@ -174,8 +178,8 @@ def test_functional_and_matmul_weights_are_layers_with_their_real_rows():
     settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     for calibration in ("fresh", "fixed"):
         quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4),
-                                              lambda i, n, l: settings, 8, 1.0, 0, calibration=calibration,
-                                              log=lambda *a: None)
+                                              lambda i, n, l: settings, Calibration(8, 1.0, 0, mode=calibration),
+                                              Hooks(log=lambda *a: None))
         assert len(reports) == 3
         right = quantized.right.detach()
         alphabet, _ = layer_alphabet(layers[1], settings)
@@ -242,10 +246,10 @@ def test_shared_weight_is_one_layer_with_the_rows_of_every_use():
     steps = {}
     for calibration in ("fresh", "fixed"):
         stream = CalibrationStream(data, 0, chunk_size=8)
-        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 8, 1.0, 0,
-                                              calibration=calibration, keep_rows=True,
-                                              after_layer=lambda step, c=calibration: steps.setdefault(c, step),
-                                              log=lambda *a: None)
+        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings,
+                                              Calibration(8, 1.0, 0, mode=calibration, keep_rows=True),
+                                              Hooks(log=lambda *a: None,
+                                                    after_layer=lambda step, c=calibration: steps.setdefault(c, step)))
         assert [r.rows for r in reports][0] == 16  # 8 images, two uses
     # the first layer sees the float network in both modes, on the same 8 images (one draw)
     torch.testing.assert_close(steps["fresh"].analog_rows, steps["fixed"].analog_rows)
@@ -296,19 +300,21 @@ def test_coverage_names_float_parameters_and_warns_on_unsupported_weights():
     data = TensorDataset(torch.randint(0, 10, (4, 4)), torch.zeros(4, dtype=torch.long))
     settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     with pytest.raises(ValueError, match="strict_coverage: .*up.weight"):
-        quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
-                         strict_coverage=True, log=lambda *a: None)
+        quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings, Calibration(4, 1.0, 0),
+                         Hooks(log=lambda *a: None), strict_coverage=True)
     with pytest.warns(UserWarning, match="cannot be quantized"):
-        _, reports = quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
-                                      log=lambda *a: None)
+        _, reports = quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings,
+                                      Calibration(4, 1.0, 0), Hooks(log=lambda *a: None))
     assert reports.coverage.columns()["Quantized Tensors"] == "1/11"
     small = Transformerish(transposed_channels=1).eval()  # 16 of 80 matmul parameters: still above 5 %
     assert Coverage.of(find_layers(small, tokens)).warning() is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quantize_network(nn.Sequential(nn.Linear(4, 3)), CalibrationStream(
-            TensorDataset(torch.randn(4, 4), torch.zeros(4)), 0), lambda i, n, l: settings, 4, 1.0, 0,
-            strict_coverage=True, log=lambda *a: None)
+        quantize_network(nn.Sequential(nn.Linear(4, 3)),
+                         CalibrationStream(
+            TensorDataset(torch.randn(4, 4), torch.zeros(4)), 0),
+                         lambda i, n, l: settings, Calibration(4, 1.0, 0), Hooks(log=lambda *a: None),
+                         strict_coverage=True)
 
 
 # ---------------------------------------------------------------- fixed mode on graphs fx cannot run
@@ -340,12 +346,12 @@ def test_fixed_mode_refuses_a_graph_that_differs_from_the_model_and_runs_trace_c
     data = TensorDataset(torch.randn(4, 4), torch.zeros(4))
     settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     with pytest.raises(ValueError, match="use calibration='fresh'"):
-        quantize_network(Stateful().eval(), CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
-                         calibration="fixed", log=lambda *a: None)
+        quantize_network(Stateful().eval(), CalibrationStream(data, 0), lambda i, n, l: settings,
+                         Calibration(4, 1.0, 0, mode="fixed"), Hooks(log=lambda *a: None))
     model = ConstantTensor().eval()
     trace_graph(model, data.tensors[0][:1], find_layers(model, data.tensors[0][:1]).layers)
-    _, reports = quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings, 4, 1.0, 0,
-                                  calibration="fixed", log=lambda *a: None)
+    _, reports = quantize_network(model, CalibrationStream(data, 0), lambda i, n, l: settings,
+                                  Calibration(4, 1.0, 0, mode="fixed"), Hooks(log=lambda *a: None))
     assert len(reports) == 1
 
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gpfq import QuantConfig
-from gpfq.pipeline.capture import find_layers
+from gpfq.pipeline.discovery import find_layers
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.pipeline.network import layer_alphabet, quantize_network
+from gpfq.pipeline.network import Calibration, Hooks, layer_alphabet, quantize_network
 
 # parameter name -> why it may stay float. Empty: every matmul weight of these models is quantized.
 ALLOWED_FLOAT = {}
@@ -90,7 +90,7 @@ def test_every_matmul_weight_is_quantized(name):
     data = TensorDataset(images, torch.zeros(8, dtype=torch.long))
     settings = QuantConfig(bits=4, mlp_scalar=1.3, cnn_scalar=1.3)
     quantized, reports = quantize_network(model, CalibrationStream(data, 0, chunk_size=4), lambda i, n, l: settings,
-                                          4, 0.25, 0, calibration=calibration, log=lambda *a: None)
+                                          Calibration(4, 0.25, 0, mode=calibration), Hooks(log=lambda *a: None))
     required = weights_that_must_be_quantized(model, images[:1]) - set(ALLOWED_FLOAT)
     layers = {layer.parameter: layer for layer in find_layers(model, images[:1]).layers}
     assert required <= set(layers), sorted(required - set(layers))

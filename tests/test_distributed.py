@@ -181,15 +181,15 @@ def test_mismatched_bits_stop_every_rank_before_any_work(tmp_path):
 KILL_RANK_1_IN_LAYER_3 = """
 import signal
 if os.environ["RANK"] == "1":
-    import gpfq.pipeline.network as network
-    original = network.distributed_layer
+    from gpfq.pipeline.calibrator import Calibrator
+    original = Calibrator.sharded_rows
 
-    def dying(shard, layer, settings, input_pairs, *rest):
-        if rest[5].startswith("layer 3 "):
+    def dying(calibrator, layer, settings, input_pairs, label):
+        if label.startswith("layer 3 "):
             next(iter(input_pairs))  # mid-layer: after the first chunk's forward passes
             os.kill(os.getpid(), signal.SIG{signal})
-        return original(shard, layer, settings, input_pairs, *rest)
-    network.distributed_layer = dying
+        return original(calibrator, layer, settings, input_pairs, label)
+    Calibrator.sharded_rows = dying
 """
 
 

@@ -5,15 +5,17 @@ from torch import nn
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import layer_radius, make_alphabet, round_to_alphabet
-from gpfq.pipeline.capture import (CachedForward, capture_input, conv_patches, find_layers, layers_in_execution_order,
-                          patch_indices, selected_patches, trace_graph)
+from gpfq.pipeline.cached_forward import CachedForward, trace_graph
+from gpfq.pipeline.capture import capture_input
+from gpfq.pipeline.discovery import find_layers, layers_in_execution_order
+from gpfq.pipeline.rows import conv_patches, patch_indices, selected_patches
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, choose_form, cost_terms,
                          default_block_size, gpfq_blocked, gpfq_gram, gpfq_residual, predicted_cost, predicted_seconds,
                          rows_bytes)
 from gpfq.runner.experiment import parse_point
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
-from gpfq.pipeline.network import quantize_network
+from gpfq.pipeline.network import Calibration, Hooks, quantize_network
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 from gpfq.threads import single_thread
 
@@ -183,7 +185,7 @@ def test_real_layers_of_the_default_model(default_model):
     steps = []
     with single_thread():  # the per-column loop's many small operations
         quantize_network(default_model, CalibrationStream(_Images(96, 0), 0, chunk_size=48), _settings("columns"),
-                         24, 0.25, 0, after_layer=steps.append, log=lambda *a: None)
+                         Calibration(24, 0.25, 0), Hooks(log=lambda *a: None, after_layer=steps.append))
     assert len(steps) == 10
     for step in steps:
         args = (step.weight, step.analog_rows, step.quantized_rows)
@@ -197,11 +199,12 @@ def test_streamed_layers_equal_kept_rows(default_model):
     """Streaming the Gram form changes neither Q (beyond ties) nor the reported error."""
     stream = lambda: CalibrationStream(_Images(128, 1), 0, chunk_size=20)  # noqa: E731
     kept_steps = []
-    kept, kept_reports = quantize_network(default_model, stream(), _settings("gram"), 64, 0.25, 0,
-                                          after_layer=kept_steps.append, log=lambda *a: None)
+    kept, kept_reports = quantize_network(default_model, stream(), _settings("gram"), Calibration(64, 0.25, 0),
+                                          Hooks(log=lambda *a: None, after_layer=kept_steps.append))
     streamed_steps = []
-    streamed, reports = quantize_network(default_model, stream(), _settings("gram"), 64, 0.25, 0,
-                                         after_layer=streamed_steps.append, keep_rows=False, log=lambda *a: None)
+    streamed, reports = quantize_network(default_model, stream(), _settings("gram"),
+                                         Calibration(64, 0.25, 0, keep_rows=False),
+                                         Hooks(log=lambda *a: None, after_layer=streamed_steps.append))
     assert all(r.streamed and r.form == "gram" for r in reports)
     assert not any(r.streamed for r in kept_reports)
     for kept_step, step, kept_report, report in zip(kept_steps, streamed_steps, kept_reports, reports):
@@ -228,8 +231,8 @@ def test_forward_cost_fresh_quadratic_fixed_linear(calibration):
     model = FashionResNet().eval()
     counts = _call_counts(model)  # the quantized copy is a deepcopy: its hooks count into the same dict
     chunks = 3
-    quantize_network(model, CalibrationStream(_Images(60, 2), 0, chunk_size=10), _settings("auto"), 30, 0.25, 0,
-                     calibration=calibration, log=lambda *a: None)
+    quantize_network(model, CalibrationStream(_Images(60, 2), 0, chunk_size=10), _settings("auto"),
+                     Calibration(30, 0.25, 0, mode=calibration), Hooks(log=lambda *a: None))
     names = layers_in_execution_order(FashionResNet().eval(), torch.zeros(1, 1, 28, 28))
     # find_layers' one pass over the analog model; fixed mode: trace_graph's check runs the traced graph and
     # the model once more on the example image
@@ -259,8 +262,9 @@ def test_fixed_mode_sees_the_quantized_earlier_layers():
     model = FashionResNet().eval()
     data = _Images(40, 3)
     steps = []
-    quantized, _ = quantize_network(model, CalibrationStream(data, 0, chunk_size=16), _settings("auto"), 40, 1.0,
-                                    0, calibration="fixed", after_layer=steps.append, log=lambda *a: None)
+    quantized, _ = quantize_network(model, CalibrationStream(data, 0, chunk_size=16), _settings("auto"),
+                                    Calibration(40, 1.0, 0, mode="fixed"),
+                                    Hooks(log=lambda *a: None, after_layer=steps.append))
     images = torch.cat(CalibrationStream(data, 0, chunk_size=16).draw(40))  # the same single draw
     last = steps[-1]  # fc: Linear, every image one row
     torch.testing.assert_close(last.quantized_rows[0], capture_input(quantized, "fc", images))
@@ -272,8 +276,9 @@ def test_fixed_mode_in_place_uses_the_model_being_quantized():
     model = FashionResNet().eval()
     data = _Images(30, 6)
     steps = []
-    quantize_network(model, CalibrationStream(data, 0, chunk_size=16), _settings("auto"), 30, 1.0, 0,
-                     calibration="fixed", in_place=True, after_layer=steps.append, log=lambda *a: None)
+    quantize_network(model, CalibrationStream(data, 0, chunk_size=16), _settings("auto"),
+                     Calibration(30, 1.0, 0, mode="fixed"), Hooks(log=lambda *a: None, after_layer=steps.append),
+                     in_place=True)
     images = torch.cat(CalibrationStream(data, 0, chunk_size=16).draw(30))
     assert torch.equal(steps[-1].analog_rows, steps[-1].quantized_rows)  # X̃ = X
     torch.testing.assert_close(steps[-1].analog_rows[0], capture_input(model, "fc", images))
@@ -297,13 +302,13 @@ def test_kept_patches_read_through_a_view_equal_unfold_then_gather(conv, stride)
 @pytest.mark.slow  # whole embedded models, several times (5-8 s of CPU)
 def test_same_seed_same_bits_and_mode_validation():
     model = FashionResNet().eval()
-    runs = [quantize_network(model, CalibrationStream(_Images(50, 4), 7, chunk_size=16), _settings("auto"), 25,
-                             0.25, 7, calibration="fixed", log=lambda *a: None)[0] for _ in range(2)]
+    runs = [quantize_network(model, CalibrationStream(_Images(50, 4), 7, chunk_size=16), _settings("auto"),
+                             Calibration(25, 0.25, 7, mode="fixed"), Hooks(log=lambda *a: None))[0] for _ in range(2)]
     for key, value in runs[0].state_dict().items():
         assert torch.equal(value, runs[1].state_dict()[key])
     with pytest.raises(ValueError, match="calibration must be one of"):
-        quantize_network(model, CalibrationStream(_Images(8, 4), 0), _settings("auto"), 4, 0.25, 0,
-                         calibration="once")
+        quantize_network(model, CalibrationStream(_Images(8, 4), 0), _settings("auto"),
+                         Calibration(4, 0.25, 0, mode="once"))
 
 
 def test_untraceable_model_fails_before_work_in_fixed_mode():
@@ -317,8 +322,8 @@ def test_untraceable_model_fails_before_work_in_fixed_mode():
 
     called = []
     with pytest.raises(ValueError, match="calibration='fresh'"):
-        quantize_network(Branchy(), CalibrationStream(_Images(8, 5), 0), _settings("auto"), 4, 0.25, 0,
-                         calibration="fixed", after_layer=called.append)
+        quantize_network(Branchy(), CalibrationStream(_Images(8, 5), 0), _settings("auto"),
+                         Calibration(4, 0.25, 0, mode="fixed"), Hooks(after_layer=called.append))
     assert called == []
 
 
@@ -376,8 +381,8 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
     stream = lambda: CalibrationStream(_Images(96, 4), 0, chunk_size=48)  # noqa: E731
     steps = []
     with single_thread():
-        quantize_network(default_model, stream(), settings("columns"), 24, 0.25, 0, after_layer=steps.append,
-                         log=lambda *a: None)
+        quantize_network(default_model, stream(), settings("columns"), Calibration(24, 0.25, 0),
+                         Hooks(log=lambda *a: None, after_layer=steps.append))
     for step in steps:
         args = (step.weight, step.analog_rows, step.quantized_rows, make_alphabet("gpfq2022", 3, 1.3,
                                                                                   step.report.radius))
@@ -385,9 +390,10 @@ def test_other_rules_on_the_default_model_kept_and_streamed(default_model, metho
             result = (spfq(*args, seed=5, engine=form) if method == "spfq"
                       else sparse_gpfq(*args, 0.1, "soft", engine=form))
             _assert_same_as_columns(result, step.quantized_weight, *args[:3])
-    _, kept = quantize_network(default_model, stream(), settings("gram"), 24, 0.25, 0, log=lambda *a: None)
-    _, streamed = quantize_network(default_model, stream(), settings("gram"), 24, 0.25, 0, keep_rows=False,
-                                   log=lambda *a: None)
+    _, kept = quantize_network(default_model, stream(), settings("gram"), Calibration(24, 0.25, 0),
+                               Hooks(log=lambda *a: None))
+    _, streamed = quantize_network(default_model, stream(), settings("gram"),
+                                   Calibration(24, 0.25, 0, keep_rows=False), Hooks(log=lambda *a: None))
     assert all(r.streamed and r.form == "gram" for r in streamed)
     for kept_report, report in zip(kept, streamed):
         assert abs(report.relative_error - kept_report.relative_error) <= 1e-4
@@ -407,11 +413,12 @@ def test_gptq_streamed_equals_gptq_on_rows(default_model):
 
     stream = lambda: CalibrationStream(_Images(96, 5), 0, chunk_size=32)  # noqa: E731
     kept_steps = []
-    _, kept = quantize_network(default_model, stream(), settings("auto"), 32, 0.25, 0,
-                               after_layer=kept_steps.append, log=lambda *a: None)
+    _, kept = quantize_network(default_model, stream(), settings("auto"), Calibration(32, 0.25, 0),
+                               Hooks(log=lambda *a: None, after_layer=kept_steps.append))
     streamed_steps = []
-    _, streamed = quantize_network(default_model, stream(), settings("gram"), 32, 0.25, 0, keep_rows=False,
-                                   after_layer=streamed_steps.append, log=lambda *a: None)
+    _, streamed = quantize_network(default_model, stream(), settings("gram"),
+                                   Calibration(32, 0.25, 0, keep_rows=False),
+                                   Hooks(log=lambda *a: None, after_layer=streamed_steps.append))
     assert all(r.form == "gptq" and not r.streamed for r in kept)
     assert all(r.form == "gram" and r.streamed for r in streamed)
     # The same algebra, summed in another order: on this machine's AVX2/AVX-512 paths every layer is equal, but under

@@ -102,7 +102,7 @@ def test_the_layer_check_sees_an_upward_import():
 
 def test_gpfq_imports_go_downward_through_the_layers():
     graph = import_graph()
-    assert "gpfq.methods.gpfq.engine" in graph["gpfq.pipeline.network"]  # the walk sees edges across layers
+    assert "gpfq.methods.gpfq.engine" in graph["gpfq.pipeline.calibrator"]  # the walk sees edges across layers
     assert upward_imports(graph) == []
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import script_header
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
-from gpfq.pipeline.capture import layers_in_execution_order
+from gpfq.pipeline.discovery import layers_in_execution_order
 from gpfq.runner.experiment import expand_grid, main, parse_point
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.methods.gptq import gptq, gptq_reference

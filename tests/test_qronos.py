@@ -8,7 +8,8 @@ from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alp
 from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.methods.gptq import HessianNotPositiveDefinite, gptq_reference
-from gpfq.pipeline.network import layer_form, quantize_layer
+from gpfq.pipeline.calibrator import layer_form
+from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.qronos import qronos, qronos_from_gram, qronos_reference, ridge
 from gpfq.methods.gpfq.reference import relative_error
 

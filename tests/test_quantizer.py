@@ -5,7 +5,7 @@ from torch import nn
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import layer_radius, make_alphabet
-from gpfq.pipeline.capture import layer_rows
+from gpfq.pipeline.rows import layer_rows
 from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 

@@ -45,7 +45,8 @@ from gpfq.runner.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.methods.gpfq.engine import ENGINES
 from gpfq.methods import METHOD_NAMES
-from gpfq.pipeline.network import CALIBRATIONS, layer_alphabet, quantize_network
+from gpfq.pipeline.calibrator import CALIBRATIONS
+from gpfq.pipeline.network import Calibration, Hooks, layer_alphabet, quantize_network
 from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
 from gpfq.methods.gpfq.reference import gpfq_reference, msq
 
@@ -190,8 +191,8 @@ def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
     settings = QuantConfig(bits=3, mlp_scalar=1.0, cnn_scalar=1.0)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        quantize_network(model, stream, lambda i, n, l: settings, 16, 1.0, 0, log=lambda text: None,
-                         calibration=calibration)
+        quantize_network(model, stream, lambda i, n, l: settings, Calibration(16, 1.0, 0, mode=calibration),
+                         Hooks(log=lambda text: None))
 
 
 def _zero_model() -> nn.Sequential:
@@ -210,8 +211,9 @@ def _zero_model() -> nn.Sequential:
 def _quantize_zero_model(settings, keep_rows=True):
     steps = []
     stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
-    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings, 32, 1.0, 0,
-                                          log=lambda text: None, after_layer=steps.append, keep_rows=keep_rows)
+    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings,
+                                          Calibration(32, 1.0, 0, keep_rows=keep_rows),
+                                          Hooks(log=lambda text: None, after_layer=steps.append))
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     # layers 2 (W = 0) and 3 (X = 0) have ‖XWᵀ‖ = 0: their relative error is undefined (NaN), not 0
     assert all(np.isfinite(r.relative_error) for r in reports[:2])
@@ -658,7 +660,7 @@ def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_pa
 
 def test_layer_warnings_and_chance_warning_thresholds():
     from gpfq.runner.experiment import chance_warnings
-    from gpfq.pipeline.network import layer_warnings
+    from gpfq.pipeline.reports import layer_warnings
     assert layer_warnings(64, 64, 98, 100, 0.49) == []
     assert layer_warnings(63, 64, 0, 100, 0.1) == [
         "63 calibration rows < 64 weights per neuron (GPFQ needs m ≫ N0: raise batch_size or retain_rate)"]
@@ -878,8 +880,9 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     results = {}
     for keep_rows in (False, True):
         stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
-        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings, 1100, 1.0, 0,
-                                              patch_stride="layer", log=lambda text: None, keep_rows=keep_rows)
+        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings,
+                                              Calibration(1100, 1.0, 0, patch_stride="layer", keep_rows=keep_rows),
+                                              Hooks(log=lambda text: None))
         assert reports[0].rows == 110_000 and reports[0].form == "gram"
         results[keep_rows] = (quantized[0].weight, reports[0].relative_error)
     assert torch.equal(results[False][0], results[True][0])

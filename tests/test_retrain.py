@@ -1,4 +1,5 @@
 """Retraining variant: in-place quantization with fine-tuning of the float layers."""
+import dataclasses
 import math
 
 import pytest
@@ -108,15 +109,17 @@ def test_fine_tune_leaves_frozen_parameters_alone():
     trained = model[3].weight.detach().clone()
     mean = model[1].running_mean.clone()
     data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
-    loss, steps = retrain.fine_tune(model, data, list(range(64)), 16, 2, 1e-2, 0.5, "update",
-                                    torch.Generator().manual_seed(0))
+    options = retrain.RetrainOptions(start=1, samples=None, batch_size=16, epochs=2, lr=1e-2, weight_decay=0.5,
+                                     batchnorm="update", evaluate_each_step=False)
+    loss, steps = retrain.fine_tune(model, data, list(range(64)), options, torch.Generator().manual_seed(0))
     assert steps == 2 * 4 and math.isfinite(loss)
     assert torch.equal(model[0].weight, frozen)
     assert not torch.equal(model[3].weight, trained)
     assert not torch.equal(model[1].running_mean, mean)  # 'update': running statistics follow the batches
     assert not model.training
     mean = model[1].running_mean.clone()
-    retrain.fine_tune(model, data, list(range(64)), 16, 1, 1e-2, 0.0, "frozen", torch.Generator().manual_seed(0))
+    options = dataclasses.replace(options, epochs=1, weight_decay=0.0, batchnorm="frozen")
+    retrain.fine_tune(model, data, list(range(64)), options, torch.Generator().manual_seed(0))
     assert torch.equal(model[1].running_mean, mean)  # 'frozen': they stay
 
 

@@ -147,7 +147,7 @@ def test_unreadable_safetensors_file_says_so(tmp_path):
 
 
 def test_quantized_model_file_as_weights_points_to_the_pt_beside_it(tmp_path):
-    from gpfq.pipeline.network import LayerReport
+    from gpfq import LayerReport
     model = FashionResNet()
     model.fc.weight.data = torch.linspace(-1, 1, 3)[torch.arange(640) % 3].reshape(10, 64)  # on a 3-level grid
     report = LayerReport(9, "fc", "Linear", (10, 64), 8, 2, 3, 1.0, 0.0, 0.0, parameter="fc.weight",

@@ -2,7 +2,7 @@
 round-to-nearest's does not."""
 import pytest
 
-from gpfq.runner.theory import fitted_slope, gaussian_layer_errors, mean_errors
+from gpfq.runner.theory import TheoryAlphabet, fitted_slope, gaussian_layer_errors, mean_errors
 
 M = 64
 N0_VALUES = (4 * M, 8 * M, 16 * M)
@@ -10,7 +10,8 @@ N0_VALUES = (4 * M, 8 * M, 16 * M)
 
 @pytest.fixture(scope="module")
 def errors():
-    rows = gaussian_layer_errors(M, N0_VALUES, trials=3, neurons=8, bits=4, seed=0, methods=("gpfq", "msq", "qronos"))
+    rows = gaussian_layer_errors(M, N0_VALUES, trials=3, neurons=8, seed=0, methods=("gpfq", "msq", "qronos"),
+                                 alphabet=TheoryAlphabet(bits=4))
     return {method: mean_errors(rows, method) for method in ("gpfq", "msq", "qronos")}
 
 

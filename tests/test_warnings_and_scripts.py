@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import gpfq
-from gpfq.pipeline.network import reports_as_dicts
+from gpfq.pipeline.reports import reports_as_dicts
 
 from conftest import TESTS_DIR, python_env
 

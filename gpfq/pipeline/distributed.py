@@ -7,7 +7,7 @@ same layer loop. For each layer:
   order), and rank r takes the contiguous share [r·m/W, (r+1)·m/W) of them (`ShardedStream`);
 - each rank runs its share through both networks and forms its rows with the patch indices one
   process would give those images;
-- the layer takes the form one process would give it (`network.layer_form` on all m images'
+- the layer takes the form one process would give it (`calibrator.layer_form` on all m images'
   rows). A streamed layer (the Gram form) adds the rows into float64 `GramStatistics`, which are
   all-reduced, so every rank holds the sums of all m images. A layer computed from rows (the
   residual form, GPTQ from rows, the per-column loop, or `after_layer` hooks that asked for rows)
@@ -27,14 +27,13 @@ other way, and later layers see that. With 2 ranks whose shares are one chunk ea
 Faults: every collective is labelled and recorded in the rendezvous store, so when one fails
 (a peer died, or did not answer within the process group's timeout) the message names the rank
 that stopped and where. Errors raised on some ranks inside `Shard.step` reach every rank, which
-all raise the same `DistributedError`.
+all raise the same `DistributedError`. The layer's share of rows is formed in `calibrator.Calibrator.sharded_rows`.
 """
 import atexit
 import contextlib
 import datetime
 import hashlib
 import json
-import math
 import os
 import signal
 import time
@@ -43,7 +42,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gpfq.pipeline.capture import flat_weight, grouped, layer_rows, patch_grid, patch_indices
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.errors import GPFQError
@@ -331,44 +329,6 @@ class Shard:
             dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
-    def gather_layer(self, layer, input_pairs, n_images, retain_rate, generator, patch_stride, streams, label):
-        """The distributed `network.gather_layer`: (analog_rows, quantized_rows, statistics) of all m images.
-
-        input_pairs: (X input, X̃ input) chunks of this rank's share of the `n_images` images.
-        streams(rows, weight, device) -> GramStatistics or None, asked at the first chunk with the layer's
-        total row count (the same on every rank): empty sums (`network.new_statistics`) to add the rows
-        into, all-reduced at the end (rows None); None gathers every rank's rows (statistics None). The
-        patch generator advances over the other ranks' images, so every image gets the patch indices one
-        process would give it.
-        """
-        lo, hi = self.span(n_images)
-        flat = flat_weight(layer)
-        weight = grouped(layer, flat)
-        statistics, streamed = None, None
-        analog_parts, quantized_parts, first = [], [], None
-        with self.step(f"{label}: forward passes and rows"):
-            for analog, quantized in input_pairs:
-                if first is None:
-                    first = analog
-                    _skip_patches(first, lo, retain_rate, generator, patch_stride)
-                x, xq = layer_rows(layer, analog, quantized, retain_rate, generator, patch_stride)
-                if streamed is None:
-                    statistics = streams(x.shape[0] // analog.images * n_images, weight, x.device)
-                    streamed = statistics is not None
-                if streamed:
-                    statistics.add(grouped(layer, flat, x)[1], grouped(layer, flat, xq)[1])
-                else:
-                    analog_parts.append(x)
-                    quantized_parts.append(xq)
-            if first is None:
-                raise ValueError(f"rank {self.rank} received no calibration images for {label}")
-            _skip_patches(first, n_images - hi, retain_rate, generator, patch_stride)
-        if streamed:
-            return None, None, self.all_reduce_statistics(statistics, label)
-        analog_rows = self.gather_rows(torch.cat(analog_parts), f"{label}: X")
-        quantized_rows = self.gather_rows(torch.cat(quantized_parts), f"{label}: X̃")
-        return analog_rows, quantized_rows, None
-
     def run_rule(self, compute, like: torch.Tensor, label: str) -> torch.Tensor:
         """Q from `compute()`: on rank 0 and broadcast ('rank0'), or on every rank ('every').
 
@@ -404,19 +364,6 @@ SINGLE = Shard(group=False)  # one process: no collectives, every share is every
 def settings_digest(settings: dict) -> str:
     """SHA-256 of settings as sorted JSON (values without a JSON form by their str)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _skip_patches(layer_input, n_images, retain_rate, generator, patch_stride) -> None:
-    """Advance the patch generator over `n_images` images shaped like `layer_input` (a capture.LayerInput),
-    as `layer_rows` would when turning them into rows (no-op where it draws nothing). A convolution
-    weight used several times (shared) draws per use and chunk, so its patches may differ from one
-    process's."""
-    if n_images <= 0 or retain_rate == 1.0:
-        return
-    for use in layer_input.uses:
-        if use.geometry is not None:
-            grid = patch_grid(use.geometry, use.input.shape[2:], patch_stride)
-            patch_indices(n_images, math.prod(grid), retain_rate, generator)
 
 
 class _Positions(Dataset):

@@ -36,14 +36,16 @@ from torch import nn
 
 from gpfq.methods.alphabet import MAX_BITS
 from gpfq.api import quantize as quantize_model
-from gpfq.pipeline.capture import capture_input, layer_weight, layers_in_execution_order
+from gpfq.pipeline.capture import capture_input
+from gpfq.pipeline.discovery import layers_in_execution_order
+from gpfq.pipeline.rows import layer_weight
 from gpfq.config import FIELDS
 from gpfq.pipeline.streams import CalibrationStream
 from gpfq.runner.deploy import quantized_path, with_alphabets_from
 from gpfq.errors import bad_hyperparameter
 from gpfq.runner.experiment import Variant
 from gpfq.runner.logs import EXTRA_COLUMNS, PAPER_COLUMNS
-from gpfq.pipeline.network import LayerReport
+from gpfq.pipeline.reports import LayerReport
 from gpfq.io.models import load_saved_model
 from gpfq.paths import MODEL_DIR, REPO_ROOT
 from gpfq.io.storage import display_path

@@ -13,17 +13,16 @@ finished row and model.
 """
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from gpfq import api
 from gpfq.paths import __version__
 from gpfq.pipeline import distributed
-from gpfq.pipeline.capture import Coverage, check_model_finite, find_layers
+from gpfq.pipeline.coverage import Coverage
+from gpfq.pipeline.discovery import check_model_finite, find_layers
 from gpfq.pipeline.checkpoint import LayerCheckpoint, weights_hash
 from gpfq.config import QuantConfig
 from gpfq.io.data import calibration_set, eval_subset, evaluation_loader, evaluation_set
@@ -35,12 +34,14 @@ from gpfq.runner.evaluate import CHANCE_MARGIN, chance_warnings, classes_in, eva
 from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.runner.header import (CLI_ALIASES, COMMON_DEFAULTS, GRID_KEYS, LIST_KEYS, RUN_COLUMNS, RUN_KEYS,  # noqa: F401
                      expand_grid, method_description, parse_overrides, parse_point, point_columns)
-from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, RESULT_COLUMNS, append_row, check_log, read_rows
+from gpfq.runner.logs import append_row, check_log, read_rows
 from gpfq.io.models import load_model, published_accuracy, weights_label
-from gpfq.pipeline.network import check_layer_indices, reports_as_dicts, zero_fraction
+from gpfq.pipeline.reports import check_layer_indices, reports_as_dicts, zero_fraction
 from gpfq.paths import DATA_DIR, LOG_DIR, MODEL_DIR
 from gpfq.runner.preprocessing import check_model_takes, image_folder_sets
+from gpfq.runner.resume import pending_points, point_identity
 from gpfq.runner.run_config import Point, RunConfig
+from gpfq.runner.variant import PLAIN, Variant, plain_quantize  # noqa: F401
 from gpfq.io.storage import check_writable, code_revision, display_path, save_model, write_record  # noqa: F401
 from gpfq.io.user_models import model_folder
 
@@ -195,59 +196,6 @@ def prepare(point: Point, resources: Resources, log=tqdm.write) -> Context:
     return context
 
 
-def plain_quantize(context: Context):
-    """The paper's GPFQ: every layer with the header's settings. Returns (model, reports, {})."""
-    result = api.quantize(context.analog_model, context.stream(), context.config, device=context.device,
-                          log=context.log, checkpoint=context.checkpoint)
-    return result.model, result.reports, {}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How a script's procedure plugs into `main`; the defaults are the plain script's (the paper's GPFQ).
-
-    quantize(context) -> (quantized model, [LayerReport], extra columns for the row).
-    A `point` below is a parsed `Point` (config, run); the variant's own options are `point.run.options`.
-    logs: {log file name: its columns}; log_names(point) -> the logs a point's row goes to (default: all).
-    header_keys: the keys the variant adds to the plain header; grid_keys: those that expand into a grid.
-    columns(point) -> {column: value}: the variant's own hyperparameter columns, written into each row and
-        used, with `header.point_columns`, to recognise a logged point (`resume`).
-    result_columns: the variant's own columns that record results (not hyperparameters).
-    resolve_point(point dict) -> point dict runs before parsing (e.g. hyperparameters read from a saved model);
-    options(point dict) -> the variant's own options, typed and checked (`header.parse_point`, into
-        `run.options`); validate_model(point, ModelFacts) adds checks that need the model's layers or the
-        data's size (in `preflight`, before any point runs).
-    name: starts the saved models' file names, so variants' models stand apart; file_prefix(point), when
-        given, replaces it with one that also names the point's options (e.g. 'adhoc_bias-all').
-    layer_checkpoints: whether quantize passes `context.checkpoint` to the layer loop (per-layer resume); off
-        for a variant whose state lives outside that loop (retraining's fine-tuned model and optimizer).
-    """
-    name: str = ""
-    file_prefix: Optional[Callable] = None
-    quantize: Callable = plain_quantize
-    logs: dict = field(default_factory=lambda: {PLAIN_LOG: PLAIN_COLUMNS})
-    log_names: Optional[Callable] = None
-    header_keys: tuple = ()
-    grid_keys: tuple = ()
-    columns: Optional[Callable] = None
-    result_columns: frozenset = frozenset()
-    resolve_point: Optional[Callable] = None
-    options: Optional[Callable] = None
-    validate_model: Optional[Callable] = None
-    layer_checkpoints: bool = True
-
-    def log_names_of(self, point: Point) -> list:
-        """The logs a point's row goes to."""
-        names = list(self.logs) if self.log_names is None else self.log_names(point)
-        return [names] if isinstance(names, str) else list(names)
-
-    def own_columns(self, point: Point) -> dict:
-        return self.columns(point) if self.columns is not None else {}
-
-
-PLAIN = Variant()
-
-
 def run_point(point: Point, resources: Resources, variant: Variant = PLAIN, log=tqdm.write, unlogged=None) -> dict:
     """Quantize (`variant.quantize`), save, evaluate and log one grid point; returns the logged row.
     unlogged: a list holding the point's saved files until its row is logged (`main` drops them at Ctrl-C)."""
@@ -390,48 +338,6 @@ def output_width(context: Context) -> int:
     """The model's output width on one calibration image (the number of classes when the data's is unknown)."""
     example = context.calibration[0][0].unsqueeze(0).to(context.device)
     return int(context.analog_model.eval().to(context.device)(example).shape[-1])
-
-
-# ---------------------------------------------------------------- resume
-def point_identity(point: Point, columns, variant: Variant = PLAIN) -> dict:
-    """The values a point would log in the hyperparameter columns of a log: all but the results
-    (logs.RESULT_COLUMNS and the variant's result_columns)."""
-    values = point_columns(point)
-    values.update(variant.own_columns(point))
-    identity = [c for c in columns if c not in RESULT_COLUMNS and c not in variant.result_columns]
-    unknown = [c for c in identity if c not in values]
-    if unknown:  # a variant's column that is neither a result nor filled from the point: refuse to guess
-        raise ValueError(f"resume cannot tell grid points apart: the log's columns {unknown} are neither results "
-                         f"(gpfq.runner.logs.RESULT_COLUMNS, the variant's result_columns) nor filled from the "
-                         f"point (header.point_columns, or the variant's columns)")
-    return {c: values[c] for c in identity}
-
-
-def _same_value(logged, value) -> bool:
-    """A logged CSV cell against a hyperparameter value (numbers compare as numbers: 1 == 1.0)."""
-    text = "" if value is None else str(value)
-    if logged == text:
-        return True
-    try:
-        return float(logged) == float(text)
-    except (TypeError, ValueError):
-        return False
-
-
-def pending_points(points: list, log_dir: Path, variant: Variant = PLAIN) -> list:
-    """The points whose row is not yet in each of their logs (a row with equal hyperparameter columns)."""
-    rows_of = {}
-    pending = []
-    for point in points:
-        for name in variant.log_names_of(point):
-            if name not in rows_of:
-                path = Path(log_dir) / name
-                rows_of[name] = read_rows(path) if check_log(path, variant.logs[name]) else []
-            identity = point_identity(point, variant.logs[name], variant)
-            if not any(all(_same_value(row.get(c), v) for c, v in identity.items()) for row in rows_of[name]):
-                pending.append(point)
-                break
-    return pending
 
 
 def main(header: dict, argv=None, variant: Variant = PLAIN) -> list:

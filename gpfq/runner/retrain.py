@@ -92,21 +92,22 @@ def freeze(layer: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def fine_tune(model: nn.Module, dataset, indices, batch_size: int, epochs: int, lr: float, weight_decay: float,
-              batchnorm: str, generator: torch.Generator, device="cpu", num_workers: int = 0, desc="retrain"):
-    """Adam on cross-entropy over `dataset[indices]` for `epochs`, on the parameters with requires_grad.
+def fine_tune(model: nn.Module, dataset, indices, options: RetrainOptions, generator: torch.Generator, device="cpu",
+              num_workers: int = 0, desc="retrain"):
+    """Adam on cross-entropy over `dataset[indices]` for `options.epochs`, on the parameters with requires_grad
+    (`options`: batch size, epochs, lr, weight decay, batchnorm mode; `start`, `samples` are the caller's).
 
     Returns (mean loss of the last epoch, number of optimizer steps). The model is left in eval mode.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, generator=generator,
+    optimizer = torch.optim.Adam(parameters, lr=options.lr, weight_decay=options.weight_decay)
+    loader = DataLoader(Subset(dataset, indices), batch_size=options.batch_size, shuffle=True, generator=generator,
                         num_workers=num_workers)
     loss_fn = nn.CrossEntropyLoss()
-    model.train(batchnorm == "update")
+    model.train(options.batchnorm == "update")
     mean_loss, steps = float("nan"), 0
     try:
-        for epoch in range(epochs):
+        for epoch in range(options.epochs):
             total, count = 0.0, 0
             for images, labels in loader:
                 images, labels = images.to(device), labels.to(device)
@@ -147,8 +148,7 @@ def quantize(context):
             return
         start = time.time()
         indices = torch.randperm(len(train_set), generator=generator)[:samples].tolist()
-        loss, steps = fine_tune(model, train_set, indices, options.batch_size, options.epochs, options.lr,
-                                options.weight_decay, options.batchnorm, generator, device, context.run.num_workers)
+        loss, steps = fine_tune(model, train_set, indices, options, generator, device, context.run.num_workers)
         retrain_seconds += time.time() - start
         message = (f"    retrain after {step.report.name}: {steps} Adam steps on {samples} images × "
                    f"{options.epochs} epochs, {sum(q.numel() for q in trainable)} float parameters, "

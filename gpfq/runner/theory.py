@@ -5,6 +5,7 @@ the layer's alphabet (radius = mean over neurons of max |w|). For each N0 and tr
 relative squared error ||X Wᵀ − X Qᵀ||_F² / ||X Wᵀ||_F² of each method's Q.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,9 +31,16 @@ def _quantize(method, weight, data, alphabet):
     raise ValueError(f"unknown method {method!r}; choose from {THEORY_METHODS}")
 
 
-def gaussian_layer_errors(m: int, n0_values, trials: int = 5, neurons: int = 16, bits: int = 4, seed: int = 0,
-                          methods=THEORY_METHODS, alphabet: str = "gpfq2022", scalar: float = 1.0,
-                          progress=None) -> list:
+@dataclass(frozen=True)
+class TheoryAlphabet:
+    """The layer's alphabet: its kind (`make_alphabet`), bits, and scalar C (radius C · mean over neurons of max |w|)."""
+    kind: str = "gpfq2022"
+    bits: int = 4
+    scalar: float = 1.0
+
+
+def gaussian_layer_errors(m: int, n0_values, trials: int = 5, neurons: int = 16, seed: int = 0, methods=THEORY_METHODS,
+                          alphabet: TheoryAlphabet = TheoryAlphabet(), progress=None) -> list:
     """[{n0, trial, method, relative_squared_error}] for every N0, trial and method (seeded, float64)."""
     unknown = [method for method in methods if method not in THEORY_METHODS]
     if unknown or m < 1 or trials < 1 or neurons < 1:
@@ -44,7 +52,7 @@ def gaussian_layer_errors(m: int, n0_values, trials: int = 5, neurons: int = 16,
         for trial in range(trials):
             data = torch.randn(m, n0, generator=generator, dtype=torch.float64)
             weight = torch.rand(neurons, n0, generator=generator, dtype=torch.float64) * 2 - 1
-            levels = make_alphabet(alphabet, bits, scalar, layer_radius(weight, 1.0))
+            levels = make_alphabet(alphabet.kind, alphabet.bits, alphabet.scalar, layer_radius(weight, 1.0))
             analog_output = data @ weight.T
             for method in methods:
                 quantized = _quantize(method, weight, data, levels)
