@@ -10,9 +10,9 @@ from gpfq.pipeline.capture import capture_input
 from gpfq.pipeline.discovery import find_layers, layers_in_execution_order
 from gpfq.pipeline.rows import conv_patches, patch_indices, selected_patches
 from gpfq.pipeline.streams import CalibrationStream
-from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, choose_form, cost_terms,
-                         default_block_size, gpfq_blocked, gpfq_gram, gpfq_residual, predicted_cost, predicted_seconds,
-                         rows_bytes)
+from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, RoundingSettings, choose_form,
+                         cost_terms, default_block_size, gpfq_blocked, gpfq_gram, gpfq_gram_columns, gpfq_residual,
+                         predicted_cost, predicted_seconds, rows_bytes)
 from gpfq.runner.experiment import parse_point
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
 from gpfq.pipeline.network import Calibration, Hooks, quantize_network
@@ -59,10 +59,11 @@ def test_both_forms_equal_the_per_column_loop(n_groups, m, n_inputs, n_neurons, 
     weight, analog, quantized, alphabet = _layer(n_groups, m, n_inputs, n_neurons, seed=n_inputs,
                                                  per_neuron=per_neuron)
     expected = gpfq_columns(weight, analog, quantized, alphabet)
-    residual = gpfq_residual(weight, analog, quantized, alphabet, block_size=block, compiled=compiled)
+    residual = gpfq_residual(weight, analog, quantized, alphabet, block_size=block,
+                             rounding=RoundingSettings(compiled=compiled))
     statistics = GramStatistics(n_groups, n_inputs).add(analog, quantized)
     gram = gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size=block,
-                     compiled=compiled)
+                     rounding=RoundingSettings(compiled=compiled))
     _assert_same_as_columns(residual, expected, weight, analog, quantized)
     _assert_same_as_columns(gram, expected, weight, analog, quantized)
     # a column with ||X̃_t|| = 0 has argument 0: its level is the one nearest 0
@@ -77,8 +78,54 @@ def test_float64_engine_equals_the_neuron_by_neuron_reference(compiled, bits):
     expected = gpfq_reference(weight[0], analog[0], quantized[0], alphabet)
     for form in ("residual", "gram"):
         result = gpfq_blocked(weight.double(), analog, quantized, alphabet, form=form, block_size=8,
-                              dtype=torch.float64, compiled=compiled)
+                              dtype=torch.float64, rounding=RoundingSettings(compiled=compiled))
         assert torch.equal(result[0], expected)
+
+
+# ---------------------------------------------------------------- the unblocked Gram form: the paper's expansion
+RULES = [("nearest", False), ("nearest", True), ("stochastic", False), ("soft", False), ("hard", False)]
+
+
+def _rule(name, weight):
+    from gpfq.methods.rounding import StochasticRounding, ThresholdedRounding, seeded_uniforms
+    if name == "stochastic":
+        return StochasticRounding(seeded_uniforms(weight.shape, 3))
+    return None if name == "nearest" else ThresholdedRounding(0.2, name)
+
+
+def test_the_unblocked_gram_form_is_the_neuron_by_neuron_reference():
+    """The unblocked Gram form, on float64 sums, makes the specification's choices (paper and 2022 rules)."""
+    weight, analog, quantized, alphabet = _layer(1, 80, 45, 7, seed=1)
+    statistics = GramStatistics(1, 45, dtype=torch.float64).add(analog, quantized)
+    for first_column in ("paper", "code2022"):
+        unblocked = gpfq_gram_columns(weight.double(), statistics.cross, statistics.quantized_gram, alphabet,
+                                      RoundingSettings(code2022=first_column == "code2022"))
+        expected = gpfq_reference(weight[0], analog[0], quantized[0], alphabet, first_column=first_column)
+        assert torch.equal(unblocked[0], expected)
+
+
+@pytest.mark.parametrize("rule,code2022", RULES)
+@pytest.mark.parametrize("n_groups,m,n_inputs,n_neurons,per_neuron,block", LAYERS)
+def test_blocked_forms_equal_the_unblocked_gram_form(n_groups, m, n_inputs, n_neurons, per_neuron, block, rule,
+                                                     code2022):
+    """Both blocked forms, compiled and in torch, in float64: the codes of the unblocked Gram form, exactly; in
+    float32 (the network's dtype): the engine's criterion against it."""
+    weight, analog, quantized, alphabet = _layer(n_groups, m, n_inputs, n_neurons, seed=n_inputs,
+                                                 per_neuron=per_neuron)
+    statistics = GramStatistics(n_groups, n_inputs, dtype=torch.float64).add(analog, quantized)
+    sums = (statistics.cross, statistics.quantized_gram)
+    expected = gpfq_gram_columns(weight.double(), *sums, alphabet, RoundingSettings(_rule(rule, weight), code2022))
+    for compiled in (True, False):
+        settings = RoundingSettings(_rule(rule, weight), code2022, compiled)
+        residual = gpfq_residual(weight.double(), analog, quantized, alphabet, block, torch.float64, settings)
+        gram = gpfq_gram(weight.double(), *sums, alphabet, block, torch.float64, settings)
+        assert torch.equal(residual, expected) and torch.equal(gram, expected)
+    float_rule = _rule(rule, weight)
+    if rule == "stochastic":
+        float_rule.uniforms = float_rule.uniforms.float()
+    fast = gpfq_blocked(weight, analog, quantized, alphabet, block_size=block,
+                        rounding=RoundingSettings(float_rule, code2022))
+    _assert_same_as_columns(fast, expected.float(), weight, analog, quantized)
 
 
 def test_alphabet_given_per_output_channel_as_rows():
@@ -354,7 +401,8 @@ def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled,
         rounding, scalar = ThresholdedRounding(0.2, rule), lambda g: ThresholdedScalar(0.2, rule)
     for form in ("residual", "gram"):
         result = gpfq_blocked(weight.double(), analog, quantized, alphabet, form=form, block_size=8,
-                              dtype=torch.float64, compiled=compiled, rounding=rounding)
+                              dtype=torch.float64,
+                              rounding=RoundingSettings(rounding, compiled=compiled))
         for g in range(2):
             expected = gpfq_reference(weight[g], analog[g], quantized[g], alphabet[g] if per_neuron else alphabet,
                                       scalar(g))
@@ -362,8 +410,8 @@ def test_engine_with_other_rounding_rules_equals_their_reference(rule, compiled,
     # float32, the network's dtype: as the per-column loop with the same rule
     float_rounding = StochasticRounding(uniforms.float()) if rule == "stochastic" else rounding
     expected = gpfq_columns(weight, analog, quantized, alphabet, rounding=float_rounding)
-    result = gpfq_blocked(weight, analog, quantized, alphabet, block_size=8, compiled=compiled,
-                          rounding=float_rounding)
+    result = gpfq_blocked(weight, analog, quantized, alphabet, block_size=8,
+                          rounding=RoundingSettings(float_rounding, compiled=compiled))
     _assert_same_as_columns(result, expected, weight, analog, quantized)
 
 

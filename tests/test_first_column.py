@@ -6,7 +6,7 @@ import torch
 import gpfq
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
-from gpfq.methods.gpfq.engine import GramStatistics, gpfq_gram, gpfq_residual
+from gpfq.methods.gpfq.engine import GramStatistics, RoundingSettings, gpfq_gram, gpfq_residual
 from gpfq.runner.experiment import expand_grid, method_description, parse_point
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from conftest import script_header
@@ -26,15 +26,16 @@ def test_the_documented_example(compiled):
     quantized = 2 * analog
     weight = torch.tensor([[0.4]])
     for rule, level, error in (("code2022", 0.5, 0.849), ("paper", 0.0, 0.566)):
+        settings = RoundingSettings(code2022=rule == "code2022", compiled=compiled)
         q = gpfq_reference(weight, analog, quantized, LEVELS, first_column=rule)
         assert q.item() == level
         assert _error(weight, q, analog, quantized) == pytest.approx(error, abs=5e-4)
         assert gpfq_columns(weight[None], analog[None], quantized[None], LEVELS, first_column=rule).item() == level
         statistics = GramStatistics(1, 1).add(analog[None], quantized[None])
-        assert gpfq_gram(weight[None], statistics.cross, statistics.quantized_gram, LEVELS, compiled=compiled,
-                         first_column=rule).item() == level
-        assert gpfq_residual(weight[None], analog[None], quantized[None], LEVELS, compiled=compiled,
-                             first_column=rule).item() == level
+        assert gpfq_gram(weight[None], statistics.cross, statistics.quantized_gram, LEVELS,
+                         rounding=settings).item() == level
+        assert gpfq_residual(weight[None], analog[None], quantized[None], LEVELS,
+                             rounding=settings).item() == level
 
 
 def _layer(groups, rows, inputs, neurons, seed, per_neuron=False):
@@ -59,11 +60,11 @@ LAYERS = [(1, 120, 40, 16, False, 16), (3, 80, 20, 6, True, 8), (2, 60, 9, 4, Fa
 def test_engine_reproduces_the_2022_rule(groups, rows, inputs, neurons, per_neuron, block, compiled):
     weight, analog, quantized, alphabet = _layer(groups, rows, inputs, neurons, seed=inputs, per_neuron=per_neuron)
     statistics = GramStatistics(groups, inputs, dtype=torch.float64).add(analog, quantized)
-    exact = {"residual": gpfq_residual(weight.double(), analog, quantized, alphabet, block, torch.float64, compiled,
-                                       first_column="code2022"),
+    settings = RoundingSettings(code2022=True, compiled=compiled)
+    exact = {"residual": gpfq_residual(weight.double(), analog, quantized, alphabet, block, torch.float64, settings),
              "gram": gpfq_gram(weight.double(), statistics.cross, statistics.quantized_gram, alphabet, block,
-                               torch.float64, compiled, first_column="code2022")}
-    fast = gpfq_residual(weight, analog, quantized, alphabet, block, compiled=compiled, first_column="code2022")
+                               torch.float64, settings)}
+    fast = gpfq_residual(weight, analog, quantized, alphabet, block, rounding=settings)
     columns = gpfq_columns(weight.double(), analog, quantized, alphabet, torch.float64, first_column="code2022")
     changed_first = 0
     for g in range(groups):

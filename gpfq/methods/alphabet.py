@@ -1,10 +1,13 @@
-"""Quantization alphabets (docs/theory.md) and rounding to them.
+"""Quantization alphabets (docs/theory.md). Rounding to them is `gpfq.methods.rounding` (`round_to_alphabet`,
+re-exported here).
 
 Every alphabet is a sorted 1-D float tensor of levels. The radius ``rad`` of a
 layer is the mean, over neurons (rows of the reshaped weight), of the
 ``percentile``-quantile of the absolute weights; percentile 1.0 is the max.
 """
 import torch
+
+from gpfq.methods.rounding import round_to_alphabet  # noqa: F401  (re-exported: rounding to an alphabet)
 
 ALPHABET_KINDS = ("gpfq2022", "midtread", "strict")
 # Alphabets are tables of up to 2^b + 1 levels (one table per output channel with per-channel alphabets),
@@ -65,31 +68,3 @@ def channel_alphabets(kind: str, bits: int, scalar: float, radii: torch.Tensor,
     """
     unit = make_alphabet(kind, bits, scalar, 1.0, include_zero)
     return radii.double().unsqueeze(1) * unit.unsqueeze(0)
-
-
-def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Tensor:
-    """Nearest alphabet element of each entry (ties go to the smaller level).
-
-    alphabet (L,): one alphabet for every entry of `values` (any shape).
-    alphabet (..., L): one alphabet per leading index (e.g. per neuron, (G, N1, L)); values
-    then have that leading shape, optionally with one trailing axis: (...) or (..., K).
-    Levels must be sorted ascending along the last axis.
-    """
-    alphabet = alphabet.to(device=values.device, dtype=values.dtype)
-    return round_with_midpoints(values, alphabet, alphabet_midpoints(alphabet))
-
-
-def alphabet_midpoints(alphabet: torch.Tensor) -> torch.Tensor:
-    """Midpoints between consecutive levels, (..., L−1): the rounding thresholds of `round_with_midpoints`."""
-    return ((alphabet[..., 1:] + alphabet[..., :-1]) / 2).contiguous()
-
-
-def round_with_midpoints(values, alphabet, midpoints):
-    """`round_to_alphabet` with the midpoints computed beforehand (same dtype and device as values)."""
-    if alphabet.dim() == 1:
-        return alphabet[torch.bucketize(values, midpoints, right=False)]
-    one_per_row = values.dim() == alphabet.dim() - 1
-    columns = values.unsqueeze(-1) if one_per_row else values
-    index = torch.searchsorted(midpoints, columns.contiguous(), right=False)
-    rounded = alphabet.gather(-1, index)
-    return rounded.squeeze(-1) if one_per_row else rounded

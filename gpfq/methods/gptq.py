@@ -17,7 +17,7 @@ the later columns with one matrix product. Both share:
 """
 import torch
 
-from gpfq.methods.alphabet import round_to_alphabet
+from gpfq.methods.rounding import round_to_alphabet
 from gpfq.methods.method import Method
 
 

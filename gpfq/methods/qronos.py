@@ -30,7 +30,7 @@ Shapes: weight (G, N1, N0), rows (G, m, N0), Grams (G, N0, N0), alphabet (L,) or
 """
 import torch
 
-from gpfq.methods.alphabet import round_to_alphabet
+from gpfq.methods.rounding import round_to_alphabet
 from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
 from gpfq.methods.gptq import HessianNotPositiveDefinite, lazy_batch_rounding
 from gpfq.methods.method import Method, order_option

@@ -13,20 +13,51 @@ z = <X̃_t, u_{t-1} + w_t X_t> / ||X̃_t||² to a level differs:
 
 A vectorized rule has the signature
     rounding(argument (G, N1), alphabet (L,) or (G, N1, L), column t) -> q (G, N1)
-(the per-column loop `reference.gpfq_columns` and the blocked engine take it; the compiled in-block
-kernel knows these three). A scalar rule, for the float64 reference `reference.gpfq_reference`, is
+(the per-column loop `reference.gpfq_columns` and the blocked engine take it). These torch functions are the one
+vectorized definition of the rounding: nearest (`round_with_midpoints`: the index is the number of midpoints
+strictly below the value), stochastic (`stochastic_round`) and thresholded (`threshold`, then nearest). The
+compiled in-block kernel (`gpfq.methods.gpfq.inblock._round_block_kernel`) mirrors them line for line, and
+tests/test_inblock.py checks kernel == this module on ties, at the alphabet's edges and beyond, for every
+alphabet kind. A scalar rule, for the float64 reference `reference.gpfq_reference` (the specification, written
+independently of this module), is
     rounding(argument (float), levels (L,) float64, neuron i, column t) -> level (float).
-This module imports nothing of the kernel, so the engine, the in-block step and the layer rules
-all import it.
+This module imports nothing of the kernel or the alphabets, so the alphabets, the engine, the in-block step and
+the layer rules all import it.
 """
 import torch
-
-from gpfq.methods.alphabet import round_to_alphabet
 
 THRESHOLDINGS = ("soft", "hard")
 
 
 # ---------------------------------------------------------------- vectorized rounding rules
+def round_to_alphabet(values: torch.Tensor, alphabet: torch.Tensor) -> torch.Tensor:
+    """Nearest alphabet element of each entry (ties go to the smaller level).
+
+    alphabet (L,): one alphabet for every entry of `values` (any shape).
+    alphabet (..., L): one alphabet per leading index (e.g. per neuron, (G, N1, L)); values
+    then have that leading shape, optionally with one trailing axis: (...) or (..., K).
+    Levels must be sorted ascending along the last axis.
+    """
+    alphabet = alphabet.to(device=values.device, dtype=values.dtype)
+    return round_with_midpoints(values, alphabet, alphabet_midpoints(alphabet))
+
+
+def alphabet_midpoints(alphabet: torch.Tensor) -> torch.Tensor:
+    """Midpoints between consecutive levels, (..., L−1): the rounding thresholds of `round_with_midpoints`."""
+    return ((alphabet[..., 1:] + alphabet[..., :-1]) / 2).contiguous()
+
+
+def round_with_midpoints(values, alphabet, midpoints):
+    """`round_to_alphabet` with the midpoints computed beforehand (same dtype and device as values)."""
+    if alphabet.dim() == 1:
+        return alphabet[torch.bucketize(values, midpoints, right=False)]
+    one_per_row = values.dim() == alphabet.dim() - 1
+    columns = values.unsqueeze(-1) if one_per_row else values
+    index = torch.searchsorted(midpoints, columns.contiguous(), right=False)
+    rounded = alphabet.gather(-1, index)
+    return rounded.squeeze(-1) if one_per_row else rounded
+
+
 def nearest_rounding(argument, alphabet, t):
     """The plain GPFQ rule: nearest level."""
     return round_to_alphabet(argument, alphabet)

@@ -18,6 +18,10 @@ contribution of earlier blocks, both exact up to floating-point order:
   see `GramStatistics`); the block needs G[b, ≤t] Wᵀ − H[b, <s] Qᵀ.
   Cost ≈ 2·m·N0² (the Grams) + N1·N0²; memory independent of m.
 
+`gpfq_gram_columns` is the Gram form unblocked, column by column in float64, each line beside the paper's term
+it computes; the blocked forms are tested against it (tests/test_engine.py). Every form takes its rounding as one
+`RoundingSettings` (the rule, the 2022 first-column flag, compiled or not).
+
 `choose_form` picks the one with fewer predicted seconds (`predicted_seconds`: a cost model fitted to measured
 times, docs/engine.md) per layer, or the Gram form when the rows would not fit in memory. The in-block step is `gpfq.methods.gpfq.inblock` (compiled on the CPU); it rounds with
 the midpoints of `round_to_alphabet`, so a 1-D alphabet (L,) and per-neuron alphabets
@@ -28,7 +32,9 @@ import math
 
 import torch
 
-from gpfq.methods.gpfq.inblock import block_rounder
+from gpfq.methods.gpfq.inblock import RoundingSettings, block_rounder
+from gpfq.methods.gpfq.reference import SHORTCUT_TOLERANCE
+from gpfq.methods.rounding import nearest_rounding
 from gpfq.threads import single_thread
 
 FORMS = ("residual", "gram")
@@ -71,13 +77,12 @@ def default_block_size(form: str, n_neurons: int) -> int:
 
 
 def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=None, dtype=torch.float32,
-                  compiled=None, rounding=None, first_column="paper"):
+                  rounding=RoundingSettings()):
     """Blocked GPFQ, residual form. weight (G, N1, N0), rows (G, m, N0), alphabet (L,) or (G, N1, L).
 
     Returns Q (G, N1, N0) in weight's dtype. Keeps U = X Wᵀ − X̃ Qᵀ (G, m, N1) over done columns.
-    `compiled`: the in-block step (`gpfq.methods.gpfq.inblock.block_rounder`; None = the compiled kernel on CPU).
-    `rounding`: None (nearest) or a vectorized rule of `gpfq.methods.rounding` (SPFQ, sparse GPFQ).
-    `first_column`: "paper" or "code2022" (`gpfq.methods.gpfq.reference`).
+    `rounding` (`RoundingSettings`): the rule (None: nearest; SPFQ's, sparse GPFQ's), the 2022 first-column
+    flag, and whether the in-block step is the compiled kernel (None: on the CPU).
     """
     # The rows stay as given (any dtype, a strided view per group): each block's columns are converted while
     # they are copied into the workspace, so no whole-layer copy of X, X̃ is made.
@@ -87,8 +92,7 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     n_rows = X.shape[1]
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # Wᵀ (G, N0, N1)
     step = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups, n_neurons,
-                         compiled, rounding, first_column)
-    shortcut = first_column == "code2022"
+                         rounding)
     block_size = min(block_size or default_block_size("residual", n_neurons), n_inputs)
     # Workspace [U | X_b | X̃_b] (G, m, N1 + 2B): one product X̃_bᵀ[U | X_b | X̃_b] gives the block's
     # projection X̃_bᵀU and both in-block Grams, and one product [X_b | X̃_b][W_b | −Q_b]ᵀ updates U.
@@ -111,11 +115,11 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
                 cross = products[:, :, n_neurons:n_neurons + width]  # X̃_bᵀ X_b (G, B, B)
                 # + Σ_{s≤j≤t} <X̃_t, X_j> w_j: the lower triangle of X̃_bᵀX_b, diagonal included.
                 numerators = torch.baddbmm(projection, torch.tril(cross), Wt[:, start:stop])
-                # the 2022 rule needs w_b and diag X̃_bᵀX_b to tell <X̃_t, u_{t-1}> apart
-                shortcut_terms = (Wt[:, start:stop], torch.diagonal(cross, dim1=1, dim2=2)) if shortcut else ()
-                # the kernel itself, no wrapper between (the form's next frame); the compiled one returns numpy
+                # the kernel itself, no wrapper between (the form's next frame); the compiled one returns numpy.
+                # w_b and diag X̃_bᵀX_b (views) are read only under the 2022 rule, to tell <X̃_t, u_{t-1}> apart.
                 Qt[:, start:stop] = torch.as_tensor(step.kernel(*step.arguments(
-                    numerators, products[:, :, n_neurons + width:], start, *shortcut_terms)))
+                    numerators, products[:, :, n_neurons + width:], start, Wt[:, start:stop],
+                    torch.diagonal(cross, dim1=1, dim2=2))))
                 block_coefficients = coefficients[:, :2 * width]  # [W_b | −Q_b]ᵀ (G, 2B, N1)
                 block_coefficients[:, :width] = Wt[:, start:stop]
                 torch.neg(Qt[:, start:stop], out=block_coefficients[:, width:])
@@ -123,17 +127,16 @@ def gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size=No
     return Qt.transpose(1, 2).to(weight.dtype)
 
 
-def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32, compiled=None,
-              rounding=None, first_column="paper"):
+def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=torch.float32,
+              rounding=RoundingSettings()):
     """Blocked GPFQ, Gram form. weight (G, N1, N0); cross = X̃ᵀX and quantized_gram = X̃ᵀX̃ (G, N0, N0);
     alphabet (L,) or (G, N1, L). Returns Q (G, N1, N0) in weight's dtype. Needs no rows.
-    `compiled`, `rounding`, `first_column`: as `gpfq_residual`.
+    `rounding`: as `gpfq_residual`. `gpfq_gram_columns` is the same form unblocked, term by term the paper's.
     """
     n_groups, n_neurons, n_inputs = weight.shape
     Wt = weight.detach().to(dtype).transpose(1, 2).contiguous()  # (G, N0, N1)
     step = block_rounder(_prepare_alphabet(alphabet, n_groups, n_neurons, dtype, Wt.device), n_groups, n_neurons,
-                         compiled, rounding, first_column)
-    shortcut = first_column == "code2022"
+                         rounding)
     block_size = block_size or default_block_size("gram", n_neurons)
     lower_cross = torch.tril(cross.to(dtype))  # row t: <X̃_t, X_j> for j ≤ t
     H = quantized_gram.to(dtype)
@@ -146,12 +149,31 @@ def gpfq_gram(weight, cross, quantized_gram, alphabet, block_size=None, dtype=to
             if start > 0:
                 numerators.baddbmm_(H[:, start:stop, :start], Qt[:, :start], alpha=-1.0)
             with single_thread():
-                # as in `gpfq_residual`: the 2022 rule's terms, and the kernel called here
-                shortcut_terms = ((Wt[:, start:stop], torch.diagonal(lower_cross[:, start:stop, start:stop],
-                                                                     dim1=1, dim2=2)) if shortcut else ())
+                # as in `gpfq_residual`: the kernel called here, w_b and diag X̃_bᵀX_b for the 2022 rule
                 Qt[:, start:stop] = torch.as_tensor(step.kernel(*step.arguments(
-                    numerators, H[:, start:stop, start:stop], start, *shortcut_terms)))
+                    numerators, H[:, start:stop, start:stop], start, Wt[:, start:stop],
+                    torch.diagonal(lower_cross[:, start:stop, start:stop], dim1=1, dim2=2))))
     return Qt.transpose(1, 2).to(weight.dtype)
+
+
+def gpfq_gram_columns(weight, cross, quantized_gram, alphabet, rounding=RoundingSettings()):
+    """GPFQ from the Grams, unblocked, in float64: the paper's rule with u_{t-1} expanded, term by term.
+
+    Shapes as `gpfq_gram` (C = cross = X̃ᵀX, H = quantized_gram = X̃ᵀX̃); `rounding.rule` and `rounding.code2022`
+    as there (`compiled` does not apply). The blocked forms are tested against it (tests/test_engine.py).
+    """
+    W, C, H = weight.detach().double(), cross.double(), quantized_gram.double()
+    rule, Q = rounding.rule or nearest_rounding, torch.zeros_like(W)  # W, Q (G, N1, N0)
+    for t in range(W.shape[2]):
+        d = H[:, t, t, None]  # ||X̃_t||²  (G, 1)
+        # <X̃_t, u_{t-1}> = Σ_{j<t} w_j <X̃_t, X_j> − q_j <X̃_t, X̃_j>  (G, N1)
+        past = (W[:, :, :t] @ C[:, t, :t, None] - Q[:, :, :t] @ H[:, t, :t, None]).squeeze(2)
+        # <X̃_t, u_{t-1} + w_t X_t> / ||X̃_t||²  (0 if ||X̃_t|| = 0)
+        argument = torch.where(d > 0, (past + W[:, :, t] * C[:, t, t, None]) / d, 0.0)
+        if rounding.code2022:  # the 2022 code: Q_A(w_t) where |<X̃_t, u_{t-1}>| < 1e-10
+            argument = torch.where(past.abs() < SHORTCUT_TOLERANCE, W[:, :, t], argument)
+        Q[:, :, t] = rule(argument, alphabet, t)  # q_t = Q_A(argument)
+    return Q.to(weight.dtype)
 
 
 # ---------------------------------------------------------------- streamed statistics
@@ -282,19 +304,19 @@ def choose_form(engine, rows, n_inputs, n_neurons, n_groups=1, rows_budget=DEFAU
 
 
 def gpfq_blocked(weight, analog_input, quantized_input, alphabet, form="auto", block_size=None,
-                 dtype=torch.float32, compiled=None, rounding=None, first_column="paper", chunk_rows=GRAM_CHUNK_ROWS):
-    """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes as `gpfq_residual`.
+                 dtype=torch.float32, rounding=RoundingSettings()):
+    """Blocked GPFQ from rows: the form `choose_form` picks (or the one given). Shapes and `rounding` as
+    `gpfq_residual`.
 
-    The Gram form sums the rows `chunk_rows` at a time into float64 (`GramStatistics`), as a stream sums
+    The Gram form sums the rows GRAM_CHUNK_ROWS at a time into float64 (`GramStatistics`), as a stream sums
     its chunks: one float32 product over every row would lose precision as m grows.
     """
+    chunk_rows = GRAM_CHUNK_ROWS
     n_groups, n_neurons, n_inputs = weight.shape
     form = choose_form(form, analog_input.shape[1], n_inputs, n_neurons, n_groups, rows_budget=math.inf)
     if form == "residual":
-        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, compiled, rounding,
-                             first_column)
+        return gpfq_residual(weight, analog_input, quantized_input, alphabet, block_size, dtype, rounding)
     statistics = GramStatistics(n_groups, n_inputs, dtype=dtype, device=weight.device)
     for start in range(0, analog_input.shape[1], chunk_rows):
         statistics.add(analog_input[:, start:start + chunk_rows], quantized_input[:, start:start + chunk_rows])
-    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype, compiled,
-                     rounding, first_column)
+    return gpfq_gram(weight, statistics.cross, statistics.quantized_gram, alphabet, block_size, dtype, rounding)

@@ -7,28 +7,30 @@ H = X̃_bᵀX̃_b (B, B), with d_t = H[t, t]:
     q_t = Q_A(a_t / d_t − Σ_{j<t} (H[j, t] / d_t) q_j),   t = 0 … B−1   (argument 0 if d_t = 0)
 
 for every neuron, Q_A being nearest rounding or one of GPFQ's other rules (`gpfq.methods.rounding`: sparse
-GPFQ's thresholding, SPFQ's stochastic rounding). With the 2022 code's shortcut (`first_column`
-"code2022", `gpfq.methods.gpfq.reference`), the block also gets its weights w_b (B, N1) and the diagonal c of
-X̃_bᵀX_b: the past part of the numerator, p_t = a_t − c_t w_t − Σ_{j<t} H[j, t] q_j = <X̃_t, u_{t-1}>,
-decides, and where |p_t| < 1e-10 the argument is w_t itself. Two implementations of the same arithmetic
-(corrections subtracted in the order j = 0, 1, …):
+GPFQ's thresholding, SPFQ's stochastic rounding). The engine also gives every block its weights w_b (B, N1) and
+the diagonal c of X̃_bᵀX_b; they are read only under the flag `code2022` (the 2022 code's shortcut, specified in
+`gpfq.methods.gpfq.reference`): the past part of the numerator, p_t = a_t − c_t w_t − Σ_{j<t} H[j, t] q_j =
+<X̃_t, u_{t-1}>, decides, and where |p_t| < 1e-10 the argument is w_t itself. Two implementations of the same
+arithmetic (corrections subtracted in the order j = 0, 1, …):
 - `round_block_torch`: a few tensor operations per column; any device.
 - the compiled kernel (numba): one call per block; CPU only. Per column the torch version pays
-  ~25 µs of operator dispatch, most of the engine's time on a CPU; this one pays none.
+  ~25 µs of operator dispatch, most of the engine's time on a CPU; this one pays none. Its rounding mirrors the
+  vectorized definitions of `gpfq.methods.rounding` line for line (tests/test_inblock.py checks that it equals
+  them on ties, at the alphabet's edges and beyond, for every alphabet kind).
 `block_rounder` prepares one of them for a layer (the compiled one for CPU tensors when numba is installed) as a
 `BlockStep`: the engine calls its `kernel` on its `arguments(…)` for each block itself, so that the path from
 `gpfq.quantize` to the kernel stays five frames (docs/design.md).
 """
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from gpfq.methods.alphabet import alphabet_midpoints, round_with_midpoints
-from gpfq.methods.gpfq.reference import SHORTCUT_TOLERANCE, check_first_column
+from gpfq.methods.gpfq.reference import SHORTCUT_TOLERANCE
+from gpfq.methods.rounding import (StochasticRounding, ThresholdedRounding, alphabet_midpoints, largest_level,
+                                   nearest_rounding, round_with_midpoints)
 from gpfq.threads import single_thread
-from gpfq.methods.rounding import StochasticRounding, ThresholdedRounding, largest_level, nearest_rounding
 
 try:  # numba is in requirements.txt; without it the engine still works, at torch-dispatch speed
     import numba
@@ -40,6 +42,20 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 LINEAR_SEARCH_MAX_MIDPOINTS = 64
 # The rules the compiled kernel knows; any other vectorized rule runs in the torch version.
 NEAREST, THRESHOLD, STOCHASTIC = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RoundingSettings:
+    """How the engine rounds column t's argument.
+
+    rule: None (nearest, GPFQ) or a vectorized rule of `gpfq.methods.rounding` (SPFQ's stochastic rounding,
+    sparse GPFQ's thresholding). code2022: the 2022 code's first-column shortcut (`gpfq.methods.gpfq.reference`),
+    one flag of the kernel. compiled: None picks the numba kernel for CPU tensors when numba is installed and knows
+    the rule; True / False force one implementation.
+    """
+    rule: Optional[Callable] = None
+    code2022: bool = False
+    compiled: Optional[bool] = None
 
 
 def block_coupling(quantized_gram):
@@ -59,15 +75,16 @@ def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, roun
     Three tensor operations per column (search, gather, update); `midpoints`: the alphabet's, if at hand.
     `rounding`: a vectorized rule rule(argument (G, N1), alphabet, column) (`gpfq.methods.rounding`) in place of
     nearest rounding; the block's first column is column `start` of the layer.
-    weights (G, B, N1) and cross_diagonal (G, B) given: the 2022 code's shortcut (module docstring).
+    weights (G, B, N1) and cross_diagonal (G, B) given: the 2022 code's shortcut, the kernel's flag `code2022`
+    (module docstring).
     """
     midpoints = alphabet_midpoints(alphabet) if midpoints is None else midpoints
     with single_thread():
         inverse, coupling = block_coupling(quantized_gram)
         arguments = (numerators * inverse.unsqueeze(2)).transpose(0, 1).contiguous()  # (B, G, N1)
         coupling = coupling.permute(1, 2, 0).unsqueeze(-1)  # (B, B, G, 1): [j, t] broadcast over neurons
-        shortcut = weights is not None
-        if shortcut:
+        code2022 = weights is not None
+        if code2022:
             # p_t = a_t − c_t w_t, then − H[j, t] q_j for each earlier column j (the kernel's order)
             pasts = (numerators - cross_diagonal.unsqueeze(2) * weights).transpose(0, 1).contiguous()
             weights_t = weights.transpose(0, 1)
@@ -75,14 +92,14 @@ def round_block_torch(numerators, quantized_gram, alphabet, midpoints=None, roun
         rounded = []
         for t in range(arguments.shape[0]):
             argument = arguments[t]
-            if shortcut:
+            if code2022:
                 argument = torch.where(pasts[t].abs() < SHORTCUT_TOLERANCE, weights_t[t], argument)
             q = (round_with_midpoints(argument, alphabet, midpoints) if rounding is None
                  else rounding(argument, alphabet, start + t))
             rounded.append(q)
             if t + 1 < arguments.shape[0]:
                 arguments[t + 1:].addcmul_(coupling[t, t + 1:], q, value=-1.0)
-                if shortcut:
+                if code2022:
                     pasts[t + 1:].addcmul_(gram_t[t, t + 1:], q, value=-1.0)
         return torch.stack(rounded, dim=1)
 
@@ -99,14 +116,15 @@ def _compiled(function):
 if numba is not None:
     @_compiled
     def _round_block_kernel(numerators, quantized_gram, levels, midpoints, rule, thresholds, soft, uniforms,
-                            shortcut, weights, cross_diagonal, rounded):
+                            code2022, weights, cross_diagonal, rounded):
         """Left-looking: row t takes its corrections from the rows already rounded, then is rounded.
 
         numerators and rounded (G, B, N1); quantized_gram (G, B, B); levels (L, R), midpoints (L−1, R)
         with R = 1 (one alphabet) or G·N1 (one per neuron, column g·N1 + n). rule: NEAREST, THRESHOLD
         (thresholds (R,): λ per alphabet, soft or hard, then nearest) or STOCHASTIC (uniforms (G, B, N1)).
-        shortcut: the 2022 code's first-column rule, with weights (G, B, N1) and cross_diagonal (G, B).
-        Writes q into `rounded` and returns it.
+        code2022: the 2022 code's first-column rule, with weights (G, B, N1) and cross_diagonal (G, B).
+        Writes q into `rounded` and returns it. The rounding mirrors `gpfq.methods.rounding` (stochastic_round,
+        threshold, round_with_midpoints), comparison for comparison; tests/test_inblock.py holds them equal.
         """
         n_groups, n_columns, n_neurons = numerators.shape
         n_levels = levels.shape[0]
@@ -127,7 +145,7 @@ if numba is not None:
                     coupling = quantized_gram[g, j, t] * inverse
                     for n in range(n_neurons):
                         row[n] -= coupling * rounded[g, j, n]
-                if shortcut:
+                if code2022:
                     for n in range(n_neurons):
                         past = numerators[g, t, n] - cross_diagonal[g, t] * weights[g, t, n]
                         for j in range(t):
@@ -166,7 +184,7 @@ if numba is not None:
                         elif not abs(value) > bound:
                             row[n] = zero
                 # index = number of midpoints strictly below the value: ties go to the smaller level,
-                # as torch.bucketize(…, right=False) in `round_to_alphabet`.
+                # as torch.bucketize(…, right=False) in `rounding.round_with_midpoints`.
                 if n_midpoints <= LINEAR_SEARCH_MAX_MIDPOINTS:
                     index[:] = 0
                     for k in range(n_midpoints):
@@ -229,19 +247,15 @@ class BlockStep:
                                                            cross_diagonal)))
 
 
-def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, first_column="paper") -> BlockStep:
+def block_rounder(alphabet, n_groups, n_neurons, settings=RoundingSettings()) -> BlockStep:
     """The in-block step for one layer (`BlockStep`): (numerators (G, B, N1), H_bb (G, B, B), start, weights,
     cross_diagonal) -> q (G, B, N1), `start` being the block's first column in the layer; weights (G, B, N1)
-    and cross_diagonal (G, B) (the block's w and diag X̃_bᵀX_b) are needed with first_column "code2022".
+    and cross_diagonal (G, B) (the block's w and diag X̃_bᵀX_b) are read only with `settings.code2022`.
 
-    alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. `rounding`: None
-    (nearest) or a vectorized rule of `gpfq.methods.rounding`. `compiled`: None picks the numba kernel for CPU
-    tensors when numba is installed and knows the rule; True / False force one implementation.
-    first_column: "paper" or "code2022" (`gpfq.methods.gpfq.reference`).
+    alphabet (L,) or (G, N1, L), already in the compute dtype and on the device. settings: `RoundingSettings`.
     """
-    check_first_column(first_column)
-    shortcut = first_column == "code2022"
-    rounding = None if rounding is nearest_rounding else rounding
+    code2022, compiled = settings.code2022, settings.compiled
+    rounding = None if settings.rule is nearest_rounding else settings.rule
     rule = compiled_rule(rounding, alphabet)
     if compiled is None:
         compiled = numba is not None and alphabet.device.type == "cpu" and rule is not None
@@ -249,10 +263,8 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
         midpoints = alphabet_midpoints(alphabet)
 
         def torch_arguments(numerators, quantized_gram, start=0, weights=None, cross_diagonal=None):
-            if shortcut and weights is None:
-                raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
-            return (numerators, quantized_gram, alphabet, midpoints, rounding, start, weights if shortcut else None,
-                    cross_diagonal if shortcut else None)
+            return (numerators, quantized_gram, alphabet, midpoints, rounding, start, weights if code2022 else None,
+                    cross_diagonal if code2022 else None)
         return BlockStep(round_block_torch, torch_arguments)
     if numba is None:
         raise RuntimeError("the compiled in-block kernel needs numba (pip install numba)")
@@ -279,13 +291,11 @@ def block_rounder(alphabet, n_groups, n_neurons, compiled=None, rounding=None, f
         if uniforms_t is not None:
             uniforms = uniforms_t[:, start:start + numerators.shape[1]].contiguous().numpy()
         block_weights, diagonal = no_weights, no_diagonal
-        if shortcut:
-            if weights is None:
-                raise ValueError("first_column 'code2022' needs the block's weights and cross diagonal")
+        if code2022:
             block_weights = weights.to(numerators.dtype).contiguous().numpy()
             diagonal = cross_diagonal.to(numerators.dtype).contiguous().numpy()
         return (numerators.contiguous().numpy(), quantized_gram.contiguous().numpy(), levels, midpoints, kind,
-                thresholds, soft, uniforms, shortcut, block_weights, diagonal, rounded.numpy())
+                thresholds, soft, uniforms, code2022, block_weights, diagonal, rounded.numpy())
 
     # the module's kernel as it is now: tests/test_api.py replaces it to count the frames above it
     return BlockStep(_round_block_kernel, compiled_arguments)

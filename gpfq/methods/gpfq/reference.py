@@ -32,8 +32,7 @@ import math
 
 import torch
 
-from gpfq.methods.alphabet import round_to_alphabet
-from gpfq.methods.rounding import nearest_rounding, nearest_scalar
+from gpfq.methods.rounding import nearest_rounding, nearest_scalar, round_to_alphabet
 
 FIRST_COLUMN_RULES = ("paper", "code2022")
 SHORTCUT_TOLERANCE = 1e-10  # the 2022 code's |<X̃_t, u_{t-1}>| < 1e-10
