@@ -151,19 +151,45 @@ def method_options(point: dict) -> str:
     return method_description(point)
 
 
+def saved_alphabets(reports, quantized_file) -> list:
+    """`reports` with each layer's alphabet as a script recovers it from a saved quantized model file (a saved
+    model's reports carry none; the ad hoc variant starting from a saved model needs them); a layer the file does
+    not hold as codes keeps alphabet None."""
+    from gpfq.runner.deploy import with_alphabets_from
+    return with_alphabets_from(reports, quantized_file)
+
+
 def saved_record(model_file) -> dict:
     """The JSON record a script saves beside a quantized model (<stem>.json): hyperparameters, results, layers."""
     return json.loads(Path(model_file).with_suffix(".json").read_text())
 
 
+def _variant(script: str):
+    """The runner's Variant behind a script folder's name."""
+    from gpfq.runner.adhoc import ADHOC
+    from gpfq.runner.experiment import PLAIN
+    from gpfq.runner.retrain import RETRAIN
+    return {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}[script]
+
+
 def point_context(point: dict, data: tuple, options=None):
     """The context a script's variant quantizes one grid point in: the point's settings parsed as the runner
-    parses them (`options`: the variant's parser of its own keys, e.g. gpfq.runner.adhoc.parse_options), on
-    data = (calibration set, evaluation set, float model), with no float evaluation (accuracies 0)."""
+    parses them (`options`: a script folder's name, whose own keys are then checked as that script checks them,
+    or a parser of those keys, e.g. gpfq.runner.adhoc.parse_options), on data = (calibration set, evaluation set,
+    float model), with no float evaluation (accuracies 0)."""
     from gpfq.runner.experiment import Context, parse_point
+    if isinstance(options, str):
+        options = _variant(options).options
     config, run = parse_point(point, options)
     calibration, evaluation, model = data
     return Context(config, run, calibration, evaluation, model, 0.0, 0.0, print)
+
+
+def quantize_point(script: str, context) -> tuple:
+    """Quantize one grid point's context (point_context) as the script of that folder does ("quantization_scripts",
+    "adhoc_quantization_scripts", "retraining_scripts"): (quantized model, [LayerReport], the extra columns its
+    log row gets)."""
+    return _variant(script).quantize(context)
 
 
 def reuse_settings(record: dict, header: dict) -> tuple:
