@@ -1,10 +1,11 @@
 import fcntl
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+
+import helpers
 
 TESTS_DIR = Path(__file__).resolve().parent
 # pytest-xdist (`make test` runs 2 workers): one torch thread per worker, so the workers share the cores
@@ -53,11 +54,7 @@ def python_env(*folders) -> dict:
 
 def script_header(folder: str) -> dict:
     """The HEADER dict of <folder>/quantize.py."""
-    from gpfq.paths import REPO_ROOT
-    spec = importlib.util.spec_from_file_location(f"{folder}_script", REPO_ROOT / folder / "quantize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.HEADER
+    return helpers.script_header(folder)
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +63,9 @@ def default_runs(tmp_path_factory):
 
     Returns (output folder, {(method, bits): logged row}).
     """
-    from gpfq.runner.experiment import main
-
     def run(out):
-        rows = main(script_header("quantization_scripts"), ["--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir",
-                                                            str(out / "logs"), "--model_dir", str(out / "models")])
+        rows = helpers.run_script("quantization_scripts", "--bits", "3", "4", "--method", "gpfq", "msq", "--log_dir",
+                                  str(out / "logs"), "--model_dir", str(out / "models"))
         return [[r["Method"], r["Bits"], r] for r in rows]
     out, rows = shared_once(tmp_path_factory, "default_runs", run)
     return out, {(method, bits): row for method, bits, row in rows}
@@ -87,21 +82,16 @@ def default_data():
 @pytest.fixture(scope="session")
 def plain_point():
     """The grid point of the plain script's default header at 3 bits (GPFQ), as default_runs ran it."""
-    from gpfq.runner.experiment import expand_grid, parse_overrides
-    return expand_grid(parse_overrides(script_header("quantization_scripts"), ["--bits", "3", "--method", "gpfq"]))[0]
+    return helpers.grid_points("quantization_scripts", "--bits", "3", "--method", "gpfq")[0]
 
 
 @pytest.fixture(scope="session")
 def make_context(default_data, plain_point):
-    """make_context(options=None, **overrides) -> a gpfq.runner.experiment.Context on the 3-bit default point (no
-    float evaluation), parsed as the runner parses it; options: a variant's parser of its own keys in `overrides`
-    (e.g. gpfq.runner.adhoc.parse_options)."""
-    from gpfq.runner.experiment import Context, parse_point
-    calibration, evaluation, model = default_data
-
+    """make_context(options=None, **overrides) -> the context (helpers.point_context) of the 3-bit default point
+    with `overrides` (no float evaluation), parsed as the runner parses it; options: the script folder's name whose
+    own keys are in `overrides` (e.g. "adhoc_quantization_scripts"), or a parser of them."""
     def make(options=None, **overrides):
-        config, run = parse_point(dict(plain_point, **overrides), options)
-        return Context(config, run, calibration, evaluation, model, 0.0, 0.0, print)
+        return helpers.point_context(dict(plain_point, **overrides), default_data, options)
     return make
 
 
@@ -109,7 +99,6 @@ def make_context(default_data, plain_point):
 def plain_default(default_runs, make_context):
     """3-bit plain GPFQ of the default model, from default_runs: dict(context, model, reports, top1, path)."""
     from gpfq.io.models import load_saved_model
-    from gpfq.runner.adhoc import SAVED_KEYS, saved_record
     from gpfq import LayerReport
     _, rows = default_runs
     row = rows[("gpfq", 3)]
@@ -118,9 +107,9 @@ def plain_default(default_runs, make_context):
         from gpfq.paths import REPO_ROOT
         path = REPO_ROOT / path
     context = make_context()
-    record = saved_record(path)
-    same = {k: context.run.header[k] for k in SAVED_KEYS if k in context.run.header}
-    assert {k: record["hyperparameters"][k] for k in same} == same  # make_context() is the point it ran
+    record = helpers.saved_record(path)
+    saved, same = helpers.reuse_settings(record, context.run.header)
+    assert saved == same  # make_context() is the point it ran
     reports = [LayerReport(**dict(r, weight_shape=tuple(r["weight_shape"]))) for r in record["layers"]]
     model = load_saved_model(path, context.analog_model)
     return dict(context=context, model=model, reports=reports, top1=row["Quantized Top1 Accuracy"], path=path)

@@ -1,6 +1,11 @@
-"""What several tests share, built on the public surface only: hashes, alphabet checks, accuracy, tiny models."""
+"""What several tests share: hashes, alphabet checks, accuracy, tiny models, and the scripts seen from outside.
+
+The functions under "the scripts" are the one place tests reach the scripts' runner (gpfq.runner): they run a
+script's grid in-process as its command line would, read what it logged and saved, and build the settings and
+context of one grid point, so a test says what a script does rather than which module does it."""
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -73,3 +78,123 @@ def safetensors_metadata(raw: bytes) -> dict:
     """The "__metadata__" of a safetensors file's bytes: an 8-byte little-endian header length, then JSON."""
     length = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8:8 + length].decode("utf-8")).get("__metadata__") or {}
+
+
+# ---------------------------------------------------------------- the scripts, seen from outside
+
+def script_header(folder: str) -> dict:
+    """The HEADER dict of <folder>/quantize.py (e.g. "quantization_scripts"): a script's default settings."""
+    import importlib.util
+    from gpfq.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(f"{folder}_script", REPO_ROOT / folder / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HEADER
+
+
+def run_script(header, *argv) -> list:
+    """Run a script in this process as `python <folder>/quantize.py argv…` runs it: `header` is the folder's name
+    (its own HEADER) or a HEADER dict of one's own. Returns the rows it logged, one dict per grid point."""
+    from gpfq.runner.experiment import main
+    return main(script_header(header) if isinstance(header, str) else header, list(argv))
+
+
+def logged_rows(path) -> list:
+    """The whole rows of a CSV log a script wrote, as {column: text} (a torn last line is left out)."""
+    from gpfq.runner.logs import read_rows
+    return read_rows(path)
+
+
+def result_columns() -> set:
+    """The columns of the plain log that record what a run measured, or who ran it when with which code, rather than
+    its settings: a resumed run does not compare them when it looks for a grid point already done."""
+    from gpfq.runner.logs import RESULT_COLUMNS
+    return set(RESULT_COLUMNS)
+
+
+def scored(model, loader) -> tuple:
+    """(top-1, top-5) of `model` over `loader`, counted as the scripts count a model's accuracy (eval mode, no
+    progress bar): the number a script's log row would show, unrounded."""
+    from gpfq.runner.evaluate import evaluate
+    return evaluate(model, loader, progress=False)
+
+
+def script_settings(header, *argv) -> dict:
+    """The settings a script runs with for `argv` (header as in run_script): its HEADER with the command line's
+    values put in, before the grid expands (list values stay lists). Exits, as the script does, on an unknown flag."""
+    from gpfq.runner.header import parse_overrides
+    return parse_overrides(script_header(header) if isinstance(header, str) else header, list(argv))
+
+
+def plain_log_columns() -> list:
+    """The columns of the plain script's log (Quantization_Log.csv), in the order of its header line."""
+    from gpfq.runner.logs import PLAIN_COLUMNS
+    return list(PLAIN_COLUMNS)
+
+
+def grid_points(header, *argv) -> list:
+    """The grid points a script runs for `argv` (header as in run_script): one flat settings dict each, in the
+    order the script runs them."""
+    from gpfq.runner.header import expand_grid
+    return expand_grid(script_settings(header, *argv))
+
+
+def check_point(point: dict) -> None:
+    """Check a grid point's settings as a script does before any work: ValueError naming the first bad one."""
+    from gpfq.runner.header import parse_point
+    parse_point(point)
+
+
+def method_options(point: dict) -> str:
+    """What a grid point's row logs in its Method Options column: the options that matter for its method."""
+    from gpfq.runner.header import method_description
+    return method_description(point)
+
+
+def saved_alphabets(reports, quantized_file) -> list:
+    """`reports` with each layer's alphabet as a script recovers it from a saved quantized model file (a saved
+    model's reports carry none; the ad hoc variant starting from a saved model needs them); a layer the file does
+    not hold as codes keeps alphabet None."""
+    from gpfq.runner.deploy import with_alphabets_from
+    return with_alphabets_from(reports, quantized_file)
+
+
+def saved_record(model_file) -> dict:
+    """The JSON record a script saves beside a quantized model (<stem>.json): hyperparameters, results, layers."""
+    return json.loads(Path(model_file).with_suffix(".json").read_text())
+
+
+def _variant(script: str):
+    """The runner's Variant behind a script folder's name."""
+    from gpfq.runner.adhoc import ADHOC
+    from gpfq.runner.experiment import PLAIN
+    from gpfq.runner.retrain import RETRAIN
+    return {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}[script]
+
+
+def point_context(point: dict, data: tuple, options=None):
+    """The context a script's variant quantizes one grid point in: the point's settings parsed as the runner
+    parses them (`options`: a script folder's name, whose own keys are then checked as that script checks them,
+    or a parser of those keys, e.g. gpfq.runner.adhoc.parse_options), on data = (calibration set, evaluation set,
+    float model), with no float evaluation (accuracies 0)."""
+    from gpfq.runner.experiment import Context, parse_point
+    if isinstance(options, str):
+        options = _variant(options).options
+    config, run = parse_point(point, options)
+    calibration, evaluation, model = data
+    return Context(config, run, calibration, evaluation, model, 0.0, 0.0, print)
+
+
+def quantize_point(script: str, context) -> tuple:
+    """Quantize one grid point's context (point_context) as the script of that folder does ("quantization_scripts",
+    "adhoc_quantization_scripts", "retraining_scripts"): (quantized model, [LayerReport], the extra columns its
+    log row gets)."""
+    return _variant(script).quantize(context)
+
+
+def reuse_settings(record: dict, header: dict) -> tuple:
+    """(a saved record's values, a header's values) of the settings the ad hoc variant requires to be equal before
+    it starts from that saved model (those the header sets): equal when the model was made with these settings."""
+    from gpfq.runner.adhoc import SAVED_KEYS
+    same = {k: header[k] for k in SAVED_KEYS if k in header}
+    return {k: record["hyperparameters"][k] for k in same}, same

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import script_header
 from gpfq.io.data import eval_subset, evaluation_loader, evaluation_set
 from gpfq.io.models import load_model
-from gpfq.runner.evaluate import evaluate
-from gpfq.runner.experiment import main
+
+from helpers import run_script, scored
 
 READ = "as measured on the same weights, data and settings"
 TINY_MODEL = """import torch
@@ -39,9 +38,9 @@ def cache(tmp_path, monkeypatch):
 
 def float_top1(tmp_path, capsys, *argv) -> tuple:
     """(the row's Original Top1 Accuracy, whether the run read it from the cache) of a 200-image MSQ run."""
-    [row] = main(script_header("quantization_scripts"),
-                 ["--method", "msq", "--bits", "3", "--batch_size", "16", "--eval_subset", "200", "--log_dir",
-                  str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"), *argv])
+    [row] = run_script("quantization_scripts", "--method", "msq", "--bits", "3", "--batch_size", "16",
+                       "--eval_subset", "200", "--log_dir", str(tmp_path / "logs"), "--model_dir",
+                       str(tmp_path / "models"), *argv)
     return row["Original Top1 Accuracy"], READ in capsys.readouterr().out
 
 
@@ -51,8 +50,8 @@ def test_a_rerun_reads_the_measured_accuracy_and_other_weights_are_measured(tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the independent expectation: the float model evaluated directly on the same 200 images
-        direct, _ = evaluate(load_model("fashion_resnet"),
-                             evaluation_loader(eval_subset(evaluation_set("fashion_mnist"), 200)), progress=False)
+        direct, _ = scored(load_model("fashion_resnet"),
+                           evaluation_loader(eval_subset(evaluation_set("fashion_mnist"), 200)))
     finally:
         torch.set_num_threads(threads)
     assert first == (round(direct, 6), False) and again == (first[0], True)

@@ -153,28 +153,6 @@ def test_inputs_that_cannot_be_batched_are_one_clear_error(data, message):
         quiet(TwoInputs(), data, gpfq.QuantConfig(batch_size=16))
 
 
-def test_tuple_and_dict_inputs_are_shared_out_across_ranks():
-    """Under torch.distributed each rank keeps its share of the m inputs one process draws, for both forms."""
-    from gpfq.pipeline import distributed
-    from gpfq.api import calibration_stream
-    from gpfq.pipeline.inputs import cat
-
-    def shard(rank):
-        shard = distributed.Shard(group=False)
-        shard.rank, shard.world_size = rank, 3
-        return shard
-    a = torch.arange(90.0).reshape(90, 1)
-    for make in (lambda: DataLoader([((x, -x), 0) for x in a], batch_size=8), lambda: {"a": a, "b": -a}):
-        single = calibration_stream(make(), seed=0)
-        ranks = [distributed.ShardedStream(calibration_stream(make(), seed=0), shard(r)) for r in range(3)]
-        for _ in range(3):
-            expected, shared = cat(single.draw(40)), cat([cat(rank.draw(40)) for rank in ranks])
-            a_of, b_of = ((lambda x: x.args[0]), (lambda x: x.args[1])) if expected.args else \
-                ((lambda x: x.kwargs["a"]), (lambda x: x.kwargs["b"]))
-            assert shared.shape == (40,) and torch.equal(a_of(shared), a_of(expected))
-            assert torch.equal(b_of(shared), -a_of(shared))  # each a still paired with its own b
-
-
 # ---------------------------------------------------------------- 4. recurrent layers in the coverage
 class Recurrent(nn.Module):
     def __init__(self, kind):

@@ -3,17 +3,16 @@
 import pytest
 import torch
 
+import gpfq
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, row_radii
 from gpfq.methods.gpfq.column_order import act_order, gram_in_order, permute_gram, restore_columns, rows_in_order
 from gpfq.methods.gpfq.engine import GramStatistics, gpfq_blocked, gpfq_gram
-from gpfq.runner.experiment import expand_grid, method_description, parse_point
 from gpfq.methods import METHODS
-from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, seeded_uniforms
 from gpfq.methods.gpfq.variants import spfq
-from conftest import script_header
+from helpers import check_point, grid_points, method_options, script_header
 
 
 def _layer(groups=2, rows=80, inputs=30, neurons=6, seed=0, per_channel=False):
@@ -102,17 +101,20 @@ def test_natural_order_is_the_default_and_unchanged():
     with torch.no_grad():
         layer.weight.copy_(weight[0])
     assert QuantConfig().column_order == "natural"
-    _, plain, _, _, levels, _ = quantize_layer(layer, analog[0], quantized[0],
-                                               QuantConfig(mlp_scalar=1.0, cnn_scalar=1.0))
+    config = QuantConfig(mlp_scalar=1.0, cnn_scalar=1.0)
+    plain = gpfq.quantize_layer(weight[0], analog[0], quantized[0], config)
+    # the layer's alphabet, as gpfq.quantize reports it (it depends on the weight and the config only)
+    [report] = gpfq.quantize(layer, analog[0], config.replace(batch_size=len(analog[0])), log=lambda *_: None).reports
+    levels = report.alphabet
     # the per-column specification, in natural order (the engine's criterion: ≥ 99.5 % of the entries equal)
     expected = gpfq_reference(weight[0].double(), analog[0].double(), quantized[0].double(), levels.double())
-    assert (plain[0] == expected.float()).double().mean() >= 0.995
+    assert (plain == expected.float()).double().mean() >= 0.995
 
 
 def test_header_option_is_validated_and_logged():
-    point = expand_grid(dict(script_header("quantization_scripts"), column_order="act_order"))[0]
-    parse_point(point)
-    assert method_description(point) == "act-order"
-    assert method_description(dict(point, method="qronos")) == "damping 1e-06, act-order"
+    point = grid_points(dict(script_header("quantization_scripts"), column_order="act_order"))[0]
+    check_point(point)
+    assert method_options(point) == "act-order"
+    assert method_options(dict(point, method="qronos")) == "damping 1e-06, act-order"
     with pytest.raises(ValueError, match="column_order"):
-        parse_point(expand_grid(dict(script_header("quantization_scripts"), column_order="random"))[0])
+        check_point(grid_points(dict(script_header("quantization_scripts"), column_order="random"))[0])

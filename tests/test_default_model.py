@@ -5,11 +5,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from gpfq.runner.experiment import main
-from gpfq.runner.logs import read_rows
 from gpfq.io.models import load_model
 
-from conftest import script_header  # noqa: E402  (default_runs, the session fixture, is there too)
+from helpers import logged_rows, run_script  # (default_runs, the session fixture, is in conftest)
 
 pytestmark = pytest.mark.slow  # every test here runs whole models (see docs/testing.md)
 
@@ -28,7 +26,7 @@ def test_three_bit_gpfq_beats_round_to_nearest(default_runs):
 
 def test_rows_logged_and_models_saved(default_runs):
     out, rows = default_runs
-    logged = read_rows(out / "logs" / "Quantization_Log.csv")
+    logged = logged_rows(out / "logs" / "Quantization_Log.csv")
     assert len(logged) == 4
     for line in logged:
         row = rows[(line["Method"], int(line["Bits"]))]
@@ -44,9 +42,9 @@ def test_rows_logged_and_models_saved(default_runs):
 
 def test_depthwise_model_on_real_data(tmp_path):
     """fashion_mobilenet (depthwise convolutions, quantized per group) at 3 bits, GPFQ vs round-to-nearest."""
-    header = script_header("quantization_scripts")
-    rows = main(header, ["--model", "fashion_mobilenet", "--bits", "3", "--method", "gpfq", "msq", "--batch_size",
-                         "256", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    rows = run_script("quantization_scripts", "--model", "fashion_mobilenet", "--bits", "3", "--method", "gpfq",
+                      "msq", "--batch_size", "256", "--log_dir", str(tmp_path / "logs"), "--model_dir",
+                      str(tmp_path / "models"))
     gpfq, msq = rows
     assert gpfq["Original Top1 Accuracy"] > 0.90
     assert gpfq["Quantized Top1 Accuracy"] >= gpfq["Original Top1 Accuracy"] - 0.015  # measured: 91.42 -> 91.04

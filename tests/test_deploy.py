@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from gpfq.methods.codes import code_entropy, stored_bits
-from gpfq.runner.deploy import SIZE_COLUMNS
-from gpfq.runner.evaluate import evaluate
-from gpfq.runner.experiment import main
 from gpfq.io.model_file import load_quantized, read_quantized
 from gpfq.paths import REPO_ROOT
 
-from conftest import script_header
+from helpers import result_columns, run_script, scored
+
+# the size columns of a log row (docs/deploy.md), one per number of the SizeReport
+SIZE_COLUMNS = ("Levels", "Stored Bits", "Code Entropy", "Quantized File Bytes", "Size Ratio")
 
 
 def _path(logged: str) -> Path:
@@ -52,7 +52,7 @@ def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_ru
     row = rows[("gpfq", 3)]
     _, evaluation, _ = default_data
     loader = torch.utils.data.DataLoader(evaluation, batch_size=256)
-    top1, _ = evaluate(load_quantized(_path(row["Quantized Model File"])), loader, progress=False)
+    top1, _ = scored(load_quantized(_path(row["Quantized Model File"])), loader)
     assert round(top1, 6) == row["Quantized Top1 Accuracy"]
 
 
@@ -60,9 +60,8 @@ def test_safetensors_equals_the_pt_bit_for_bit_and_keeps_the_accuracy(default_ru
 def test_export_onnx_flag_writes_the_onnx_beside(tmp_path):
     import onnxruntime as ort
     from gpfq.io.data import evaluation_set
-    rows = main(script_header("quantization_scripts"),
-                ["--bits", "4", "--alphabet", "strict", "--batch_size", "32", "--export_onnx",
-                 "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    rows = run_script("quantization_scripts", "--bits", "4", "--alphabet", "strict", "--batch_size", "32",
+                      "--export_onnx", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"))
     quantized = _path(rows[0]["Quantized Model File"])
     assert rows[0]["Levels"] == "16" and rows[0]["Stored Bits"] == 4
     onnx_path = quantized.with_suffix(".onnx")
@@ -77,9 +76,8 @@ def test_export_onnx_flag_writes_the_onnx_beside(tmp_path):
 
 def test_export_onnx_must_be_a_boolean(tmp_path):
     with pytest.raises(ValueError, match="export_onnx must be True or False"):
-        main(script_header("quantization_scripts"), ["--export_onnx", "yes", "--log_dir", str(tmp_path)])
+        run_script("quantization_scripts", "--export_onnx", "yes", "--log_dir", str(tmp_path))
 
 
 def test_size_columns_are_results():
-    from gpfq.runner.logs import RESULT_COLUMNS
-    assert set(SIZE_COLUMNS) <= RESULT_COLUMNS and "Quantized Model File" in RESULT_COLUMNS
+    assert set(SIZE_COLUMNS) <= result_columns() and "Quantized Model File" in result_columns()

@@ -22,6 +22,29 @@ def shard_of(rank, world_size):
     return shard
 
 
+def test_tuple_and_dict_inputs_are_shared_out_across_ranks():
+    """A caller's tuple and dict inputs: under torch.distributed each rank keeps its share of the m inputs one
+    process draws, for both forms."""
+    from torch.utils.data import DataLoader
+    from gpfq.api import calibration_stream
+    from gpfq.pipeline.inputs import cat
+
+    def shard(rank):
+        shard = distributed.Shard(group=False)
+        shard.rank, shard.world_size = rank, 3
+        return shard
+    a = torch.arange(90.0).reshape(90, 1)
+    for make in (lambda: DataLoader([((x, -x), 0) for x in a], batch_size=8), lambda: {"a": a, "b": -a}):
+        single = calibration_stream(make(), seed=0)
+        ranks = [distributed.ShardedStream(calibration_stream(make(), seed=0), shard(r)) for r in range(3)]
+        for _ in range(3):
+            expected, shared = cat(single.draw(40)), cat([cat(rank.draw(40)) for rank in ranks])
+            a_of, b_of = ((lambda x: x.args[0]), (lambda x: x.args[1])) if expected.args else \
+                ((lambda x: x.kwargs["a"]), (lambda x: x.kwargs["b"]))
+            assert shared.shape == (40,) and torch.equal(a_of(shared), a_of(expected))
+            assert torch.equal(b_of(shared), -a_of(shared))  # each a still paired with its own b
+
+
 @pytest.mark.parametrize("world_size, m", [(2, 64), (3, 50), (4, 7), (5, 3)])  # (5, 3): two ranks get none
 def test_shares_cover_the_single_process_draw(world_size, m):
     """Layer after layer, the ranks' shares, in rank order, are the images one process draws."""

@@ -7,9 +7,8 @@ import gpfq
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import make_alphabet, round_to_alphabet
 from gpfq.methods.gpfq.engine import GramStatistics, RoundingSettings, gpfq_gram, gpfq_residual
-from gpfq.runner.experiment import expand_grid, method_description, parse_point
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
-from conftest import script_header
+from helpers import check_point, grid_points, method_options, script_header
 
 LEVELS = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
 
@@ -98,9 +97,9 @@ def test_default_is_the_paper_rule_and_the_option_reaches_the_layer():
 
 
 def test_header_option_is_validated_and_logged():
-    point = expand_grid(dict(script_header("quantization_scripts"), gpfq_first_column="code2022"))[0]
-    parse_point(point)
-    assert method_description(point) == "first column code2022"
-    assert method_description(expand_grid(script_header("quantization_scripts"))[0]) == ""  # the default point logs as before
+    point = grid_points(dict(script_header("quantization_scripts"), gpfq_first_column="code2022"))[0]
+    check_point(point)
+    assert method_options(point) == "first column code2022"
+    assert method_options(grid_points("quantization_scripts")[0]) == ""  # the default point logs as before
     with pytest.raises(ValueError, match="gpfq_first_column"):
-        parse_point(expand_grid(dict(script_header("quantization_scripts"), gpfq_first_column="2022"))[0])
+        check_point(grid_points(dict(script_header("quantization_scripts"), gpfq_first_column="2022"))[0])

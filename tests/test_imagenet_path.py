@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from gpfq.io.data import DataMissingError, evaluation_set
-from gpfq.runner.experiment import main
-from gpfq.runner.logs import read_rows
 from gpfq.io.models import WeightsUnavailableError, load_model
+
+from helpers import logged_rows, run_script
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 HEADER = dict(model_name="resnet18", dataset="imagenet", weights="random", method="gpfq", bits=4, batch_size=4,
@@ -50,9 +50,9 @@ def test_both_val_layouts_load_with_labels(tmp_path, flat_val):
 @pytest.mark.slow
 def test_imagenet_end_to_end(tmp_path):
     _imagenet(tmp_path / "data" / "ILSVRC2012", flat_val=True)
-    rows = main(HEADER, ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "logs"),
-                         "--model_dir", str(tmp_path / "models")])
-    logged = read_rows(tmp_path / "logs" / "Quantization_Log.csv")
+    rows = run_script(HEADER, "--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "logs"),
+                      "--model_dir", str(tmp_path / "models"))
+    logged = logged_rows(tmp_path / "logs" / "Quantization_Log.csv")
     assert len(rows) == len(logged) == 1
     assert logged[0]["Dataset"] == "imagenet" and logged[0]["Model Name"] == "resnet18"
     for key in ("Original Top1 Accuracy", "Quantized Top1 Accuracy", "Quantized Top5 Accuracy"):
@@ -67,8 +67,8 @@ def test_imagenet_end_to_end(tmp_path):
 
 def test_missing_imagenet_is_one_clear_error(tmp_path):
     with pytest.raises(DataMissingError, match="data/README.md"):
-        main(HEADER, ["--data_dir", str(tmp_path), "--log_dir", str(tmp_path / "logs"),
-                      "--model_dir", str(tmp_path / "models")])
+        run_script(HEADER, "--data_dir", str(tmp_path), "--log_dir", str(tmp_path / "logs"),
+                   "--model_dir", str(tmp_path / "models"))
     assert not (tmp_path / "models" / "resnet18").exists()
 
 

@@ -14,7 +14,7 @@ import gpfq
 from gpfq.io.model_file import QuantizedFileError, load_quantized, read_quantized, save_quantized
 from gpfq.io.models import load_model
 from gpfq.methods import METHOD_NAMES
-from helpers import tensor_sha256
+from helpers import saved_alphabets, tensor_sha256
 
 
 
@@ -123,10 +123,8 @@ def test_round_trip_bit_for_bit(fashion, tmp_path, method, alphabet, granularity
 
 @pytest.mark.slow  # quantizes the default model per case
 def test_bias_corrected_and_folded_models_round_trip(fashion, tmp_path):
-    from gpfq.pipeline.folding import fold_batchnorm
-    calibration, model = fashion
-    folded, _ = fold_batchnorm(model)
-    quantized, reports = _quantize((calibration, folded), "msq")
+    quantized, reports = _quantize(fashion, "msq", fold_batchnorm=True)  # BatchNorm folded first, then quantized
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in quantized.modules())
     path = tmp_path / "folded.safetensors"
     save_quantized(quantized, reports, path, model_name="fashion_resnet", fold_batchnorm=True)
     loaded = load_quantized(path)
@@ -290,7 +288,6 @@ class MatmulAndAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_input_major_and_attention_weights_round_trip_with_their_codebooks(tmp_path, granularity):
-    from gpfq.runner.deploy import with_alphabets_from
     torch.manual_seed(0)
     model = MatmulAndAttention().eval()
     tokens = torch.randn(128, 6, 12, generator=torch.Generator().manual_seed(1))
@@ -306,7 +303,7 @@ def test_input_major_and_attention_weights_round_trip_with_their_codebooks(tmp_p
     assert read_quantized(path).header["coded"]["embed"].get("transposed") is True
     # the codebooks come back for every weight, whatever its parameter name (a saved model's reports carry none)
     bare = [dataclasses.replace(r, alphabet=None) for r in result.reports]
-    recovered = with_alphabets_from(bare, path)
+    recovered = saved_alphabets(bare, path)
     for report, original in zip(recovered, result.reports):
         levels = original.alphabet.shape[-1]  # the file holds the codebook in the weight's dtype (float32)
         assert torch.equal(report.alphabet.reshape(-1, levels),

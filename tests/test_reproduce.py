@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
-from conftest import python_env, script_header
-from gpfq.runner.header import parse_overrides
-from gpfq.runner.logs import PLAIN_COLUMNS
+from conftest import python_env
 from gpfq.paths import REPO_ROOT
+
+from helpers import plain_log_columns, script_settings
+
+PLAIN_COLUMNS = plain_log_columns()
 
 SCRIPT = REPO_ROOT / "experiments" / "reproduce.py"
 PAPER = REPO_ROOT / "experiments" / "paper_results.csv"
@@ -139,7 +141,7 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
     covered = set()
     for argv in commands:
         variant = argv[1].split("/")[-2]
-        config = parse_overrides(script_header(variant), argv[2:])  # exits on an unknown flag
+        config = script_settings(variant, *argv[2:])  # exits on an unknown flag
         assert config["dataset"] == "imagenet" and config["data_dir"] == "/data" and config["resume"] is True
         assert config["calibration"] == "fresh"  # the paper's procedure unless asked otherwise
         bits = config["bits"] if isinstance(config["bits"], list) else [config["bits"]]
@@ -158,7 +160,7 @@ def test_dry_run_commands_parse_in_their_scripts(capsys):
 
 def test_calibration_fixed_reaches_every_command(capsys):
     commands = dry_run_commands(capsys, "--calibration", "fixed", "--table", "plain", "adhoc_bias_last")
-    assert commands and all(parse_overrides(script_header(argv[1].split("/")[-2]), argv[2:])["calibration"] == "fixed"
+    assert commands and all(script_settings(argv[1].split("/")[-2], *argv[2:])["calibration"] == "fixed"
                             for argv in commands)
 
 
@@ -291,10 +293,10 @@ def test_end_to_end_paper_row_random_weights_synthetic_imagenet(tmp_path):
 
 def test_sweep_table_of_one_model_prices_one_command_per_m(capsys):
     commands = dry_run_commands(capsys, "--table", "sweep", "--models", "resnet18")
-    ms = [parse_overrides(script_header("quantization_scripts"), argv[2:])["batch_size"] for argv in commands]
+    ms = [script_settings("quantization_scripts", *argv[2:])["batch_size"] for argv in commands]
     assert ms == [32, 64, 128, 256, 512]
     for argv in commands:
-        config = parse_overrides(script_header("quantization_scripts"), argv[2:])
+        config = script_settings("quantization_scripts", *argv[2:])
         assert config["bits"] == [3, 4, 5] and config["cnn_scalar"] == config["mlp_scalar"] == 1.16
     assert load().main(["--table", "sweep", "--models", "nope", "--dry-run", "--no_estimate"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown model nope")
@@ -461,7 +463,7 @@ def test_a_rehearsal_is_labelled_in_every_output_and_takes_m_and_model_dir(tmp_p
     commands = dry_run_commands(capsys, "--table", "sweep", "--models", "resnet18", "--weights", "random",
                                 "--eval_subset", "6", "--m", "4", "--model_dir", str(tmp_path / "models"))
     [argv] = commands  # the sweep's five m collapse into one command at m 4
-    config = parse_overrides(script_header("quantization_scripts"), argv[2:])
+    config = script_settings("quantization_scripts", *argv[2:])
     assert (config["batch_size"], config["bits"], config["weights"], config["eval_subset"], config["model_dir"]) == (
         4, [3, 4, 5], "random", 6, str(tmp_path / "models"))
     assert load().main(["--dry-run", "--no_estimate", "--data_dir", "/data", "--row", "plain-resnet18-m1024-b4",

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from gpfq.runner import adhoc
-from gpfq.runner import retrain
 from gpfq.methods.alphabet import GRANULARITIES
 from gpfq.methods.codes import encode, layer_codebook
 import gpfq
 from gpfq.io.model_file import load_quantized, save_quantized
 from gpfq.methods import METHOD_NAMES
+
+from helpers import quantize_point
 
 BITS = 3
 
@@ -43,10 +43,9 @@ def test_every_method_and_granularity(default_data, method, granularity):
 @pytest.mark.slow  # quantizes the default model
 def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_path):
     point = dict(bias_correction="all", bias_batch_size=64, skip_layers="first", bits_map={-1: 4}, saved_model=None)
-    adhoc.parse_options(point)
-    context = make_context(adhoc.parse_options, alphabet="strict", alphabet_granularity="channel", batch_size=32,
-                           **point)
-    model, reports, _ = adhoc.quantize(context)
+    context = make_context("adhoc_quantization_scripts", alphabet="strict", alphabet_granularity="channel",
+                           batch_size=32, **point)  # the ad hoc options are checked as the script checks them
+    model, reports, _ = quantize_point("adhoc_quantization_scripts", context)
     _check_strict(model, reports, lambda report: 4 if report.name == "fc" else BITS)
     assert reports[0].index == 1  # the first layer was left float
     save_quantized(model, reports, tmp_path / "adhoc.safetensors", model_name="fashion_resnet")
@@ -58,7 +57,6 @@ def test_ad_hoc_variant_bias_correction_skip_and_mixed_bits(make_context, tmp_pa
 def test_retraining_variant(make_context):
     point = dict(retrain_start=1, retrain_samples=128, retrain_batch_size=64, retrain_epochs=1, retrain_lr=1e-4,
                  retrain_weight_decay=0.0, retrain_batchnorm="frozen", evaluate_each_step=False)
-    retrain.parse_options(point)
-    context = make_context(retrain.parse_options, alphabet="strict", batch_size=32, **point)
-    model, reports, _ = retrain.quantize(context)
+    context = make_context("retraining_scripts", alphabet="strict", batch_size=32, **point)
+    model, reports, _ = quantize_point("retraining_scripts", context)
     _check_strict(model, reports)
