@@ -47,9 +47,12 @@ def build(name):
         return models.vit_b_32(image_size=64), 64, "fixed"
     if name == "maxvit_t":
         # MaxViT-T's blocks, channels and heads; partition size 2 instead of 7 so that 64×64 images fit
-        # (224×224 is the smallest the 7×7 partition takes). fx cannot trace it: fresh calibration.
+        # (224×224 is the smallest the 7×7 partition takes). fx cannot trace it: fresh calibration, whose forward
+        # cost grows with layers × depth, so one block per stage instead of 2, 2, 5, 2: every kind of layer stays
+        # (each stage's first block, the downsampling one, with its MBConv, squeeze-excitation, block and grid
+        # attention and MLPs), the repeats of the same block go.
         return MaxVit(input_size=(64, 64), stem_channels=64, partition_size=2, block_channels=[64, 128, 256, 512],
-                      block_layers=[2, 2, 5, 2], head_dim=32, stochastic_depth_prob=0.2), 64, "fresh"
+                      block_layers=[1, 1, 1, 1], head_dim=32, stochastic_depth_prob=0.2), 64, "fresh"
     if name == "tied":
         return TiedHead(), 4, "fixed"
     if name == "swin_t":
