@@ -13,7 +13,8 @@ result is kept under a key of everything that decides it, so a rerun reads it in
 - what the float paths depend on: device, torch version, torch threads, ONEDNN_MAX_CPU_ISA and MKL_CBWR.
 
 The folder is GPFQ_CACHE_DIR, else $XDG_CACHE_HOME/gpfq, else ~/.cache/gpfq; GPFQ_CACHE_DIR=off measures every
-time. A file that cannot be read is measured again and rewritten; one that cannot be written is skipped.
+time. Under torchrun the float model is always evaluated: every rank must join the evaluation's all-reduce, and
+one rank reading a cache another lacks would leave it waiting. A file that cannot be read is measured again and rewritten; one that cannot be written is skipped.
 No library keeps such a cache keyed by a model's bytes, hence this module.
 """
 import hashlib

@@ -69,8 +69,10 @@ def float_accuracy(point: Point, model, resources, loader_of, log=print):
 
     def measured():
         loader = loader_of()
-        return cached_accuracy(model, getattr(loader, "dataset", None), run.device, log=log,
-                               measure=lambda: evaluate(model, loader, device=run.device, desc="float model"))
+        measure = lambda: evaluate(model, loader, device=run.device, desc="float model")  # noqa: E731
+        if distributed.current().active:  # every rank must join the evaluation's all-reduce: a cache one rank
+            return measure()              # (or one machine's home) holds and another does not would hang it
+        return cached_accuracy(model, getattr(loader, "dataset", None), run.device, log=log, measure=measure)
     return resources.get(("float", run.model_name, str(run.weights), config.fold_batchnorm, run.eval_subset), measured)
 
 
