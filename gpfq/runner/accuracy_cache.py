@@ -14,7 +14,8 @@ result is kept under a key of everything that decides it, so a rerun reads it in
 
 The folder is GPFQ_CACHE_DIR, else $XDG_CACHE_HOME/gpfq, else ~/.cache/gpfq; GPFQ_CACHE_DIR=off measures every
 time. Under torchrun the float model is always evaluated: every rank must join the evaluation's all-reduce, and
-one rank reading a cache another lacks would leave it waiting. A file that cannot be read is measured again and rewritten; one that cannot be written is skipped.
+one rank reading a cache another lacks would leave it waiting. A file that cannot be read is measured again
+and rewritten; one that cannot be written is skipped.
 No library keeps such a cache keyed by a model's bytes, hence this module.
 """
 import hashlib
