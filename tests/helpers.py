@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from python_server import run_python  # noqa: F401 (tests run scripts with it: `python SCRIPT …`, forked)
+
 
 def state_hash(state: dict) -> str:
     """sha256 over a state dict: for each key in sorted order, its name, dtype, shape and raw bytes."""

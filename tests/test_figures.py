@@ -67,7 +67,7 @@ def test_seed_table_gives_mean_and_spread_per_method_setting(log, tmp_path):
 def test_plot_logs_reports_unusable_logs_in_one_line_and_draws_long_model_names(log, tmp_path):
     """An empty, missing or header-only log is one line and exit status 2; a 300-character model name is a figure."""
     import runpy
-    import subprocess
+    from helpers import run_python
     import sys
     from conftest import python_env
     from gpfq.paths import REPO_ROOT
@@ -78,8 +78,8 @@ def test_plot_logs_reports_unusable_logs_in_one_line_and_draws_long_model_names(
     for name, message in (("empty.csv", "is empty (not even a header): nothing to draw"),
                           ("missing.csv", "not found; pass the CSV logs with --log PATH …"),
                           ("header_only.csv", "holds no rows (only a header): nothing to draw; run an experiment first")):
-        run = subprocess.run([sys.executable, str(script), "--log", str(tmp_path / name), "--out", str(tmp_path / "f")],
-                             capture_output=True, text=True, env=python_env(), timeout=300)
+        run = run_python([sys.executable, str(script), "--log", str(tmp_path / name), "--out", str(tmp_path / "f")],
+                         capture_output=True, text=True, env=python_env(), timeout=300)
         assert run.returncode == 2 and run.stdout == "", (name, run.stdout, run.stderr)
         assert run.stderr.startswith("error: ") and run.stderr.endswith(message + "\n") and run.stderr.count("\n") == 1
     plot_logs = runpy.run_path(str(script))

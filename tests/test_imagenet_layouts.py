@@ -3,7 +3,6 @@ index of the image's true wnid in sorted order; an incomplete layout is one clea
 And --eval_subset's class-balanced subset (gpfq.io.data.eval_subset) on Fashion-MNIST."""
 import csv
 import io
-import subprocess
 import sys
 import tarfile
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import python_env
+from helpers import run_python
 from PIL import Image
 
 from gpfq.io.data import DataMissingError, eval_subset, evaluation_set, fashion_mnist
@@ -161,10 +161,10 @@ def test_incomplete_layouts_are_one_clear_error(root, broken, message):
 def test_incomplete_layout_from_the_script_is_one_line_and_exit_2(root):
     write_train(root)
     write_flat_val(root)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "quantization_scripts" / "quantize.py"), "--model",
-                             "resnet18", "--dataset", "imagenet", "--weights", "random", "--batch_size", "2",
-                             "--data_dir", str(root.parent), "--log_dir", str(root / "logs"), "--model_dir",
-                             str(root / "models")], capture_output=True, text=True, env=python_env(), timeout=120)
+    result = run_python([sys.executable, str(REPO_ROOT / "quantization_scripts" / "quantize.py"), "--model",
+                         "resnet18", "--dataset", "imagenet", "--weights", "random", "--batch_size", "2",
+                         "--data_dir", str(root.parent), "--log_dir", str(root / "logs"), "--model_dir",
+                         str(root / "models")], capture_output=True, text=True, env=python_env(), timeout=120)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nothing labels them" in lines[0]

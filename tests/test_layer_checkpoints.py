@@ -2,13 +2,12 @@
 ends bit for bit where an uninterrupted run ends; a corrupt checkpoint gives one line and a fresh start."""
 import csv
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import python_env
-from helpers import state_hash
+from helpers import run_python, state_hash
 from torch.utils.data import TensorDataset
 
 from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint, read_checkpoint
@@ -23,7 +22,7 @@ KILL_AFTER = 3  # of fashion_resnet's 10 layers
 def run(folder, *extra, env=None):
     argv = [sys.executable, str(SCRIPT), *ARGS, "--log_dir", str(folder / "logs"), "--model_dir",
             str(folder / "models"), *extra]
-    return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
+    return run_python(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
 
 
 def file_hash(path) -> str:
@@ -173,7 +172,7 @@ def adhoc_run(folder, *extra, env=None):
             "--bias_correction", "last",
             "--bias_batch_size", "128", "--checkpoint", "True", "--log_dir", str(folder / "logs"), "--model_dir",
             str(folder / "models"), *extra]
-    return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
+    return run_python(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
 
 
 @pytest.mark.slow  # whole default-model runs, killed and resumed

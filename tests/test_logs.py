@@ -1,9 +1,9 @@
 import csv
-import subprocess
 import sys
 
 import pytest
 from conftest import python_env
+from helpers import run_python
 
 from gpfq.runner.procedures import LOG_COLUMNS
 from gpfq.runner.logs import PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
@@ -49,8 +49,8 @@ def test_init_logs_script_never_loses_a_log(tmp_path):
     spec.loader.exec_module(init_logs)
     for run in range(3):
         if run == 0:
-            subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True,
-                           env=python_env())
+            run_python([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True,
+                       env=python_env())
         else:
             init_logs.main(tmp_path)
         append_row(tmp_path / PLAIN_LOG, _row(**{"Seed": len(list(tmp_path.iterdir()))}), COLUMNS)

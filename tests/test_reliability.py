@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from conftest import TESTS_DIR, python_env
+from helpers import run_python
 
 import gpfq
 from gpfq import QuantConfig
@@ -756,10 +757,10 @@ def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeyp
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("GPFQ_DEBUG", None)
     command = [PYTHON, str(REPO_ROOT / "quantization_scripts" / "quantize.py"), "--bits", "0"] + out_dirs(tmp_path)
-    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    plain = run_python(command, capture_output=True, text=True, env=env, timeout=300)
     assert plain.returncode == 2
     assert plain.stderr == "error: bad hyperparameter: bits must be a positive integer, got 0\n"
-    debug = subprocess.run(command, capture_output=True, text=True, env=dict(env, GPFQ_DEBUG="1"), timeout=300)
+    debug = run_python(command, capture_output=True, text=True, env=dict(env, GPFQ_DEBUG="1"), timeout=300)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.rstrip().endswith("bits must be a positive integer, got 0")
 

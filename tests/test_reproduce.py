@@ -11,7 +11,7 @@ import pytest
 from conftest import python_env
 from gpfq.paths import REPO_ROOT
 
-from helpers import plain_log_columns, script_settings
+from helpers import plain_log_columns, run_python, script_settings
 
 PLAIN_COLUMNS = plain_log_columns()
 
@@ -27,8 +27,8 @@ def load():
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=python_env(), cwd=cwd, timeout=600)
+    return run_python([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                      env=python_env(), cwd=cwd, timeout=600)
 
 
 def paper_rows():
@@ -376,12 +376,12 @@ def test_assembly_script_reads_the_logs_columns_and_refuses_a_missing_copy(tmp_p
     # every logged row of the CSV names one of the script's files
     sources = {f"{assemble.REPO} {assemble.where(k)}" for k in assemble.FILES}
     assert {r["source"] for r in paper_rows() if not r["table"].startswith("ours")} <= sources
-    result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "none")], capture_output=True,
-                            text=True, env=python_env())
+    result = run_python([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "none")], capture_output=True,
+                        text=True, env=python_env())
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     (tmp_path / "copy").mkdir()
-    result = subprocess.run([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "copy")], capture_output=True,
-                            text=True, env=python_env())
+    result = run_python([sys.executable, str(ASSEMBLE), "--logs", str(tmp_path / "copy")], capture_output=True,
+                        text=True, env=python_env())
     assert result.returncode == 2 and "DIR/COMMIT/PATH" in result.stderr
 
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from conftest import python_env, script_header
-from helpers import state_hash
+from helpers import run_python, state_hash
 
 from gpfq.io.models import load_model
 from gpfq.paths import REPO_ROOT
@@ -26,7 +26,7 @@ ARGS = ["--batch_size", "32", "--num_threads", "1", "--eval_subset", "50", "--ch
 def run(folder, *extra, env=None):
     argv = [sys.executable, str(SCRIPT), *ARGS, "--log_dir", str(folder / "logs"), "--model_dir",
             str(folder / "models"), *extra]
-    return subprocess.run(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
+    return run_python(argv, capture_output=True, text=True, env=dict(python_env(), **(env or {})), timeout=300)
 
 
 def checkpoints(folder, model="fashion_resnet") -> list:
@@ -133,7 +133,7 @@ def test_a_checkpoint_has_one_owner(tmp_path):
             "assert other.load(['a']) is None\n"
             "other.after_layer(0, lambda: {'next_index': 7})\n"
             "other.remove()\n")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=120)
+    other = run_python([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=120)
     assert other.returncode == 0, other.stderr
     assert "another run of this grid point is using" in other.stdout
     assert read_checkpoint(mine.path)["next_index"] == 1  # still ours, unchanged

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Subset
 
 from conftest import python_env, script_header
-from helpers import safetensors_metadata
+from helpers import run_python, safetensors_metadata
 
 import gpfq
 from gpfq.runner import experiment
@@ -44,8 +44,8 @@ def run(command: list, cwd: Path, *folders, env=None) -> subprocess.CompletedPro
     """A Python script as a user runs it (no GPFQ_DEBUG), `folders` importable."""
     environment = dict(python_env(*folders), **(env or {}))
     environment.pop("GPFQ_DEBUG", None)
-    return subprocess.run([sys.executable] + [str(c) for c in command], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=300)
+    return run_python([sys.executable] + [str(c) for c in command], cwd=cwd, env=environment,
+                      capture_output=True, text=True, timeout=300)
 
 
 def quantize_script(tmp_path: Path, *argv, folders=(), env=None) -> subprocess.CompletedProcess:

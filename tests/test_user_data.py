@@ -1,5 +1,4 @@
 """Your own model (module:factory, file.py:factory, timm:<name>) and your own images (--dataset imagefolder)."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import python_env, script_header, write_photo_folder
+from helpers import run_python
 from gpfq.runner import experiment
 from gpfq.io import user_models
 from gpfq.io.data import DataMissingError, image_folder_classes
@@ -286,7 +286,7 @@ def test_my_model_script_end_to_end(photo_folder, tmp_path):
     command = [sys.executable, "quantization_scripts/quantize.py", "--model", MY_MODEL, "--dataset", "imagefolder",
                "--data_dir", str(photo_folder), "--batch_size", "8", "--log_dir", str(tmp_path / "logs"),
                "--model_dir", str(tmp_path / "models")]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = run_python(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images prepared with the model's input_size (3, 32, 32)" in done.stdout + done.stderr
     rows = read_rows(tmp_path / "logs" / "Quantization_Log.csv")

@@ -1,0 +1,197 @@
+"""`python SCRIPT ARGS…` for the tests, without paying for `import torch` each time.
+
+A user meets bad input as a fresh `python quantize.py …` process, and the tests run it that way: the whole of stdout
+and stderr, and the exit status. Such a process spends about 3 CPU-seconds importing torch, torchvision and gpfq
+before it reads its first argument; some eighty of them made a fifth of the suite's time. Here one server process
+per test worker imports those once, and forks a child for each run. The child is a new process as the script
+would see it: its own working directory, environment, argv, sys.path, stdin (/dev/null), stdout and stderr (files),
+warning filters and atexit handlers, and its exit status as the interpreter would give it (an uncaught exception is
+printed by sys.excepthook and gives 1; SystemExit's code, or its text on stderr and 1).
+
+The random generators a new interpreter seeds from the OS (Python's, NumPy's, torch's) are seeded from the OS again
+in each child. What a fork cannot give is a fresh interpreter: the hash seed of str is the server's, what torch
+reads from the environment as it loads (OMP_NUM_THREADS, ONEDNN_MAX_CPU_ISA) is the test worker's, and gpfq is
+this checkout's. `run_python` refuses interpreter options
+(`-S`, `-X…`) and a PYTHONPATH that puts another gpfq first; tests that need those start a real interpreter.
+multiprocessing's forkserver does not fit: it runs a function, not a script as __main__ with its own argv, stdio
+files and exit status. Nothing else imports this module but tests/helpers.py.
+
+    python python_server.py      # the server: one JSON request a line on stdin, answers a line each on stdout
+"""
+import atexit
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+# ---------------------------------------------------------------- the server and its children
+
+def _exit_status(stop: SystemExit) -> int:
+    """The interpreter's exit status for a SystemExit (its text, if any, already written to stderr)."""
+    if stop.code is None:
+        return 0
+    if isinstance(stop.code, int):
+        return stop.code & 0xFF
+    sys.stderr.write(f"{stop.code}\n")
+    return 1
+
+
+def _is_ours(filename: str) -> bool:
+    """A frame of this server or of runpy, which a script's traceback leaves out."""
+    import runpy
+    return filename in (__file__, runpy.__file__) or filename.startswith("<frozen runpy")
+
+
+def _reseed() -> None:
+    """Seed from the OS what a new interpreter seeds from the OS (a fork would share the server's state)."""
+    import random
+    import numpy
+    import torch
+    random.seed()
+    numpy.random.seed()
+    torch.seed()
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become `python argv…` in request's cwd and env, run it, and end the process."""
+    for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
+                           (2, request["stderr"], os.O_WRONLY)):
+        os.dup2(os.open(path, mode), fd)
+    _reseed()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    status = 0
+    try:
+        import runpy
+        if argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[:] = ["", *extra, *BASE_PATH]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[:] = [os.getcwd(), *extra, *BASE_PATH]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(argv[0])
+            sys.argv = list(argv)
+            sys.path[:] = [os.path.dirname(script), *extra, *BASE_PATH]
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        status = _exit_status(stop)
+    except BaseException:  # noqa: BLE001 (what the interpreter does with an uncaught exception)
+        kind, error, frames = sys.exc_info()
+        while frames is not None and _is_ours(frames.tb_frame.f_code.co_filename):
+            frames = frames.tb_next  # the traceback starts at the script, as the interpreter's does
+        sys.excepthook(kind, error.with_traceback(frames), frames)
+        status = 1
+    try:
+        threading._shutdown()  # the interpreter waits for non-daemon threads, then runs atexit
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def serve() -> None:
+    """Answer requests until stdin closes: for each, fork a child, say its pid, wait, and say its status."""
+    import gpfq.runner.adhoc  # noqa: F401 (what the scripts import: torch, torchvision, gpfq and its runner)
+    import gpfq.runner.cli  # noqa: F401
+    import gpfq.runner.experiment  # noqa: F401
+    import gpfq.runner.retrain  # noqa: F401
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, wait_status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(wait_status)}), flush=True)
+
+
+# ---------------------------------------------------------------- the client, in the test process
+
+_server = None
+_START_ENV = dict(os.environ)  # the server's, taken at import (collection): not a test's monkeypatched one
+
+
+def _stop_server() -> None:
+    if _server is not None and _server.poll() is None:
+        _server.stdin.close()
+        _server.wait(timeout=60)
+
+
+atexit.register(_stop_server)
+
+
+def _started_server(env: dict) -> subprocess.Popen:
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(TESTS_DIR))
+    return _server
+
+
+def _check_supported(argv: list, env: dict) -> None:
+    if argv[0].startswith("-") and argv[0] not in ("-c", "-m"):
+        raise ValueError(f"run_python: interpreter option {argv[0]} needs a real interpreter (subprocess.run)")
+    first = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p][:1]
+    if first and (Path(first[0]) / "gpfq").is_dir() and Path(first[0]).resolve() != REPO_ROOT:
+        raise ValueError(f"run_python: PYTHONPATH puts another gpfq first ({first[0]}): use subprocess.run")
+
+
+def run_python(command: list, cwd=None, env=None, timeout=None, input=None, check=False,
+               **_capture) -> subprocess.CompletedProcess:
+    """subprocess.run([sys.executable, …], capture_output=True, text=True) for a Python script, `-c code` or `-m
+    module`, forked from a server that has torch and gpfq imported. Returns CompletedProcess(args, returncode,
+    stdout, stderr); raises subprocess.TimeoutExpired after `timeout` seconds (the run is killed)."""
+    if input is not None:
+        raise ValueError("run_python: stdin is /dev/null; a run that reads stdin needs subprocess.run")
+    command = [str(c) for c in command]
+    if command[0] != sys.executable:
+        raise ValueError(f"run_python runs {sys.executable} only, not {command[0]}")
+    env = dict(os.environ if env is None else env)
+    _check_supported(command[1:], env)
+    server_env = dict(_START_ENV, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), _START_ENV.get("PYTHONPATH", "")]))
+    server = _started_server(server_env)
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        out.touch()
+        err.touch()
+        request = {"argv": command[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(out),
+                   "stderr": str(err)}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        pid = json.loads(server.stdout.readline())["pid"]
+        killed = []
+        timer = threading.Timer(timeout, lambda: killed.append(os.kill(pid, 9))) if timeout else None
+        if timer:
+            timer.start()
+        returncode = json.loads(server.stdout.readline())["returncode"]
+        if timer:
+            timer.cancel()
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    if killed:
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+    done = subprocess.CompletedProcess(command, returncode, stdout, stderr)
+    if check:
+        done.check_returncode()
+    return done
+
+
+BASE_PATH = [p for p in sys.path[1:] if p and Path(p).resolve() not in (REPO_ROOT, TESTS_DIR)]
+
+if __name__ == "__main__":
+    serve()

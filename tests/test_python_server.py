@@ -1,0 +1,42 @@
+"""helpers.run_python, which most script tests run through, against a real interpreter: the same stdout, stderr and
+exit status, fresh random seeds in every run, and the timeout of subprocess.run."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import python_env
+from gpfq.paths import REPO_ROOT
+from helpers import run_python
+
+SCRIPT = str(REPO_ROOT / "quantization_scripts" / "quantize.py")
+CASES = {  # what a user meets: a bad option, a known error, a crash, exit with a message, a clean exit
+    "bad option": [SCRIPT, "--bitz", "4"],
+    "bad value": [SCRIPT, "--bits", "0", "--log_dir", "{tmp}/logs", "--model_dir", "{tmp}/models"],
+    "crash": ["-c", "import sys; print(sys.argv[1:], 'out'); print('err', file=sys.stderr); [].pop()", "a", "b"],
+    "exit text": ["-c", "import sys; sys.exit('bye')"],
+    "exit 3": ["-c", "import atexit, sys; atexit.register(print, 'at exit'); sys.exit(3)"],
+    "script crash": ["{tmp}/boom.py", "x"],  # a script's own frames, from its first line
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_forked_run_is_what_a_real_interpreter_gives(case, tmp_path):
+    (tmp_path / "boom.py").write_text("import sys\n\ndef f(x):\n    return {}[x]\n\nf(sys.argv[1])\n")
+    command = [sys.executable] + [arg.replace("{tmp}", str(tmp_path)) for arg in CASES[case]]
+    real = subprocess.run(command, cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    forked = run_python(command, cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode != 0 and real.stdout + real.stderr  # each case says something and fails
+
+
+def test_each_run_draws_fresh_random_seeds():
+    code = "import random, numpy, torch; print(torch.initial_seed(), random.random(), numpy.random.random())"
+    first, second = [run_python([sys.executable, "-c", code], env=python_env()).stdout.split() for _ in range(2)]
+    assert len(first) == 3 and all(a != b for a, b in zip(first, second)), (first, second)
+
+
+def test_a_run_past_its_timeout_is_killed():
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python([sys.executable, "-c", "import time; time.sleep(60)"], env=python_env(), timeout=1)
+    assert run_python([sys.executable, "-c", "print(1)"], env=python_env()).stdout == "1\n"  # the server goes on
