@@ -198,3 +198,27 @@ def reuse_settings(record: dict, header: dict) -> tuple:
     from gpfq.runner.adhoc import SAVED_KEYS
     same = {k: header[k] for k in SAVED_KEYS if k in header}
     return {k: record["hyperparameters"][k] for k in same}, same
+
+
+# ---------------------------------------------------------------- one layer and the scripts' parts, seen from outside
+# (issue 32, step 6, part A: what gpfq.quantize_layer and the scripts' command lines do not expose)
+
+def layer_input_rows(layer, analog_inputs, quantized_inputs, retain_rate: float, generator, patch_stride="kernel"):
+    """(X, X̃): the rows (m·patches, G·N0) gpfq quantizes `layer` from, given its inputs in the float and the
+    partly quantized network (a convolution's patches: the same retain_rate share of each image's, for both)."""
+    from gpfq.pipeline.rows import layer_rows
+    return layer_rows(layer, analog_inputs, quantized_inputs, retain_rate, generator, patch_stride)
+
+
+def quantized_layer(layer, analog_rows, quantized_rows, config) -> tuple:
+    """What gpfq makes of one layer (grouped convolutions included, which gpfq.quantize_layer does not take) from
+    its rows (m, G·N0): (weight, Q, X, X̃ per group (G, N1, N0) and (G, m, N0), alphabet, radius)."""
+    from gpfq.pipeline.network import quantize_layer
+    return quantize_layer(layer, analog_rows, quantized_rows, config)
+
+
+def layer_form(config, rows: int, inputs: int, neurons: int, groups: int) -> str:
+    """How gpfq computes a layer of G groups of (N1 = neurons, N0 = inputs) from m = rows rows under `config`, as
+    its LayerReport.form says: 'residual', 'gram', 'columns' or the method's name."""
+    from gpfq.pipeline.calibrator import layer_form as form
+    return form(config, rows, inputs, neurons, groups)
