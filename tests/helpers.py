@@ -222,3 +222,19 @@ def layer_form(config, rows: int, inputs: int, neurons: int, groups: int) -> str
     its LayerReport.form says: 'residual', 'gram', 'columns' or the method's name."""
     from gpfq.pipeline.calibrator import layer_form as form
     return form(config, rows, inputs, neurons, groups)
+
+
+def theory_errors(m: int, n0_values, trials: int, neurons: int, seed: int, methods, bits: int) -> dict:
+    """{method: {N0: mean over trials of ‖XWᵀ − XQᵀ‖²/‖XWᵀ‖²}} on one Gaussian layer (X̃ = X, the gpfq2022
+    alphabet), as experiments/theory.py measures and plots it (docs/theory.md)."""
+    from gpfq.runner.theory import TheoryAlphabet, gaussian_layer_errors, mean_errors
+    rows = gaussian_layer_errors(m, n0_values, trials=trials, neurons=neurons, seed=seed, methods=methods,
+                                 alphabet=TheoryAlphabet(bits=bits))
+    return {method: mean_errors(rows, method) for method in methods}
+
+
+def theory_slope(errors: dict, low: float = float("-inf"), high: float = float("inf")) -> float:
+    """The slope experiments/theory.py fits to {N0: error}: least squares of log(error) on log(N0), N0 in
+    [low, high]."""
+    from gpfq.runner.theory import fitted_slope
+    return fitted_slope(errors, low, high)
