@@ -238,3 +238,17 @@ def theory_slope(errors: dict, low: float = float("-inf"), high: float = float("
     [low, high]."""
     from gpfq.runner.theory import fitted_slope
     return fitted_slope(errors, low, high)
+
+
+def layer_order(model, example) -> list:
+    """The names of the layers gpfq quantizes in `model` (its LayerReports' names), in the order it quantizes them:
+    the order in which one forward pass on `example` first uses them."""
+    from gpfq.pipeline.discovery import layers_in_execution_order
+    return layers_in_execution_order(model, example)
+
+
+def batchnorm_folded(model) -> tuple:
+    """(a copy of `model`, eval mode, with every foldable BatchNorm folded into its layer, [(layer name, norm name)]
+    folded): what gpfq quantizes with QuantConfig(fold_batchnorm=True)."""
+    from gpfq.pipeline.folding import fold_batchnorm
+    return fold_batchnorm(model)
