@@ -252,3 +252,136 @@ def batchnorm_folded(model) -> tuple:
     folded): what gpfq quantizes with QuantConfig(fold_batchnorm=True)."""
     from gpfq.pipeline.folding import fold_batchnorm
     return fold_batchnorm(model)
+
+
+def script_points(folder: str, *argv, header=None) -> list:
+    """The grid points the script of `folder` runs for `argv`, its own grid axes (e.g. the retraining's retrain_lr)
+    expanded too: one flat settings dict each, in the order the script runs them. header: a HEADER dict of one's
+    own in place of the folder's."""
+    from gpfq.runner.header import expand_grid
+    return expand_grid(script_settings(folder if header is None else header, *argv), _variant(folder).grid_keys)
+
+
+def check_options(folder: str, point: dict) -> None:
+    """Check a grid point's values of the keys the script of `folder` adds (e.g. retrain_lr) as that script does
+    before any work: ValueError naming the first bad one."""
+    _variant(folder).options(point)
+
+
+def watching_layers(watch):
+    """A context manager: while open, every gpfq.quantize (a script's too) calls watch(step) with each layer's
+    LayerStep the moment that layer is quantized, before the caller's own after_layer (a script's fine-tuning)."""
+    import contextlib
+    import dataclasses
+    from gpfq.pipeline import network
+
+    real = network.quantize_network
+
+    def watched(model, stream, layer_config, calibration, hooks=network.Hooks(), *args, **kwargs):
+        own = hooks.after_layer
+
+        def after_layer(step):
+            watch(step)
+            if own is not None:
+                own(step)
+        return real(model, stream, layer_config, calibration, dataclasses.replace(hooks, after_layer=after_layer),
+                    *args, **kwargs)
+
+    @contextlib.contextmanager
+    def swapped():
+        network.quantize_network = watched  # the documented seam (docs/api.md, "Seams")
+        try:
+            yield
+        finally:
+            network.quantize_network = real
+    return swapped()
+
+
+def retraining_freeze(layer) -> None:
+    """Take `layer` out of the retraining script's later fine-tuning, as it does with each layer once quantized:
+    the parameters of the module that holds its weight, not those of its submodules."""
+    from gpfq.runner.retrain import freeze
+    freeze(layer)
+
+
+def retraining_fine_tune(model, dataset, indices, settings: dict, generator) -> tuple:
+    """One fine-tuning of the retraining script on `dataset[indices]`, with its header keys `settings` (retrain_lr,
+    retrain_batchnorm, …): Adam on the parameters that require grad; (mean loss of the last epoch, optimizer
+    steps). The model is left in eval mode."""
+    from gpfq.runner.retrain import fine_tune, parse_options
+    return fine_tune(model, dataset, indices, parse_options(settings), generator)
+
+
+def script_log_columns(log_name: str) -> list:
+    """The columns of the script log called `log_name` (e.g. "Quantization_Log_Skip.csv"), in the order of its
+    header line."""
+    from gpfq.runner.procedures import LOG_COLUMNS
+    return list(LOG_COLUMNS[log_name])
+
+
+def layer_input(model, name: str, images):
+    """The input layer `name` of `model` takes when the model runs on `images` (what gpfq makes its rows from)."""
+    from gpfq.pipeline.capture import capture_input
+    return capture_input(model, name, images)
+
+
+def bias_correction(analog_model, quantized_model, name: str, batches, log=print):
+    """Correct the bias of layer `name` of `quantized_model` in place as the ad hoc script does (a layer without one
+    gets one): add the mean over `batches` of the float layer's output minus the quantized one's, per channel.
+    Returns that correction (C_out,)."""
+    from gpfq.runner.adhoc import correct_bias
+    return correct_bias(analog_model, quantized_model, name, batches, log=log)
+
+
+def bias_batches(context):
+    """The seeded stream the ad hoc script draws a point's bias-correction batches from (point_context): draw(m)
+    gives the next m images, in chunks."""
+    from gpfq.runner.adhoc import bias_stream
+    return bias_stream(context)
+
+
+def bias_correctable_layers(model, names: list, example) -> set:
+    """Those of the layers `names` whose bias the ad hoc script can correct: the Linear and convolution modules
+    that a forward pass on `example` calls."""
+    from gpfq.runner.adhoc import correctable_layers
+    return correctable_layers(model, names, example)
+
+
+def adhoc_point(point: dict) -> dict:
+    """The point the ad hoc script runs for `point`: with saved_model, the quantization settings taken from that
+    model's JSON record (ValueError when it or its record is missing, or with skip_layers or bits_map)."""
+    from gpfq.runner.adhoc import resolve_point
+    return resolve_point(point)
+
+
+def adhoc_bits(layer_names: list, bits_map: dict, bits: int) -> dict:
+    """{layer: bits} the ad hoc script gives each layer for a bits_map (index or name pattern: bits; the last
+    entry that matches wins, else `bits`); ValueError for an entry that matches no layer."""
+    from gpfq.runner.adhoc import bits_per_layer
+    return bits_per_layer(layer_names, bits_map, bits)
+
+
+def _adhoc_typed_point(options: dict, fields: dict):
+    """The runner's parsed point of the default model and data with ad hoc `options` (unchecked) and
+    QuantConfig(**fields)."""
+    from gpfq.config import QuantConfig
+    from gpfq.runner.adhoc import AdhocOptions
+    from gpfq.runner.run_config import Point, RunConfig
+    return Point(QuantConfig(**fields), RunConfig("fashion_resnet", "fashion_mnist", options=AdhocOptions(**options)))
+
+
+def adhoc_logs(options: dict, **fields) -> list:
+    """The logs (file names) the ad hoc script writes a point's row to, for its ad hoc keys `options`
+    (bias_correction, bias_batch_size, skip_layers, bits_map) and QuantConfig(**fields)."""
+    from gpfq.runner.adhoc import ADHOC
+    return ADHOC.log_names_of(_adhoc_typed_point(options, fields))
+
+
+def check_adhoc_model(options: dict, model, example, **fields) -> None:
+    """Check, as the ad hoc script does once the model is loaded and before any point starts, that a point (its ad
+    hoc keys `options`, QuantConfig(**fields)) fits `model` (example: one input (1, …); 1000 images of calibration
+    and evaluation data): ValueError saying why not."""
+    from gpfq.runner.adhoc import validate_model
+    from gpfq.runner.experiment import ModelFacts
+    facts = ModelFacts(layer_order(model, example), model, 1000, 1000, example)
+    validate_model(_adhoc_typed_point(options, fields), facts)
