@@ -94,9 +94,12 @@ def script_header(folder: str) -> dict:
 
 def run_script(header, *argv) -> list:
     """Run a script in this process as `python <folder>/quantize.py argv…` runs it: `header` is the folder's name
-    (its own HEADER) or a HEADER dict of one's own. Returns the rows it logged, one dict per grid point."""
+    (its own HEADER, run by its own variant: ad hoc, retraining) or a HEADER dict of one's own (run as the plain
+    script runs it). Returns the rows it logged, one dict per grid point."""
     from gpfq.runner.experiment import main
-    return main(script_header(header) if isinstance(header, str) else header, list(argv))
+    if isinstance(header, str):
+        return main(script_header(header), list(argv), _variant(header))
+    return main(header, list(argv))
 
 
 def logged_rows(path) -> list:
@@ -385,3 +388,20 @@ def check_adhoc_model(options: dict, model, example, **fields) -> None:
     from gpfq.runner.experiment import ModelFacts
     facts = ModelFacts(layer_order(model, example), model, 1000, 1000, example)
     validate_model(_adhoc_typed_point(options, fields), facts)
+
+
+def refuse_quantization(monkeypatch) -> None:
+    """From here to the end of the test, any quantization that starts (gpfq.quantize, a script's) fails with an
+    AssertionError: to show that bad input is reported before any work."""
+    from gpfq.pipeline import network
+
+    def started(*args, **kwargs):
+        raise AssertionError("quantization started before the bad input was reported")
+    monkeypatch.setattr(network, "quantize_network", started)  # the documented seam (docs/api.md, "Seams")
+
+
+def export_beside_model(model_file, log=print):
+    """What a script's --export_onnx does with the model file it saved: <stem>.onnx beside it (and <stem>.int8.onnx,
+    the QDQ graph, for an act_bits 8 run), its lines to `log`; returns the .onnx path, or None if the export failed."""
+    from gpfq.runner.deploy import export_beside
+    return export_beside(model_file, log)
