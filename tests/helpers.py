@@ -405,3 +405,105 @@ def export_beside_model(model_file, log=print):
     the QDQ graph, for an act_bits 8 run), its lines to `log`; returns the .onnx path, or None if the export failed."""
     from gpfq.runner.deploy import export_beside
     return export_beside(model_file, log)
+
+
+def run_keys() -> set:
+    """The settings of how a script runs rather than how it quantizes (model, data, weights, folders, execution)."""
+    from gpfq.runner.header import RUN_KEYS
+    return set(RUN_KEYS)
+
+
+def run_settings(point: dict) -> dict:
+    """{name: value} of the run settings the runner parses a grid point into (its RunConfig, field by field)."""
+    import dataclasses
+    from gpfq.runner.header import parse_point
+    run = parse_point(point)[1]
+    return {item.name: getattr(run, item.name) for item in dataclasses.fields(run)}
+
+
+def script_own_keys(folder: str) -> set:
+    """The settings only the script of `folder` takes (the ad hoc or retraining options; none for the plain one)."""
+    return set(_variant(folder).header_keys)
+
+
+def point_config(point: dict):
+    """The QuantConfig a script quantizes a grid point with."""
+    from gpfq.runner.header import quant_config
+    return quant_config(point)
+
+
+def point_log_values(point: dict) -> dict:
+    """{log column: value} a grid point's row gets from its settings (model, data, the QuantConfig, weights, eval
+    subset), in the order of the log; with the script's own options, they identify the point (resume)."""
+    from gpfq.runner.header import parse_point, point_columns
+    return point_columns(parse_point(point))
+
+
+def run_columns() -> set:
+    """The log columns that record run settings (model, data, weights, author) rather than QuantConfig fields."""
+    from gpfq.runner.header import RUN_COLUMNS
+    return set(RUN_COLUMNS.values())
+
+
+def script_logs(folder: str = None) -> dict:
+    """{log file name: its columns, in header order} of the logs the script of `folder` writes (default: every
+    script's)."""
+    if folder is None:
+        from gpfq.runner.procedures import LOG_COLUMNS
+        return {name: list(columns) for name, columns in LOG_COLUMNS.items()}
+    return {name: list(columns) for name, columns in _variant(folder).logs.items()}
+
+
+def filled_columns(folder: str) -> set:
+    """The log columns a row of the script of `folder` fills from its default grid point's settings: the point's
+    (point_log_values) and those of the script's own options."""
+    from gpfq.runner.header import parse_point, point_columns
+    variant = _variant(folder)
+    point = parse_point(script_points(folder)[0], variant.options)
+    return set(point_columns(point)) | set(variant.own_columns(point))
+
+
+def script_result_columns(folder: str) -> set:
+    """The columns of the script of `folder`'s logs that record what a run measured (result_columns(), and the
+    script's own, e.g. the retraining's Retrain Seconds)."""
+    return result_columns() | set(_variant(folder).result_columns)
+
+
+def grid_axes() -> tuple:
+    """The settings a script's grid expands (a list value of any other is one value), in the order that fixes the
+    order of its points: itertools.product's, the last axis varying fastest."""
+    from gpfq.runner.header import GRID_KEYS
+    return tuple(GRID_KEYS)
+
+
+def grid_notes(header, *argv) -> tuple:
+    """(the grid points as grid_points gives them, the notes the script prints about its grid, e.g. on repeated
+    values)."""
+    from gpfq.runner.header import expand_grid
+    notes = []
+    return expand_grid(script_settings(header, *argv), say=notes.append), notes
+
+
+def points_run(header, *argv) -> list:
+    """The QuantConfig of each grid point a script runs for `argv` (header as in run_script), in order, with the
+    work of each point left out (its row is empty); what the script prints goes to stdout as it does."""
+    import pytest
+    from gpfq.runner import experiment
+    configs = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "run_point", lambda point, *args, **kwargs: configs.append(point.config) or {})
+        run_script(header, *argv)
+    return configs
+
+
+def header_help(script) -> dict:
+    """{key: its comment} that a script's --help shows, read from the header of the script file at `script`
+    (a comment's continuation lines joined)."""
+    from gpfq.runner.header import header_comments
+    return header_comments(script)
+
+
+def common_help() -> dict:
+    """{key: its help} of the keys every script takes beside its header's (resume, debug, …)."""
+    from gpfq.runner.header import COMMON_HELP
+    return dict(COMMON_HELP)
