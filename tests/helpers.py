@@ -204,7 +204,9 @@ def reuse_settings(record: dict, header: dict) -> tuple:
 
 
 # ---------------------------------------------------------------- one layer and the scripts' parts, seen from outside
-# (issue 32, step 6, part A: what gpfq.quantize_layer and the scripts' command lines do not expose)
+# What gpfq.quantize_layer and the scripts' command lines do not expose: grouped layers and their rows, and what a
+# script does with one grid point, one log or one model file. Like the functions above, they reach gpfq.pipeline or
+# gpfq.runner only inside their bodies.
 
 def layer_input_rows(layer, analog_inputs, quantized_inputs, retain_rate: float, generator, patch_stride="kernel"):
     """(X, X̃): the rows (m·patches, G·N0) gpfq quantizes `layer` from, given its inputs in the float and the
