@@ -96,9 +96,12 @@ def script_header(folder: str) -> dict:
 
 def run_script(header, *argv) -> list:
     """Run a script in this process as `python <folder>/quantize.py argv…` runs it: `header` is the folder's name
-    (its own HEADER) or a HEADER dict of one's own. Returns the rows it logged, one dict per grid point."""
+    (its own HEADER, run by its own variant: ad hoc, retraining) or a HEADER dict of one's own (run as the plain
+    script runs it). Returns the rows it logged, one dict per grid point."""
     from gpfq.runner.experiment import main
-    return main(script_header(header) if isinstance(header, str) else header, list(argv))
+    if isinstance(header, str):
+        return main(script_header(header), list(argv), _variant(header))
+    return main(header, list(argv))
 
 
 def logged_rows(path) -> list:
@@ -200,3 +203,311 @@ def reuse_settings(record: dict, header: dict) -> tuple:
     from gpfq.runner.adhoc import SAVED_KEYS
     same = {k: header[k] for k in SAVED_KEYS if k in header}
     return {k: record["hyperparameters"][k] for k in same}, same
+
+
+# ---------------------------------------------------------------- one layer and the scripts' parts, seen from outside
+# What gpfq.quantize_layer and the scripts' command lines do not expose: grouped layers and their rows, and what a
+# script does with one grid point, one log or one model file. Like the functions above, they reach gpfq.pipeline or
+# gpfq.runner only inside their bodies.
+
+def layer_input_rows(layer, analog_inputs, quantized_inputs, retain_rate: float, generator, patch_stride="kernel"):
+    """(X, X̃): the rows (m·patches, G·N0) gpfq quantizes `layer` from, given its inputs in the float and the
+    partly quantized network (a convolution's patches: the same retain_rate share of each image's, for both)."""
+    from gpfq.pipeline.rows import layer_rows
+    return layer_rows(layer, analog_inputs, quantized_inputs, retain_rate, generator, patch_stride)
+
+
+def quantized_layer(layer, analog_rows, quantized_rows, config) -> tuple:
+    """What gpfq makes of one layer (grouped convolutions included, which gpfq.quantize_layer does not take) from
+    its rows (m, G·N0): (weight, Q, X, X̃ per group (G, N1, N0) and (G, m, N0), alphabet, radius)."""
+    from gpfq.pipeline.network import quantize_layer
+    return quantize_layer(layer, analog_rows, quantized_rows, config)
+
+
+def layer_form(config, rows: int, inputs: int, neurons: int, groups: int) -> str:
+    """How gpfq computes a layer of G groups of (N1 = neurons, N0 = inputs) from m = rows rows under `config`, as
+    its LayerReport.form says: 'residual', 'gram', 'columns' or the method's name."""
+    from gpfq.pipeline.calibrator import layer_form as form
+    return form(config, rows, inputs, neurons, groups)
+
+
+def theory_errors(m: int, n0_values, trials: int, neurons: int, seed: int, methods, bits: int) -> dict:
+    """{method: {N0: mean over trials of ‖XWᵀ − XQᵀ‖²/‖XWᵀ‖²}} on one Gaussian layer (X̃ = X, the gpfq2022
+    alphabet), as experiments/theory.py measures and plots it (docs/theory.md)."""
+    from gpfq.runner.theory import TheoryAlphabet, gaussian_layer_errors, mean_errors
+    rows = gaussian_layer_errors(m, n0_values, trials=trials, neurons=neurons, seed=seed, methods=methods,
+                                 alphabet=TheoryAlphabet(bits=bits))
+    return {method: mean_errors(rows, method) for method in methods}
+
+
+def theory_slope(errors: dict, low: float = float("-inf"), high: float = float("inf")) -> float:
+    """The slope experiments/theory.py fits to {N0: error}: least squares of log(error) on log(N0), N0 in
+    [low, high]."""
+    from gpfq.runner.theory import fitted_slope
+    return fitted_slope(errors, low, high)
+
+
+def layer_order(model, example) -> list:
+    """The names of the layers gpfq quantizes in `model` (its LayerReports' names), in the order it quantizes them:
+    the order in which one forward pass on `example` first uses them."""
+    from gpfq.pipeline.discovery import layers_in_execution_order
+    return layers_in_execution_order(model, example)
+
+
+def batchnorm_folded(model) -> tuple:
+    """(a copy of `model`, eval mode, with every foldable BatchNorm folded into its layer, [(layer name, norm name)]
+    folded): what gpfq quantizes with QuantConfig(fold_batchnorm=True)."""
+    from gpfq.pipeline.folding import fold_batchnorm
+    return fold_batchnorm(model)
+
+
+def script_points(folder: str, *argv, header=None) -> list:
+    """The grid points the script of `folder` runs for `argv`, its own grid axes (e.g. the retraining's retrain_lr)
+    expanded too: one flat settings dict each, in the order the script runs them. header: a HEADER dict of one's
+    own in place of the folder's."""
+    from gpfq.runner.header import expand_grid
+    return expand_grid(script_settings(folder if header is None else header, *argv), _variant(folder).grid_keys)
+
+
+def check_options(folder: str, point: dict) -> None:
+    """Check a grid point's values of the keys the script of `folder` adds (e.g. retrain_lr) as that script does
+    before any work: ValueError naming the first bad one."""
+    _variant(folder).options(point)
+
+
+def watching_layers(watch):
+    """A context manager: while open, every gpfq.quantize (a script's too) calls watch(step) with each layer's
+    LayerStep the moment that layer is quantized, before the caller's own after_layer (a script's fine-tuning)."""
+    import contextlib
+    import dataclasses
+    from gpfq.pipeline import network
+
+    real = network.quantize_network
+
+    def watched(model, stream, layer_config, calibration, hooks=network.Hooks(), *args, **kwargs):
+        own = hooks.after_layer
+
+        def after_layer(step):
+            watch(step)
+            if own is not None:
+                own(step)
+        return real(model, stream, layer_config, calibration, dataclasses.replace(hooks, after_layer=after_layer),
+                    *args, **kwargs)
+
+    @contextlib.contextmanager
+    def swapped():
+        network.quantize_network = watched  # the documented seam (docs/api.md, "Seams")
+        try:
+            yield
+        finally:
+            network.quantize_network = real
+    return swapped()
+
+
+def retraining_freeze(layer) -> None:
+    """Take `layer` out of the retraining script's later fine-tuning, as it does with each layer once quantized:
+    the parameters of the module that holds its weight, not those of its submodules."""
+    from gpfq.runner.retrain import freeze
+    freeze(layer)
+
+
+def retraining_fine_tune(model, dataset, indices, settings: dict, generator) -> tuple:
+    """One fine-tuning of the retraining script on `dataset[indices]`, with its header keys `settings` (retrain_lr,
+    retrain_batchnorm, …): Adam on the parameters that require grad; (mean loss of the last epoch, optimizer
+    steps). The model is left in eval mode."""
+    from gpfq.runner.retrain import fine_tune, parse_options
+    return fine_tune(model, dataset, indices, parse_options(settings), generator)
+
+
+def script_log_columns(log_name: str) -> list:
+    """The columns of the script log called `log_name` (e.g. "Quantization_Log_Skip.csv"), in the order of its
+    header line."""
+    from gpfq.runner.procedures import LOG_COLUMNS
+    return list(LOG_COLUMNS[log_name])
+
+
+def layer_input(model, name: str, images):
+    """The input layer `name` of `model` takes when the model runs on `images` (what gpfq makes its rows from)."""
+    from gpfq.pipeline.capture import capture_input
+    return capture_input(model, name, images)
+
+
+def bias_correction(analog_model, quantized_model, name: str, batches, log=print):
+    """Correct the bias of layer `name` of `quantized_model` in place as the ad hoc script does (a layer without one
+    gets one): add the mean over `batches` of the float layer's output minus the quantized one's, per channel.
+    Returns that correction (C_out,)."""
+    from gpfq.runner.adhoc import correct_bias
+    return correct_bias(analog_model, quantized_model, name, batches, log=log)
+
+
+def bias_batches(context):
+    """The seeded stream the ad hoc script draws a point's bias-correction batches from (point_context): draw(m)
+    gives the next m images, in chunks."""
+    from gpfq.runner.adhoc import bias_stream
+    return bias_stream(context)
+
+
+def bias_correctable_layers(model, names: list, example) -> set:
+    """Those of the layers `names` whose bias the ad hoc script can correct: the Linear and convolution modules
+    that a forward pass on `example` calls."""
+    from gpfq.runner.adhoc import correctable_layers
+    return correctable_layers(model, names, example)
+
+
+def adhoc_point(point: dict) -> dict:
+    """The point the ad hoc script runs for `point`: with saved_model, the quantization settings taken from that
+    model's JSON record (ValueError when it or its record is missing, or with skip_layers or bits_map)."""
+    from gpfq.runner.adhoc import resolve_point
+    return resolve_point(point)
+
+
+def adhoc_bits(layer_names: list, bits_map: dict, bits: int) -> dict:
+    """{layer: bits} the ad hoc script gives each layer for a bits_map (index or name pattern: bits; the last
+    entry that matches wins, else `bits`); ValueError for an entry that matches no layer."""
+    from gpfq.runner.adhoc import bits_per_layer
+    return bits_per_layer(layer_names, bits_map, bits)
+
+
+def _adhoc_typed_point(options: dict, fields: dict):
+    """The runner's parsed point of the default model and data with ad hoc `options` (unchecked) and
+    QuantConfig(**fields)."""
+    from gpfq.config import QuantConfig
+    from gpfq.runner.adhoc import AdhocOptions
+    from gpfq.runner.run_config import Point, RunConfig
+    return Point(QuantConfig(**fields), RunConfig("fashion_resnet", "fashion_mnist", options=AdhocOptions(**options)))
+
+
+def adhoc_logs(options: dict, **fields) -> list:
+    """The logs (file names) the ad hoc script writes a point's row to, for its ad hoc keys `options`
+    (bias_correction, bias_batch_size, skip_layers, bits_map) and QuantConfig(**fields)."""
+    from gpfq.runner.adhoc import ADHOC
+    return ADHOC.log_names_of(_adhoc_typed_point(options, fields))
+
+
+def check_adhoc_model(options: dict, model, example, **fields) -> None:
+    """Check, as the ad hoc script does once the model is loaded and before any point starts, that a point (its ad
+    hoc keys `options`, QuantConfig(**fields)) fits `model` (example: one input (1, …); 1000 images of calibration
+    and evaluation data): ValueError saying why not."""
+    from gpfq.runner.adhoc import validate_model
+    from gpfq.runner.experiment import ModelFacts
+    facts = ModelFacts(layer_order(model, example), model, 1000, 1000, example)
+    validate_model(_adhoc_typed_point(options, fields), facts)
+
+
+def refuse_quantization(monkeypatch) -> None:
+    """From here to the end of the test, any quantization that starts (gpfq.quantize, a script's) fails with an
+    AssertionError: to show that bad input is reported before any work."""
+    from gpfq.pipeline import network
+
+    def started(*args, **kwargs):
+        raise AssertionError("quantization started before the bad input was reported")
+    monkeypatch.setattr(network, "quantize_network", started)  # the documented seam (docs/api.md, "Seams")
+
+
+def export_beside_model(model_file, log=print):
+    """What a script's --export_onnx does with the model file it saved: <stem>.onnx beside it (and <stem>.int8.onnx,
+    the QDQ graph, for an act_bits 8 run), its lines to `log`; returns the .onnx path, or None if the export failed."""
+    from gpfq.runner.deploy import export_beside
+    return export_beside(model_file, log)
+
+
+def run_keys() -> set:
+    """The settings of how a script runs rather than how it quantizes (model, data, weights, folders, execution)."""
+    from gpfq.runner.header import RUN_KEYS
+    return set(RUN_KEYS)
+
+
+def run_settings(point: dict) -> dict:
+    """{name: value} of the run settings the runner parses a grid point into (its RunConfig, field by field)."""
+    import dataclasses
+    from gpfq.runner.header import parse_point
+    run = parse_point(point)[1]
+    return {item.name: getattr(run, item.name) for item in dataclasses.fields(run)}
+
+
+def script_own_keys(folder: str) -> set:
+    """The settings only the script of `folder` takes (the ad hoc or retraining options; none for the plain one)."""
+    return set(_variant(folder).header_keys)
+
+
+def point_config(point: dict):
+    """The QuantConfig a script quantizes a grid point with."""
+    from gpfq.runner.header import quant_config
+    return quant_config(point)
+
+
+def point_log_values(point: dict) -> dict:
+    """{log column: value} a grid point's row gets from its settings (model, data, the QuantConfig, weights, eval
+    subset), in the order of the log; with the script's own options, they identify the point (resume)."""
+    from gpfq.runner.header import parse_point, point_columns
+    return point_columns(parse_point(point))
+
+
+def run_columns() -> set:
+    """The log columns that record run settings (model, data, weights, author) rather than QuantConfig fields."""
+    from gpfq.runner.header import RUN_COLUMNS
+    return set(RUN_COLUMNS.values())
+
+
+def script_logs(folder: str = None) -> dict:
+    """{log file name: its columns, in header order} of the logs the script of `folder` writes (default: every
+    script's)."""
+    if folder is None:
+        from gpfq.runner.procedures import LOG_COLUMNS
+        return {name: list(columns) for name, columns in LOG_COLUMNS.items()}
+    return {name: list(columns) for name, columns in _variant(folder).logs.items()}
+
+
+def filled_columns(folder: str) -> set:
+    """The log columns a row of the script of `folder` fills from its default grid point's settings: the point's
+    (point_log_values) and those of the script's own options."""
+    from gpfq.runner.header import parse_point, point_columns
+    variant = _variant(folder)
+    point = parse_point(script_points(folder)[0], variant.options)
+    return set(point_columns(point)) | set(variant.own_columns(point))
+
+
+def script_result_columns(folder: str) -> set:
+    """The columns of the script of `folder`'s logs that record what a run measured (result_columns(), and the
+    script's own, e.g. the retraining's Retrain Seconds)."""
+    return result_columns() | set(_variant(folder).result_columns)
+
+
+def grid_axes() -> tuple:
+    """The settings a script's grid expands (a list value of any other is one value), in the order that fixes the
+    order of its points: itertools.product's, the last axis varying fastest."""
+    from gpfq.runner.header import GRID_KEYS
+    return tuple(GRID_KEYS)
+
+
+def grid_notes(header, *argv) -> tuple:
+    """(the grid points as grid_points gives them, the notes the script prints about its grid, e.g. on repeated
+    values)."""
+    from gpfq.runner.header import expand_grid
+    notes = []
+    return expand_grid(script_settings(header, *argv), say=notes.append), notes
+
+
+def points_run(header, *argv) -> list:
+    """The QuantConfig of each grid point a script runs for `argv` (header as in run_script), in order, with the
+    work of each point left out (its row is empty); what the script prints goes to stdout as it does."""
+    import pytest
+    from gpfq.runner import experiment
+    configs = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "run_point", lambda point, *args, **kwargs: configs.append(point.config) or {})
+        run_script(header, *argv)
+    return configs
+
+
+def header_help(script) -> dict:
+    """{key: its comment} that a script's --help shows, read from the header of the script file at `script`
+    (a comment's continuation lines joined)."""
+    from gpfq.runner.header import header_comments
+    return header_comments(script)
+
+
+def common_help() -> dict:
+    """{key: its help} of the keys every script takes beside its header's (resume, debug, …)."""
+    from gpfq.runner.header import COMMON_HELP
+    return dict(COMMON_HELP)

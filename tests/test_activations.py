@@ -7,8 +7,8 @@ from torch import nn
 
 import gpfq
 from gpfq.methods import METHODS
-from gpfq.pipeline import network
 from gpfq.errors import BadHyperparameterError
+from helpers import export_beside_model, refuse_quantization, run_script
 
 
 def tiny_mlp():
@@ -244,17 +244,13 @@ def test_int8_deployment_refuses_weights_beyond_int8_before_quantizing(tmp_path,
     from gpfq.methods.alphabet import make_alphabet
     assert int8_levels(make_alphabet("gpfq2022", 7, 1.3, 0.7)) is not None  # what the message offers exports
 
-    def started(*args, **kwargs):
-        raise AssertionError("quantization started before the bad input was reported")
-    monkeypatch.setattr(network, "quantize_network", started)
+    refuse_quantization(monkeypatch)
     with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # a per-layer choice too
         gpfq.quantize(tiny_mlp(), torch.randn(64, 8), gpfq.QuantConfig(act_bits=8, batch_size=64), layers={0: 8},
                       log=lambda line: None)
-    from conftest import script_header
-    from gpfq.runner.experiment import main
     with pytest.raises(BadHyperparameterError, match="at most 7 bits"):  # the scripts: one line, exit status 2
-        main(script_header("quantization_scripts"), ["--act_bits", "8", "--bits", "8", "--log_dir",
-                                                     str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+        run_script("quantization_scripts", "--act_bits", "8", "--bits", "8", "--log_dir", str(tmp_path / "logs"),
+                   "--model_dir", str(tmp_path / "models"))
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
 
 
@@ -283,7 +279,6 @@ def test_qdq_export_takes_a_model_file_and_checks_the_input_shape(tmp_path):
 
 def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path):
     """--export_onnx on an --act_bits 8 run: <stem>.onnx (weights as codes) and <stem>.int8.onnx (int8 kernels)."""
-    from gpfq.runner.deploy import export_beside
     (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3), "
                                      "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))\n")
     result = gpfq.quantize(conv_net(), torch.randn(64, 1, 8, 8), gpfq.QuantConfig(act_bits=8, batch_size=64),
@@ -291,17 +286,11 @@ def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path
     gpfq.save_quantized(result.model, result, tmp_path / "m.safetensors", model_name=f"{tmp_path / 'net.py'}:build",
                         input_shape=(1, 8, 8))
     lines = []
-    assert export_beside(tmp_path / "m.safetensors", lines.append) == tmp_path / "m.onnx"
+    assert export_beside_model(tmp_path / "m.safetensors", lines.append) == tmp_path / "m.onnx"
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.int8.onnx").is_file(), lines
     assert lines[-1].startswith(f"saved {tmp_path / 'm.int8.onnx'}: ") and lines[-1].endswith(
         " bytes (int8 weights, uint8 activations); ONNX Runtime's integer kernels: 1 QGemm, 2 QLinearConv; "
         "float ops: none")
-
-
-def _variant_main(folder):
-    from gpfq.runner import adhoc, experiment, retrain
-    variant = {"adhoc_quantization_scripts": adhoc.ADHOC, "retraining_scripts": retrain.RETRAIN}[folder]
-    return lambda header, argv: experiment.main(header, argv, variant)
 
 
 @pytest.mark.parametrize("folder, extra", [
@@ -310,7 +299,6 @@ def _variant_main(folder):
 def test_act_bits_runs_end_to_end_in_the_variants_and_exports_int8(tmp_path, folder, extra):
     """--act_bits 8 --export_qdq True in the ad hoc and retraining scripts: a row, and <stem>.int8.onnx on integer
     kernels only (every conv a QLinearConv, nothing left float)."""
-    from conftest import script_header
     lines = []
     argv = ["--batch_size", "64", "--num_threads", "1", "--eval_subset", "100", "--act_bits", "8", "--fold_batchnorm",
             "True", "--export_qdq", "True", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"),
@@ -319,7 +307,7 @@ def test_act_bits_runs_end_to_end_in_the_variants_and_exports_int8(tmp_path, fol
     real_write = tqdm.tqdm.write
     tqdm.tqdm.write = staticmethod(lambda line, *a, **k: lines.append(str(line)))
     try:
-        [row] = _variant_main(folder)(script_header(folder), argv)
+        [row] = run_script(folder, *argv)
     finally:
         tqdm.tqdm.write = real_write
     assert row["Act Bits"] == 8
@@ -359,13 +347,11 @@ def test_the_int8_model_has_the_torch_models_accuracy_on_the_test_set(tmp_path):
     """The deployed accuracy: ONNX Runtime's int8 model of a W4A8 GPFQ run, on the 10,000 test images, within 0.1
     point of the torch fake-quant model's top-1 that the row logged."""
     import importlib.util
-    from conftest import script_header
     from gpfq.io.data import evaluation_set
     from gpfq.paths import REPO_ROOT
-    from gpfq.runner.experiment import main
-    [row] = main(script_header("quantization_scripts"),
-                 ["--batch_size", "128", "--act_bits", "8", "--fold_batchnorm", "True", "--export_qdq", "True",
-                  "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    [row] = run_script("quantization_scripts", "--batch_size", "128", "--act_bits", "8", "--fold_batchnorm", "True",
+                       "--export_qdq", "True", "--log_dir", str(tmp_path / "logs"),
+                       "--model_dir", str(tmp_path / "models"))
     [exported] = list((tmp_path / "models").rglob("*.int8.onnx"))
     spec = importlib.util.spec_from_file_location("int8_accuracy", REPO_ROOT / "experiments" / "int8_accuracy.py")
     module = importlib.util.module_from_spec(spec)

@@ -6,18 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpfq.runner import adhoc
 from gpfq.methods.alphabet import make_alphabet
-from gpfq.pipeline.capture import capture_input
-from gpfq.runner.evaluate import evaluate
-from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
 from gpfq.io.models import load_saved_model
-from gpfq import QuantConfig
-from gpfq.runner.experiment import expand_grid, parse_overrides, parse_point
-from gpfq.runner.run_config import Point, RunConfig
-from gpfq.runner.logs import read_rows
-from gpfq.runner.procedures import LOG_COLUMNS
-from gpfq.runner.retrain import RETRAIN_LOG
+from helpers import (adhoc_bits, adhoc_logs, adhoc_point, bias_batches, bias_correctable_layers, bias_correction,
+                     check_adhoc_model, check_options, layer_input, layer_order, logged_rows, point_context,
+                     quantize_point, scored, script_log_columns, script_points)
+
+ADHOC = "adhoc_quantization_scripts"
+# the logs the scripts write (their file names, as docs/paper.md cites them)
+BIAS_LOG, SKIP_LOG = "Quantization_Log_Bias_Correct.csv", "Quantization_Log_Skip.csv"
+MIXED_LOG, RETRAIN_LOG = "Quantization_Log_Mixed_Precision.csv", "Quantization_Log_Retrain.csv"
 
 # fashion_resnet's weight tensors, counted by hand from its architecture (C_out · C_in · kh · kw):
 # a 3×3 stem 1→16, BasicBlocks 16→16, 16→32 (with a 1×1 downsample), 32→64 (with one), a 64→10 Linear.
@@ -51,23 +49,18 @@ def _channel_means(output, layer):
 def _gap_means(analog_model, quantized_model, name, images):
     """Per-channel mean of analog output − quantized output, from explicit parameters, in float64."""
     analog_layer, quantized_layer = analog_model.get_submodule(name), quantized_model.get_submodule(name)
-    analog = _full_output(analog_layer, capture_input(analog_model, name, images), analog_layer.weight,
+    analog = _full_output(analog_layer, layer_input(analog_model, name, images), analog_layer.weight,
                           analog_layer.bias)
-    quantized = _full_output(quantized_layer, capture_input(quantized_model, name, images), quantized_layer.weight,
+    quantized = _full_output(quantized_layer, layer_input(quantized_model, name, images), quantized_layer.weight,
                              quantized_layer.bias)
     return _channel_means(analog - quantized, analog_layer), analog.pow(2).mean().sqrt()
-
-
-def _typed_point(options, **fields) -> Point:
-    """A parsed point of the default model and data with ad hoc `options` and QuantConfig(**fields)."""
-    return Point(QuantConfig(**fields), RunConfig("fashion_resnet", "fashion_mnist", options=options))
 
 
 def _adhoc_context(make_context, **options):
     defaults = dict(bias_correction=None, bias_batch_size=256, skip_layers=None, bits_map={}, saved_model=None)
     point = dict(defaults, **options)
-    adhoc.parse_options(point)
-    return make_context(adhoc.parse_options, **point)
+    check_options(ADHOC, point)
+    return make_context(ADHOC, **point)
 
 
 def test_hand_count_matches_the_model(default_data):
@@ -88,12 +81,12 @@ def test_bias_correction_zeroes_mean_output_gap(plain_default, name):
     before, scale = _gap_means(analog_model, quantized_model, name, images)
     # the formula, without biases (equal in both models before the correction)
     with torch.no_grad():
-        X = capture_input(analog_model, name, images)
-        Xq = capture_input(quantized_model, name, images)
+        X = layer_input(analog_model, name, images)
+        Xq = layer_input(quantized_model, name, images)
         formula = _channel_means(_full_output(layer, X, analog_model.get_submodule(name).weight, None)
                                  - _full_output(layer, Xq, layer.weight, None), layer)
 
-    correction = adhoc.correct_bias(analog_model, quantized_model, name, [images[:128], images[128:]])
+    correction = bias_correction(analog_model, quantized_model, name, [images[:128], images[128:]])
 
     assert layer.bias is not None and had_bias == (name == "fc")  # the conv had no bias: it got one
     assert torch.allclose(correction, formula, rtol=1e-4, atol=1e-6 * float(scale))
@@ -108,7 +101,7 @@ def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, t
     context = _adhoc_context(make_context, batch_size=32, bias_correction="all", bias_batch_size=128,
                              skip_layers="first", bits_map={"stages.2.*": 4})
     float_model = context.analog_model
-    model, reports, extra = adhoc.quantize(context)
+    model, reports, extra = quantize_point(ADHOC, context)
 
     # the first layer is the float one, bit for bit; the second is quantized
     assert torch.equal(model.stem[0].weight, float_model.stem[0].weight)
@@ -120,7 +113,7 @@ def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, t
     assert extra["Average Bits"] == round(_hand_average_bits(bits_of), 4) == round(292736 / 77072, 4)
 
     # every quantized layer's output gap has mean 0 on its own bias-correction batch
-    stream = adhoc.bias_stream(context)
+    stream = bias_batches(context)
     for report in reports:
         images = torch.cat(stream.draw(128))
         gap, scale = _gap_means(float_model, model, report.name, images)
@@ -138,7 +131,7 @@ def test_first_layer_left_float_every_layer_corrected_mixed_bits(make_context, t
 def test_last_layer_left_float(make_context):
     context = _adhoc_context(make_context, batch_size=32, skip_layers="last")
     float_model = context.analog_model
-    model, reports, extra = adhoc.quantize(context)
+    model, reports, extra = quantize_point(ADHOC, context)
     assert torch.equal(model.fc.weight, float_model.fc.weight) and torch.equal(model.fc.bias, float_model.fc.bias)
     assert not torch.equal(model.stem[0].weight, float_model.stem[0].weight)
     assert "fc" not in [r.name for r in reports]
@@ -150,12 +143,12 @@ def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
     """Paper variant 2 on the saved plain model: last layer back to float, its bias corrected with X̃."""
     header = dict(plain_default["context"].run.header, bits=4, batch_size=64, saved_model=str(plain_default["path"]),
                   bias_correction="last_float", bias_batch_size=1024, skip_layers=None, bits_map={})
-    point = adhoc.resolve_point(header)
+    point = adhoc_point(header)
     assert point["bits"] == 3 and point["batch_size"] == plain_point["batch_size"] != 64  # from the sidecar
-    adhoc.parse_options(point)
-    context = copy.copy(plain_default["context"])
-    context.config, context.run = parse_point(point, adhoc.parse_options)
-    model, reports, extra = adhoc.quantize(context)
+    check_options(ADHOC, point)
+    plain = plain_default["context"]  # the plain point's data and float model, with the resolved point's settings
+    context = point_context(point, (plain.calibration, plain.evaluation, plain.analog_model), ADHOC)
+    model, reports, extra = quantize_point(ADHOC, context)
 
     float_model, plain = context.analog_model, plain_default["model"]
     assert torch.equal(model.fc.weight, float_model.fc.weight)
@@ -164,7 +157,7 @@ def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
         assert torch.equal(model.get_submodule(name).weight, plain.get_submodule(name).weight)
     assert [r.name for r in reports] == list(WEIGHTS_PER_LAYER)[:-1]
     assert extra["Source Model"] and extra["Bias Correction"] == "last_float"
-    top1, _ = evaluate(model, context.loader(), progress=False)
+    top1, _ = scored(model, context.loader())
     print(f"variant 2 top-1 {top1:.4f}, plain {plain_default['top1']:.4f}")
     assert top1 >= plain_default["top1"] - 0.003
 
@@ -172,14 +165,14 @@ def test_variant2_from_saved_model_keeps_accuracy(plain_default, plain_point):
 @pytest.mark.slow
 def test_mixed_precision_8_3_8_not_below_uniform_3_bits(make_context, plain_default):
     context = _adhoc_context(make_context, bits_map={0: 8, -1: 8})
-    model, reports, extra = adhoc.quantize(context)
+    model, reports, extra = quantize_point(ADHOC, context)
     bits_of = {n: 8 if n in ("stem.0", "fc") else 3 for n in WEIGHTS_PER_LAYER}
     assert {r.name: r.bits for r in reports} == bits_of
     assert extra["Average Bits"] == round(_hand_average_bits(bits_of), 4) == round(235136 / 77072, 4)
     stem = next(r for r in reports if r.name == "stem.0")
     alphabet = make_alphabet("gpfq2022", 8, 1.3, stem.radius, True).float()
     assert stem.levels == 2 ** 8 + 1 and torch.isin(model.stem[0].weight, alphabet).all()
-    top1, _ = evaluate(model, context.loader(), progress=False)
+    top1, _ = scored(model, context.loader())
     print(f"8/3/8 top-1 {top1:.4f}, uniform 3 bits {plain_default['top1']:.4f}")
     assert top1 >= plain_default["top1"]
 
@@ -190,31 +183,29 @@ def test_bad_adhoc_hyperparameters_fail_early(tmp_path):
                          (dict(skip_layers="middle"), "skip_layers"), (dict(bits_map={"fc": 0}), "bits_map"),
                          (dict(bits_map=[8]), "bits_map"), (dict(bias_correction=None), "no ad hoc option")]:
         with pytest.raises(ValueError, match=message):
-            adhoc.parse_options(dict(base, **bad))
+            check_options(ADHOC, dict(base, **bad))
     with pytest.raises(ValueError, match="match no layer"):
-        adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stage.*": 8}, 3)
-    assert adhoc.bits_per_layer(list(WEIGHTS_PER_LAYER), {"stages.*": 4, -1: 8, "stages.2.conv2": 2}, 3) == {
+        adhoc_bits(list(WEIGHTS_PER_LAYER), {"stage.*": 8}, 3)
+    assert adhoc_bits(list(WEIGHTS_PER_LAYER), {"stages.*": 4, -1: 8, "stages.2.conv2": 2}, 3) == {
         n: 8 if n == "fc" else 2 if n == "stages.2.conv2" else 4 if n.startswith("stages") else 3
         for n in WEIGHTS_PER_LAYER}
     with pytest.raises(ValueError, match="not found"):
-        adhoc.resolve_point(dict(base, saved_model=str(tmp_path / "missing.pt")))
+        adhoc_point(dict(base, saved_model=str(tmp_path / "missing.pt")))
     (tmp_path / "lonely.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="no JSON sidecar"):
-        adhoc.resolve_point(dict(base, saved_model=str(tmp_path / "lonely.pt")))
+        adhoc_point(dict(base, saved_model=str(tmp_path / "lonely.pt")))
     with pytest.raises(ValueError, match="only bias_correction"):
-        adhoc.resolve_point(dict(base, saved_model="x.pt", skip_layers="first"))
+        adhoc_point(dict(base, saved_model="x.pt", skip_layers="first"))
 
 
 def test_grid_logs_and_routing(tmp_path):
     header = dict(bits=[3], bias_correction="last", skip_layers=None, bits_map={})
-    config = parse_overrides(header, ["--bias_correction", "last", "all", "--bits_map", "{0: 8, 'fc': 8}",
-                                      "--skip_layers", "None", "first"])
-    points = expand_grid(config, adhoc.GRID_KEYS)
+    points = script_points(ADHOC, "--bias_correction", "last", "all", "--bits_map", "{0: 8, 'fc': 8}",
+                           "--skip_layers", "None", "first", header=header)
     assert len(points) == 4 and points[0]["bits_map"] == {0: 8, "fc": 8}
-    assert ADHOC.log_names_of(_typed_point(adhoc.AdhocOptions(
-        **{key: points[-1][key] for key in ("bias_correction", "skip_layers", "bits_map")}))) == [BIAS_LOG, SKIP_LOG,
-                                                                                                 MIXED_LOG]
-    assert ADHOC.log_names_of(_typed_point(adhoc.AdhocOptions(None, None, "last", {}))) == [SKIP_LOG]
+    assert adhoc_logs({key: points[-1][key] for key in ("bias_correction", "skip_layers", "bits_map")}) == [
+        BIAS_LOG, SKIP_LOG, MIXED_LOG]
+    assert adhoc_logs(dict(bias_correction=None, bias_batch_size=None, skip_layers="last", bits_map={})) == [SKIP_LOG]
 
     import importlib.util
     from gpfq.paths import REPO_ROOT
@@ -223,12 +214,13 @@ def test_grid_logs_and_routing(tmp_path):
     spec.loader.exec_module(init_logs)
     init_logs.main(tmp_path)
     for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG, RETRAIN_LOG):
-        assert (tmp_path / name).read_text().splitlines()[0].split(",") == LOG_COLUMNS[name]
-        assert read_rows(tmp_path / name) == []
-    bias = LOG_COLUMNS[BIAS_LOG]
+        assert (tmp_path / name).read_text().splitlines()[0].split(",") == script_log_columns(name)
+        assert logged_rows(tmp_path / name) == []
+    bias = script_log_columns(BIAS_LOG)
     assert bias[bias.index("Quantization Batch Size") + 1] == "Bias Correction Batch Size"
     # the three ad hoc logs hold the same columns, so one row fits each of them
-    assert set(LOG_COLUMNS[BIAS_LOG]) == set(LOG_COLUMNS[SKIP_LOG]) == set(LOG_COLUMNS[MIXED_LOG])
+    ad_hoc_columns = [set(script_log_columns(name)) for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG)]
+    assert ad_hoc_columns[0] == ad_hoc_columns[1] == ad_hoc_columns[2]
 
 
 # ---------------------------------------------------------------- layers that are not Linear/conv modules
@@ -252,13 +244,12 @@ class TinyAttention(nn.Module):
 
 
 def test_correctable_layers_are_the_called_linear_and_conv_modules():
-    from gpfq.pipeline.discovery import layers_in_execution_order
     torch.manual_seed(0)
     model = TinyAttention().eval()
     example = torch.randn(1, 1, 28, 28)
-    names = layers_in_execution_order(model, example)
+    names = layer_order(model, example)
     assert names == ["patch", "mix", "attention.in_proj_weight", "attention.out_proj", "head"]
-    assert adhoc.correctable_layers(model, names, example) == {"patch", "mix", "head"}
+    assert bias_correctable_layers(model, names, example) == {"patch", "mix", "head"}
 
 
 def test_bias_correction_of_a_conv1d_zeroes_its_mean_gap_per_channel():
@@ -270,7 +261,7 @@ def test_bias_correction_of_a_conv1d_zeroes_its_mean_gap_per_channel():
         for layer in (quantized[0], quantized[2]):
             layer.weight.copy_(layer.weight.round())
     images = torch.randn(32, 3, 11)
-    adhoc.correct_bias(analog, quantized, "2", [images], log=lambda message: None)
+    bias_correction(analog, quantized, "2", [images], log=lambda message: None)
     with torch.no_grad():
         gap = (analog(images) - quantized(images)).double().mean(dim=(0, 2))  # (5,): by hand
     assert quantized[2].bias.shape == (5,)
@@ -285,11 +276,11 @@ def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_
     model = TinyAttention().eval()
     calibration = torch.utils.data.TensorDataset(torch.randn(256, 1, 28, 28), torch.zeros(256, dtype=torch.long))
     messages = []
-    context = make_context(adhoc.parse_options, bias_correction="all", bias_batch_size=64, batch_size=64, skip_layers=None, bits_map={},
-                           saved_model=None, bits=4)
+    context = make_context(ADHOC, bias_correction="all", bias_batch_size=64, batch_size=64, skip_layers=None,
+                           bits_map={}, saved_model=None, bits=4)
     context = copy.copy(context)
     context.calibration, context.analog_model, context.log = calibration, model, messages.append
-    corrected, reports, _ = adhoc.quantize(context)
+    corrected, reports, _ = quantize_point(ADHOC, context)
     assert [r.name for r in reports] == ["patch", "mix", "attention.in_proj_weight", "attention.out_proj", "head"]
     assert any("2 of 5 layers are not Linear or convolution modules" in m and "attention.in_proj_weight, "
                "attention.out_proj" in m for m in messages)
@@ -300,16 +291,13 @@ def test_bias_correction_all_leaves_attention_biases_and_corrects_the_rest(make_
 
 
 def test_bias_correction_of_a_last_layer_that_is_no_module_is_refused_before_work():
-    from gpfq.pipeline.discovery import layers_in_execution_order
-    from gpfq.runner.experiment import ModelFacts
     torch.manual_seed(0)
     model = TinyAttention(head=False).eval()
     example = torch.randn(1, 1, 28, 28)
-    facts = ModelFacts(layers_in_execution_order(model, example), model, 1000, 1000, example)
-    def point(mode):
-        return _typed_point(adhoc.AdhocOptions(bias_correction=mode, bias_batch_size=64, bits_map={}), bits=4)
+    def options(mode):
+        return dict(bias_correction=mode, bias_batch_size=64, bits_map={})
     for mode in ("last", "last_float"):
         with pytest.raises(ValueError, match=f"bias_correction '{mode}' corrects the last layer's bias, and the last "
                                              f"layer, attention.out_proj, is not a Linear or convolution module"):
-            adhoc.validate_model(point(mode), facts)
-    adhoc.validate_model(point("all"), facts)  # 'all' corrects the layers it can
+            check_adhoc_model(options(mode), model, example, bits=4)
+    check_adhoc_model(options("all"), model, example, bits=4)  # 'all' corrects the layers it can

@@ -7,33 +7,30 @@ import pytest
 from conftest import script_header
 
 from gpfq import QuantConfig
-from gpfq.runner.adhoc import ADHOC
 from gpfq.config import CONFIG_COLUMNS, FIELDS, GRID_FIELDS
-from gpfq.runner.experiment import PLAIN
-from gpfq.runner.header import (COMMON_DEFAULTS, GRID_KEYS, RUN_COLUMNS, RUN_KEYS, expand_grid, parse_overrides,
-                                parse_point, point_columns, quant_config)
-from gpfq.runner.run_config import RunConfig
-from gpfq.runner.logs import RESULT_COLUMNS
-from gpfq.runner.procedures import LOG_COLUMNS
-from gpfq.runner.retrain import RETRAIN
 from gpfq.paths import REPO_ROOT
+from helpers import (common_help, filled_columns, grid_axes, grid_notes, grid_points, header_help, point_config,
+                     point_log_values, points_run, run_columns, run_keys, run_settings, script_logs, script_own_keys,
+                     script_result_columns, script_settings)
 
-SCRIPTS = {"quantization_scripts": PLAIN, "adhoc_quantization_scripts": ADHOC, "retraining_scripts": RETRAIN}
+SCRIPTS = ("quantization_scripts", "adhoc_quantization_scripts", "retraining_scripts")
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
 def test_every_header_key_is_a_field_a_run_key_or_the_procedures(folder):
     header = script_header(folder)
     assert set(FIELDS) <= set(header)  # every script can set every hyperparameter
-    assert set(header) | set(COMMON_DEFAULTS) == set(FIELDS) | set(RUN_KEYS) | set(SCRIPTS[folder].header_keys)
-    assert not set(FIELDS) & set(RUN_KEYS) and not set(FIELDS) & set(SCRIPTS[folder].header_keys)
-    assert set(RUN_KEYS) <= {item.name for item in dataclasses.fields(RunConfig)}  # a run key is a RunConfig field
+    # every key the script takes: its header's and those every script takes (script_settings holds both)
+    assert set(script_settings(folder)) == set(FIELDS) | run_keys() | script_own_keys(folder)
+    assert not set(FIELDS) & run_keys() and not set(FIELDS) & script_own_keys(folder)
+    # a run key is a field of the run settings the runner parses a point into
+    assert run_keys() <= set(run_settings(grid_points("quantization_scripts")[0]))
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
 def test_header_defaults_are_the_config_defaults(folder):
     header = script_header(folder)
-    config = quant_config(expand_grid(parse_overrides(header, []))[0])
+    config = point_config(grid_points(folder)[0])
     assert config == QuantConfig()
     for item in dataclasses.fields(QuantConfig):  # a grid axis's default is written as a one-value list
         value = header[item.name]
@@ -44,35 +41,33 @@ def test_header_defaults_are_the_config_defaults(folder):
 
 
 def test_log_columns_come_from_the_config_and_the_run_keys():
-    point = parse_point(expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0])
+    point = grid_points("quantization_scripts")[0]
     # the weights are a run key with a column: other weights make another point (resume)
-    assert list(point_columns(point)) == ["Model Name", "Dataset"] + list(CONFIG_COLUMNS) + ["Weights", "Eval Subset"]
-    assert {"Model Name", "Dataset", "Weights"} <= set(RUN_COLUMNS.values())
-    for name, columns in LOG_COLUMNS.items():
+    assert list(point_log_values(point)) == (["Model Name", "Dataset"] + list(CONFIG_COLUMNS)
+                                             + ["Weights", "Eval Subset"])
+    assert {"Model Name", "Dataset", "Weights"} <= run_columns()
+    for name, columns in script_logs().items():
         assert set(CONFIG_COLUMNS) <= set(columns), name
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
 def test_logs_hold_exactly_the_config_run_and_procedure_columns(folder):
     """Every column of every log is a result, or is filled from the point (config, run keys, procedure)."""
-    procedure = SCRIPTS[folder]
-    point = parse_point(expand_grid(parse_overrides(script_header(folder), []), procedure.grid_keys)[0],
-                        procedure.options)
-    filled = set(point_columns(point)) | set(procedure.own_columns(point))
-    results = RESULT_COLUMNS | procedure.result_columns
-    for name, columns in procedure.logs.items():
+    filled = filled_columns(folder)
+    results = script_result_columns(folder)
+    for name, columns in script_logs(folder).items():
         assert {c for c in columns if c not in results} == filled - results, name
         assert set(columns) >= filled, name
 
 
 def test_grid_axes_keep_their_order():
     """The order of the axes fixes the order in which a grid's points run and log."""
-    assert GRID_KEYS == ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
+    assert grid_axes() == ("model_name", "method", "bits", "batch_size", "mlp_scalar", "cnn_scalar", "mlp_percentile",
                          "cnn_percentile", "alphabet", "include_0", "retain_rate", "seed", "alphabet_granularity",
                          "fold_batchnorm", "sparsity_threshold", "thresholding", "gptq_block_size", "gptq_damping",
                          "gptq_act_order", "engine", "calibration", "gpfq_first_column", "column_order",
                          "qronos_damping", "act_bits")  # new axes go last: old grids keep their order
-    assert GRID_KEYS[1:] == GRID_FIELDS
+    assert grid_axes()[1:] == GRID_FIELDS
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -114,31 +109,26 @@ def test_pyproject_lists_requirements_txt():
     assert re.search(r'^dev = \[.*"pytest', text, re.M)
 
 
-def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, monkeypatch, capsys):
+def test_a_repeated_grid_value_runs_once_and_says_so(tmp_path, capsys):
     """`--bits 4 4` (or `batch_size = [32, 32]`) is one point, not the same point twice with two log rows."""
     header = script_header("quantization_scripts")
-    said = []
-    points = expand_grid(parse_overrides(dict(header, batch_size=[32, 32]), ["--bits", "4", "3", "4"]), say=said.append)
+    points, said = grid_notes(dict(header, batch_size=[32, 32]), "--bits", "4", "3", "4")
     assert [(p["bits"], p["batch_size"]) for p in points] == [(4, 32), (3, 32)]
     assert said == ["note: repeated grid values (bits [4, 3, 4]; batch_size [32, 32]): each grid point runs once "
                     "(2 points, not 6)"]
-    assert len(expand_grid(parse_overrides(header, ["--bits", "4", "4.0"]))) == 2  # 4.0 is left for validate to refuse
-    from gpfq.runner import experiment
-    ran = []
-    monkeypatch.setattr(experiment, "run_point", lambda point, *args, **kwargs: ran.append(point.config.bits) or {})
-    experiment.main(header, ["--bits", "4", "4", "--log_dir", str(tmp_path / "logs"), "--model_dir",
-                             str(tmp_path / "models")])
+    assert len(grid_points(header, "--bits", "4", "4.0")) == 2  # 4.0 is left for validate to refuse
+    ran = [config.bits for config in points_run(header, "--bits", "4", "4", "--log_dir", str(tmp_path / "logs"),
+                                                "--model_dir", str(tmp_path / "models"))]
     assert ran == [4]
     assert "note: repeated grid values (bits [4, 4]): each grid point runs once (1 point, not 2)" in capsys.readouterr().out
 
 
 def test_header_comments_read_each_key_and_its_continuation_lines(tmp_path):
-    from gpfq.runner.header import header_comments
     script = tmp_path / "script.py"
     script.write_text('# ---- header\nname = "a#b"   # what it is,\n               #   and more\nplain = 1\n'
                       'other = [1,\n         2]   # a list\n# ---- end (a column-0 comment continues nothing)\n'
                       'x = 2  # x\n   # another column: not x\n')
-    assert header_comments(script) == {"name": "what it is, and more", "other": "a list", "x": "x"}
+    assert header_help(script) == {"name": "what it is, and more", "other": "a list", "x": "x"}
 
 
 @pytest.mark.parametrize("folder", sorted(SCRIPTS))
@@ -146,10 +136,9 @@ def test_help_shows_every_keys_meaning_from_the_header(folder, monkeypatch, caps
     """`quantize.py --help`: each key's header comment (continuation lines joined), then its default."""
     import runpy
     import sys
-    from gpfq.runner.header import COMMON_HELP, header_comments
-    comments = header_comments(REPO_ROOT / folder / "quantize.py")
+    comments = header_help(REPO_ROOT / folder / "quantize.py")
     assert "timm:<name>" in comments["model_name"] and comments["bits"] == "bits per weight"
-    assert [key for key in script_header(folder) if key not in {**COMMON_HELP, **comments}] == []
+    assert [key for key in script_header(folder) if key not in {**common_help(), **comments}] == []
     # the script itself, in this process (the help needs no fresh interpreter; the scripts' own start from
     # anywhere is tests/test_warnings_and_scripts.py's)
     monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / folder / "quantize.py"), "--help"])

@@ -13,11 +13,11 @@ from gpfq.pipeline.streams import CalibrationStream
 from gpfq.methods.gpfq.engine import (DEFAULT_ROWS_BUDGET, FORM_SECONDS, GramStatistics, RoundingSettings, choose_form,
                          cost_terms, default_block_size, gpfq_blocked, gpfq_gram, gpfq_gram_columns, gpfq_residual,
                          predicted_cost, predicted_seconds, rows_bytes)
-from gpfq.runner.experiment import parse_point
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
 from gpfq.pipeline.network import Calibration, Hooks, quantize_network
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
 from gpfq.threads import single_thread
+from helpers import check_point
 
 
 def _layer(n_groups, m, n_inputs, n_neurons, seed, per_neuron=False, bits=4):
@@ -378,11 +378,11 @@ def test_bad_engine_and_calibration_are_rejected_by_validation():
     point = dict(bits=4, mlp_scalar=1.3, cnn_scalar=1.3, mlp_percentile=1.0, cnn_percentile=1.0, retain_rate=0.25,
                  batch_size=8, method="gpfq", alphabet="gpfq2022", dataset="fashion_mnist",
                  model_name="fashion_resnet", engine="auto", calibration="fixed")
-    parse_point(point)
+    check_point(point)
     with pytest.raises(ValueError, match="engine must be one of"):
-        parse_point(dict(point, engine="blocked"))
+        check_point(dict(point, engine="blocked"))
     with pytest.raises(ValueError, match="calibration must be one of"):
-        parse_point(dict(point, calibration="once"))
+        check_point(dict(point, calibration="once"))
 
 
 # ---------------------------------------------------------------- other rounding rules (gpfq.methods.rounding)

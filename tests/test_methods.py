@@ -1,7 +1,5 @@
 """Methods beside GPFQ: GPTQ, stochastic and sparse GPFQ, per-channel alphabets, BatchNorm folding,
 and the orderings that must hold on the default model."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,13 @@ from torch import nn
 from conftest import script_header
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alphabet, row_radii
-from gpfq.pipeline.discovery import layers_in_execution_order
-from gpfq.runner.experiment import expand_grid, main, parse_point
-from gpfq.pipeline.folding import fold_batchnorm
 from gpfq.methods.gptq import gptq, gptq_reference
 from gpfq.io.models import load_model
-from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference
 from gpfq.methods.rounding import StochasticScalar, ThresholdedScalar, nearest_scalar, seeded_uniforms, stochastic_round
 from gpfq.methods.gpfq.variants import sparse_gpfq, spfq
+from helpers import (batchnorm_folded, check_point, grid_points, layer_order, quantized_layer, run_script,
+                     saved_record)
 
 
 
@@ -140,7 +136,7 @@ def test_per_channel_layer_uses_each_channels_alphabet(method):
         conv.weight.mul_(torch.logspace(-1, 1, 6).view(6, 1, 1, 1))  # channels of very different scales
     rows = torch.randn(300, 36)  # (m, G·N0), N0 = 2·3·3
     settings = QuantConfig(method=method, bits=3, mlp_scalar=1.0, cnn_scalar=1.0, alphabet_granularity="channel")
-    _, q, _, _, alphabet, _ = quantize_layer(conv, rows, rows, settings)
+    _, q, _, _, alphabet, _ = quantized_layer(conv, rows, rows, settings)
     weight = conv.weight.detach().reshape(6, -1)
     q = q.reshape(6, -1)
     for i in range(6):
@@ -153,7 +149,7 @@ def test_per_channel_layer_uses_each_channels_alphabet(method):
 # ---------------------------------------------------------------- BatchNorm folding
 def test_fold_batchnorm_keeps_the_function_and_the_layers():
     model = load_model("fashion_resnet")
-    folded, pairs = fold_batchnorm(model)
+    folded, pairs = batchnorm_folded(model)
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert sorted(norm for _, norm in pairs) == sorted(norms)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -161,7 +157,7 @@ def test_fold_batchnorm_keeps_the_function_and_the_layers():
     with torch.no_grad():
         expected, got = model(images), folded(images)
     assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
-    assert layers_in_execution_order(folded, images[:1]) == layers_in_execution_order(model, images[:1])
+    assert layer_order(folded, images[:1]) == layer_order(model, images[:1])
     # the folded weight of a pair is W·γ/sqrt(var + eps) per output channel
     conv_name, norm_name = pairs[0]
     conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
@@ -180,15 +176,15 @@ def test_fold_batchnorm_keeps_the_function_and_the_layers():
     ("method", "optq", "method"),
 ])
 def test_bad_method_hyperparameters_fail_early(key, value, message):
-    point = expand_grid(dict(script_header("quantization_scripts"), **{key: value}))[0]
+    point = grid_points(dict(script_header("quantization_scripts"), **{key: value}))[0]
     with pytest.raises(ValueError, match=message):
-        parse_point(point)
+        check_point(point)
 
 
 def test_sparse_gpfq_needs_the_zero_level():
-    point = expand_grid(dict(script_header("quantization_scripts"), method="sparse_gpfq", include_0=False))[0]
+    point = grid_points(dict(script_header("quantization_scripts"), method="sparse_gpfq", include_0=False))[0]
     with pytest.raises(ValueError, match="include_0"):
-        parse_point(point)
+        check_point(point)
 
 
 # ---------------------------------------------------------------- the default model
@@ -200,11 +196,11 @@ def default_runs(tmp_path_factory):
     argv = ["--method", "msq", "gpfq", "gptq", "sparse_gpfq", "--bits", "3", "--batch_size", "128",
             "--sparsity_threshold", "0.1", "--num_threads", "1", "--log_dir", str(folder / "logs"), "--model_dir", str(folder / "models")]
     threads = torch.get_num_threads()
-    rows = main(script_header("quantization_scripts"), argv)
+    rows = run_script("quantization_scripts", *argv)
     assert torch.get_num_threads() == threads  # --num_threads holds for the run only, not for the caller after it
     records = {}
     for row in rows:
-        record = json.loads(Path(row["Model File"]).with_suffix(".json").read_text())
+        record = saved_record(row["Model File"])
         records[row["Method"]] = (row, record, torch.load(row["Model File"], weights_only=True))
     return records
 

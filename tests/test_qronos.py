@@ -8,10 +8,9 @@ from gpfq.methods.alphabet import channel_alphabets, make_alphabet, round_to_alp
 from gpfq.methods.gpfq.column_order import gram_in_order, restore_columns, rows_in_order
 from gpfq.methods.gpfq.engine import GramStatistics
 from gpfq.methods.gptq import HessianNotPositiveDefinite, gptq_reference
-from gpfq.pipeline.calibrator import layer_form
-from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.qronos import qronos, qronos_from_gram, qronos_reference, ridge
 from gpfq.methods.gpfq.reference import relative_error
+from helpers import layer_form, quantized_layer
 
 
 def _layer(groups, rows, inputs, neurons, seed, per_channel=False, bits=3):
@@ -131,14 +130,14 @@ def test_act_order_equals_the_definition_on_permuted_columns():
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_layer_rule_through_the_network_settings(granularity):
-    """A grouped conv through `quantize_layer` (float32) against the definition per group; Q lies on the
+    """A grouped conv quantized as gpfq quantizes a layer (float32) against the definition per group; Q lies on the
     layer's (or each channel's) alphabet."""
     torch.manual_seed(3)
     conv = nn.Conv2d(4, 6, 3, groups=2)
     analog_rows = torch.randn(200, 36).relu()
     quantized_rows = (analog_rows + 0.1 * torch.randn(200, 36)).relu()
     settings = QuantConfig(method="qronos", bits=3, mlp_scalar=1.1, cnn_scalar=1.1, alphabet_granularity=granularity)
-    weight, q, analog, quantized, alphabet, _ = quantize_layer(conv, analog_rows, quantized_rows, settings)
+    weight, q, analog, quantized, alphabet, _ = quantized_layer(conv, analog_rows, quantized_rows, settings)
     for g in range(2):
         expected = qronos_reference(weight[g], analog[g], quantized[g], alphabet[g] if alphabet.dim() == 3 else alphabet)
         assert (q[g] == expected.float()).double().mean() >= 0.995

@@ -5,9 +5,8 @@ from torch import nn
 
 from gpfq import QuantConfig
 from gpfq.methods.alphabet import layer_radius, make_alphabet
-from gpfq.pipeline.rows import layer_rows
-from gpfq.pipeline.network import quantize_layer
 from gpfq.methods.gpfq.reference import gpfq_columns, gpfq_reference, relative_error
+from helpers import layer_input_rows, quantized_layer
 
 
 def _alphabet(weight, bits=3):
@@ -46,10 +45,10 @@ def test_conv_equals_reference_per_group(padding, dilation, stride, groups, patc
                      padding=padding, dilation=dilation, groups=groups)
     analog_images = torch.randn(3, 6, 11, 11)
     quantized_images = analog_images + 0.1 * torch.randn_like(analog_images)
-    analog_rows, quantized_rows = layer_rows(conv, analog_images, quantized_images, 0.5,
-                                             torch.Generator().manual_seed(0), patch_stride)
+    analog_rows, quantized_rows = layer_input_rows(conv, analog_images, quantized_images, 0.5,
+                                                   torch.Generator().manual_seed(0), patch_stride)
     settings = QuantConfig(method="gpfq", bits=3, mlp_scalar=1.2, cnn_scalar=1.2)
-    _, q, _, _, alphabet, _ = quantize_layer(conv, analog_rows, quantized_rows, settings)
+    _, q, _, _, alphabet, _ = quantized_layer(conv, analog_rows, quantized_rows, settings)
     weight = conv.weight.detach().reshape(conv.out_channels, -1)
     n_in, n_out = weight.shape[1], conv.out_channels // groups
     q = q.reshape(conv.out_channels, -1)

@@ -1,5 +1,4 @@
 """Retraining variant: in-place quantization with fine-tuning of the float layers."""
-import dataclasses
 import math
 
 import pytest
@@ -7,10 +6,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gpfq.runner import retrain
 from gpfq.methods.alphabet import make_alphabet
-from gpfq.runner.evaluate import evaluate
-from gpfq.runner.experiment import expand_grid
+from helpers import (check_options, quantize_point, retraining_fine_tune, retraining_freeze, scored, script_points,
+                     watching_layers)
 
 # Settings every hyperparameter test starts from (valid ones).
 VALID = dict(retrain_start=1, retrain_samples=2048, retrain_batch_size=256, retrain_epochs=1, retrain_lr=1e-4,
@@ -20,8 +18,7 @@ VALID = dict(retrain_start=1, retrain_samples=2048, retrain_batch_size=256, retr
 @pytest.fixture(scope="module")
 def retrain_defaults():
     """The retraining hyperparameters of retraining_scripts/quantize.py's header (one grid point)."""
-    from conftest import script_header
-    points = expand_grid(script_header("retraining_scripts"), retrain.GRID_KEYS)
+    points = script_points("retraining_scripts")
     assert len(points) == 1
     return {k: v for k, v in points[0].items() if k.startswith("retrain_") or k == "evaluate_each_step"}
 
@@ -30,22 +27,18 @@ def retrain_defaults():
 def retrained(make_context, retrain_defaults):
     """One retraining run on the default test point (3 bits, m = 256), watched at every optimizer step.
 
-    A wrapper around gpfq.quantize records each layer's weight the moment it is quantized; a global
-    optimizer post-step hook then checks, after every Adam step, that every layer quantized so far still
-    holds exactly that weight and that the optimizer does not hold it.
+    A watch on gpfq.quantize records each layer's weight the moment it is quantized (before the script
+    fine-tunes); a global optimizer post-step hook then checks, after every Adam step, that every layer quantized
+    so far still holds exactly that weight and that the optimizer does not hold it.
     """
-    retrain.parse_options(retrain_defaults)
-    context = make_context(retrain.parse_options, **retrain_defaults)
+    check_options("retraining_scripts", retrain_defaults)
+    context = make_context("retraining_scripts", **retrain_defaults)
     quantized = {}  # name -> (layer, weight when quantized, report)
     watch = {"steps": 0, "checks": 0, "violations": []}
-    real_quantize = retrain.quantize_model
 
-    def recording_quantize(*args, after_layer=None, **kwargs):
-        def record_then_retrain(step):
-            layer = step.quantized_layer
-            quantized[step.report.name] = (layer, layer.weight.detach().clone(), step.report)
-            after_layer(step)
-        return real_quantize(*args, after_layer=record_then_retrain, **kwargs)
+    def record(step):
+        layer = step.quantized_layer
+        quantized[step.report.name] = (layer, layer.weight.detach().clone(), step.report)
 
     def check(optimizer, args, kwargs):
         watch["steps"] += 1
@@ -57,13 +50,12 @@ def retrained(make_context, retrain_defaults):
 
     handle = register_optimizer_step_post_hook(check)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(retrain, "quantize_model", recording_quantize)
+        with watching_layers(record):
             torch.manual_seed(0)
-            model, reports, extra = retrain.quantize(context)
+            model, reports, extra = quantize_point("retraining_scripts", context)
     finally:
         handle.remove()
-    top1, _ = evaluate(model, context.loader(), progress=False)
+    top1, _ = scored(model, context.loader())
     return dict(context=context, model=model, reports=reports, extra=extra, top1=top1, quantized=quantized,
                 watch=watch)
 
@@ -104,22 +96,22 @@ def test_fine_tune_leaves_frozen_parameters_alone():
     """Weight decay and Adam touch only what requires grad; the model comes back in eval mode."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    retrain.freeze(model[0])
+    retraining_freeze(model[0])
     frozen = model[0].weight.detach().clone()
     trained = model[3].weight.detach().clone()
     mean = model[1].running_mean.clone()
     data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
-    options = retrain.RetrainOptions(start=1, samples=None, batch_size=16, epochs=2, lr=1e-2, weight_decay=0.5,
-                                     batchnorm="update", evaluate_each_step=False)
-    loss, steps = retrain.fine_tune(model, data, list(range(64)), options, torch.Generator().manual_seed(0))
+    settings = dict(retrain_start=1, retrain_samples=None, retrain_batch_size=16, retrain_epochs=2, retrain_lr=1e-2,
+                    retrain_weight_decay=0.5, retrain_batchnorm="update", evaluate_each_step=False)
+    loss, steps = retraining_fine_tune(model, data, list(range(64)), settings, torch.Generator().manual_seed(0))
     assert steps == 2 * 4 and math.isfinite(loss)
     assert torch.equal(model[0].weight, frozen)
     assert not torch.equal(model[3].weight, trained)
     assert not torch.equal(model[1].running_mean, mean)  # 'update': running statistics follow the batches
     assert not model.training
     mean = model[1].running_mean.clone()
-    options = dataclasses.replace(options, epochs=1, weight_decay=0.0, batchnorm="frozen")
-    retrain.fine_tune(model, data, list(range(64)), options, torch.Generator().manual_seed(0))
+    settings = dict(settings, retrain_epochs=1, retrain_weight_decay=0.0, retrain_batchnorm="frozen")
+    retraining_fine_tune(model, data, list(range(64)), settings, torch.Generator().manual_seed(0))
     assert torch.equal(model[1].running_mean, mean)  # 'frozen': they stay
 
 
@@ -130,13 +122,13 @@ def test_bad_retrain_hyperparameters_fail_early():
                          (dict(retrain_weight_decay=-1e-6), "weight_decay"),
                          (dict(evaluate_each_step="yes"), "evaluate_each_step")]:
         with pytest.raises(ValueError, match=message):
-            retrain.parse_options(dict(VALID, **bad))
+            check_options("retraining_scripts", dict(VALID, **bad))
 
 
 def test_freezing_an_attention_in_projection_leaves_its_out_projection_trainable():
     attention = nn.MultiheadAttention(8, 2)
-    retrain.freeze(attention)  # what retraining does once attention.in_proj_weight is quantized
+    retraining_freeze(attention)  # what retraining does once attention.in_proj_weight is quantized
     assert not attention.in_proj_weight.requires_grad and not attention.in_proj_bias.requires_grad
     assert attention.out_proj.weight.requires_grad and attention.out_proj.bias.requires_grad
-    retrain.freeze(attention.out_proj)
+    retraining_freeze(attention.out_proj)
     assert not attention.out_proj.weight.requires_grad and not attention.out_proj.bias.requires_grad

@@ -2,7 +2,7 @@
 round-to-nearest's does not."""
 import pytest
 
-from gpfq.runner.theory import TheoryAlphabet, fitted_slope, gaussian_layer_errors, mean_errors
+from helpers import theory_errors, theory_slope
 
 M = 64
 N0_VALUES = (4 * M, 8 * M, 16 * M)
@@ -10,15 +10,13 @@ N0_VALUES = (4 * M, 8 * M, 16 * M)
 
 @pytest.fixture(scope="module")
 def errors():
-    rows = gaussian_layer_errors(M, N0_VALUES, trials=3, neurons=8, seed=0, methods=("gpfq", "msq", "qronos"),
-                                 alphabet=TheoryAlphabet(bits=4))
-    return {method: mean_errors(rows, method) for method in ("gpfq", "msq", "qronos")}
+    return theory_errors(M, N0_VALUES, trials=3, neurons=8, seed=0, methods=("gpfq", "msq", "qronos"), bits=4)
 
 
 @pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_gpfq_error_decays_like_one_over_n0(errors):
     assert list(errors["gpfq"]) == list(N0_VALUES)
-    assert fitted_slope(errors["gpfq"], 4 * M, 16 * M) <= -0.7
+    assert theory_slope(errors["gpfq"], 4 * M, 16 * M) <= -0.7
 
 
 @pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
@@ -29,7 +27,7 @@ def test_gpfq_at_least_five_times_below_msq_at_16m(errors):
 @pytest.mark.slow  # the module's Gaussian layers: ~30 s of CPU
 def test_qronos_error_decays_and_stays_far_below_msq(errors):
     """With X̃ = X, Qronos is GPTQ's walk with a small ridge: its error falls with N0 like GPFQ's."""
-    assert fitted_slope(errors["qronos"], 4 * M, 16 * M) <= -0.7
+    assert theory_slope(errors["qronos"], 4 * M, 16 * M) <= -0.7
     assert errors["qronos"][16 * M] * 5 <= errors["msq"][16 * M]
 
 
@@ -45,7 +43,7 @@ def test_msq_error_is_the_uniform_rounding_error(errors):
 
 def test_fitted_slope_recovers_a_power_law():
     n0 = [100, 200, 400, 800]
-    assert fitted_slope({k: 3.0 * k ** -1.25 for k in n0}) == pytest.approx(-1.25, abs=1e-12)
-    assert fitted_slope({k: 3.0 * k ** -1.25 for k in n0}, 200, 800) == pytest.approx(-1.25, abs=1e-12)
+    assert theory_slope({k: 3.0 * k ** -1.25 for k in n0}) == pytest.approx(-1.25, abs=1e-12)
+    assert theory_slope({k: 3.0 * k ** -1.25 for k in n0}, 200, 800) == pytest.approx(-1.25, abs=1e-12)
     # a point outside the range does not pull the fit
-    assert fitted_slope({**{k: 3.0 * k ** -1.25 for k in n0}, 50: 1.0}, 100, 800) == pytest.approx(-1.25, abs=1e-12)
+    assert theory_slope({**{k: 3.0 * k ** -1.25 for k in n0}, 50: 1.0}, 100, 800) == pytest.approx(-1.25, abs=1e-12)
