@@ -59,6 +59,16 @@ def _reseed() -> None:
     torch.seed()
 
 
+def _threads_as_a_new_process() -> None:
+    """torch's thread count as a new process would take it: OMP_NUM_THREADS of the run's environment, or else
+    torch's own default (what the server found when started without it)."""
+    import torch
+    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(requested) if requested.isdigit() and int(requested) > 0 else DEFAULT_THREADS
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _child(request: dict) -> None:
     """In the forked child: become `python argv…` in request's cwd and env, run it, and end the process."""
     for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
@@ -68,6 +78,7 @@ def _child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    _threads_as_a_new_process()
     argv = request["argv"]
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     status = 0
@@ -105,6 +116,9 @@ def _child(request: dict) -> None:
 
 def serve() -> None:
     """Answer requests until stdin closes: for each, fork a child, say its pid, wait, and say its status."""
+    global DEFAULT_THREADS
+    import torch
+    DEFAULT_THREADS = None if os.environ.get("OMP_NUM_THREADS") else torch.get_num_threads()
     import gpfq  # noqa: F401 (with torch, numba and numpy: nearly all of a script's imports; the rest is 0.05 s)
     import torchvision  # noqa: F401
     for line in sys.stdin:
@@ -189,6 +203,7 @@ def run_python(command: list, cwd=None, env=None, timeout=None, input=None, chec
     return done
 
 
+DEFAULT_THREADS = None  # torch's thread count in a process started without OMP_NUM_THREADS, if the server was
 BASE_PATH = [p for p in sys.path[1:] if p and Path(p).resolve() not in (REPO_ROOT, TESTS_DIR)]
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """helpers.run_python, which most script tests run through, against a real interpreter: the same stdout, stderr and
 exit status, fresh random seeds in every run, and the timeout of subprocess.run."""
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,11 @@ def test_a_run_past_its_timeout_is_killed():
     with pytest.raises(subprocess.TimeoutExpired):
         run_python([sys.executable, "-c", "import time; time.sleep(60)"], env=python_env(), timeout=1)
     assert run_python([sys.executable, "-c", "print(1)"], env=python_env()).stdout == "1\n"  # the server goes on
+
+
+def test_a_run_takes_the_thread_count_of_its_environment():
+    code = "import torch; print(torch.get_num_threads())"
+    for threads in [str(n) for n in range(1, min(os.cpu_count() or 1, 2) + 1)]:  # torch caps it at the cores
+        env = dict(python_env(), OMP_NUM_THREADS=threads)
+        real = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run_python([sys.executable, "-c", code], env=env).stdout == real.stdout == f"{threads}\n"
