@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from python_server import run_python  # noqa: F401 (tests run scripts with it: `python SCRIPT …`, forked)
+from python_server import ForkedProcess, run_python  # noqa: F401 (`python SCRIPT …` for the tests, forked)
 
 
 def state_hash(state: dict) -> str:

@@ -21,10 +21,14 @@ files and exit status. Nothing else imports this module but tests/helpers.py.
 import atexit
 import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -115,7 +119,8 @@ def _child(request: dict) -> None:
 
 
 def serve() -> None:
-    """Answer requests until stdin closes: for each, fork a child, say its pid, wait, and say its status."""
+    """Answer requests until stdin closes: for each, fork a child and say its pid; when a child ends, write its
+    exit status (as subprocess gives it: -N for signal N) to the request's status file."""
     global DEFAULT_THREADS
     import torch
     DEFAULT_THREADS = None if os.environ.get("OMP_NUM_THREADS") else torch.get_num_threads()
@@ -124,16 +129,30 @@ def serve() -> None:
     # Load the compiled kernel once (0.7 s a process) on one thread: a fork must not inherit a started OpenMP team.
     torch.set_num_threads(1)
     gpfq.quantize_layer(torch.ones(2, 4), torch.ones(8, 4), torch.ones(8, 4))
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, wait_status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(wait_status)}), flush=True)
+    children, pending, open_ = {}, b"", True
+    while open_ or children:
+        ready, _, _ = select.select([0] if open_ else [], [], [], 0.02 if children else None)
+        if ready:
+            chunk = os.read(0, 1 << 16)
+            open_ = bool(chunk)
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = json.loads(line)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(request)
+                children[pid] = request["status"]
+                os.write(1, (json.dumps({"pid": pid}) + "\n").encode())
+        while children:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            status = children.pop(pid)
+            Path(status + ".part").write_text(str(os.waitstatus_to_exitcode(wait_status)))
+            os.replace(status + ".part", status)  # whole or absent
 
 
 # ---------------------------------------------------------------- the client, in the test process
@@ -151,56 +170,88 @@ def _stop_server() -> None:
 atexit.register(_stop_server)
 
 
-def _started_server(env: dict) -> subprocess.Popen:
+def _started_server() -> subprocess.Popen:
     global _server
     if _server is None or _server.poll() is not None:
+        env = dict(_START_ENV, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), _START_ENV.get("PYTHONPATH", "")]))
         _server = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True, env=env, cwd=str(TESTS_DIR))
     return _server
 
 
-def _check_supported(argv: list, env: dict) -> None:
-    if argv[0].startswith("-") and argv[0] not in ("-c", "-m"):
-        raise ValueError(f"run_python: interpreter option {argv[0]} needs a real interpreter (subprocess.run)")
+def _check_supported(command: list, env: dict) -> None:
+    if command[0] != sys.executable:
+        raise ValueError(f"python_server runs {sys.executable} only, not {command[0]}")
+    if command[1].startswith("-") and command[1] not in ("-c", "-m"):
+        raise ValueError(f"python_server: interpreter option {command[1]} needs a real interpreter (subprocess)")
     first = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p][:1]
     if first and (Path(first[0]) / "gpfq").is_dir() and Path(first[0]).resolve() != REPO_ROOT:
-        raise ValueError(f"run_python: PYTHONPATH puts another gpfq first ({first[0]}): use subprocess.run")
+        raise ValueError(f"python_server: PYTHONPATH puts another gpfq first ({first[0]}): use subprocess")
+
+
+class ForkedProcess:
+    """subprocess.Popen([sys.executable, …], stdout=PIPE, stderr=PIPE, text=True) for a Python script, `-c code` or
+    `-m module`, forked from the server: pid, poll(), wait(timeout), communicate(timeout) -> (stdout, stderr),
+    send_signal, kill, returncode. Its output is read when it has ended (files, not pipes)."""
+
+    def __init__(self, command: list, cwd=None, env=None):
+        self.args = [str(c) for c in command]
+        env = dict(os.environ if env is None else env)
+        _check_supported(self.args, env)
+        self.returncode = None
+        self._folder = Path(tempfile.mkdtemp(prefix="forked-"))
+        self._out, self._err, self._status = (self._folder / name for name in ("stdout", "stderr", "status"))
+        self._out.touch()
+        self._err.touch()
+        request = {"argv": self.args[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(self._out),
+                   "stderr": str(self._err), "status": str(self._status)}
+        server = _started_server()
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        self.pid = json.loads(server.stdout.readline())["pid"]
+
+    def poll(self):
+        if self.returncode is None and self._status.exists():
+            self.returncode = int(self._status.read_text())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        output = (self._out.read_text(errors="replace"), self._err.read_text(errors="replace"))
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return output
+
+    def send_signal(self, sig):
+        if self.poll() is None:  # not yet reaped: the pid is still this child's
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
 
 def run_python(command: list, cwd=None, env=None, timeout=None, input=None, check=False,
                **_capture) -> subprocess.CompletedProcess:
     """subprocess.run([sys.executable, …], capture_output=True, text=True) for a Python script, `-c code` or `-m
-    module`, forked from a server that has torch and gpfq imported. Returns CompletedProcess(args, returncode,
-    stdout, stderr); raises subprocess.TimeoutExpired after `timeout` seconds (the run is killed)."""
+    module`, forked from the server. Returns CompletedProcess(args, returncode, stdout, stderr); raises
+    subprocess.TimeoutExpired after `timeout` seconds (the run is killed)."""
     if input is not None:
         raise ValueError("run_python: stdin is /dev/null; a run that reads stdin needs subprocess.run")
-    command = [str(c) for c in command]
-    if command[0] != sys.executable:
-        raise ValueError(f"run_python runs {sys.executable} only, not {command[0]}")
-    env = dict(os.environ if env is None else env)
-    _check_supported(command[1:], env)
-    server_env = dict(_START_ENV, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), _START_ENV.get("PYTHONPATH", "")]))
-    server = _started_server(server_env)
-    with tempfile.TemporaryDirectory() as folder:
-        out, err = Path(folder, "stdout"), Path(folder, "stderr")
-        out.touch()
-        err.touch()
-        request = {"argv": command[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(out),
-                   "stderr": str(err)}
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        pid = json.loads(server.stdout.readline())["pid"]
-        killed = []
-        timer = threading.Timer(timeout, lambda: killed.append(os.kill(pid, 9))) if timeout else None
-        if timer:
-            timer.start()
-        returncode = json.loads(server.stdout.readline())["returncode"]
-        if timer:
-            timer.cancel()
-        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-    if killed:
-        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
-    done = subprocess.CompletedProcess(command, returncode, stdout, stderr)
+    process = ForkedProcess(command, cwd, env)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise subprocess.TimeoutExpired(process.args, timeout, *process.communicate()) from None
+    done = subprocess.CompletedProcess(process.args, process.returncode, *process.communicate())
     if check:
         done.check_returncode()
     return done

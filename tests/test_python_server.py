@@ -8,7 +8,7 @@ import pytest
 
 from conftest import python_env
 from gpfq.paths import REPO_ROOT
-from helpers import run_python
+from helpers import ForkedProcess, run_python
 
 SCRIPT = str(REPO_ROOT / "quantization_scripts" / "quantize.py")
 CASES = {  # what a user meets: a bad option, a known error, a crash, exit with a message, a clean exit
@@ -49,3 +49,14 @@ def test_a_run_takes_the_thread_count_of_its_environment():
         env = dict(python_env(), OMP_NUM_THREADS=threads)
         real = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert run_python([sys.executable, "-c", code], env=env).stdout == real.stdout == f"{threads}\n"
+
+
+def test_runs_at_once_end_apart_and_take_signals_as_processes_do():
+    """Two runs at the same time, each with its own output and status; SIGTERM to one gives -15, as Popen's does."""
+    sleeper = ForkedProcess([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                            env=python_env())
+    quick = ForkedProcess([sys.executable, "-c", "import sys; print('quick'); sys.exit(4)"], env=python_env())
+    assert quick.communicate(timeout=60) == ("quick\n", "") and quick.returncode == 4
+    assert sleeper.poll() is None
+    sleeper.send_signal(15)
+    assert sleeper.communicate(timeout=60) == ("up\n", "") and sleeper.returncode == -15

@@ -23,7 +23,6 @@ steps follow the float paths too: 91.81 % on 1 thread, 91.57 % on 2, 91.60 % on 
 """
 import csv
 import json
-import subprocess
 import sys
 
 import pytest
@@ -32,7 +31,7 @@ import torch
 import gpfq
 from conftest import python_env
 from gpfq.paths import REPO_ROOT
-from helpers import off_alphabet, resnet18_calibration, state_hash, top1, worst_relative_gap
+from helpers import ForkedProcess, off_alphabet, resnet18_calibration, state_hash, top1, worst_relative_gap
 
 # Recorded at 441832a on an AMD EPYC (AVX2, 2 cores), torch 2.14.1, one thread.
 DEFAULT_ERRORS = [
@@ -86,15 +85,13 @@ def test_resnet18(calibration):
     assert abs(sum(errors) / sum(RESNET18_ERRORS[calibration]) - 1) <= MEAN_ERROR_TOLERANCE
 
 
-def start_script(folder: str, out, tag: str, *options: str) -> subprocess.Popen:
+def start_script(folder: str, out, tag: str, *options: str) -> ForkedProcess:
     """`python3 quantize.py` in the script's folder with its default header, started in the background."""
-    return subprocess.Popen([sys.executable, "quantize.py", "--log_dir", str(out / tag / "logs"),
-                             "--model_dir", str(out / tag / "models"), *options],
-                            cwd=REPO_ROOT / folder, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return ForkedProcess([sys.executable, "quantize.py", "--log_dir", str(out / tag / "logs"),
+                          "--model_dir", str(out / tag / "models"), *options], cwd=REPO_ROOT / folder, env=python_env())
 
 
-def finish_script(process: subprocess.Popen, out, tag: str):
+def finish_script(process: ForkedProcess, out, tag: str):
     """Wait for a started script: (logged row, saved .pt, .json)."""
     stdout, stderr = process.communicate(timeout=1200)
     assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
