@@ -85,10 +85,10 @@ def start_script_ranks(world_size: int, argv_of, env=None, prelude: str = "", sc
     """Start `world_size` processes of <script>/quantize.py with the environment torchrun gives its workers
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), without torchrun's agent, so each rank's exit and
     output are its own. argv_of(rank) -> the rank's command-line arguments; `prelude`: Python run first
-    in every rank (it sees RANK). Returns the Popen objects."""
-    import subprocess
+    in every rank (it sees RANK). Returns the processes (helpers.ForkedProcess, Popen's surface)."""
     import sys
     from gpfq.paths import REPO_ROOT
+    from helpers import ForkedProcess
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -98,11 +98,10 @@ def start_script_ranks(world_size: int, argv_of, env=None, prelude: str = "", sc
         code = (f"import os, runpy, sys\n{prelude}\n"
                 f"sys.argv = [{str(REPO_ROOT / script / 'quantize.py')!r}] + {list(map(str, argv_of(rank)))!r}\n"
                 f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
-        # Ctrl-C as a terminal gives it: a shell without job control (CI, `make test &`) starts its background
-        # jobs with SIGINT ignored, which the ranks would inherit, and Python then never raises KeyboardInterrupt.
-        processes.append(subprocess.Popen([sys.executable, "-c", code], env=rank_env, cwd=REPO_ROOT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        # Ctrl-C as a terminal gives it (interrupt): a shell without job control (CI, `make test &`) starts its
+        # background jobs with SIGINT ignored, which the ranks would inherit, and Python then never raises
+        # KeyboardInterrupt.
+        processes.append(ForkedProcess([sys.executable, "-c", code], env=rank_env, cwd=REPO_ROOT, interrupt=True))
     return processes
 
 

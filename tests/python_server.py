@@ -79,6 +79,8 @@ def _child(request: dict) -> None:
                            (2, request["stderr"], os.O_WRONLY)):
         os.dup2(os.open(path, mode), fd)
     _reseed()
+    if request.get("interrupt"):  # Popen's preexec_fn resetting SIGINT, then the interpreter's own handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -108,13 +110,16 @@ def _child(request: dict) -> None:
         while frames is not None and _is_ours(frames.tb_frame.f_code.co_filename):
             frames = frames.tb_next  # the traceback starts at the script, as the interpreter's does
         sys.excepthook(kind, error.with_traceback(frames), frames)
-        status = 1
+        status = -signal.SIGINT if kind is KeyboardInterrupt else 1  # the interpreter dies of SIGINT then
     try:
         threading._shutdown()  # the interpreter waits for non-daemon threads, then runs atexit
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
+        if status < 0:
+            signal.signal(-status, signal.SIG_DFL)
+            os.kill(os.getpid(), -status)
         os._exit(status)
 
 
@@ -192,9 +197,11 @@ def _check_supported(command: list, env: dict) -> None:
 class ForkedProcess:
     """subprocess.Popen([sys.executable, …], stdout=PIPE, stderr=PIPE, text=True) for a Python script, `-c code` or
     `-m module`, forked from the server: pid, poll(), wait(timeout), communicate(timeout) -> (stdout, stderr),
-    send_signal, kill, returncode. Its output is read when it has ended (files, not pipes)."""
+    send_signal, kill, returncode. Its output is read when it has ended (files, not pipes). interrupt: Ctrl-C
+    raises KeyboardInterrupt even where this process ignores SIGINT (a shell's background job), as Popen with
+    preexec_fn=lambda: signal.signal(SIGINT, SIG_DFL) gives."""
 
-    def __init__(self, command: list, cwd=None, env=None):
+    def __init__(self, command: list, cwd=None, env=None, interrupt: bool = False):
         self.args = [str(c) for c in command]
         env = dict(os.environ if env is None else env)
         _check_supported(self.args, env)
@@ -204,7 +211,7 @@ class ForkedProcess:
         self._out.touch()
         self._err.touch()
         request = {"argv": self.args[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(self._out),
-                   "stderr": str(self._err), "status": str(self._status)}
+                   "stderr": str(self._err), "status": str(self._status), "interrupt": interrupt}
         server = _started_server()
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()

@@ -1,8 +1,10 @@
 """helpers.run_python, which most script tests run through, against a real interpreter: the same stdout, stderr and
 exit status, fresh random seeds in every run, and the timeout of subprocess.run."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +62,25 @@ def test_runs_at_once_end_apart_and_take_signals_as_processes_do():
     assert sleeper.poll() is None
     sleeper.send_signal(15)
     assert sleeper.communicate(timeout=60) == ("up\n", "") and sleeper.returncode == -15
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_ctrl_c_ends_a_run_as_it_ends_a_process(handled, tmp_path):
+    """SIGINT to a run that waits: exit 130 where the script turns KeyboardInterrupt into it, else -2 with the
+    traceback, as a new interpreter started with SIGINT at its default gives."""
+    wait = "print('up', flush=True)\ntime.sleep(60)\n"  # 'up': the handler is in place
+    body = "import sys, time\n" + ("try:\n    " + wait.replace("\n", "\n    ").rstrip(" ")
+                                    + "except KeyboardInterrupt:\n    sys.exit(130)\n" if handled else wait)
+    (tmp_path / "wait.py").write_text(body)
+    command = [sys.executable, str(tmp_path / "wait.py")]
+    real = subprocess.Popen(command, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    forked = ForkedProcess(command, env=python_env(), interrupt=True)
+    assert real.stdout.readline() == "up\n"
+    while forked.poll() is None and "up" not in forked._out.read_text():
+        time.sleep(0.01)
+    for process in (real, forked):
+        process.send_signal(signal.SIGINT)
+    (real_out, real_err), (out, err) = real.communicate(timeout=60), forked.communicate(timeout=60)
+    assert forked.returncode == real.returncode == (130 if handled else -signal.SIGINT)
+    assert out == "up\n" and real_out == "" and err.splitlines()[-1:] == real_err.splitlines()[-1:]
