@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_distributed.py, started with torch.multiprocessing (spawn)."""
+"""Worker processes for tests/test_distributed.py, forked from the tests' script server (helpers.ForkedProcess)."""
 import datetime
 import os
 import signal
@@ -74,10 +74,21 @@ def quantize_worker(rank, world_size, port, runs, out, rule=None):
 
 
 def run_ranks(world_size: int, runs, out, rule=None) -> list:
-    """Start `world_size` gloo ranks on this machine (spawn) doing `runs`; every rank's results."""
-    import torch.multiprocessing as mp
-    mp.start_processes(quantize_worker, args=(world_size, free_port(), runs, out, rule), nprocs=world_size,
-                       start_method="spawn")
+    """Start `world_size` gloo ranks on this machine (processes forked from the tests' script server) doing `runs`;
+    every rank's results."""
+    import sys
+    from conftest import TESTS_DIR, python_env
+    from helpers import ForkedProcess
+    torch.save(runs, f"{out}.runs")
+    code = ("import sys, torch\nfrom distributed_workers import quantize_worker\n"
+            f"quantize_worker(int(sys.argv[1]), {world_size}, {free_port()}, torch.load({f'{out}.runs'!r}), "
+            f"{str(out)!r}, {rule!r})\n")
+    ranks = [ForkedProcess([sys.executable, "-c", code, str(rank)], env=python_env(TESTS_DIR))
+             for rank in range(world_size)]
+    for rank, process in enumerate(ranks):
+        _, err = process.communicate(timeout=900)
+        if process.returncode != 0:
+            raise RuntimeError(f"rank {rank} failed ({process.returncode}):\n{err[-3000:]}")
     return [torch.load(f"{out}.rank{rank}") for rank in range(world_size)]
 
 
