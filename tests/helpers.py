@@ -511,3 +511,48 @@ def common_help() -> dict:
     """{key: its help} of the keys every script takes beside its header's (resume, debug, …)."""
     from gpfq.runner.header import COMMON_HELP
     return dict(COMMON_HELP)
+
+
+# ---------------------------------------------------------------- logs, figures and whole runs, seen from outside
+# What the scripts' logs, the figures and a script's run around a grid point do, for tests that check them without
+# naming the runner's modules. Like the functions above, they reach gpfq.pipeline or gpfq.runner only in their bodies.
+
+def append_log_row(path, row: dict, columns) -> None:
+    """Append `row` ({column: value}) to the CSV log at `path` as a script appends a grid point's row: the log is
+    created with the header `columns` if missing; a log with another header is refused (foreign_log_error)."""
+    from gpfq.runner.logs import append_row
+    append_row(path, row, columns)
+
+
+def fresh_log(path, columns):
+    """Start the log at `path` fresh with the header `columns`, as logs/init_logs.py does for each log: the path an
+    existing log was renamed to (<stem>_<timestamp>.csv), or None when there was none."""
+    from gpfq.runner.logs import init_log
+    return init_log(path, columns)
+
+
+def foreign_log_error() -> type:
+    """The error class (a gpfq.errors.BadInputError and ValueError) of a log whose header is not a script's."""
+    from gpfq.runner.logs import ForeignLogError
+    return ForeignLogError
+
+
+def plot_logs_script() -> dict:
+    """The namespace of experiments/plot_logs.py (its main, read_logs, seed_table, the plot_* functions, …)."""
+    import runpy
+    from gpfq.paths import REPO_ROOT
+    return runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
+
+
+def top1_by_m(frame, model: str):
+    """The table plot_logs.py draws top-1 against m from for `model` (frame: its read_logs rows): index m, a column
+    per bit width, seeds averaged."""
+    from gpfq.runner.figures import top1_against_m
+    return top1_against_m(frame, model)
+
+
+def top1_by_bits(frame, model: str, m: int):
+    """The table plot_logs.py draws its method comparison from for `model` at `m`: index bits, a column per method
+    setting (e.g. "MSQ, per channel"), seeds averaged."""
+    from gpfq.runner.figures import top1_against_bits
+    return top1_against_bits(frame, model, m)
