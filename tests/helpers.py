@@ -556,3 +556,121 @@ def top1_by_bits(frame, model: str, m: int):
     setting (e.g. "MSQ, per channel"), seeds averaged."""
     from gpfq.runner.figures import top1_against_bits
     return top1_against_bits(frame, model, m)
+
+
+def refuse_evaluation(monkeypatch) -> None:
+    """From here to the end of the test, any evaluation a script starts (the float or the quantized model's) fails
+    with an AssertionError; the float accuracy cache is off, so a cached accuracy cannot skip it."""
+    from gpfq.runner import experiment
+
+    def started(*args, **kwargs):
+        raise AssertionError("evaluation started before the bad input was reported")
+    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")
+    monkeypatch.setattr(experiment, "evaluate", started)
+
+
+def small_evaluation(monkeypatch, images: int) -> None:
+    """From here to the end of the test, a script evaluates on the first `images` images of its evaluation set only
+    (the code paths are the real ones; the rows' accuracies are over those images)."""
+    from torch.utils.data import Subset
+    from gpfq.runner import experiment
+    full = experiment.evaluation_set
+    monkeypatch.setattr(experiment, "evaluation_set", lambda name, data_dir: Subset(full(name, data_dir),
+                                                                                     range(images)))
+
+
+def slow_layers(seconds: float) -> None:
+    """For the rest of this process (a child a test starts), each layer gpfq quantizes takes `seconds` longer, so a
+    grid point lasts long enough for a signal to land inside it (its rows stay the real ones)."""
+    import time
+    from gpfq.pipeline import network
+    # the loop asks layer_alphabet once per quantized layer, from rows or from sums
+    real_layer_alphabet = network.layer_alphabet
+    network.layer_alphabet = lambda *args, **kwargs: (time.sleep(seconds), real_layer_alphabet(*args, **kwargs))[1]
+
+
+def run_script_with_model_check(header, check, *argv) -> list:
+    """run_script(header, *argv) with check(layer names, calibration set size, evaluation set size) called where a
+    script variant checks its points against the loaded model, before any point starts (as the ad hoc script checks
+    its bits_map): raising there stops the run."""
+    from gpfq.runner.experiment import Variant, main
+
+    def validate_model(point, facts):
+        check(facts.layer_names, facts.calibration_size, facts.evaluation_size)
+    return main(header, list(argv), variant=Variant(validate_model=validate_model))
+
+
+def point_identity(point: dict, log_name: str, folder: str = "quantization_scripts") -> dict:
+    """{column: value} of the columns of log `log_name` that a resumed run of the script of `folder` compares to
+    find grid point `point` done (every column but the results)."""
+    from gpfq.runner.experiment import parse_point
+    from gpfq.runner.resume import point_identity as identity
+    variant = _variant(folder)
+    return identity(parse_point(point, variant.options), variant.logs[log_name], variant)
+
+
+def pending_grid_points(points: list, log_dir, **variant) -> list:
+    """Those of `points` (grid point dicts) that a resumed script would still run, given the rows in the logs of
+    `log_dir`: one whose row is missing from one of its logs. variant: the fields of a script variant of one's own
+    (logs, log_names, columns, options: the runner's names; log_names and columns take the parsed point, whose
+    .config is its QuantConfig and .run.options what `options` parsed); default: the plain script."""
+    from gpfq.runner.experiment import PLAIN, Variant, parse_point
+    from gpfq.runner.resume import pending_points
+    kind = Variant(**variant) if variant else PLAIN
+    parsed = [parse_point(point, kind.options) for point in points]
+    pending = pending_points(parsed, log_dir, kind)
+    return [point for point, typed in zip(points, parsed) if any(typed is p for p in pending)]
+
+
+def calibration_stream(dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
+    """The seeded endless shuffle a script draws calibration images from (gpfq.pipeline.streams.CalibrationStream,
+    a documented seam): draw(m) gives the next m images as a list of chunks."""
+    from gpfq.pipeline.streams import CalibrationStream
+    return CalibrationStream(dataset, seed, chunk_size=chunk_size, num_workers=num_workers)
+
+
+def quantized_network(model, images, config, keep_rows: bool = False, after_layer=None) -> tuple:
+    """gpfq.quantize's layer loop on `images` (N, …), every layer under `config` (its batch_size, retain_rate, seed,
+    calibration and patch_stride drive the calibration), no log lines: (quantized copy, [LayerReport]).
+    keep_rows: keep each layer's rows (G, m, N0) for after_layer(step), as the ad hoc and retraining scripts do
+    (gpfq.quantize streams them)."""
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
+    stream = calibration_stream(TensorDataset(images, torch.zeros(len(images))), seed=config.seed)
+    calibration = Calibration(config.batch_size, config.retain_rate, config.seed, mode=config.calibration,
+                              patch_stride=config.patch_stride, keep_rows=keep_rows)
+    return quantize_network(model, stream, lambda index, name, n_layers: config, calibration,
+                            Hooks(log=lambda text: None, after_layer=after_layer))
+
+
+def non_finite_error() -> type:
+    """The error class (a gpfq.errors.BadInputError) of a NaN or Inf in a model's weights or a layer's input."""
+    from gpfq.pipeline.capture import NonFiniteError
+    return NonFiniteError
+
+
+def layer_warning_lines(rows: int, inputs: int, zeros: int, weights: int, relative_error: float) -> list:
+    """The warnings a layer's line and its log row get: m·patches `rows` against N0 `inputs` weights per neuron,
+    `zeros` of `weights` quantized to 0, its relative error."""
+    from gpfq.pipeline.reports import layer_warnings
+    return layer_warnings(rows, inputs, zeros, weights, relative_error)
+
+
+def chance_warning_lines(top1: float, classes: int) -> list:
+    """The warning a script's row gets when the quantized model's top-1 is within 2 points of chance (1/classes)."""
+    from gpfq.runner.evaluate import chance_warnings
+    return chance_warnings(top1, classes)
+
+
+def debug_asked(argv: list, header: dict = None) -> bool:
+    """Whether a script shows an error's stack for command line `argv` and its HEADER `header` (--debug, the
+    header's debug, or GPFQ_DEBUG set)."""
+    from gpfq.runner.cli import debug_requested
+    return debug_requested(argv, header)
+
+
+def script_evaluation_loader(dataset: str, data_dir=None):
+    """The loader of the evaluation set a script evaluates its models on for `dataset` (narrowed when the test
+    called small_evaluation), as the script batches it."""
+    from gpfq.paths import DATA_DIR
+    from gpfq.runner import experiment
+    return experiment.evaluation_loader(experiment.evaluation_set(dataset, data_dir or DATA_DIR))
