@@ -674,3 +674,59 @@ def script_evaluation_loader(dataset: str, data_dir=None):
     from gpfq.paths import DATA_DIR
     from gpfq.runner import experiment
     return experiment.evaluation_loader(experiment.evaluation_set(dataset, data_dir or DATA_DIR))
+
+
+def refuse_model_loading(monkeypatch) -> None:
+    """From here to the end of the test, a script that loads its model fails the test: to show that bad input is
+    reported before the model is built."""
+    import pytest
+    from gpfq.runner import experiment
+    monkeypatch.setattr(experiment, "load_model", lambda *args: pytest.fail("the model was built"))
+
+
+def model_data_mismatch_error() -> type:
+    """The error class (a gpfq.errors.BadInputError, ValueError) of a model that cannot take a script's images."""
+    from gpfq.runner.preprocessing import ModelDataMismatchError
+    return ModelDataMismatchError
+
+
+def check_model_fits_data(model_name: str, dataset: str, image_size=None, data_dir=None) -> None:
+    """Check, as a script does before loading anything, that model `model_name` goes with `dataset` (and
+    --image_size): ValueError saying why not."""
+    from gpfq.runner.preprocessing import check_model_and_data
+    check_model_and_data(model_name, dataset, image_size, data_dir)
+
+
+def check_model_takes_images(model_name: str, model, dataset_name: str, dataset) -> None:
+    """Check, as a script does once the model is loaded, that `model` runs on one image of `dataset`:
+    model_data_mismatch_error() saying the image's shape and what the model raised, if not."""
+    from gpfq.runner.preprocessing import check_model_takes
+    check_model_takes(model_name, model, dataset_name, dataset)
+
+
+def model_preprocessing(model_name: str, model, image_size=None) -> tuple:
+    """(transform, description): how a script prepares a photo (PIL image) for `model` with --dataset imagefolder,
+    e.g. to a (3, 224, 224) tensor, and the line it prints about it."""
+    from gpfq.runner.preprocessing import model_transform
+    return model_transform(model_name, model, image_size)
+
+
+def image_folder_data(model_name: str, model, folder, image_size=None, log=print) -> tuple:
+    """(calibration set, evaluation set) a script reads from an ImageFolder `folder` (train/ and val/) for `model`:
+    datasets of (image tensor, class index) with .classes."""
+    from gpfq.runner.preprocessing import image_folder_sets
+    return image_folder_sets(model_name, model, folder, image_size, log=log)
+
+
+def logged_float_accuracy(point: dict, measured: tuple, **run_changes) -> tuple:
+    """The float model's (top-1, top-5) a script logs for grid point `point`, its run settings changed by
+    `run_changes` (unchecked, e.g. dataset="imagefolder" without a folder), where measuring the model gives
+    `measured`: torchvision's published numbers where they stand for the run, else the measured ones."""
+    import dataclasses
+    import pytest
+    from gpfq.runner import experiment
+    config, run = experiment.parse_point(point)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "evaluate", lambda *args, **kwargs: measured)
+        return experiment.float_accuracy((config, dataclasses.replace(run, **run_changes)), None,
+                                         experiment.Resources(), lambda: None)
