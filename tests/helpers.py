@@ -730,3 +730,39 @@ def logged_float_accuracy(point: dict, measured: tuple, **run_changes) -> tuple:
         patch.setattr(experiment, "evaluate", lambda *args, **kwargs: measured)
         return experiment.float_accuracy((config, dataclasses.replace(run, **run_changes)), None,
                                          experiment.Resources(), lambda: None)
+
+
+def record_layers(reports) -> list:
+    """The "layers" of the JSON record a script saves beside a model (saved_record) for `reports`: one JSON-ready
+    dict per LayerReport (no alphabet), an undefined (NaN) relative error as None (null)."""
+    from gpfq.pipeline.reports import reports_as_dicts
+    return reports_as_dicts(reports)
+
+
+def evaluation_classes(dataset):
+    """The number of classes a script counts in an evaluation set of (image, label) (its chance level is 1/that),
+    or None for a set without labels."""
+    from gpfq.runner.evaluate import classes_in
+    return classes_in(dataset)
+
+
+def hold_quantized_evaluation(mark, seconds: float) -> None:
+    """For the rest of this process (a script's child), a script's evaluation of a quantized model (after the
+    point's files are saved, before its row) first creates the file `mark`, then sleeps `seconds`: time for a test
+    to interrupt the point there."""
+    import time
+    from gpfq.runner import experiment
+    real_evaluate = experiment.evaluate
+
+    def evaluate(model, loader, *args, desc="evaluate", **kwargs):
+        if desc == "quantized model":
+            Path(mark).touch()
+            time.sleep(seconds)
+        return real_evaluate(model, loader, *args, desc=desc, **kwargs)
+    experiment.evaluate = evaluate
+
+
+def script_result_folders() -> tuple:
+    """(log folder, model folder) a script writes to when --log_dir and --model_dir are not given."""
+    from gpfq.runner import experiment
+    return experiment.LOG_DIR, experiment.MODEL_DIR
