@@ -766,3 +766,59 @@ def script_result_folders() -> tuple:
     """(log folder, model folder) a script writes to when --log_dir and --model_dir are not given."""
     from gpfq.runner import experiment
     return experiment.LOG_DIR, experiment.MODEL_DIR
+
+
+def run_script_command(folder: str, *argv) -> None:
+    """Run <folder>/quantize.py in this process as `python <folder>/quantize.py argv…` runs from a shell: an
+    expected error ends it as the script ends, one line on stderr and SystemExit (2: bad input, 1: a failed
+    write)."""
+    import runpy
+    import sys
+    from gpfq.paths import REPO_ROOT
+    script = REPO_ROOT / folder / "quantize.py"
+    saved, sys.argv = sys.argv, [str(script), *map(str, argv)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+def save_beside_model(model, reports, model_path, point: dict, input_shape, log=print) -> tuple:
+    """What a script writes for grid point `point` beside its saved model at `model_path`: the quantized model file
+    <stem>.safetensors of `model` and its [LayerReport], recording `input_shape` (one example's, no batch axis);
+    (its path, SizeReport)."""
+    from gpfq.runner.deploy import save_beside
+    from gpfq.runner.header import parse_point
+    return save_beside(model, reports, model_path, parse_point(point), input_shape, log=log)
+
+
+def checkpoint_kill_variable() -> str:
+    """The environment variable that makes a run with --checkpoint end (as if killed) after that many layers."""
+    from gpfq.pipeline.checkpoint import KILL_VARIABLE
+    return KILL_VARIABLE
+
+
+def layer_checkpoint(folder, identity: dict, revision: str, mode="auto", resume: bool = False, log=print):
+    """The per-layer checkpoint of one grid point in `folder`, as a script keeps it with --checkpoint and passes it
+    to gpfq.quantize(checkpoint=…): load(layer names) -> a matching saved state or None, after_layer(index,
+    state), remove(), path."""
+    from gpfq.pipeline.checkpoint import LayerCheckpoint
+    return LayerCheckpoint(folder, identity, revision, mode=mode, resume=resume, log=log)
+
+
+def read_layer_checkpoint(path) -> dict:
+    """The state saved in a checkpoint file; ValueError when its checksum does not match (a corrupted file)."""
+    from gpfq.pipeline.checkpoint import read_checkpoint
+    return read_checkpoint(path)
+
+
+def interrupt_after_logging(monkeypatch) -> None:
+    """From here to the end of the test, a Ctrl-C (KeyboardInterrupt) reaches a script just after it appends a
+    grid point's row to its log, before it marks the point done."""
+    from gpfq.runner import experiment
+    real_append = experiment.append_row
+
+    def append_then_interrupt(*args, **kwargs):
+        real_append(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "append_row", append_then_interrupt)
