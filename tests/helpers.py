@@ -511,3 +511,314 @@ def common_help() -> dict:
     """{key: its help} of the keys every script takes beside its header's (resume, debug, …)."""
     from gpfq.runner.header import COMMON_HELP
     return dict(COMMON_HELP)
+
+
+# ---------------------------------------------------------------- logs, figures and whole runs, seen from outside
+# What the scripts' logs, the figures and a script's run around a grid point do, for tests that check them without
+# naming the runner's modules. Like the functions above, they reach gpfq.pipeline or gpfq.runner only in their bodies.
+
+def append_log_row(path, row: dict, columns) -> None:
+    """Append `row` ({column: value}) to the CSV log at `path` as a script appends a grid point's row: the log is
+    created with the header `columns` if missing; a log with another header is refused (foreign_log_error)."""
+    from gpfq.runner.logs import append_row
+    append_row(path, row, columns)
+
+
+def fresh_log(path, columns):
+    """Start the log at `path` fresh with the header `columns`, as logs/init_logs.py does for each log: the path an
+    existing log was renamed to (<stem>_<timestamp>.csv), or None when there was none."""
+    from gpfq.runner.logs import init_log
+    return init_log(path, columns)
+
+
+def foreign_log_error() -> type:
+    """The error class (a gpfq.errors.BadInputError and ValueError) of a log whose header is not a script's."""
+    from gpfq.runner.logs import ForeignLogError
+    return ForeignLogError
+
+
+def plot_logs_script() -> dict:
+    """The namespace of experiments/plot_logs.py (its main, read_logs, seed_table, the plot_* functions, …)."""
+    import runpy
+    from gpfq.paths import REPO_ROOT
+    return runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
+
+
+def top1_by_m(frame, model: str):
+    """The table plot_logs.py draws top-1 against m from for `model` (frame: its read_logs rows): index m, a column
+    per bit width, seeds averaged."""
+    from gpfq.runner.figures import top1_against_m
+    return top1_against_m(frame, model)
+
+
+def top1_by_bits(frame, model: str, m: int):
+    """The table plot_logs.py draws its method comparison from for `model` at `m`: index bits, a column per method
+    setting (e.g. "MSQ, per channel"), seeds averaged."""
+    from gpfq.runner.figures import top1_against_bits
+    return top1_against_bits(frame, model, m)
+
+
+def refuse_evaluation(monkeypatch) -> None:
+    """From here to the end of the test, any evaluation a script starts (the float or the quantized model's) fails
+    with an AssertionError; the float accuracy cache is off, so a cached accuracy cannot skip it."""
+    from gpfq.runner import experiment
+
+    def started(*args, **kwargs):
+        raise AssertionError("evaluation started before the bad input was reported")
+    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")
+    monkeypatch.setattr(experiment, "evaluate", started)
+
+
+def small_evaluation(monkeypatch, images: int) -> None:
+    """From here to the end of the test, a script evaluates on the first `images` images of its evaluation set only
+    (the code paths are the real ones; the rows' accuracies are over those images)."""
+    from torch.utils.data import Subset
+    from gpfq.runner import experiment
+    full = experiment.evaluation_set
+    monkeypatch.setattr(experiment, "evaluation_set", lambda name, data_dir: Subset(full(name, data_dir),
+                                                                                     range(images)))
+
+
+def slow_layers(seconds: float) -> None:
+    """For the rest of this process (a child a test starts), each layer gpfq quantizes takes `seconds` longer, so a
+    grid point lasts long enough for a signal to land inside it (its rows stay the real ones)."""
+    import time
+    from gpfq.pipeline import network
+    # the loop asks layer_alphabet once per quantized layer, from rows or from sums
+    real_layer_alphabet = network.layer_alphabet
+    network.layer_alphabet = lambda *args, **kwargs: (time.sleep(seconds), real_layer_alphabet(*args, **kwargs))[1]
+
+
+def run_script_with_model_check(header, check, *argv) -> list:
+    """run_script(header, *argv) with check(layer names, calibration set size, evaluation set size) called where a
+    script variant checks its points against the loaded model, before any point starts (as the ad hoc script checks
+    its bits_map): raising there stops the run."""
+    from gpfq.runner.experiment import Variant, main
+
+    def validate_model(point, facts):
+        check(facts.layer_names, facts.calibration_size, facts.evaluation_size)
+    return main(header, list(argv), variant=Variant(validate_model=validate_model))
+
+
+def point_identity(point: dict, log_name: str, folder: str = "quantization_scripts") -> dict:
+    """{column: value} of the columns of log `log_name` that a resumed run of the script of `folder` compares to
+    find grid point `point` done (every column but the results)."""
+    from gpfq.runner.experiment import parse_point
+    from gpfq.runner.resume import point_identity as identity
+    variant = _variant(folder)
+    return identity(parse_point(point, variant.options), variant.logs[log_name], variant)
+
+
+def pending_grid_points(points: list, log_dir, **variant) -> list:
+    """Those of `points` (grid point dicts) that a resumed script would still run, given the rows in the logs of
+    `log_dir`: one whose row is missing from one of its logs. variant: the fields of a script variant of one's own
+    (logs, log_names, columns, options: the runner's names; log_names and columns take the parsed point, whose
+    .config is its QuantConfig and .run.options what `options` parsed); default: the plain script."""
+    from gpfq.runner.experiment import PLAIN, Variant, parse_point
+    from gpfq.runner.resume import pending_points
+    kind = Variant(**variant) if variant else PLAIN
+    parsed = [parse_point(point, kind.options) for point in points]
+    pending = pending_points(parsed, log_dir, kind)
+    return [point for point, typed in zip(points, parsed) if any(typed is p for p in pending)]
+
+
+def calibration_stream(dataset, seed: int, chunk_size: int = 256, num_workers: int = 0):
+    """The seeded endless shuffle a script draws calibration images from (gpfq.pipeline.streams.CalibrationStream,
+    a documented seam): draw(m) gives the next m images as a list of chunks."""
+    from gpfq.pipeline.streams import CalibrationStream
+    return CalibrationStream(dataset, seed, chunk_size=chunk_size, num_workers=num_workers)
+
+
+def quantized_network(model, images, config, keep_rows: bool = False, after_layer=None) -> tuple:
+    """gpfq.quantize's layer loop on `images` (N, …), every layer under `config` (its batch_size, retain_rate, seed,
+    calibration and patch_stride drive the calibration), no log lines: (quantized copy, [LayerReport]).
+    keep_rows: keep each layer's rows (G, m, N0) for after_layer(step), as the ad hoc and retraining scripts do
+    (gpfq.quantize streams them)."""
+    from gpfq.pipeline.network import Calibration, Hooks, quantize_network
+    stream = calibration_stream(TensorDataset(images, torch.zeros(len(images))), seed=config.seed)
+    calibration = Calibration(config.batch_size, config.retain_rate, config.seed, mode=config.calibration,
+                              patch_stride=config.patch_stride, keep_rows=keep_rows)
+    return quantize_network(model, stream, lambda index, name, n_layers: config, calibration,
+                            Hooks(log=lambda text: None, after_layer=after_layer))
+
+
+def non_finite_error() -> type:
+    """The error class (a gpfq.errors.BadInputError) of a NaN or Inf in a model's weights or a layer's input."""
+    from gpfq.pipeline.capture import NonFiniteError
+    return NonFiniteError
+
+
+def layer_warning_lines(rows: int, inputs: int, zeros: int, weights: int, relative_error: float) -> list:
+    """The warnings a layer's line and its log row get: m·patches `rows` against N0 `inputs` weights per neuron,
+    `zeros` of `weights` quantized to 0, its relative error."""
+    from gpfq.pipeline.reports import layer_warnings
+    return layer_warnings(rows, inputs, zeros, weights, relative_error)
+
+
+def chance_warning_lines(top1: float, classes: int) -> list:
+    """The warning a script's row gets when the quantized model's top-1 is within 2 points of chance (1/classes)."""
+    from gpfq.runner.evaluate import chance_warnings
+    return chance_warnings(top1, classes)
+
+
+def debug_asked(argv: list, header: dict = None) -> bool:
+    """Whether a script shows an error's stack for command line `argv` and its HEADER `header` (--debug, the
+    header's debug, or GPFQ_DEBUG set)."""
+    from gpfq.runner.cli import debug_requested
+    return debug_requested(argv, header)
+
+
+def script_evaluation_loader(dataset: str, data_dir=None):
+    """The loader of the evaluation set a script evaluates its models on for `dataset` (narrowed when the test
+    called small_evaluation), as the script batches it."""
+    from gpfq.paths import DATA_DIR
+    from gpfq.runner import experiment
+    return experiment.evaluation_loader(experiment.evaluation_set(dataset, data_dir or DATA_DIR))
+
+
+def refuse_model_loading(monkeypatch) -> None:
+    """From here to the end of the test, a script that loads its model fails the test: to show that bad input is
+    reported before the model is built."""
+    import pytest
+    from gpfq.runner import experiment
+    monkeypatch.setattr(experiment, "load_model", lambda *args: pytest.fail("the model was built"))
+
+
+def model_data_mismatch_error() -> type:
+    """The error class (a gpfq.errors.BadInputError, ValueError) of a model that cannot take a script's images."""
+    from gpfq.runner.preprocessing import ModelDataMismatchError
+    return ModelDataMismatchError
+
+
+def check_model_fits_data(model_name: str, dataset: str, image_size=None, data_dir=None) -> None:
+    """Check, as a script does before loading anything, that model `model_name` goes with `dataset` (and
+    --image_size): ValueError saying why not."""
+    from gpfq.runner.preprocessing import check_model_and_data
+    check_model_and_data(model_name, dataset, image_size, data_dir)
+
+
+def check_model_takes_images(model_name: str, model, dataset_name: str, dataset) -> None:
+    """Check, as a script does once the model is loaded, that `model` runs on one image of `dataset`:
+    model_data_mismatch_error() saying the image's shape and what the model raised, if not."""
+    from gpfq.runner.preprocessing import check_model_takes
+    check_model_takes(model_name, model, dataset_name, dataset)
+
+
+def model_preprocessing(model_name: str, model, image_size=None) -> tuple:
+    """(transform, description): how a script prepares a photo (PIL image) for `model` with --dataset imagefolder,
+    e.g. to a (3, 224, 224) tensor, and the line it prints about it."""
+    from gpfq.runner.preprocessing import model_transform
+    return model_transform(model_name, model, image_size)
+
+
+def image_folder_data(model_name: str, model, folder, image_size=None, log=print) -> tuple:
+    """(calibration set, evaluation set) a script reads from an ImageFolder `folder` (train/ and val/) for `model`:
+    datasets of (image tensor, class index) with .classes."""
+    from gpfq.runner.preprocessing import image_folder_sets
+    return image_folder_sets(model_name, model, folder, image_size, log=log)
+
+
+def logged_float_accuracy(point: dict, measured: tuple, **run_changes) -> tuple:
+    """The float model's (top-1, top-5) a script logs for grid point `point`, its run settings changed by
+    `run_changes` (unchecked, e.g. dataset="imagefolder" without a folder), where measuring the model gives
+    `measured`: torchvision's published numbers where they stand for the run, else the measured ones."""
+    import dataclasses
+    import pytest
+    from gpfq.runner import experiment
+    config, run = experiment.parse_point(point)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "evaluate", lambda *args, **kwargs: measured)
+        return experiment.float_accuracy((config, dataclasses.replace(run, **run_changes)), None,
+                                         experiment.Resources(), lambda: None)
+
+
+def record_layers(reports) -> list:
+    """The "layers" of the JSON record a script saves beside a model (saved_record) for `reports`: one JSON-ready
+    dict per LayerReport (no alphabet), an undefined (NaN) relative error as None (null)."""
+    from gpfq.pipeline.reports import reports_as_dicts
+    return reports_as_dicts(reports)
+
+
+def evaluation_classes(dataset):
+    """The number of classes a script counts in an evaluation set of (image, label) (its chance level is 1/that),
+    or None for a set without labels."""
+    from gpfq.runner.evaluate import classes_in
+    return classes_in(dataset)
+
+
+def hold_quantized_evaluation(mark, seconds: float) -> None:
+    """For the rest of this process (a script's child), a script's evaluation of a quantized model (after the
+    point's files are saved, before its row) first creates the file `mark`, then sleeps `seconds`: time for a test
+    to interrupt the point there."""
+    import time
+    from gpfq.runner import experiment
+    real_evaluate = experiment.evaluate
+
+    def evaluate(model, loader, *args, desc="evaluate", **kwargs):
+        if desc == "quantized model":
+            Path(mark).touch()
+            time.sleep(seconds)
+        return real_evaluate(model, loader, *args, desc=desc, **kwargs)
+    experiment.evaluate = evaluate
+
+
+def script_result_folders() -> tuple:
+    """(log folder, model folder) a script writes to when --log_dir and --model_dir are not given."""
+    from gpfq.runner import experiment
+    return experiment.LOG_DIR, experiment.MODEL_DIR
+
+
+def run_script_command(folder: str, *argv) -> None:
+    """Run <folder>/quantize.py in this process as `python <folder>/quantize.py argv…` runs from a shell: an
+    expected error ends it as the script ends, one line on stderr and SystemExit (2: bad input, 1: a failed
+    write)."""
+    import runpy
+    import sys
+    from gpfq.paths import REPO_ROOT
+    script = REPO_ROOT / folder / "quantize.py"
+    saved, sys.argv = sys.argv, [str(script), *map(str, argv)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+def save_beside_model(model, reports, model_path, point: dict, input_shape, log=print) -> tuple:
+    """What a script writes for grid point `point` beside its saved model at `model_path`: the quantized model file
+    <stem>.safetensors of `model` and its [LayerReport], recording `input_shape` (one example's, no batch axis);
+    (its path, SizeReport)."""
+    from gpfq.runner.deploy import save_beside
+    from gpfq.runner.header import parse_point
+    return save_beside(model, reports, model_path, parse_point(point), input_shape, log=log)
+
+
+def checkpoint_kill_variable() -> str:
+    """The environment variable that makes a run with --checkpoint end (as if killed) after that many layers."""
+    from gpfq.pipeline.checkpoint import KILL_VARIABLE
+    return KILL_VARIABLE
+
+
+def layer_checkpoint(folder, identity: dict, revision: str, mode="auto", resume: bool = False, log=print):
+    """The per-layer checkpoint of one grid point in `folder`, as a script keeps it with --checkpoint and passes it
+    to gpfq.quantize(checkpoint=…): load(layer names) -> a matching saved state or None, after_layer(index,
+    state), remove(), path."""
+    from gpfq.pipeline.checkpoint import LayerCheckpoint
+    return LayerCheckpoint(folder, identity, revision, mode=mode, resume=resume, log=log)
+
+
+def read_layer_checkpoint(path) -> dict:
+    """The state saved in a checkpoint file; ValueError when its checksum does not match (a corrupted file)."""
+    from gpfq.pipeline.checkpoint import read_checkpoint
+    return read_checkpoint(path)
+
+
+def interrupt_after_logging(monkeypatch) -> None:
+    """From here to the end of the test, a Ctrl-C (KeyboardInterrupt) reaches a script just after it appends a
+    grid point's row to its log, before it marks the point done."""
+    from gpfq.runner import experiment
+    real_append = experiment.append_row
+
+    def append_then_interrupt(*args, **kwargs):
+        real_append(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "append_row", append_then_interrupt)

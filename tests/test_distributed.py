@@ -255,8 +255,8 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
     import subprocess
     import sys
     from gpfq.io.models import load_saved_model
-    from gpfq.runner.evaluate import evaluate
-    from gpfq.runner.logs import read_rows
+    from helpers import logged_rows as read_rows
+    from helpers import scored
     from gpfq.paths import REPO_ROOT
     _, evaluation, model = default_data
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -270,13 +270,13 @@ def test_torchrun_two_ranks_one_row_and_resume(tmp_path, default_data):
 
     single = quantize_default(M, 256)  # one thread, as each rank ran
     loader = torch.utils.data.DataLoader(evaluation, batch_size=256)
-    float_top1, _ = evaluate(model, loader, progress=False)
+    float_top1, _ = scored(model, loader)
     quantized = load_saved_model(REPO_ROOT / row["Model File"] if not os.path.isabs(row["Model File"])
                                  else row["Model File"], model)
     distributed_q = {name: module.weight for name, module in quantized.named_modules() if name in single["layers"]}
     equal = sum(int((distributed_q[n].reshape(q.shape) == q).sum()) for n, (q, _) in single["layers"].items())
     total = sum(q.numel() for q, _ in single["layers"].values())
-    single_top1, _ = evaluate(copy_with_weights(model, single), loader, progress=False)
+    single_top1, _ = scored(copy_with_weights(model, single), loader)
     assert float(row["Original Top1 Accuracy"]) == round(float_top1, 6)
     assert equal / total >= 0.999
     assert abs(float(row["Quantized Top1 Accuracy"]) - single_top1) <= 0.0005

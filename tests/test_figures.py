@@ -1,9 +1,14 @@
 """The figures' tables from a small hand-made log."""
 import pytest
 
-from gpfq.runner.figures import (plot_top1_against_bits, plot_top1_against_m, read_logs, seed_table, top1_against_bits,
-                          top1_against_m)
-from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
+from helpers import append_log_row as append_row
+from helpers import plain_log_columns, plot_logs_script, top1_by_bits, top1_by_m
+
+PLAIN_LOG = "Quantization_Log.csv"
+PLAIN_COLUMNS = plain_log_columns()
+PLOT_LOGS = plot_logs_script()  # the figures' reader, tables and plots, as experiments/plot_logs.py has them
+read_logs, seed_table = PLOT_LOGS["read_logs"], PLOT_LOGS["seed_table"]
+plot_top1_against_m, plot_top1_against_bits = PLOT_LOGS["plot_top1_against_m"], PLOT_LOGS["plot_top1_against_bits"]
 
 # (method, granularity, options, bits, m, seed, top-1)
 RUNS = [("gpfq", "layer", "", 3, 64, 0, 0.80), ("gpfq", "layer", "", 3, 64, 1, 0.84),
@@ -26,7 +31,7 @@ def log(tmp_path):
 
 def test_top1_against_m_averages_seeds_per_bit_width(log, tmp_path):
     frame = read_logs([log])
-    table = top1_against_m(frame, "toy")
+    table = top1_by_m(frame, "toy")
     assert table.loc[64, 3] == pytest.approx(0.82)
     assert table.loc[256, 3] == pytest.approx(0.88)
     assert table.loc[256, 4] == pytest.approx(0.90)
@@ -37,7 +42,7 @@ def test_top1_against_m_averages_seeds_per_bit_width(log, tmp_path):
 
 def test_method_comparison_has_one_line_per_method_setting(log, tmp_path):
     frame = read_logs([log])
-    table = top1_against_bits(frame, "toy", 256)
+    table = top1_by_bits(frame, "toy", 256)
     assert sorted(table.columns) == ["GPFQ", "MSQ", "MSQ, per channel", "sparse GPFQ (soft threshold 0.1)"]
     assert table.loc[3, "MSQ, per channel"] == pytest.approx(0.75)
     assert table.loc[4, "sparse GPFQ (soft threshold 0.1)"] == pytest.approx(0.86)

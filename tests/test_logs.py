@@ -3,12 +3,13 @@ import sys
 
 import pytest
 from conftest import python_env
-from helpers import run_python
+from helpers import append_log_row as append_row
+from helpers import foreign_log_error, fresh_log, logged_rows, run_python, script_logs
 
-from gpfq.runner.procedures import LOG_COLUMNS
-from gpfq.runner.logs import PLAIN_LOG, ForeignLogError, append_row, init_log, read_rows
 from gpfq.paths import REPO_ROOT
 
+PLAIN_LOG = "Quantization_Log.csv"
+LOG_COLUMNS = script_logs()  # {log file name: columns} of every script's logs
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]
 
 
@@ -26,7 +27,7 @@ def test_append_creates_log_and_keeps_values(tmp_path, capsys):
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
     assert lines[0] == COLUMNS
-    rows = read_rows(path)
+    rows = logged_rows(path)
     assert [r["Model Name"] for r in rows] == ["fashion_resnet", "m, with comma"]
     assert rows[0]["Bits"] == "4" and float(rows[0]["Quantized Top1 Accuracy"]) == 0.9123
 
@@ -34,7 +35,7 @@ def test_append_creates_log_and_keeps_values(tmp_path, capsys):
 def test_foreign_header_is_refused_and_untouched(tmp_path):
     path = tmp_path / PLAIN_LOG
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(ForeignLogError, match="init_logs"):
+    with pytest.raises(foreign_log_error(), match="init_logs"):
         append_row(path, _row(), COLUMNS)
     assert path.read_text() == "a,b,c\n1,2,3\n"
 
@@ -64,13 +65,13 @@ def test_init_logs_script_never_loses_a_log(tmp_path):
     kept = sorted(p.name for p in tmp_path.iterdir()
                   if p.name == PLAIN_LOG or (p.name.startswith("Quantization_Log_") and p.name[17].isdigit()))
     assert len(kept) == 3
-    seeds = sorted(read_rows(tmp_path / name)[0]["Seed"] for name in kept)
+    seeds = sorted(logged_rows(tmp_path / name)[0]["Seed"] for name in kept)
     assert len(set(seeds)) == 3  # each log still holds the row written into it
 
 
 def test_init_log_returns_renamed_old_log(tmp_path):
     path = tmp_path / PLAIN_LOG
-    assert init_log(path, COLUMNS) is None
+    assert fresh_log(path, COLUMNS) is None
     append_row(path, _row(**{"Author": "x"}), COLUMNS)
-    old = init_log(path, COLUMNS)
-    assert read_rows(old)[0]["Author"] == "x" and read_rows(path) == []
+    old = fresh_log(path, COLUMNS)
+    assert logged_rows(old)[0]["Author"] == "x" and logged_rows(path) == []

@@ -1,8 +1,7 @@
 """Reliability: bad input fails fast and clearly, nothing is ever lost, runs are repeatable.
 
 Runs of the embedded default use tiny m and, to fit the test budget, evaluate on the first
-EVAL_IMAGES Fashion-MNIST test images (gpfq.runner.experiment.evaluation_set is narrowed; the code
-paths are the real ones).
+EVAL_IMAGES Fashion-MNIST test images (helpers.small_evaluation; the code paths are the real ones).
 """
 import csv
 import errno
@@ -22,36 +21,35 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from conftest import TESTS_DIR, python_env
-from helpers import run_python
+from helpers import append_log_row as append_row
+from helpers import logged_rows as read_rows
+from helpers import (batchnorm_folded, bias_correction, calibration_stream, chance_warning_lines, check_options,
+                     debug_asked, foreign_log_error, fresh_log, grid_points, layer_warning_lines, non_finite_error,
+                     pending_grid_points, plot_logs_script, point_identity, point_log_values, quantized_network,
+                     refuse_evaluation, refuse_quantization, result_columns, run_python, run_script,
+                     run_script_with_model_check, scored, script_evaluation_loader, script_logs, script_points,
+                     script_result_columns, script_settings, small_evaluation)
 
 import gpfq
 from gpfq import QuantConfig
-from gpfq.runner import adhoc
-from gpfq.runner import experiment
-from gpfq.runner import retrain
 from gpfq.methods.alphabet import ALPHABET_KINDS, make_alphabet
-from gpfq.pipeline.capture import NonFiniteError
 from gpfq.io.data import CorruptImageError, DataMissingError, calibration_set
-from gpfq.pipeline.streams import CalibrationStream
-from gpfq.runner.experiment import (expand_grid, main, parse_overrides, parse_point, pending_points, point_columns,
-                                    point_identity)
-from gpfq.runner.adhoc import ADHOC, BIAS_LOG, MIXED_LOG, SKIP_LOG
-from gpfq.runner.experiment import PLAIN, Variant
-from gpfq.runner.logs import PLAIN_LOG, RESULT_COLUMNS, ForeignLogError, append_row, read_rows
-from gpfq.runner.procedures import LOG_COLUMNS
-from gpfq.runner.retrain import RETRAIN, RETRAIN_LOG
 from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.methods.gpfq.engine import ENGINES
 from gpfq.methods import METHOD_NAMES
-from gpfq.pipeline.calibrator import CALIBRATIONS
-from gpfq.pipeline.network import Calibration, Hooks, layer_alphabet, quantize_network
-from gpfq.paths import DATA_DIR, PRETRAINED_DIR, REPO_ROOT
+from gpfq.paths import PRETRAINED_DIR, REPO_ROOT
 from gpfq.methods.gpfq.reference import gpfq_reference, msq
 
+PLAIN_LOG, BIAS_LOG, SKIP_LOG, MIXED_LOG, RETRAIN_LOG = ("Quantization_Log.csv", "Quantization_Log_Bias_Correct.csv",
+                                                         "Quantization_Log_Skip.csv", "Quantization_Log_Mixed_Precision.csv",
+                                                         "Quantization_Log_Retrain.csv")
+LOG_COLUMNS = script_logs()  # {log file name: columns} of every script's logs
 COLUMNS = LOG_COLUMNS[PLAIN_LOG]
+RESULT_COLUMNS = result_columns()
+NonFiniteError = non_finite_error()
 EVAL_IMAGES = 256
 PYTHON = sys.executable
 
@@ -70,21 +68,21 @@ def out_dirs(root: Path) -> list:
     return ["--log_dir", str(root / "logs"), "--model_dir", str(root / "models")]
 
 
+def main(header: dict, argv: list) -> list:
+    """The rows a script with `header` logs for command line `argv` (run in this process)."""
+    return run_script(header, *argv)
+
+
 @pytest.fixture
 def small_eval(monkeypatch):
-    full = experiment.evaluation_set
-    monkeypatch.setattr(experiment, "evaluation_set", lambda name, data_dir: Subset(full(name, data_dir),
-                                                                                     range(EVAL_IMAGES)))
+    small_evaluation(monkeypatch, EVAL_IMAGES)
 
 
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if the expensive work (evaluation, quantization) starts."""
-    def started(*args, **kwargs):
-        raise AssertionError("expensive work started before the bad input was reported")
-    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")  # a cached float accuracy would skip the evaluation it watches
-    monkeypatch.setattr(experiment, "evaluate", started)
-    monkeypatch.setattr(gpfq.pipeline.network, "quantize_network", started)
+    refuse_evaluation(monkeypatch)
+    refuse_quantization(monkeypatch)
 
 
 # ================================================================ bad input
@@ -140,7 +138,7 @@ def test_foreign_log_refused_before_work_and_left_untouched(tmp_path, no_work):
     log = tmp_path / "logs" / PLAIN_LOG
     log.parent.mkdir()
     log.write_text("Model,Acc\nalexnet,0.5\n")
-    with pytest.raises(ForeignLogError, match="refusing to append.*init_logs.py"):
+    with pytest.raises(foreign_log_error(), match="refusing to append.*init_logs.py"):
         main(HEADER, out_dirs(tmp_path))
     assert log.read_text() == "Model,Acc\nalexnet,0.5\n"
 
@@ -183,17 +181,16 @@ def _mlp(*widths) -> nn.Sequential:
     return nn.Sequential(*layers[:-1]).eval()
 
 
-@pytest.mark.parametrize("calibration", CALIBRATIONS)
+@pytest.mark.parametrize("calibration", ["fresh", "fixed"])  # QuantConfig's calibration modes
 def test_nan_in_activations_during_quantization_names_the_layer(calibration):
     torch.manual_seed(0)
     model = _mlp(8, 6, 3)
     images = torch.randn(16, 8)
     images[5, 2] = float("nan")  # not image 0, which layer discovery runs on
-    stream = CalibrationStream(TensorDataset(images, torch.zeros(16)), seed=0)
-    settings = QuantConfig(bits=3, mlp_scalar=1.0, cnn_scalar=1.0)
+    settings = QuantConfig(bits=3, mlp_scalar=1.0, cnn_scalar=1.0, batch_size=16, retain_rate=1.0, seed=0,
+                           calibration=calibration)
     with pytest.raises(NonFiniteError, match="the input of layer 0 in the float model contains 1 NaN and 0 Inf"):
-        quantize_network(model, stream, lambda i, n, l: settings, Calibration(16, 1.0, 0, mode=calibration),
-                         Hooks(log=lambda text: None))
+        quantized_network(model, images, settings)
 
 
 def _zero_model() -> nn.Sequential:
@@ -211,10 +208,9 @@ def _zero_model() -> nn.Sequential:
 
 def _quantize_zero_model(settings, keep_rows=True):
     steps = []
-    stream = CalibrationStream(TensorDataset(torch.randn(32, 8), torch.zeros(32)), seed=0)
-    quantized, reports = quantize_network(_zero_model(), stream, lambda i, n, l: settings,
-                                          Calibration(32, 1.0, 0, keep_rows=keep_rows),
-                                          Hooks(log=lambda text: None, after_layer=steps.append))
+    settings = settings.replace(batch_size=32, retain_rate=1.0, seed=0)
+    quantized, reports = quantized_network(_zero_model(), torch.randn(32, 8), settings, keep_rows=keep_rows,
+                                           after_layer=steps.append)
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     # layers 2 (W = 0) and 3 (X = 0) have ‖XWᵀ‖ = 0: their relative error is undefined (NaN), not 0
     assert all(np.isfinite(r.relative_error) for r in reports[:2])
@@ -246,7 +242,7 @@ def test_zero_weights_and_zero_input_columns():
     # layer 1: the per-column specification on the same rows, zero columns included
     step = steps[1]
     assert torch.all(step.quantized_rows[0, :, :3] == 0) and torch.all(step.analog_rows[0, :, :3] == 0)
-    alphabet, _ = layer_alphabet(model[2], settings)
+    alphabet = reports[1].alphabet  # layer 1 (model[2]): its levels, from its weights and the settings
     expected = gpfq_reference(step.weight[0], step.analog_rows[0], step.quantized_rows[0], alphabet)
     assert torch.equal(step.quantized_weight[0], expected.float())
     assert torch.all(expected[:, :3] == 0)  # argument 0 -> the level 0
@@ -265,11 +261,11 @@ def test_zero_weights_and_zero_input_columns():
 def test_variant_model_checks_see_layers_and_sizes_before_work(tmp_path, no_work):
     seen = []
 
-    def validate_model(point, facts):
-        seen.append((facts.layer_names, facts.calibration_size, facts.evaluation_size))
+    def validate_model(layer_names, calibration_size, evaluation_size):
+        seen.append((layer_names, calibration_size, evaluation_size))
         raise ValueError("bad hyperparameter: bits_map entry 'stages.9.*' matches no layer")
     with pytest.raises(ValueError, match="stages.9"):
-        main(HEADER, out_dirs(tmp_path), variant=Variant(validate_model=validate_model))
+        run_script_with_model_check(HEADER, validate_model, *out_dirs(tmp_path))
     names, calibration_size, evaluation_size = seen[0]
     assert len(names) == 10 and names[0] == "stem.0" and names[-1] == "fc"
     assert (calibration_size, evaluation_size) == (60000, 10000)
@@ -288,7 +284,7 @@ def _run_script(folder: str, argv: list, monkeypatch):
 ])
 def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, monkeypatch, capsys, argv, message):
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line (gpfq.runner.cli.run_script)
+    with pytest.raises(SystemExit) as exit_:  # the script reports the error in one line
         _run_script("adhoc_quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
@@ -296,21 +292,21 @@ def test_adhoc_entries_matching_no_layer_found_before_work(tmp_path, no_work, mo
 
 
 def _first_point(folder: str) -> dict:
-    spec = importlib.util.spec_from_file_location(f"{folder}_header", REPO_ROOT / folder / "quantize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return expand_grid(module.HEADER, adhoc.GRID_KEYS + retrain.GRID_KEYS)[0]
+    return script_points(folder)[0]
 
 
-@pytest.mark.parametrize("log_name,folder,variant", [
-    (PLAIN_LOG, "quantization_scripts", PLAIN), (BIAS_LOG, "adhoc_quantization_scripts", ADHOC),
-    (SKIP_LOG, "adhoc_quantization_scripts", ADHOC), (MIXED_LOG, "adhoc_quantization_scripts", ADHOC),
-    (RETRAIN_LOG, "retraining_scripts", RETRAIN)])
-def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder, variant):
+EVERY_LOG = [(PLAIN_LOG, "quantization_scripts"), (BIAS_LOG, "adhoc_quantization_scripts"),
+             (SKIP_LOG, "adhoc_quantization_scripts"), (MIXED_LOG, "adhoc_quantization_scripts"),
+             (RETRAIN_LOG, "retraining_scripts")]
+
+
+@pytest.mark.parametrize("log_name,folder", EVERY_LOG,
+                         ids=[f"{log}-{folder}-variant{i}" for i, (log, folder) in enumerate(EVERY_LOG)])
+def test_every_log_column_is_a_result_or_identifies_the_point(log_name, folder):
     """`resume` can tell every variant's points apart: each column is filled from the point or is a result."""
     columns = LOG_COLUMNS[log_name]
-    identity = point_identity(parse_point(_first_point(folder), variant.options), columns, variant)
-    assert set(identity) == set(columns) - RESULT_COLUMNS - variant.result_columns
+    identity = point_identity(_first_point(folder), log_name, folder)
+    assert set(identity) == set(columns) - script_result_columns(folder)
     assert {"Bits", "Seed", "Method"} <= set(identity) and not {"Quantized Top1 Accuracy", "Date"} & set(identity)
 
 
@@ -346,14 +342,12 @@ def test_truncated_jpeg_stops_with_its_path_also_from_workers(tmp_path):
     with pytest.raises(CorruptImageError, match=f"cannot decode image {bad} .*truncated"):
         train[index]
     with pytest.raises(CorruptImageError, match=str(bad)):  # raised in a worker, reported here
-        CalibrationStream(train, seed=0, chunk_size=2, num_workers=2).draw(4)
+        calibration_stream(train, seed=0, chunk_size=2, num_workers=2).draw(4)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_truncated_jpeg_stops_the_run_before_quantization(tmp_path, monkeypatch, split):
-    def started(*args, **kwargs):
-        raise AssertionError("quantization started")
-    monkeypatch.setattr(gpfq.pipeline.network, "quantize_network", started)
+    refuse_quantization(monkeypatch)
     files = _tiny_imagenet(tmp_path / "data" / "ILSVRC2012")
     bad = next(p for p in files if p.parts[-3] == split)  # the first image: read by layer discovery (train)
     _truncate(bad)                                         # or by the float model's evaluation (val)
@@ -368,10 +362,10 @@ CONCURRENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from gpfq.runner.experiment import save_model
-    from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row
+    from gpfq.io.storage import save_model
+    from helpers import append_log_row as append_row, plain_log_columns
     tag, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    columns = PLAIN_COLUMNS
+    columns, PLAIN_LOG = plain_log_columns(), "Quantization_Log.csv"
     (out / f"ready-{{tag}}").touch()
     while not (out / "go").exists():  # both processes start together
         time.sleep(0.005)
@@ -390,7 +384,7 @@ def test_two_processes_append_and_save_at_once(tmp_path):
     script = tmp_path / "append_and_save.py"  # (a name no module has)
     script.write_text(CONCURRENT.format())
     count = 25
-    procs = [subprocess.Popen([PYTHON, str(script), tag, str(tmp_path), str(count)], env=python_env())
+    procs = [subprocess.Popen([PYTHON, str(script), tag, str(tmp_path), str(count)], env=python_env(TESTS_DIR))
              for tag in ("a", "b")]
     start = time.time()
     while not all((tmp_path / f"ready-{tag}").exists() for tag in ("a", "b")) and time.time() - start < 300:
@@ -435,19 +429,14 @@ def test_row_appended_after_a_torn_line_stays_whole(tmp_path):
 
 GRID = textwrap.dedent("""
     import sys
-    import time
-    from torch.utils.data import Subset
-    from gpfq.runner import experiment
-    from gpfq.pipeline import network
+    import pytest
+    from helpers import run_script, slow_layers, small_evaluation
     # Each layer takes ≥ 0.2 s, so a grid point lasts seconds whatever the engine's speed and a signal
-    # sent after a point's row lands inside the next point (the rows themselves are real). The loop asks
-    # layer_alphabet once per quantized layer, from rows or from sums.
-    real_layer_alphabet = network.layer_alphabet
-    network.layer_alphabet = lambda *args, **kwargs: (time.sleep(0.2), real_layer_alphabet(*args, **kwargs))[1]
-    full = experiment.evaluation_set
-    experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range({eval_images}))
+    # sent after a point's row lands inside the next point (the rows themselves are real).
+    slow_layers(0.2)
+    small_evaluation(pytest.MonkeyPatch(), {eval_images})  # for the whole of this process
     from test_reliability import HEADER
-    experiment.main(HEADER, sys.argv[1:])
+    run_script(HEADER, *sys.argv[1:])
 """)
 
 
@@ -521,34 +510,33 @@ def test_resume_identity_is_the_hyperparameter_columns(tmp_path, monkeypatch):
     point = dict(HEADER, bits=4, batch_size=512, mlp_scalar=1.3, cnn_scalar=1.3, mlp_percentile=1.0,
                  cnn_percentile=1.0)
     row = {c: "0.5" for c in RESULT_COLUMNS if c in COLUMNS}
-    row.update(point_columns(parse_point(point)))
+    row.update(point_log_values(point))
     row["MLP_Alphabet_Scalar"] = "1.30"  # as another tool might write it: still the same number
     append_row(tmp_path / PLAIN_LOG, row, COLUMNS)
     others = [dict(point, seed=1), dict(point, ignore_layers=[0]), dict(point, include_0=False),
               dict(point, method="msq"), dict(point, bits=3), dict(point, engine="gram")]
-    parsed = [parse_point(p) for p in [point] + others]
-    assert pending_points(parsed, tmp_path) == parsed[1:]
-    assert pending_points([parse_point(dict(point, author="someone else"))], tmp_path) == []  # Author is not identity
+    assert pending_grid_points([point] + others, tmp_path) == others
+    assert pending_grid_points([dict(point, author="someone else")], tmp_path) == []  # Author is not identity
     # a variant's column that is neither a result nor filled from the point cannot be guessed
     logs = {PLAIN_LOG: COLUMNS, "Variant_Log.csv": COLUMNS + ["Warmup Steps"]}
     append_row(tmp_path / "Variant_Log.csv", dict(row, **{"Warmup Steps": 100}), logs["Variant_Log.csv"])
     with pytest.raises(ValueError, match=r"columns \['Warmup Steps'\]"):
-        pending_points([parse_point(point)], tmp_path, Variant(logs=logs, log_names=lambda p: "Variant_Log.csv"))
+        pending_grid_points([point], tmp_path, logs=logs, log_names=lambda p: "Variant_Log.csv")
     # the variant's own option, typed by its parser: the number of warmup steps
     warmup_steps = lambda p: p.get("warmup_steps", 100)  # noqa: E731
     warmup = lambda p: {"Warmup Steps": p.run.options}  # noqa: E731
-    variant = Variant(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup, options=warmup_steps)
-    logged, other = (parse_point(p, warmup_steps) for p in (point, dict(point, warmup_steps=50)))
-    assert pending_points([logged, other], tmp_path, variant) == [other]
+    variant = dict(logs=logs, log_names=lambda p: "Variant_Log.csv", columns=warmup, options=warmup_steps)
+    logged, other = point, dict(point, warmup_steps=50)
+    assert pending_grid_points([logged, other], tmp_path, **variant) == [other]
     # a point whose row goes to two logs is done only when both have it
     both = lambda p: [PLAIN_LOG, "Variant_Log.csv"] if p.config.seed == 0 else [PLAIN_LOG]  # noqa: E731
-    variant = Variant(logs=logs, log_names=both, columns=warmup, options=warmup_steps)
-    assert pending_points([logged], tmp_path, variant) == []
-    assert pending_points([other], tmp_path, variant) == [other]
-    # parse_overrides: `--resume` alone means True, on any header
-    assert parse_overrides({"bits": 4}, ["--resume"])["resume"] is True
-    assert parse_overrides({"bits": 4}, [])["resume"] is False
-    assert parse_overrides(dict(HEADER, resume=True), ["--resume", "False"])["resume"] is False
+    variant = dict(logs=logs, log_names=both, columns=warmup, options=warmup_steps)
+    assert pending_grid_points([logged], tmp_path, **variant) == []
+    assert pending_grid_points([other], tmp_path, **variant) == [other]
+    # `--resume` alone means True, on any header
+    assert script_settings({"bits": 4}, "--resume")["resume"] is True
+    assert script_settings({"bits": 4})["resume"] is False
+    assert script_settings(dict(HEADER, resume=True), "--resume", "False")["resume"] is False
 
 
 # ================================================================ repeatable
@@ -568,8 +556,8 @@ def test_same_seed_same_bits_across_runs_and_workers(tmp_path, small_eval):
     for key in ("Quantized Top1 Accuracy", "Quantized Top5 Accuracy", "Original Top1 Accuracy"):
         assert runs[0][key] == runs[2][key]
     # the seed is what fixes the calibration images: another seed draws others
-    calibration = experiment.calibration_set("fashion_mnist")
-    draws = {seed: torch.cat(CalibrationStream(calibration, seed).draw(8)) for seed in (0, 1)}
+    calibration = calibration_set("fashion_mnist")
+    draws = {seed: torch.cat(calibration_stream(calibration, seed).draw(8)) for seed in (0, 1)}
     assert not torch.equal(draws[0], draws[1])
     logged = read_rows(tmp_path / "workers0" / "logs" / PLAIN_LOG)[0]
     revision = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -586,14 +574,14 @@ TORN = '…,0.25,0,"Zo'  # a row cut short by a crash or a full disk, inside a q
 def _logged_row(point: dict, top1: float = 0.9) -> dict:
     """A row as run_point writes it: the point's hyperparameter columns and plausible results."""
     row = {c: "" for c in COLUMNS}
-    row.update(point_identity(parse_point(point), COLUMNS))
+    row.update(point_identity(point, PLAIN_LOG))
     row.update({"Original Top1 Accuracy": 0.92, "Quantized Top1 Accuracy": top1, "Original Top5 Accuracy": 0.99,
                 "Quantized Top5 Accuracy": 0.99})
     return row
 
 
 def test_torn_quoted_last_line_is_moved_aside_and_the_new_row_starts_clean(tmp_path, capsys):
-    from gpfq.runner.figures import read_logs
+    read_logs = plot_logs_script()["read_logs"]
     log = tmp_path / PLAIN_LOG
     append_row(log, {c: "first" for c in COLUMNS}, COLUMNS)
     whole = log.read_bytes()
@@ -610,9 +598,9 @@ def test_torn_quoted_last_line_is_moved_aside_and_the_new_row_starts_clean(tmp_p
 
 def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_path, capsys):
     """A log an earlier version left with a torn quoted line in the middle and rows after it."""
-    from gpfq.runner.figures import read_logs
-    plot_logs = runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
-    points = expand_grid(parse_overrides(HEADER, ["--bits", "3", "4", "--batch_size", "64"]))
+    plot_logs = plot_logs_script()
+    read_logs = plot_logs["read_logs"]
+    points = grid_points(HEADER, "--bits", "3", "4", "--batch_size", "64")
     log_dir = tmp_path / "logs"
     log = log_dir / PLAIN_LOG
     log_dir.mkdir()
@@ -624,7 +612,7 @@ def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_pa
         writer.writerow([_logged_row(points[1], 0.92)[c] for c in COLUMNS])
     assert [row["Bits"] for row in read_rows(log)] == ["3", "4"]
     assert "line 3: an incomplete record" in capsys.readouterr().err  # reported, not swallowed
-    assert pending_points([parse_point(p) for p in points], log_dir) == []  # resume sees both rows
+    assert pending_grid_points(points, log_dir) == []  # resume sees both rows
     assert list(read_logs([log])["Quantized Top1 Accuracy"]) == [0.91, 0.92]
     plot_logs["main"](["--log", str(log), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "fashion_resnet_top1_vs_m.png").stat().st_size > 0
@@ -632,10 +620,8 @@ def test_rows_after_a_torn_record_stay_visible_to_resume_pandas_and_plots(tmp_pa
 
 def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_path, small_eval, monkeypatch,
                                                                           capsys):
-    from gpfq.runner.cli import run_script
-    from gpfq.runner.logs import init_log
     log = tmp_path / "logs" / PLAIN_LOG
-    init_log(log, COLUMNS)
+    fresh_log(log, COLUMNS)
     before = log.read_bytes()
     real_write = os.write
 
@@ -645,9 +631,9 @@ def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_pa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
     monkeypatch.setattr(os, "write", full_disk)
-    monkeypatch.setattr(sys, "argv", ["quantize.py", "--batch_size", "8", "--num_threads", "1"] + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as exit_:
-        run_script(main, HEADER)
+        _run_script("quantization_scripts", ["--batch_size", "8", "--num_threads", "1"] + out_dirs(tmp_path),
+                    monkeypatch)
     assert exit_.value.code == 1
     stderr = capsys.readouterr().err
     model = next((tmp_path / "models").rglob("*.pt"))
@@ -660,8 +646,7 @@ def test_disk_full_while_logging_is_one_message_saying_where_the_model_is(tmp_pa
 
 
 def test_layer_warnings_and_chance_warning_thresholds():
-    from gpfq.runner.experiment import chance_warnings
-    from gpfq.pipeline.reports import layer_warnings
+    layer_warnings, chance_warnings = layer_warning_lines, chance_warning_lines
     assert layer_warnings(64, 64, 98, 100, 0.49) == []
     assert layer_warnings(63, 64, 0, 100, 0.1) == [
         "63 calibration rows < 64 weights per neuron (GPFQ needs m ≫ N0: raise batch_size or retain_rate)"]
@@ -718,40 +703,34 @@ CLEAN_ERRORS = [
 
 @pytest.mark.parametrize("argv,message", CLEAN_ERRORS, ids=[" ".join(a) for a, _ in CLEAN_ERRORS])
 def test_known_error_is_one_line_and_exit_2_without_stack(tmp_path, no_work, monkeypatch, capsys, argv, message):
-    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["quantize.py"] + argv + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as exit_:
-        run_script(main, HEADER)
+        _run_script("quantization_scripts", argv + out_dirs(tmp_path), monkeypatch)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"  # all the user sees
 
 
 def test_foreign_log_and_non_finite_model_are_clean_errors(tmp_path, no_work, monkeypatch, capsys):
-    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / PLAIN_LOG).write_text("Model,Acc\nalexnet,0.5\n")
-    monkeypatch.setattr(sys, "argv", ["quantize.py"] + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as exit_:
-        run_script(main, HEADER)
+        _run_script("quantization_scripts", out_dirs(tmp_path), monkeypatch)
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     torch.save(_state_with(lambda s: s["fc.bias"].__setitem__(3, float("inf"))), tmp_path / "bad.pt")
-    monkeypatch.setattr(sys, "argv", ["quantize.py", "--weights", str(tmp_path / "bad.pt"), "--log_dir",
-                                      str(tmp_path / "other_logs"), "--model_dir", str(tmp_path / "models")])
     with pytest.raises(SystemExit) as exit_:
-        run_script(main, HEADER)
+        _run_script("quantization_scripts", ["--weights", str(tmp_path / "bad.pt"), "--log_dir",
+                                             str(tmp_path / "other_logs"), "--model_dir", str(tmp_path / "models")],
+                    monkeypatch)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: fc.bias of the float model contains 0 NaN and 1 Inf values\n"
 
 
 @pytest.mark.slow
 def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeypatch):
-    from gpfq.runner.cli import run_script
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["quantize.py", "--bits", "0", "--debug"] + out_dirs(tmp_path))
-    with pytest.raises(SystemExit) as stopped:
-        run_script(main, HEADER)  # prints the error's stack, then exits as without --debug
+    with pytest.raises(SystemExit) as stopped:  # prints the error's stack, then exits as without --debug
+        _run_script("quantization_scripts", ["--bits", "0", "--debug"] + out_dirs(tmp_path), monkeypatch)
     assert stopped.value.code == 2
     # the real script, as a user runs it
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -766,7 +745,7 @@ def test_debug_shows_the_stack_and_the_script_exits_2(tmp_path, no_work, monkeyp
 
 
 def test_debug_from_the_command_line_the_header_or_the_environment(monkeypatch):
-    from gpfq.runner.cli import debug_requested
+    debug_requested = debug_asked
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
     assert debug_requested(["--bits", "3", "--debug"]) and debug_requested(["--debug", "--bits", "3"])
     assert debug_requested(["--debug", "True"]) and not debug_requested(["--debug", "False"])
@@ -782,9 +761,10 @@ def test_bits_beyond_the_alphabet_limit_refused_everywhere():
     assert make_alphabet("midtread", MAX_BITS, 1.0, 1.0).numel() == 2 ** MAX_BITS + 1  # the limit itself works
     with pytest.raises(ValueError, match=f"bits must be an integer from 1 to {MAX_BITS}, got {MAX_BITS + 1}"):
         make_alphabet("gpfq2022", MAX_BITS + 1, 1.0, 1.0)
-    point = expand_grid(dict(_first_point("adhoc_quantization_scripts"), bits_map={0: 64}), adhoc.GRID_KEYS)[0]
+    point = script_points("adhoc_quantization_scripts",
+                          header=dict(_first_point("adhoc_quantization_scripts"), bits_map={0: 64}))[0]
     with pytest.raises(ValueError, match=r"bits_map\[0\] must be an integer from 1 to 16"):
-        adhoc.parse_options(point)
+        check_options("adhoc_quantization_scripts", point)
 
 
 # ---------------------------------------------------------------- resume identity: the weights
@@ -792,22 +772,21 @@ def test_resume_tells_other_weights_apart(tmp_path, monkeypatch):
     import hashlib
     import shutil
     import gpfq.io.models
-    point = expand_grid(parse_overrides(HEADER, []))[0]
+    point = grid_points(HEADER)[0]
     shipped = PRETRAINED_DIR / "fashion_resnet.pt"
     append_row(tmp_path / PLAIN_LOG, _logged_row(point), COLUMNS)
     digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert read_rows(tmp_path / PLAIN_LOG)[0]["Weights"] == f"DEFAULT sha256:{digest[:12]}"
-    assert pending_points([parse_point(point)], tmp_path) == []
+    assert pending_grid_points([point], tmp_path) == []
     other = tmp_path / "retrained.pt"
     torch.save(_state_with(lambda s: s["fc.bias"].add_(1.0)), other)
     for weights in ("random", str(other)):
-        assert pending_points([parse_point(dict(point, weights=weights))], tmp_path) == [
-            parse_point(dict(point, weights=weights))]
+        assert pending_grid_points([dict(point, weights=weights)], tmp_path) == [dict(point, weights=weights)]
     # the shipped file retrained in place: 'DEFAULT' now names other weights
     (tmp_path / "pretrained").mkdir()
     shutil.copy(other, tmp_path / "pretrained" / "fashion_resnet.pt")
     monkeypatch.setattr(gpfq.io.models, "PRETRAINED_DIR", tmp_path / "pretrained")
-    assert pending_points([parse_point(point)], tmp_path) == [parse_point(point)]
+    assert pending_grid_points([point], tmp_path) == [point]
 
 
 def test_training_script_never_replaces_the_shipped_weights_by_default(tmp_path, monkeypatch):
@@ -830,16 +809,15 @@ def test_training_script_never_replaces_the_shipped_weights_by_default(tmp_path,
 # ---------------------------------------------------------------- one loader for saved models
 def test_load_model_loads_bias_corrected_and_folded_models(tmp_path):
     import copy
-    from gpfq.pipeline.folding import fold_batchnorm
     from gpfq.io.models import load_saved_model
     float_model = load_model("fashion_resnet")
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     corrected = copy.deepcopy(float_model)
     with torch.no_grad():
         corrected.stem[0].weight.mul_(0.9)  # a stand-in for quantization: the outputs move, the bias corrects
-    adhoc.correct_bias(float_model, corrected, "stem.0", [images], log=lambda text: None)
+    bias_correction(float_model, corrected, "stem.0", [images], log=lambda text: None)
     assert corrected.stem[0].bias is not None and float_model.stem[0].bias is None
-    folded, pairs = fold_batchnorm(float_model)
+    folded, pairs = batchnorm_folded(float_model)
     assert pairs
     for model, stem in ((corrected, "corrected"), (folded, "folded")):
         path = tmp_path / f"{stem}.pt"
@@ -853,7 +831,6 @@ def test_load_model_loads_bias_corrected_and_folded_models(tmp_path):
 
 def test_adhoc_model_file_and_header_name_the_options_and_the_model_loads(tmp_path, small_eval, monkeypatch, capsys):
     from gpfq.io.models import load_saved_model
-    from gpfq.runner.evaluate import evaluate
     argv = ["--bias_correction", "all", "--bias_batch_size", "16", "--batch_size", "8", "--bits", "3",
             "--num_threads", "1"] + out_dirs(tmp_path)
     _run_script("adhoc_quantization_scripts", argv, monkeypatch)
@@ -864,8 +841,7 @@ def test_adhoc_model_file_and_header_name_the_options_and_the_model_loads(tmp_pa
     assert header.endswith(", Bias Correction all, Bias Correction Batch Size 16")
     model = load_saved_model(model_file)
     assert model.stem[0].bias is not None  # bias correction gave the bias-free conv a bias
-    top1, _ = evaluate(model, experiment.evaluation_loader(experiment.evaluation_set("fashion_mnist", DATA_DIR)),
-                       progress=False)
+    top1, _ = scored(model, script_evaluation_loader("fashion_mnist"))
     assert top1 == pytest.approx(float(row["Quantized Top1 Accuracy"]), abs=1e-6)
 
 
@@ -877,13 +853,11 @@ def test_kept_rows_give_bit_identical_q_to_streamed_rows_past_100k_rows():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 128, 3)).eval()
     images = torch.rand(1100, 16, 12, 12) + 3.0  # a large mean: the Grams' float32 sums lose the most
-    settings = QuantConfig(bits=8, mlp_scalar=1.3, cnn_scalar=1.3, engine="gram", alphabet_granularity="channel")
+    settings = QuantConfig(bits=8, mlp_scalar=1.3, cnn_scalar=1.3, engine="gram", alphabet_granularity="channel",
+                           batch_size=1100, retain_rate=1.0, seed=0, patch_stride="layer")
     results = {}
     for keep_rows in (False, True):
-        stream = CalibrationStream(TensorDataset(images, torch.zeros(1100)), seed=0)
-        quantized, reports = quantize_network(model, stream, lambda i, n, l: settings,
-                                              Calibration(1100, 1.0, 0, patch_stride="layer", keep_rows=keep_rows),
-                                              Hooks(log=lambda text: None))
+        quantized, reports = quantized_network(model, images, settings, keep_rows=keep_rows)
         assert reports[0].rows == 110_000 and reports[0].form == "gram"
         results[keep_rows] = (quantized[0].weight, reports[0].relative_error)
     assert torch.equal(results[False][0], results[True][0])
@@ -898,12 +872,12 @@ def test_make_demo_works_with_an_absolute_venv():
 
 
 def test_plot_logs_without_options_leaves_the_readme_figures_alone(tmp_path, monkeypatch):
-    plot_logs = runpy.run_path(str(REPO_ROOT / "experiments" / "plot_logs.py"))
+    plot_logs = plot_logs_script()
     figures = {path: path.read_bytes() for path in (REPO_ROOT / "figures").glob("*.png")}
     assert Path(plot_logs["DEFAULT_OUT"]).resolve() != (REPO_ROOT / "figures").resolve()
     log = tmp_path / PLAIN_LOG
     for bits in (3, 4):
-        append_row(log, _logged_row(expand_grid(parse_overrides(HEADER, ["--bits", str(bits)]))[0]), COLUMNS)
+        append_row(log, _logged_row(grid_points(HEADER, "--bits", str(bits))[0]), COLUMNS)
     plot_logs["main"].__globals__["DEFAULT_OUT"] = tmp_path / "default_out"
     plot_logs["main"](["--log", str(log)])
     assert (tmp_path / "default_out" / "fashion_resnet_methods.png").exists()

@@ -11,14 +11,19 @@ import threading
 
 import pytest
 import torch
-from conftest import python_env, script_header
-from helpers import run_python, state_hash
+from conftest import TESTS_DIR, python_env
+from helpers import append_log_row as append_row
+from helpers import fresh_log as init_log
+from helpers import logged_rows as read_rows
+from helpers import read_layer_checkpoint as read_checkpoint
+from helpers import (checkpoint_kill_variable, interrupt_after_logging, layer_checkpoint, plain_log_columns,
+                     run_python, run_script, run_script_command, state_hash)
 
 from gpfq.io.models import load_model
 from gpfq.paths import REPO_ROOT
-from gpfq.pipeline.checkpoint import KILL_VARIABLE, LayerCheckpoint, read_checkpoint
-from gpfq.runner.logs import PLAIN_COLUMNS, PLAIN_LOG, append_row, init_log, read_rows
 
+KILL_VARIABLE = checkpoint_kill_variable()
+PLAIN_LOG, PLAIN_COLUMNS = "Quantization_Log.csv", plain_log_columns()
 SCRIPT = REPO_ROOT / "quantization_scripts" / "quantize.py"
 ARGS = ["--batch_size", "32", "--num_threads", "1", "--eval_subset", "50", "--checkpoint", "True"]
 
@@ -123,13 +128,13 @@ def test_corrupted_checkpoint_is_one_line_and_a_fresh_start(tmp_path):
 def test_a_checkpoint_has_one_owner(tmp_path):
     """A second run of the same point while the first runs neither restores, writes nor removes its checkpoint."""
     identity, lines = {"point": 1}, []
-    mine = LayerCheckpoint(tmp_path, identity, "r", mode=True, resume=True, log=lines.append)
+    mine = layer_checkpoint(tmp_path, identity, "r", mode=True, resume=True, log=lines.append)
     assert mine.load(["a"]) is None
     mine.after_layer(0, lambda: {"next_index": 1})
     assert mine.path.exists()
-    code = (f"import sys; sys.path[:0] = {[str(REPO_ROOT)]!r}\n"
-            "from gpfq.pipeline.checkpoint import LayerCheckpoint\n"
-            f"other = LayerCheckpoint({str(tmp_path)!r}, {{'point': 1}}, 'r', mode=True, resume=True)\n"
+    code = (f"import sys; sys.path[:0] = {[str(REPO_ROOT), str(TESTS_DIR)]!r}\n"
+            "from helpers import layer_checkpoint\n"
+            f"other = layer_checkpoint({str(tmp_path)!r}, {{'point': 1}}, 'r', mode=True, resume=True)\n"
             "assert other.load(['a']) is None\n"
             "other.after_layer(0, lambda: {'next_index': 7})\n"
             "other.remove()\n")
@@ -159,8 +164,6 @@ def test_two_runs_of_the_same_point_at_once_both_log(tmp_path):
 def test_unwritable_log_prints_the_result_then_one_message(tmp_path, monkeypatch, capsys):
     """A log that became immutable (chattr +i) or vanished during the run: the accuracy is printed, then the
     documented one-line error, exit 1; the model is on disk."""
-    from gpfq.runner.cli import run_script
-    from gpfq.runner.experiment import main
     log = tmp_path / "logs" / PLAIN_LOG
     init_log(log, PLAIN_COLUMNS)
     real_open = builtins.open
@@ -171,10 +174,9 @@ def test_unwritable_log_prints_the_result_then_one_message(tmp_path, monkeypatch
         return real_open(file, mode, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", immutable)
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["quantize.py", *ARGS, "--checkpoint", "False", "--log_dir",
-                                      str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
     with pytest.raises(SystemExit) as exit_:
-        run_script(main, script_header("quantization_scripts"))
+        run_script_command("quantization_scripts", *ARGS, "--checkpoint", "False", "--log_dir",
+                           str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"))
     assert exit_.value.code == 1
     out, err = capsys.readouterr()
     assert "Traceback" not in err
@@ -201,17 +203,10 @@ def test_a_held_log_lock_is_announced_not_a_silent_hang(tmp_path, capsys):
 def test_ctrl_c_just_after_the_row_is_written_keeps_the_points_files(tmp_path, monkeypatch):
     """A Ctrl-C that lands after the row is in the log but before the run marks the point done: the point is
     finished, so its model, record and quantized file stay (the row names them)."""
-    from gpfq.runner import experiment
-    real_append = experiment.append_row
-
-    def append_then_interrupt(*args, **kwargs):
-        real_append(*args, **kwargs)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(experiment, "append_row", append_then_interrupt)
+    interrupt_after_logging(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
-        experiment.main(script_header("quantization_scripts"),
-                        [*ARGS, "--checkpoint", "False", "--log_dir", str(tmp_path / "logs"), "--model_dir",
-                         str(tmp_path / "models")])
+        run_script("quantization_scripts", *ARGS, "--checkpoint", "False", "--log_dir", str(tmp_path / "logs"),
+                   "--model_dir", str(tmp_path / "models"))
     assert exit_.value.code == 130
     [row] = read_rows(tmp_path / "logs" / PLAIN_LOG)
     model = REPO_ROOT / row["Model File"]

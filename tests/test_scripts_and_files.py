@@ -3,8 +3,9 @@ command line and logs/init_logs.py, and the quantized model file's bytes.
 
 Bad input is run as a user runs the script (a subprocess): the test checks the whole of stderr and the exit
 status. Runs that must reach the saving step use tiny m and one thread, and evaluate on the first EVAL_IMAGES
-test images (gpfq.runner.experiment.evaluation_set narrowed, as in test_reliability.py).
+test images (helpers.small_evaluation, as in test_reliability.py).
 """
+import csv
 import errno
 import json
 import io
@@ -17,21 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Subset
 
-from conftest import python_env, script_header
-from helpers import run_python, safetensors_metadata
+from conftest import python_env
+from helpers import logged_rows as read_rows
+from helpers import (grid_points, plain_log_columns, point_config, run_python, run_script, run_script_command,
+                     safetensors_metadata, save_beside_model, small_evaluation)
 
 import gpfq
-from gpfq.runner import experiment
 from gpfq.errors import BadInputError
-from gpfq.runner.logs import PLAIN_LOG, read_rows
 from gpfq.io.models import FashionMobileNet, FashionResNet, load_model
 from gpfq.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "quantization_scripts" / "quantize.py"
 INIT_LOGS = REPO_ROOT / "logs" / "init_logs.py"
 EVAL_IMAGES = 256
+PLAIN_LOG = "Quantization_Log.csv"
 EXPECTED_STATE = ("expected a state dict: a dict of tensors saved with torch.save(model.state_dict(), path), "
                   "or a .safetensors file")
 
@@ -55,9 +56,7 @@ def quantize_script(tmp_path: Path, *argv, folders=(), env=None) -> subprocess.C
 
 @pytest.fixture
 def small_eval(monkeypatch):
-    full = experiment.evaluation_set
-    monkeypatch.setattr(experiment, "evaluation_set", lambda name, data_dir: Subset(full(name, data_dir),
-                                                                                     range(EVAL_IMAGES)))
+    small_evaluation(monkeypatch, EVAL_IMAGES)
 
 
 TINY = ["--batch_size", "8", "--num_threads", "1"]
@@ -214,13 +213,11 @@ def test_disk_full_while_saving_names_what_was_saved_and_what_not(tmp_path, smal
                                                                   suffix):
     from gpfq.io import model_file
     from gpfq.io import storage
-    from gpfq.runner.cli import run_script
     for module in (storage, model_file):  # their writes of temporary files go through the module's open()
         monkeypatch.setattr(module, "open", _full_disk_open(open, suffix), raising=False)
     monkeypatch.delenv("GPFQ_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["quantize.py"] + TINY + out_dirs(tmp_path))
     with pytest.raises(SystemExit) as exit_:
-        run_script(experiment.main, script_header("quantization_scripts"))
+        run_script_command("quantization_scripts", *TINY, *out_dirs(tmp_path))
     assert exit_.value.code == 1
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # the rest: progress bars
@@ -248,7 +245,7 @@ def test_disk_full_while_saving_names_what_was_saved_and_what_not(tmp_path, smal
 
 # ---------------------------------------------------------------- 12. the same run gives the same bytes
 def test_same_run_twice_gives_the_same_model_file_bytes(tmp_path, small_eval):
-    rows = [experiment.main(script_header("quantization_scripts"), TINY + out_dirs(tmp_path / run))[0]
+    rows = [run_script("quantization_scripts", *TINY, *out_dirs(tmp_path / run))[0]
             for run in ("first", "second")]  # other result folders too: they are not part of the model
     files = [REPO_ROOT / row["Quantized Model File"] for row in rows]  # relative to the repository, or absolute
     assert files[0] != files[1] and files[0].read_bytes() == files[1].read_bytes()
@@ -271,8 +268,9 @@ def test_foreign_log_advice_names_the_log_dir_and_the_advised_command_works(tmp_
     assert run([INIT_LOGS, "--log_dir", logs], REPO_ROOT).returncode == 0  # what the message advises
     archived = list(logs.glob("Quantization_Log_2*.csv"))  # renamed with its timestamp
     assert len(archived) == 1 and archived[0].read_text() == "a,b\n1,2\n"
-    from gpfq.runner.logs import PLAIN_COLUMNS, check_log
-    assert check_log(logs / PLAIN_LOG, PLAIN_COLUMNS) and read_rows(logs / PLAIN_LOG) == []
+    with open(logs / PLAIN_LOG, newline="") as fresh:  # a fresh log: the plain script's header, no row
+        assert next(csv.reader(fresh)) == plain_log_columns()
+    assert read_rows(logs / PLAIN_LOG) == []
 
 
 def test_init_logs_help_prints_usage_and_creates_nothing(tmp_path):
@@ -315,21 +313,19 @@ def test_docs_state_the_default_model_file_size(tmp_path, default_data):
     entropies) can print a digit longer or shorter; hence the tolerance, two characters per such float plus
     the 8 bytes of padding (measured here: the same bytes at 1 and 2 threads).
     """
-    from gpfq.runner.deploy import save_beside
-    from gpfq.runner.experiment import expand_grid, parse_overrides, parse_point
     from gpfq.io.model_file import HEADER_KEY
     calibration, _, model = default_data
-    point = expand_grid(parse_overrides(script_header("quantization_scripts"), []))[0]
+    point = grid_points("quantization_scripts")[0]
     assert (point["method"], point["bits"]) == ("gpfq", 4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(point["seed"])
-        result = gpfq.quantize(model, calibration, parse_point(point).config, log=lambda message: None)
+        result = gpfq.quantize(model, calibration, point_config(point), log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
-    path, size = save_beside(result.model, result.reports, tmp_path / "default.pt", parse_point(point),
-                             calibration[0][0].shape, log=lambda message: None)
+    path, size = save_beside_model(result.model, result.reports, tmp_path / "default.pt", point,
+                                   calibration[0][0].shape, log=lambda message: None)
     raw = path.read_bytes()
     assert size.file_bytes == len(raw)
     header_bytes = int.from_bytes(raw[:8], "little")
@@ -372,9 +368,8 @@ def test_num_threads_none_takes_omp_num_threads_else_the_cores_this_process_may_
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
     caller = torch.get_num_threads()
-    experiment.main(script_header("quantization_scripts"),
-                    ["--model", f"{tmp_path / 'counting_model.py'}:build", "--batch_size", "16", "--eval_subset", "20",
-                     "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models")])
+    run_script("quantization_scripts", "--model", f"{tmp_path / 'counting_model.py'}:build", "--batch_size", "16",
+               "--eval_subset", "20", "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"))
     expected = int(omp_num_threads) if omp_num_threads else len(os.sched_getaffinity(0))
     assert set(seen.read_text().split()) == {str(expected)}
     assert torch.get_num_threads() == caller

@@ -8,18 +8,19 @@ import torch
 from torch import nn
 
 from conftest import python_env, script_header, write_photo_folder
-from helpers import run_python
-from gpfq.runner import experiment
+from helpers import logged_rows as read_rows
+from helpers import (check_model_fits_data, check_model_takes_images, grid_points, image_folder_data,
+                     logged_float_accuracy, model_data_mismatch_error, model_preprocessing, refuse_evaluation,
+                     refuse_model_loading, run_python, run_script, small_evaluation)
 from gpfq.io import user_models
 from gpfq.io.data import DataMissingError, image_folder_classes
-from gpfq.runner.logs import read_rows
 from gpfq.io.models import WeightsUnavailableError, load_model
 from gpfq.paths import REPO_ROOT
-from gpfq.runner.preprocessing import ModelDataMismatchError, check_model_and_data, check_model_takes, model_transform
 from gpfq.io.user_models import ModelSpecError, model_folder
 
 HEADER = script_header("quantization_scripts")
 MY_MODEL = "examples/my_model.py:build"
+ModelDataMismatchError = model_data_mismatch_error()
 
 MODEL_FILE = '''
 import torch
@@ -68,17 +69,13 @@ def model_file(tmp_path):
 
 
 def run_main(argv, tmp_path):
-    return experiment.main(HEADER, argv + ["--log_dir", str(tmp_path / "logs"), "--model_dir",
-                                           str(tmp_path / "models")])
+    return run_script(HEADER, *argv, "--log_dir", str(tmp_path / "logs"), "--model_dir", str(tmp_path / "models"))
 
 
 @pytest.fixture
 def no_evaluation(monkeypatch):
     """Fail the test if evaluation (the first expensive work) starts."""
-    def started(*args, **kwargs):
-        raise AssertionError("evaluation started before the bad input was reported")
-    monkeypatch.setenv("GPFQ_CACHE_DIR", "off")  # a cached float accuracy would skip the evaluation it watches
-    monkeypatch.setattr(experiment, "evaluate", started)
+    refuse_evaluation(monkeypatch)
 
 
 # ---------------------------------------------------------------- user models
@@ -148,11 +145,11 @@ def test_timm_model_random_and_local_weights(tmp_path):
     torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, tmp_path / "w.pt")
     loaded = load_model("timm:resnet18", str(tmp_path / "w.pt"))
     assert not loaded.fc.weight.any()
-    transform, description = model_transform("timm:resnet18", model)
+    transform, description = model_preprocessing("timm:resnet18", model)
     assert "timm's data config" in description
     from PIL import Image
     assert transform(Image.new("RGB", (300, 260))).shape == (3, 224, 224)  # resnet18's input_size
-    assert model_transform("timm:resnet18", model, image_size=64)[0](Image.new("RGB", (300, 260))).shape == \
+    assert model_preprocessing("timm:resnet18", model, image_size=64)[0](Image.new("RGB", (300, 260))).shape == \
         (3, 64, 64)
     assert model_folder("timm:resnet18") == "timm_resnet18"
 
@@ -209,19 +206,18 @@ def test_bad_folder_stops_the_script_before_loading(model_file, tmp_path, no_eva
     if layout != "missing":
         for split in {"no_train": ["val"], "no_val": ["train"], "no_classes": ["train", "val"]}[layout]:
             (root / split).mkdir(parents=True)
-    monkeypatch.setattr(experiment, "load_model", lambda *a: pytest.fail("the model was built"))
+    refuse_model_loading(monkeypatch)
     with pytest.raises(DataMissingError, match=message):
         run_main(["--model", f"{model_file}:rgb16", "--dataset", "imagefolder", "--data_dir", str(root)], tmp_path)
 
 
 def test_photos_are_prepared_as_each_model_declares(photo_folder, model_file):
-    from gpfq.runner.preprocessing import image_folder_sets
     cases = [(f"{model_file}:rgb16", None, (3, 16, 16)), (f"{model_file}:gray16", None, (1, 16, 16)),
              (f"{model_file}:undeclared", None, (3, 224, 224)), (f"{model_file}:undeclared", 40, (3, 40, 40)),
              ("fashion_resnet", None, (1, 28, 28)), ("resnet18", None, (3, 224, 224)), ("resnet18", 64, (3, 64, 64))]
     for name, size, shape in cases:
         model = load_model(name, "random")
-        train, val = image_folder_sets(name, model, photo_folder, size, log=lambda *_: None)
+        train, val = image_folder_data(name, model, photo_folder, size, log=lambda *_: None)
         assert (len(train), len(val)) == (18, 9) and train.classes == ["astronaut", "chelsea", "coffee"]
         image, label = val[8]
         assert tuple(image.shape) == shape and label == 2, name
@@ -229,7 +225,7 @@ def test_photos_are_prepared_as_each_model_declares(photo_folder, model_file):
     expected = ResNet18_Weights.DEFAULT.transforms()
     from PIL import Image
     photo = Image.open(Path(photo_folder) / "val" / "coffee" / "0.jpg").convert("RGB")
-    transform, _ = model_transform("resnet18", load_model("resnet18", "random"))
+    transform, _ = model_preprocessing("resnet18", load_model("resnet18", "random"))
     assert torch.equal(transform(photo), expected(photo))  # torchvision's own preprocessing, bit for bit
 
 
@@ -249,7 +245,7 @@ def test_wrong_channels_on_fashion_mnist(model_file):
     from gpfq.io.data import calibration_set
     model = load_model(f"{model_file}:rgb16")
     with pytest.raises(ModelDataMismatchError, match="one image is 1×28×28 and the model raised RuntimeError"):
-        check_model_takes("rgb16", model, "fashion_mnist", calibration_set("fashion_mnist"))
+        check_model_takes_images("rgb16", model, "fashion_mnist", calibration_set("fashion_mnist"))
 
 
 @pytest.mark.parametrize("model, dataset, size, fits", [
@@ -262,7 +258,7 @@ def test_wrong_channels_on_fashion_mnist(model_file):
     ("resnet18", "imagefolder", 4, "image_size must be None"),
 ])
 def test_which_model_goes_with_which_data(model_file, photo_folder, model, dataset, size, fits):
-    check = lambda: check_model_and_data(model.format(file=model_file), dataset, size, photo_folder)  # noqa: E731
+    check = lambda: check_model_fits_data(model.format(file=model_file), dataset, size, photo_folder)  # noqa: E731
     if fits is True:
         check()
     else:
@@ -272,9 +268,7 @@ def test_which_model_goes_with_which_data(model_file, photo_folder, model, datas
 
 @pytest.mark.slow
 def test_user_model_on_fashion_mnist_end_to_end(model_file, tmp_path, monkeypatch):
-    from torch.utils.data import Subset
-    full = experiment.evaluation_set
-    monkeypatch.setattr(experiment, "evaluation_set", lambda name, data_dir: Subset(full(name, data_dir), range(64)))
+    small_evaluation(monkeypatch, 64)
     rows = run_main(["--model", f"{model_file}:fashion", "--dataset", "fashion_mnist", "--batch_size", "8"], tmp_path)
     assert rows[0]["Dataset"] == "fashion_mnist" and rows[0]["Model Name"] == f"{model_file}:fashion"
     assert len(list((tmp_path / "models" / "nets.fashion").glob("*.pt"))) == 1
@@ -322,12 +316,9 @@ def test_timm_model_on_photo_folder_end_to_end(photo_folder, tmp_path):
 def test_published_accuracy_only_on_imagenet(monkeypatch):
     """torchvision's published ImageNet accuracy stands for its own weights on ImageNet only; on an image folder
     the float model is measured."""
-    import dataclasses
-    from gpfq.runner.header import expand_grid, parse_overrides, parse_point
-    monkeypatch.setattr(experiment, "evaluate", lambda *args, **kwargs: (0.25, 0.5))
-    # typed points built beside the parsed one: an image folder the parse would look for is not needed here
-    config, run = parse_point(expand_grid(parse_overrides(HEADER, ["--model", "resnet18", "--dataset", "imagenet"]))[0])
-    measured = lambda run: experiment.float_accuracy((config, run), None, experiment.Resources(), lambda: None)  # noqa
-    assert measured(run) == (0.69758, 0.89078)  # torchvision's published top-1/top-5 of IMAGENET1K_V1
-    assert measured(dataclasses.replace(run, dataset="imagefolder")) == (0.25, 0.5)
-    assert measured(dataclasses.replace(run, weights="random")) == (0.25, 0.5)
+    # run settings changed beside the parsed point: an image folder the parse would look for is not needed here
+    point = grid_points(HEADER, "--model", "resnet18", "--dataset", "imagenet")[0]
+    measured = lambda **changes: logged_float_accuracy(point, (0.25, 0.5), **changes)  # noqa: E731
+    assert measured() == (0.69758, 0.89078)  # torchvision's published top-1/top-5 of IMAGENET1K_V1
+    assert measured(dataset="imagefolder") == (0.25, 0.5)
+    assert measured(weights="random") == (0.25, 0.5)

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import gpfq
-from gpfq.pipeline.reports import reports_as_dicts
 
 from conftest import TESTS_DIR, python_env
+from helpers import append_log_row, chance_warning_lines, evaluation_classes, grid_points, record_layers
 
 REPO = TESTS_DIR.parent
 PYTHON = sys.executable
@@ -47,7 +47,7 @@ def test_zero_calibration_data_warns_and_error_is_undefined(engine):
     assert "rel. error undefined (the layer's float output is zero on the calibration data)" in line
     assert "WARNING: its float input is zero" in line and "rel. error 0.0000" not in line
     # the JSON record: null, never a misleading 0 (and strict JSON: no NaN literal)
-    record = json.loads(json.dumps(reports_as_dicts(result.reports), allow_nan=False))
+    record = json.loads(json.dumps(record_layers(result.reports), allow_nan=False))
     assert record[0]["relative_error"] is None and record[1]["relative_error"] == pytest.approx(last.relative_error)
 
 
@@ -60,7 +60,7 @@ def test_ordinary_calibration_data_has_no_input_warning():
 
 # ---------------------------------------------------------------- the chance warning
 def test_chance_warning_counts_the_evaluation_classes_and_says_below():
-    from gpfq.runner.experiment import chance_warnings, classes_in
+    chance_warnings, classes_in = chance_warning_lines, evaluation_classes
     labels = torch.arange(1000) % 10
     data = TensorDataset(torch.zeros(1000, 1), labels)
     assert classes_in(data) == 10
@@ -78,15 +78,13 @@ def test_chance_warning_counts_the_evaluation_classes_and_says_below():
 def test_plot_logs_draws_models_whose_names_hold_slashes(tmp_path):
     """'path/file.py:factory' and 'package.module:factory' models get one figure pair each, in --out itself."""
     import runpy
-    from gpfq.runner.experiment import expand_grid, parse_overrides
-    from gpfq.runner.logs import append_row
     from test_reliability import COLUMNS, HEADER, _logged_row
     log = tmp_path / "log.csv"
     names = ["examples/my_model.py:build", "examples.my_model:build"]
     for name in names:
         for bits in (3, 4):
-            point = expand_grid(parse_overrides(HEADER, ["--bits", str(bits)]))[0]
-            append_row(log, dict(_logged_row(point), **{"Model Name": name}), COLUMNS)
+            point = grid_points(HEADER, "--bits", str(bits))[0]
+            append_log_row(log, dict(_logged_row(point), **{"Model Name": name}), COLUMNS)
     plot_logs = runpy.run_path(str(REPO / "experiments" / "plot_logs.py"))
     out = tmp_path / "figures"
     plot_logs["main"](["--log", str(log), "--out", str(out)])
@@ -235,20 +233,14 @@ def test_documented_layers_example_does_what_the_docs_say():
 # ---------------------------------------------------------------- Ctrl-C in the middle of a grid point
 # Run first in the script's process (every rank): a small evaluation set, and the quantized model's
 # evaluation (after its files are saved, before its row) marks a file and waits to be interrupted.
-INTERRUPT_PRELUDE = """
-import os, time
+INTERRUPT_PRELUDE = f"""
+import os, sys
 from pathlib import Path
-from torch.utils.data import Subset
-from gpfq.runner import experiment
-full = experiment.evaluation_set
-experiment.evaluation_set = lambda name, data_dir: Subset(full(name, data_dir), range(64))
-real_evaluate = experiment.evaluate
-def evaluate(model, loader, *args, desc="evaluate", **kwargs):
-    if desc == "quantized model":
-        Path(os.environ["MARKS"], "evaluating." + os.environ.get("RANK", "0")).touch()
-        time.sleep(120)
-    return real_evaluate(model, loader, *args, desc=desc, **kwargs)
-experiment.evaluate = evaluate
+import pytest
+sys.path.append({str(TESTS_DIR)!r})
+from helpers import hold_quantized_evaluation, small_evaluation
+small_evaluation(pytest.MonkeyPatch(), 64)  # for the whole of this process
+hold_quantized_evaluation(Path(os.environ["MARKS"], "evaluating." + os.environ.get("RANK", "0")), 120)
 """
 
 
@@ -274,7 +266,7 @@ def test_ctrl_c_mid_point_drops_its_files_as_documented(tmp_path):
     """SIGINT after the point's .pt/.json/.safetensors are saved, before its row: status 130, and none of the
     point's files are left (docs/reliability.md: the point in progress is dropped), so --resume redoes it; its
     per-layer checkpoint stays, so that the redone point starts after its last finished layer."""
-    from gpfq.runner.logs import read_rows
+    from helpers import logged_rows as read_rows
     marks = tmp_path / "marks"
     marks.mkdir()
     script = str(REPO / "quantization_scripts" / "quantize.py")
@@ -320,8 +312,8 @@ def test_an_installed_package_keeps_its_results_in_the_working_directory(tmp_pat
     site, work = tmp_path / "site-packages", tmp_path / "work"
     shutil.copytree(REPO / "gpfq", site / "gpfq", ignore=shutil.ignore_patterns("__pycache__"))
     work.mkdir()
-    code = ("from gpfq.runner import experiment; import gpfq.paths as p; "
-            "print(p.IN_CHECKOUT, p.LOG_DIR, p.MODEL_DIR, p.DATA_DIR, experiment.LOG_DIR, experiment.MODEL_DIR)")
+    code = (f"import sys; sys.path.append({str(TESTS_DIR)!r}); from helpers import script_result_folders; "
+            "import gpfq.paths as p; print(p.IN_CHECKOUT, p.LOG_DIR, p.MODEL_DIR, p.DATA_DIR, *script_result_folders())")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     run = subprocess.run([PYTHON, "-c", code], cwd=work, env=dict(env, PYTHONPATH=str(site)), capture_output=True,
                          text=True, timeout=120)
