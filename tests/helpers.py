@@ -822,3 +822,10 @@ def interrupt_after_logging(monkeypatch) -> None:
         real_append(*args, **kwargs)
         raise KeyboardInterrupt
     monkeypatch.setattr(experiment, "append_row", append_then_interrupt)
+
+
+def user_data_stream(calibration_data, seed: int, chunk_size: int = 256):
+    """The stream gpfq.quantize draws from a caller's calibration data (a DataLoader in its own order; a Dataset,
+    tensor or dict of tensors in a seeded shuffle): draw(m) gives the next m inputs as a list of chunks."""
+    from gpfq.api import calibration_stream
+    return calibration_stream(calibration_data, seed, chunk_size)

@@ -199,15 +199,18 @@ class ForkedProcess:
     `-m module`, forked from the server: pid, poll(), wait(timeout), communicate(timeout) -> (stdout, stderr),
     send_signal, kill, returncode. Its output is read when it has ended (files, not pipes). interrupt: Ctrl-C
     raises KeyboardInterrupt even where this process ignores SIGINT (a shell's background job), as Popen with
-    preexec_fn=lambda: signal.signal(SIGINT, SIG_DFL) gives."""
+    preexec_fn=lambda: signal.signal(SIGINT, SIG_DFL) gives. stdout, stderr: paths of files of one's own to
+    write them to (e.g. os.devnull), as Popen's open files."""
 
-    def __init__(self, command: list, cwd=None, env=None, interrupt: bool = False):
+    def __init__(self, command: list, cwd=None, env=None, interrupt: bool = False, stdout=None, stderr=None):
         self.args = [str(c) for c in command]
         env = dict(os.environ if env is None else env)
         _check_supported(self.args, env)
         self.returncode = None
         self._folder = Path(tempfile.mkdtemp(prefix="forked-"))
         self._out, self._err, self._status = (self._folder / name for name in ("stdout", "stderr", "status"))
+        self._out, self._err = (Path(path) if path else default for path, default in ((stdout, self._out),
+                                                                                        (stderr, self._err)))
         self._out.touch()
         self._err.touch()
         request = {"argv": self.args[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(self._out),

@@ -26,7 +26,7 @@ def test_tuple_and_dict_inputs_are_shared_out_across_ranks():
     """A caller's tuple and dict inputs: under torch.distributed each rank keeps its share of the m inputs one
     process draws, for both forms."""
     from torch.utils.data import DataLoader
-    from gpfq.api import calibration_stream
+    from helpers import user_data_stream as calibration_stream
     from gpfq.pipeline.inputs import cat
 
     def shard(rank):
@@ -82,7 +82,7 @@ def test_shares_continue_a_stream_that_was_already_drawn(before):
 def test_a_dataloader_is_shared_out_in_its_own_order(world_size, m):
     """gpfq.quantize's stream of a user's DataLoader: each rank keeps its share of the m images one process
     takes, layer after layer, in the loader's order."""
-    from gpfq.api import calibration_stream
+    from helpers import user_data_stream as calibration_stream
     data = torch.utils.data.TensorDataset(torch.arange(300.0).reshape(300, 1), torch.zeros(300))
     loader = torch.utils.data.DataLoader(data, batch_size=32)  # the same order on every rank
     single = calibration_stream(loader, seed=0)

@@ -26,10 +26,10 @@ from torch.utils.data import TensorDataset
 from conftest import TESTS_DIR, python_env
 from helpers import append_log_row as append_row
 from helpers import logged_rows as read_rows
-from helpers import (batchnorm_folded, bias_correction, calibration_stream, chance_warning_lines, check_options,
-                     debug_asked, foreign_log_error, fresh_log, grid_points, layer_warning_lines, non_finite_error,
-                     pending_grid_points, plot_logs_script, point_identity, point_log_values, quantized_network,
-                     refuse_evaluation, refuse_quantization, result_columns, run_python, run_script,
+from helpers import (ForkedProcess, batchnorm_folded, bias_correction, calibration_stream, chance_warning_lines,
+                     check_options, debug_asked, foreign_log_error, fresh_log, grid_points, layer_warning_lines,
+                     non_finite_error, pending_grid_points, plot_logs_script, point_identity, point_log_values,
+                     quantized_network, refuse_evaluation, refuse_quantization, result_columns, run_python, run_script,
                      run_script_with_model_check, scored, script_evaluation_loader, script_logs, script_points,
                      script_result_columns, script_settings, small_evaluation)
 
@@ -384,7 +384,7 @@ def test_two_processes_append_and_save_at_once(tmp_path):
     script = tmp_path / "append_and_save.py"  # (a name no module has)
     script.write_text(CONCURRENT.format())
     count = 25
-    procs = [subprocess.Popen([PYTHON, str(script), tag, str(tmp_path), str(count)], env=python_env(TESTS_DIR))
+    procs = [ForkedProcess([PYTHON, str(script), tag, str(tmp_path), str(count)], env=python_env(TESTS_DIR))
              for tag in ("a", "b")]
     start = time.time()
     while not all((tmp_path / f"ready-{tag}").exists() for tag in ("a", "b")) and time.time() - start < 300:
@@ -475,8 +475,8 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
     with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
         # Ctrl-C must reach the grid even when this suite runs with SIGINT ignored (a shell's background
         # job, nohup): a process inherits an ignored signal, and Python then installs no handler for it.
-        proc = subprocess.Popen([PYTHON, str(script)] + argv, stdout=out, stderr=err, env=python_env(TESTS_DIR),
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = ForkedProcess([PYTHON, str(script)] + argv, env=python_env(TESTS_DIR), interrupt=True, stdout=out.name,
+                             stderr=err.name)
         _wait_for_rows(log, 1, proc)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
@@ -488,8 +488,8 @@ def test_interrupt_and_kill_mid_grid_then_resume(tmp_path, small_eval):
 
     # resume, then SIGKILL (no clean-up possible) once one more point is logged
     with open(tmp_path / "out2", "w") as out:
-        proc = subprocess.Popen([PYTHON, str(script)] + argv + ["--resume"], stdout=out, stderr=subprocess.DEVNULL,
-                                env=python_env(TESTS_DIR))
+        proc = ForkedProcess([PYTHON, str(script)] + argv + ["--resume"], env=python_env(TESTS_DIR), stdout=out.name,
+                             stderr=os.devnull)
         _wait_for_rows(log, 2, proc)
         proc.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL

@@ -5,7 +5,6 @@ import builtins
 import errno
 import fcntl
 import signal
-import subprocess
 import sys
 import threading
 
@@ -16,8 +15,8 @@ from helpers import append_log_row as append_row
 from helpers import fresh_log as init_log
 from helpers import logged_rows as read_rows
 from helpers import read_layer_checkpoint as read_checkpoint
-from helpers import (checkpoint_kill_variable, interrupt_after_logging, layer_checkpoint, plain_log_columns,
-                     run_python, run_script, run_script_command, state_hash)
+from helpers import (ForkedProcess, checkpoint_kill_variable, interrupt_after_logging, layer_checkpoint,
+                     plain_log_columns, run_python, run_script, run_script_command, state_hash)
 
 from gpfq.io.models import load_model
 from gpfq.paths import REPO_ROOT
@@ -151,8 +150,7 @@ def test_two_runs_of_the_same_point_at_once_both_log(tmp_path):
     """Two processes on the same point and folders: each logs its row and saves its model; no checkpoint left."""
     argv = [sys.executable, str(SCRIPT), *ARGS, "--log_dir", str(tmp_path / "logs"), "--model_dir",
             str(tmp_path / "models")]
-    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env())
-                 for _ in range(2)]
+    processes = [ForkedProcess(argv, env=python_env()) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
     rows = read_rows(tmp_path / "logs" / PLAIN_LOG)
