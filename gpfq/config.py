@@ -136,10 +136,21 @@ class QuantConfig:
             _fail(f"ignore_layers must be a list of layer indices, got {list_or_value(self.ignore_layers)!r}")
 
     def replace(self, **changes) -> "QuantConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, checked; it keeps the `with_layers` choices."""
+        changed = dataclasses.replace(self, **changes)
+        object.__setattr__(changed, "_layers", self._layers)
+        return changed
 
-    # per-layer choices that `with_layers` attaches: not a hyperparameter of the header or the logs
+    # per-layer choices that `with_layers` attaches: not a hyperparameter of the header or the logs, but part of
+    # what the config quantizes, so replace() keeps them and == compares them
     _layers = None
+
+    def __eq__(self, other) -> bool:  # (the dataclass still hashes the fields: equal configs hash alike)
+        if not isinstance(other, QuantConfig):
+            return NotImplemented
+        fields = [item.name for item in dataclasses.fields(self)]
+        return ([getattr(self, f) for f in fields], self._layers) == ([getattr(other, f) for f in fields],
+                                                                     other._layers)
 
     def with_layers(self, layers) -> "QuantConfig":
         """A copy whose `for_layer` also applies `layers`: {index or fnmatch name pattern: None (float) | bits |
@@ -161,9 +172,10 @@ class QuantConfig:
         else:
             for key, overrides in (self._layers or {}).items():
                 if _layer_matches(key, index, name, n_layers):
-                    chosen = None if overrides is None else self.replace(
-                        **(overrides if isinstance(overrides, dict) else {"bits": overrides}))
-        return None if chosen is None else chosen.replace(seed=layer_seed(self.seed, index))
+                    chosen = None if overrides is None else dataclasses.replace(
+                        self, **(overrides if isinstance(overrides, dict) else {"bits": overrides}))
+        # dataclasses.replace: a layer's own config carries no choices of its own
+        return None if chosen is None else dataclasses.replace(chosen, seed=layer_seed(self.seed, index))
 
     def method_description(self) -> str:
         """The options that matter for the method, for the log's Method Options column (`Method.describe`)."""

@@ -163,3 +163,17 @@ def test_for_layer_resolves_ignore_layers_the_layer_choices_and_the_layers_seed(
     only = QuantConfig().with_layers([1, "fc*"])  # a list: only those layers are quantized
     assert [only.for_layer(i, name, 4) is not None for i, name in enumerate(["a", "b", "fc1", "c"])] == [
         False, True, True, False]
+
+
+def test_layer_choices_survive_replace_and_count_in_equality():
+    """with_layers' choices are part of what a config quantizes: replace() keeps them, == tells them apart, and
+    a layer's own config carries none."""
+    chosen = QuantConfig(bits=4).with_layers({0: None, "fc*": 8})
+    three = chosen.replace(bits=3)
+    assert three.for_layer(0, "conv1", 3) is None and three.for_layer(2, "fc1", 3).bits == 8
+    assert three.for_layer(1, "conv2", 3).bits == 3
+    assert chosen != QuantConfig(bits=4) and chosen == QuantConfig(bits=4).with_layers({0: None, "fc*": 8})
+    assert chosen != QuantConfig(bits=4).with_layers({0: None})
+    assert hash(chosen) == hash(QuantConfig(bits=4))  # equal configs hash alike; the choices only refine ==
+    layer = chosen.for_layer(1, "conv2", 3)
+    assert layer == QuantConfig(bits=4, seed=layer.seed) and layer.for_layer(0, "conv1", 3) is not None
