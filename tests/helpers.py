@@ -1,8 +1,10 @@
 """What several tests share: hashes, alphabet checks, accuracy, tiny models, and the scripts seen from outside.
 
-The functions under "the scripts" are the one place tests reach the scripts' runner (gpfq.runner): they run a
-script's grid in-process as its command line would, read what it logged and saved, and build the settings and
-context of one grid point, so a test says what a script does rather than which module does it."""
+The sections below the first are the one place most tests reach gpfq.runner and gpfq.pipeline: they run a script's
+grid in-process as its command line would, read what it logged and saved, build the settings and context of one
+grid point, and give one layer's rows and quantization, so a test says what a script or the library does rather
+than which module does it (moving code then changes this file, not the tests). Each imports what it needs in its
+body. `run_python` and `ForkedProcess` (tests/python_server.py) run a script as a new process, forked."""
 import hashlib
 import json
 from pathlib import Path
