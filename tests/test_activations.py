@@ -293,6 +293,7 @@ def test_the_scripts_export_of_an_act_bits_run_writes_the_qdq_graph_too(tmp_path
         "float ops: none")
 
 
+@pytest.mark.slow  # the variants' runs on the default model, each exported
 @pytest.mark.parametrize("folder, extra", [
     ("adhoc_quantization_scripts", ["--bias_correction", "last"]),
     ("retraining_scripts", ["--retrain_start", "9", "--retrain_samples", "256"])])

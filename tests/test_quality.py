@@ -57,6 +57,7 @@ TOP1_TOLERANCE = 0.003  # top-1 as a fraction (spread 0.001; round to nearest 0.
 RETRAINING_TOP1_TOLERANCE = 0.005  # spread ±0.0012 around the middle
 
 
+@pytest.mark.slow  # the default experiment: the whole model, then its top-1 on the 10k test images
 def test_plain_default(default_data):
     """gpfq.quantize with the default QuantConfig on the default task: the plain script's default experiment."""
     calibration, evaluation, model = default_data
