@@ -321,13 +321,6 @@ def retraining_fine_tune(model, dataset, indices, settings: dict, generator) -> 
     return fine_tune(model, dataset, indices, parse_options(settings), generator)
 
 
-def script_log_columns(log_name: str) -> list:
-    """The columns of the script log called `log_name` (e.g. "Quantization_Log_Skip.csv"), in the order of its
-    header line."""
-    from gpfq.runner.procedures import LOG_COLUMNS
-    return list(LOG_COLUMNS[log_name])
-
-
 def layer_input(model, name: str, images):
     """The input layer `name` of `model` takes when the model runs on `images` (what gpfq makes its rows from)."""
     from gpfq.pipeline.capture import capture_input

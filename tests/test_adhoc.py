@@ -10,7 +10,7 @@ from gpfq.methods.alphabet import make_alphabet
 from gpfq.io.models import load_saved_model
 from helpers import (adhoc_bits, adhoc_logs, adhoc_point, bias_batches, bias_correctable_layers, bias_correction,
                      check_adhoc_model, check_options, layer_input, layer_order, logged_rows, point_context,
-                     quantize_point, scored, script_log_columns, script_points)
+                     quantize_point, scored, script_logs, script_points)
 
 ADHOC = "adhoc_quantization_scripts"
 # the logs the scripts write (their file names, as docs/paper.md cites them)
@@ -214,12 +214,12 @@ def test_grid_logs_and_routing(tmp_path):
     spec.loader.exec_module(init_logs)
     init_logs.main(tmp_path)
     for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG, RETRAIN_LOG):
-        assert (tmp_path / name).read_text().splitlines()[0].split(",") == script_log_columns(name)
+        assert (tmp_path / name).read_text().splitlines()[0].split(",") == script_logs()[name]
         assert logged_rows(tmp_path / name) == []
-    bias = script_log_columns(BIAS_LOG)
+    bias = script_logs()[BIAS_LOG]
     assert bias[bias.index("Quantization Batch Size") + 1] == "Bias Correction Batch Size"
     # the three ad hoc logs hold the same columns, so one row fits each of them
-    ad_hoc_columns = [set(script_log_columns(name)) for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG)]
+    ad_hoc_columns = [set(script_logs()[name]) for name in (BIAS_LOG, SKIP_LOG, MIXED_LOG)]
     assert ad_hoc_columns[0] == ad_hoc_columns[1] == ad_hoc_columns[2]
 
 
